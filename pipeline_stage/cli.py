@@ -1,0 +1,201 @@
+"""The `pipeline-stage` command. Errors become one message and an exit code here, and only here.
+
+Exit codes: 0 success; 1 anything else (tracking server unreachable, a plugin crashed);
+2 bad input (manifest, URIs, params, data); 3 a gate failed (nothing promoted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline_stage import __version__
+from pipeline_stage.errors import StageError
+
+
+class StageGroup(click.Group):
+    """Turns StageError into `error: ...` on stderr and its exit code; anything else into exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except StageError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:  # an unexpected failure still gets one line, and exit 1
+            if os.environ.get("PIPELINE_STAGE_DEBUG"):
+                traceback.print_exc()
+            from pipeline_stage.tracking import redact
+
+            _fail(f"unexpected failure: {type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
+                  "\n  (set PIPELINE_STAGE_DEBUG=1 for the traceback)", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pipeline-stage")
+def cli() -> None:
+    """Optimize a trained model from MLflow into a gated, registered TFLite model.
+
+    \b
+    Exit codes: 0 success, 1 failure (server, plugin, unexpected),
+                2 bad input (manifest, URIs, params, data), 3 a gate failed.
+    """
+
+
+def _registry():
+    from pipeline_stage.plugins import get_registry
+
+    return get_registry()
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--model-uri", help="Source model; overrides the manifest's `model:` (Kubeflow passes it).")
+def validate(manifest: str, model_uri: str | None) -> None:
+    """Check MANIFEST without running anything (no TensorFlow import).
+
+    Checks YAML syntax, fields, step names and params, phase order, metrics, gates, data needs and
+    URI shapes; prints the resolved chain.
+    """
+    from pipeline_stage.manifest import load_manifest
+
+    loaded = load_manifest(manifest, _registry(), model_uri=model_uri)
+    click.echo(f"{manifest}: ok (chain digest {loaded.chain_digest})")
+    for i, step in enumerate(loaded.steps):
+        params = ", ".join(f"{k}={v}" for k, v in step.params.model_dump(mode="json").items())
+        click.echo(f"  {i + 1}. {step.name} [{step.phase.value}] {params}")
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--model-uri", help="Source model; overrides the manifest's `model:`.")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON report here (and a Markdown one next to it).")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the optimized .tflite here.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep intermediate files here (default: a temporary folder, removed afterwards).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+def run(manifest: str, model_uri: str | None, tracking_uri: str | None, report_path: Path | None,
+        output_path: Path | None, workdir: Path | None, quiet: bool) -> None:
+    """Run the stage described by MANIFEST.
+
+    Loads the model, runs the chain, converts once, evaluates candidate vs baseline, applies the
+    gates and registers the .tflite in MLflow (the alias moves only when every gate passes).
+    """
+    from pipeline_stage.manifest import load_manifest
+    from pipeline_stage.runner import RunOptions, run_stage
+    from pipeline_stage.tracking import resolve_tracking_uri
+
+    registry = _registry()
+    loaded = load_manifest(manifest, registry, model_uri=model_uri)
+    options = RunOptions(tracking_uri=resolve_tracking_uri(tracking_uri), report_path=report_path,
+                         output_path=output_path, workdir=workdir, quiet=quiet)
+    try:
+        report = run_stage(loaded, registry, options)
+    except StageError as exc:
+        if getattr(exc, "exit_code", 1) == 3 and getattr(exc, "report", None):
+            _print_summary(exc.report, options.tracking_uri)
+        raise
+    _print_summary(report, options.tracking_uri)
+
+
+def _print_summary(report: dict[str, Any], tracking_uri: str) -> None:
+    from pipeline_stage.summary import print_summary
+
+    print_summary(report, tracking_uri)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a listing.")
+def plugins(as_json: bool) -> None:
+    """List installed steps (phase, params, distribution), metrics, data loaders and plugins."""
+    from pipeline_stage.plugins import describe
+
+    info = describe(_registry())
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo("Steps:")
+    for step in info["steps"]:
+        click.echo(f"  {step['name']} [{step['phase']}] from {step['distribution']}: {step['summary']}")
+        for p in step["params"]:
+            default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+            click.echo(f"      {p['name']}: {p['type']} ({default}) {p['doc']}")
+    click.echo("Metrics:")
+    for metric in info["metrics"]:
+        direction = "higher is better" if metric["higher_is_better"] else "lower is better"
+        click.echo(f"  {metric['name']} ({direction}) from {metric['distribution']}: {metric['summary']}")
+    click.echo("Data loaders:")
+    for loader in info["data_loaders"]:
+        click.echo(f"  {loader['name']} {' '.join(loader['suffixes'])} from {loader['distribution']}")
+    click.echo("Plugins:")
+    for plugin in info["plugins"]:
+        click.echo(f"  {plugin['name']} ({plugin['distribution']}): {', '.join(plugin['hooks'])}")
+
+
+@cli.command()
+def schema() -> None:
+    """Print the manifest's JSON Schema (installed steps included), for editor completion."""
+    from pipeline_stage.manifest import manifest_json_schema
+
+    click.echo(json.dumps(manifest_json_schema(_registry()), indent=2))
+
+
+@cli.command()
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("demo-report.json"),
+              show_default=True, help="Where to write the JSON report.")
+@click.option("--epochs", default=12, show_default=True, help="Training epochs for the demo CNN.")
+def demo(tracking_uri: str | None, report_path: Path, epochs: int) -> None:
+    """Train a small CNN on offline digits, log it to MLflow, and run digits-int8.yaml on it."""
+    from pipeline_stage import demo as demo_mod
+    from pipeline_stage.manifest import load_manifest
+    from pipeline_stage.runner import RunOptions, run_stage
+    from pipeline_stage.tracking import configure, preflight, resolve_tracking_uri
+
+    registry = _registry()
+    manifest = demo_mod.example_manifest()
+    load_manifest(manifest, registry)  # a broken example fails before any training
+    uri = resolve_tracking_uri(tracking_uri)
+    configure(uri)
+    preflight(uri)
+    click.echo(f"[demo] tracking: {uri}", err=True)
+    data = demo_mod.digits_data()
+    click.echo(f"[demo] training a small CNN on sklearn digits ({len(data.train[0])} images, {epochs} epochs) ...", err=True)
+    model = demo_mod.train_digits_cnn(data, epochs=epochs)
+    source = demo_mod.log_source_model(model, data)
+    click.echo(f"[demo] logged {source['uri']} (version {source['version']}, held-out accuracy {source['accuracy']:.4f})", err=True)
+    loaded = load_manifest(manifest, registry, model_uri=source["uri"])
+    click.echo(f"[demo] running {manifest} ...", err=True)
+    options = RunOptions(tracking_uri=uri, report_path=report_path)
+    try:
+        report = run_stage(loaded, registry, options)
+    except StageError as exc:
+        if getattr(exc, "report", None):
+            _print_summary(exc.report, uri)
+        raise
+    _print_summary(report, uri)
+
+
+def main() -> None:
+    cli(prog_name="pipeline-stage")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

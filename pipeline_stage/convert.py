@@ -1,0 +1,87 @@
+"""The one TFLite conversion: ConversionSettings (filled in by `convert` steps) -> flatbuffer."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline_stage._tf import captured_output, import_tf
+from pipeline_stage.errors import InputError
+from pipeline_stage.steps import ConversionSettings
+
+if TYPE_CHECKING:
+    from pipeline_stage.data import Dataset
+    from pipeline_stage.source import SourceModel
+
+
+def _converter(tf, model: Any, saved_model_dir=None):
+    if saved_model_dir is not None:
+        return tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model: Any = None,
+            representative: "Dataset | None" = None, log_path: Path | None = None) -> bytes:
+    """Convert the (possibly transformed) model once, as `settings` ask.
+
+    :param keras_model: the model after the `model` phase (defaults to the source's Keras model).
+    :param representative: calibration data when the settings need it.
+    :param log_path: where the converter's own output goes (a temporary file when None).
+    """
+    tf = import_tf()
+    model = keras_model if keras_model is not None else source.keras_model
+    converter = _converter(tf, model, None if model is not None else source.saved_model_dir)
+    mode = settings.quantization
+    if mode is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode in ("int8", "int16x8"):
+        if representative is None:
+            raise InputError(f"quantization `{mode}` needs representative data", hint="add `data: {calibration: <URI>}`")
+        samples = representative.x[: settings.calibration_samples].astype(np.float32)
+
+        def representative_dataset():
+            for i in range(len(samples)):
+                yield [samples[i:i + 1]]
+
+        converter.representative_dataset = representative_dataset
+        ops = tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if mode == "int8" else \
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        converter.target_spec.supported_ops = [ops]
+    elif mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if settings.allow_select_tf_ops:
+        converter.target_spec.supported_ops = list(converter.target_spec.supported_ops) + [tf.lite.OpsSet.SELECT_TF_OPS]
+    if settings.allow_custom_ops:
+        converter.allow_custom_ops = True
+    dtypes = {"float32": tf.float32, "int8": tf.int8, "int16": tf.int16}
+    if settings.inference_input_type != "float32":
+        converter.inference_input_type = dtypes[settings.inference_input_type]
+    if settings.inference_output_type != "float32":
+        converter.inference_output_type = dtypes[settings.inference_output_type]
+    own_log = log_path is None
+    if own_log:
+        fd, name = tempfile.mkstemp(prefix="convert-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    try:
+        with captured_output(log_path):
+            return bytes(converter.convert())
+    except Exception as exc:  # ConverterError and friends: turn into one message naming the ops
+        text = str(exc) + "\n" + log_path.read_text(errors="replace")
+        ops = sorted(set(re.findall(r"'(tf\.[A-Za-z0-9_]+)'", text)))
+        if ops:
+            raise InputError(
+                f"TFLite cannot convert these ops with builtins: {', '.join(ops)}",
+                hint="set `conversion: {allow_select_tf_ops: true}` in the manifest (the app then needs the Flex delegate), or replace the ops",
+            ) from None
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise InputError(f"TFLite conversion failed: {first}", hint=f"the converter's log: {log_path}") from None
+    finally:
+        if own_log and log_path.exists() and sys.exc_info()[0] is None:
+            log_path.unlink()

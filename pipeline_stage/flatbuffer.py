@@ -1,0 +1,85 @@
+"""Read a .tflite flatbuffer: op codes, tensor types, weights and metadata (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+
+def _enum_names(enum_cls: type) -> dict[int, str]:
+    return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple
+    is_constant: bool  # backed by a buffer with data: a weight / bias
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    ops: Counter  # builtin (or custom) op name -> count, over all subgraphs
+    tensors: list[TensorInfo]
+    metadata: dict[str, bytes]
+    signatures: list[str]
+
+    def constant_dtypes(self) -> Counter:
+        return Counter(t.dtype for t in self.tensors if t.is_constant)
+
+    def activation_dtypes(self) -> Counter:
+        return Counter(t.dtype for t in self.tensors if not t.is_constant)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ops": dict(sorted(self.ops.items())),
+            "weight_dtypes": dict(sorted(self.constant_dtypes().items())),
+            "activation_dtypes": dict(sorted(self.activation_dtypes().items())),
+            "metadata": sorted(self.metadata),
+            "signatures": self.signatures,
+        }
+
+
+def read(model_bytes: bytes) -> ModelInfo:
+    """Parse the flatbuffer with LiteRT's generated schema."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    op_names = _enum_names(schema.BuiltinOperator)
+    type_names = _enum_names(schema.TensorType)
+    codes = []
+    for oc in model.operatorCodes or []:
+        code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
+        name = op_names.get(code, str(code))
+        if name == "CUSTOM" and oc.customCode:
+            name = f"CUSTOM:{oc.customCode.decode() if isinstance(oc.customCode, bytes) else oc.customCode}"
+        codes.append(name)
+    ops: Counter = Counter()
+    tensors: list[TensorInfo] = []
+    buffers = model.buffers or []
+
+    def has_data(index: int) -> bool:
+        if not 0 < index < len(buffers):
+            return False
+        buf = buffers[index]
+        return (buf.data is not None and len(buf.data) > 0) or bool(getattr(buf, "size", 0))
+
+    for sg in model.subgraphs or []:
+        for op in sg.operators or []:
+            ops[codes[op.opcodeIndex]] += 1
+        for t in sg.tensors or []:
+            name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+            shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
+            tensors.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer)))
+    metadata = {}
+    for md in model.metadata or []:
+        key = md.name.decode() if isinstance(md.name, bytes) else str(md.name)
+        buf = buffers[md.buffer] if 0 <= md.buffer < len(buffers) else None
+        metadata[key] = bytes(buf.data) if buf is not None and buf.data is not None else b""
+    sigs = []
+    for sd in model.signatureDefs or []:
+        key = sd.signatureKey
+        sigs.append(key.decode() if isinstance(key, bytes) else str(key))
+    return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs)

@@ -1,0 +1,281 @@
+"""The plugin manager: built-ins, installed plugins, and the registry of what they provide.
+
+Third-party and in-house plugins are ordinary Python distributions (name them
+``pipeline-stage-<name>``) that declare an entry point in the group ``pipeline_stage``::
+
+    [project.entry-points.pipeline_stage]
+    my_plugin = "pipeline_stage_my_plugin.hooks"
+
+The module it names implements hooks from :mod:`pipeline_stage.hookspecs` with
+``from pipeline_stage import hookimpl``. Built-ins (``pipeline_stage_plugins.*``) use the same API
+and are registered by module path, so they work without installed metadata.
+
+Operators can limit what loads:
+
+* ``PIPELINE_STAGE_LOAD_PLUGINS=a,b`` loads only these entry points (by entry-point or
+  distribution name); an empty value loads none.
+* ``PIPELINE_STAGE_DISABLE_PLUGINS=a,b`` blocks these.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pluggy
+
+from pipeline_stage import hookspecs
+from pipeline_stage.data import DataLoader
+from pipeline_stage.errors import PluginLoadError
+from pipeline_stage.metrics import Metric
+from pipeline_stage.steps import Phase, Step
+
+ENTRY_POINT_GROUP = "pipeline_stage"
+OWN_DISTRIBUTION = "pipeline-stage"
+
+DEFAULT_PLUGINS = (
+    "pipeline_stage_plugins.quantize",
+    "pipeline_stage_plugins.metrics",
+    "pipeline_stage_plugins.data_npz",
+    "pipeline_stage_plugins.console",
+)
+
+
+@dataclass(frozen=True)
+class Provided:
+    """A registered class and where it came from."""
+
+    cls: type
+    plugin: str
+    distribution: str
+
+
+@dataclass
+class Registry:
+    """Steps, metrics and data loaders by name, with the distribution that provided each."""
+
+    pm: pluggy.PluginManager
+    steps: dict[str, Provided] = field(default_factory=dict)
+    metrics: dict[str, Provided] = field(default_factory=dict)
+    loaders: dict[str, Provided] = field(default_factory=dict)
+    distributions: dict[str, str] = field(default_factory=dict)  # plugin name -> "dist version"
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def loader_for(self, suffix: str) -> Provided | None:
+        for provided in self.loaders.values():
+            if suffix.lower() in provided.cls.suffixes:
+                return provided
+        return None
+
+
+def _own_distribution() -> str:
+    try:
+        return f"{OWN_DISTRIBUTION} {importlib.metadata.version(OWN_DISTRIBUTION)}"
+    except importlib.metadata.PackageNotFoundError:
+        return OWN_DISTRIBUTION
+
+
+def _csv_env(name: str) -> set[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _entry_points() -> Iterable[tuple[importlib.metadata.EntryPoint, str]]:
+    seen: set[tuple[str, str]] = set()
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or (ep.name, ep.value) in seen:
+                continue
+            seen.add((ep.name, ep.value))
+            yield ep, f"{dist.metadata['Name']} {dist.version}"
+
+
+def load_entry_point_plugins(pm: pluggy.PluginManager, distributions: dict[str, str]) -> None:
+    """Import and register every plugin of the ``pipeline_stage`` entry-point group.
+
+    Done by hand rather than with ``pm.load_setuptools_entrypoints`` so that a plugin that fails
+    to import is reported with its distribution, not as a bare traceback.
+    """
+    allow = _csv_env("PIPELINE_STAGE_LOAD_PLUGINS")
+    blocked = _csv_env("PIPELINE_STAGE_DISABLE_PLUGINS") or set()
+    for ep, dist in _entry_points():
+        dist_name = dist.split(" ")[0]
+        if allow is not None and not ({ep.name, dist_name} & allow):
+            continue
+        if {ep.name, dist_name} & blocked:
+            pm.set_blocked(ep.name)
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken plugin must name itself, whatever it raised
+            raise PluginLoadError(
+                f"plugin `{ep.name}` ({ep.value}) from distribution `{dist}` failed to import: "
+                f"{type(exc).__name__}: {exc}",
+                hint=f"fix or uninstall `{dist_name}`, or set PIPELINE_STAGE_DISABLE_PLUGINS={ep.name}",
+            ) from exc
+        pm.register(plugin, name=ep.name)
+        distributions[ep.name] = dist
+
+
+def _registrar(kind: str, base: type, table: dict[str, Provided], plugin: str, dist: str):
+    def register(cls: Any) -> None:
+        who = f"plugin `{plugin}` (distribution `{dist}`)"
+        if not isinstance(cls, type):
+            raise PluginLoadError(
+                f"{who} registered {cls!r} as a {kind}; expected a class",
+                hint=f"pass the class itself, a subclass of {base.__module__}.{base.__name__}",
+            )
+        if not issubclass(cls, base):
+            raise PluginLoadError(f"{who} registered {cls.__name__}, which is not a subclass of {base.__name__}")
+        name = getattr(cls, "name", "")
+        if not name or not isinstance(name, str):
+            raise PluginLoadError(f"{who} registered {kind} class {cls.__name__} without a `name`")
+        if kind == "step" and not isinstance(getattr(cls, "phase", None), Phase):
+            raise PluginLoadError(f"{who}: step `{name}` has no valid `phase` (one of {[p.value for p in Phase]})")
+        if name in table and table[name].cls is not cls:
+            other = table[name]
+            raise PluginLoadError(
+                f"{who} registers {kind} `{name}` ({cls.__module__}.{cls.__name__}), but that name "
+                f"is already taken by plugin `{other.plugin}` from distribution `{other.distribution}` "
+                f"({other.cls.__module__}.{other.cls.__name__})",
+                hint=f"rename one of them, or disable one with PIPELINE_STAGE_DISABLE_PLUGINS",
+            )
+        table[name] = Provided(cls, plugin, dist)
+
+    return register
+
+
+def _collect(registry: Registry, hook_name: str, kind: str, base: type, table: dict[str, Provided]) -> None:
+    caller = getattr(registry.pm.hook, hook_name)
+    # Call each implementation with its own `register`, so every registration knows its source.
+    for impl in reversed(caller.get_hookimpls()):
+        dist = registry.distributions.get(impl.plugin_name, impl.plugin_name)
+        register = _registrar(kind, base, table, impl.plugin_name, dist)
+        try:
+            impl.function(**({"register": register} if "register" in impl.argnames else {}))
+        except PluginLoadError:
+            raise
+        except Exception as exc:
+            raise PluginLoadError(
+                f"plugin `{impl.plugin_name}` (distribution `{dist}`) failed in {hook_name}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def build_registry(*, load_entry_points: bool = True, extra_plugins: Iterable[tuple[object, str]] = ()) -> Registry:
+    """Create the plugin manager and collect every step, metric and data loader.
+
+    :param load_entry_points: load installed plugins from the ``pipeline_stage`` group.
+    :param extra_plugins: ``(plugin, name)`` pairs to register too (tests use fake plugins).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    distributions: dict[str, str] = {}
+    own = _own_distribution()
+    for module_name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(module_name), module_name)
+        distributions[module_name] = own
+    if load_entry_points:
+        load_entry_point_plugins(pm, distributions)
+    for plugin, name in extra_plugins:
+        pm.register(plugin, name=name)
+        distributions.setdefault(name, name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        dist = distributions.get(exc.plugin_name if hasattr(exc, "plugin_name") else "", "?")
+        raise PluginLoadError(f"{exc} (distribution `{dist}`)", hint="check the hook's name against `pipeline_stage.hookspecs`") from exc
+    registry = Registry(pm=pm, distributions=distributions)
+    _collect(registry, "register_steps", "step", Step, registry.steps)
+    _collect(registry, "register_metrics", "metric", Metric, registry.metrics)
+    _collect(registry, "register_data_loaders", "data loader", DataLoader, registry.loaders)
+    return registry
+
+
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use (nothing loads at import time)."""
+    global _registry
+    if _registry is None:
+        _registry = build_registry()
+    return _registry
+
+
+def describe(registry: Registry) -> dict[str, Any]:
+    """Everything installed, as JSON-ready data (the ``plugins`` command)."""
+
+    def params_of(cls: type) -> list[dict[str, Any]]:
+        schema = cls.Params.model_json_schema()
+        out = []
+        for pname, fld in cls.Params.model_fields.items():
+            prop = schema.get("properties", {}).get(pname, {})
+            out.append({
+                "name": pname,
+                "type": _type_name(prop),
+                "default": None if fld.is_required() else _jsonable(fld.get_default(call_default_factory=True)),
+                "required": fld.is_required(),
+                "doc": fld.description or "",
+            })
+        return out
+
+    return {
+        "steps": [
+            {
+                "name": name,
+                "phase": p.cls.phase.value,
+                "summary": p.cls.summary(),
+                "params": params_of(p.cls),
+                "plugin": p.plugin,
+                "distribution": p.distribution,
+            }
+            for name, p in sorted(registry.steps.items())
+        ],
+        "metrics": [
+            {"name": name, "higher_is_better": p.cls.higher_is_better, "unit": p.cls.unit,
+             "summary": p.cls.summary(), "plugin": p.plugin, "distribution": p.distribution}
+            for name, p in sorted(registry.metrics.items())
+        ],
+        "data_loaders": [
+            {"name": name, "suffixes": list(p.cls.suffixes), "plugin": p.plugin, "distribution": p.distribution}
+            for name, p in sorted(registry.loaders.items())
+        ],
+        "plugins": [
+            {"name": name, "distribution": registry.distributions.get(name, name),
+             "hooks": sorted(h.name for h in (registry.pm.get_hookcallers(plugin) or []))}
+            for name, plugin in sorted(registry.pm.list_name_plugin(), key=lambda kv: kv[0])
+        ],
+    }
+
+
+def _type_name(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return " | ".join(repr(v) for v in prop["enum"])
+    if "const" in prop:
+        return repr(prop["const"])
+    if "anyOf" in prop:
+        return " | ".join(_type_name(p) for p in prop["anyOf"])
+    if prop.get("type") == "array":
+        return f"list[{_type_name(prop.get('items', {}))}]"
+    return prop.get("type", "any")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)

@@ -1,0 +1,152 @@
+"""MLflow in and out: the stage's run, its artifacts, and the registered model version."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline_stage.errors import StageError, TrackingError
+from pipeline_stage.tracking import redact
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+RUNTIME_CODE = Path(__file__).with_name("litert_runtime.py")
+TFLITE_ARTIFACT = "tflite/model.tflite"  # stable path of the raw flatbuffer in the stage's run
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten nested manifest data into MLflow params (`chain.0.quantize.mode: int8`)."""
+    out: dict[str, str] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list):
+        if not value:
+            out[prefix] = "[]"
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        out[prefix] = redact(str(value))[:6000]
+    return out
+
+
+def tag_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return redact(str(value))[:5000]
+
+
+class StageRun:
+    """The MLflow run of one stage execution; ends FAILED unless `finish()` is reached."""
+
+    def __init__(self, experiment: str, run_name: str | None = None, tags: dict[str, str] | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient()
+        try:
+            mlflow.set_experiment(experiment)
+            self.run = mlflow.start_run(run_name=run_name, tags=tags)
+        except Exception as exc:
+            raise TrackingError(f"could not start an MLflow run in experiment `{experiment}`: {redact(str(exc))[:300]}") from exc
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        if clean:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def log_text(self, text: str, path: str) -> None:
+        self.mlflow.log_text(text, path)
+
+    def log_artifact(self, local: Path, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifact(str(local), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)
+
+    def end(self, status: str) -> None:
+        try:
+            self.mlflow.end_run(status=status)
+        except Exception:  # the server may be the reason we are failing; the status is best effort
+            pass
+
+
+def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.ndarray | None,
+                     tags: dict[str, str], alias: str | None) -> dict[str, Any]:
+    """Log the .tflite as a pyfunc model, register it as a new version of `name`, then set `alias`.
+
+    The version is complete (artifacts, tags) before the alias moves; if anything fails after the
+    version was created, the version is deleted again so no half-registered version remains.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    signature = None
+    if sample is not None:
+        from pipeline_stage.litert_runtime import TFLiteModel
+
+        x = sample.astype(np.float32)
+        signature = infer_signature(x, TFLiteModel(tflite_path.read_bytes()).predict(x))
+    import ai_edge_litert  # noqa: F401 - version lookup below
+
+    from importlib.metadata import version as dist_version
+
+    info = mlflow.pyfunc.log_model(
+        name="tflite_model",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"tflite": str(tflite_path)},
+        code_paths=[str(RUNTIME_CODE)],
+        signature=signature,
+        pip_requirements=[f"ai-edge-litert=={dist_version('ai-edge-litert')}", f"numpy=={np.__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+    )
+    client = run.client
+    mv = None
+    try:
+        try:
+            client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            try:
+                client.create_registered_model(name, description="TFLite models optimized by pipeline-stage")
+            except mlflow.exceptions.MlflowException as exc:  # another stage created it meanwhile
+                if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        mv = client.create_model_version(name=name, source=info.model_uri, run_id=run.run_id,
+                                         tags={k: tag_value(v) for k, v in tags.items()},
+                                         model_id=getattr(info, "model_id", None))
+        deadline = time.monotonic() + 300
+        while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            mv = client.get_model_version(name, mv.version)
+        if mv.status != "READY":
+            raise TrackingError(f"model version {name}/{mv.version} ended in status {mv.status}")
+        if alias:
+            client.set_registered_model_alias(name, alias, mv.version)
+    except Exception as exc:
+        if mv is not None:
+            try:
+                client.delete_model_version(name, mv.version)
+            except Exception:
+                pass
+        if isinstance(exc, StageError):
+            raise
+        raise TrackingError(f"registering `{name}` failed: {redact(str(exc))[:300]}") from exc
+    return {"name": name, "version": str(mv.version), "alias": alias, "uri": f"models:/{name}/{mv.version}",
+            "run_id": run.run_id, "model_uri": info.model_uri,
+            "tflite_uri": f"runs:/{run.run_id}/{TFLITE_ARTIFACT}"}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    tmp.replace(path)  # readers never see a half-written report

@@ -1,0 +1,51 @@
+"""The stage's report: JSON for machines, Markdown for people (both logged to the MLflow run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1000:
+            return f"{int(value):,}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def rule_text(g: dict[str, Any]) -> str:
+    return f"{g['rule']} {_fmt(g['threshold'])}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# pipeline-stage report: {'PASSED' if report['passed'] else 'FAILED'}", ""]
+    lines += [f"- manifest: `{report['manifest']['path']}` (chain digest `{report['manifest']['chain_digest']}`)",
+              f"- source model: `{report['source']['uri']}`"]
+    if report.get("registered"):
+        r = report["registered"]
+        lines.append(f"- registered: `{r['uri']}`" + (f" with alias `@{r['alias']}`" if r.get("alias") else " (no alias)"))
+    else:
+        lines.append("- registered: nothing")
+    lines += ["", "## Baseline vs candidate", "", "| metric | baseline | candidate | ratio |", "| --- | ---: | ---: | ---: |"]
+    for name, cand in report["candidate"].items():
+        base = report["baseline"].get(name)
+        ratio = _fmt(cand / base) if base else "-"
+        lines.append(f"| {name} | {_fmt(base)} | {_fmt(cand)} | {ratio} |")
+    if report.get("gates"):
+        lines += ["", "## Gates", "", "| metric | rule | value | compared | verdict |", "| --- | --- | ---: | ---: | --- |"]
+        for g in report["gates"]:
+            lines.append(f"| {g['metric']} | {rule_text(g)} | {_fmt(g['value'])} | {_fmt(g['compared'])} | {'pass' if g['passed'] else '**FAIL**'} |")
+    lines += ["", "## Steps", "", "| # | step | phase | params | metrics after | seconds |", "| ---: | --- | --- | --- | --- | ---: |"]
+    for i, s in enumerate(report["steps"]):
+        params = ", ".join(f"{k}={v}" for k, v in s["params"].items()) or "-"
+        metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in s["metrics"].items()) or "-"
+        lines.append(f"| {i + 1} | {s['name']} | {s['phase']} | {params} | {metrics} | {s['seconds']:.2f} |")
+    conv = report.get("conversion")
+    if conv:
+        lines += ["", "## Conversion", "", f"- settings: `{conv['settings']}`", f"- seconds: {conv['seconds']:.2f}",
+                  f"- ops: {', '.join(f'{k}×{v}' for k, v in conv['flatbuffer']['ops'].items())}",
+                  f"- weight tensor types: {conv['flatbuffer']['weight_dtypes']}",
+                  f"- activation tensor types: {conv['flatbuffer']['activation_dtypes']}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,60 @@
+"""Built-in step `quantize`: post-training quantization settings for the one TFLite conversion."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline_stage import ConversionSettings, Params, Phase, Step, StepContext, hookimpl
+
+
+class QuantizeParams(Params):
+    mode: Literal["dynamic", "int8", "float16", "int16x8"] = Field(
+        "int8",
+        description=(
+            "dynamic: int8 weights, float activations; int8: full integer (weights and activations, "
+            "calibrated); float16: float16 weights; int16x8: int16 activations with int8 weights (calibrated)."
+        ),
+    )
+    io: Literal["float", "int8", "int16"] = Field(
+        "float",
+        description="Input/output tensor type: `float` keeps float I/O; `int8` (mode int8) or `int16` (mode int16x8) makes I/O integer too.",
+    )
+    calibration_samples: int = Field(200, ge=1, le=100000, description="Representative samples used for calibration.")
+    calibration_data: Literal["calibration", "training"] = Field(
+        "calibration", description="Which manifest data set calibrates the activation ranges.")
+
+    @model_validator(mode="after")
+    def _io_fits_mode(self) -> "QuantizeParams":
+        allowed = {"int8": {"float", "int8"}, "int16x8": {"float", "int16"}}.get(self.mode, {"float"})
+        if self.io not in allowed:
+            raise ValueError(f"io `{self.io}` does not fit mode `{self.mode}`; use one of {sorted(allowed)}")
+        return self
+
+
+class Quantize(Step):
+    """Post-training quantization: dynamic range, full int8, float16 or int16x8."""
+
+    name = "quantize"
+    phase = Phase.CONVERT
+    Params = QuantizeParams
+
+    def required_data(self) -> set[str]:
+        return {self.params.calibration_data} if self.params.mode in ("int8", "int16x8") else set()
+
+    def apply(self, settings: ConversionSettings, ctx: StepContext) -> None:
+        p = self.params
+        settings.claim("quantization", self.name)
+        settings.quantization = p.mode
+        if p.mode in ("int8", "int16x8"):
+            settings.representative_data = p.calibration_data
+            settings.calibration_samples = p.calibration_samples
+        io_type = {"float": "float32", "int8": "int8", "int16": "int16"}[p.io]
+        settings.inference_input_type = settings.inference_output_type = io_type
+        ctx.notes["conversion"] = {"quantization": p.mode, "io": io_type}
+
+
+@hookimpl
+def register_steps(register):
+    register(Quantize)
