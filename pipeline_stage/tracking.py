@@ -38,6 +38,7 @@ def configure(uri: str) -> None:
     # MLflow's advice about type hints and input examples is addressed to model authors, not to
     # the operator reading a pipeline step's log.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*(type hints to the `predict`|input example was not provided)")
     import mlflow
 
     mlflow.set_tracking_uri(uri)

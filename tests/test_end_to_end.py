@@ -1,0 +1,190 @@
+"""The stage end to end against a real MLflow server, real TensorFlow and the LiteRT interpreter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline_stage.flatbuffer import read as read_flatbuffer
+from tests.conftest import EXAMPLES, write_manifest
+from tests.helpers import invoke, read_report, versions_of
+
+DATA = """data:
+  calibration: runs:/${source.run_id}/data/calib.npz
+  evaluation: runs:/${source.run_id}/data/eval.npz
+"""
+
+
+def manifest(tmp_path: Path, chain: str, *, gates: str = "  - {metric: accuracy, max_drop: 0.02}\n",
+             register: str = "", model: str = "models:/digits-cnn@champion", extra: str = "", name="m.yaml") -> Path:
+    text = f"model: {model}\n{DATA}chain:\n{chain}gates:\n{gates}{register}{extra}"
+    return write_manifest(tmp_path, text, name)
+
+
+def tflite_of(registered: dict) -> bytes:
+    local = mlflow.artifacts.download_artifacts(artifact_uri=registered["tflite_uri"])
+    return Path(local).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def int8_run(digits_source, tmp_path_factory):
+    """The example manifest, as the README runs it, against the session's server."""
+    tmp = tmp_path_factory.mktemp("int8")
+    report_path = tmp / "report.json"
+    result = invoke("run", str(EXAMPLES / "digits-int8.yaml"), "--report", str(report_path))
+    assert result.exit_code == 0, result.output
+    return read_report(report_path), result
+
+
+def test_int8_report_has_the_promised_keys(int8_run):
+    report, result = int8_run
+    for key in ("passed", "baseline", "candidate", "steps", "gates", "registered"):
+        assert key in report
+    assert report["passed"] is True
+    assert set(report["candidate"]) == {"accuracy", "size_bytes", "latency_p50_ms"}
+    step = report["steps"][0]
+    assert (step["name"], step["phase"]) == ("quantize", "convert")
+    assert step["params"]["mode"] == "int8" and "size_bytes" in step["metrics"] and step["seconds"] > 0
+    assert {g["metric"] for g in report["gates"]} == {"accuracy", "size_bytes"}
+    assert all(set(g) >= {"metric", "rule", "threshold", "value", "passed"} for g in report["gates"])
+    assert set(report["registered"]) >= {"name", "version", "alias", "uri"}
+    # the printed table names the registered URI
+    assert report["registered"]["uri"] in result.stdout
+
+
+def test_int8_flatbuffer_is_really_int8(int8_run):
+    report, _ = int8_run
+    info = read_flatbuffer(tflite_of(report["registered"]))
+    weights = info.constant_dtypes()
+    assert weights["INT8"] >= 3, weights  # two conv kernels and the dense kernel
+    assert weights["INT32"] >= 3, weights  # their biases, int32 as full-integer kernels need
+    assert "FLOAT32" not in weights, weights
+    # activations: everything between the float I/O boundary ops is int8
+    assert info.activation_dtypes()["INT8"] >= 4
+    assert info.ops["QUANTIZE"] >= 1 and info.ops["DEQUANTIZE"] >= 1
+    assert report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
+    assert report["baseline"]["accuracy"] - report["candidate"]["accuracy"] <= 0.02
+
+
+def test_alias_and_lineage_tags_on_the_new_version(int8_run, digits_source):
+    report, _ = int8_run
+    reg = report["registered"]
+    client = mlflow.MlflowClient()
+    by_alias = client.get_model_version_by_alias(reg["name"], "edge-candidate")
+    assert by_alias.version == reg["version"]
+    tags = client.get_model_version(reg["name"], reg["version"]).tags
+    assert tags["source.name"] == "digits-cnn"
+    assert tags["source.version"] == digits_source["version"]
+    assert tags["source.run_id"] == digits_source["run_id"]
+    assert tags["pipeline_stage.chain_digest"] == report["manifest"]["chain_digest"]
+    assert tags["pipeline_stage.version"] == report["package_version"]
+    assert tags["gate.accuracy.max_drop"].startswith("pass")
+    assert float(tags["metric.size_bytes"]) == report["candidate"]["size_bytes"]
+    assert "metric.latency_p50_ms" in tags and "baseline.accuracy" in tags
+
+
+def test_registered_version_predicts_through_pyfunc(int8_run, digits_data):
+    report, _ = int8_run
+    model = mlflow.pyfunc.load_model(report["registered"]["uri"])
+    x, y = digits_data.evaluation
+    out = model.predict(x[:50])
+    assert out.shape == (50, 10)
+    assert np.mean(out.argmax(-1) == y[:50]) >= 0.9
+    assert model.metadata.signature is not None
+
+
+def test_run_keeps_report_manifest_and_raw_tflite(int8_run):
+    report, _ = int8_run
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(report["run_id"])}
+    assert {"manifest.yaml", "report.json", "report.md", "tflite"} <= names
+    assert [a.path for a in client.list_artifacts(report["run_id"], "tflite")] == ["tflite/model.tflite"]
+    run = client.get_run(report["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["manifest.chain.0.quantize.mode"] == "int8"
+    assert "step.0.quantize.size_bytes" in run.data.metrics
+    md = Path(mlflow.artifacts.download_artifacts(run_id=report["run_id"], artifact_path="report.md")).read_text()
+    assert "## Gates" in md and "quantize" in md
+
+
+@pytest.mark.parametrize("mode", ["float16", "dynamic"])
+def test_other_modes_write_their_types(digits_source, tmp_path, mode):
+    path = manifest(tmp_path, f"  - quantize: {{mode: {mode}}}\n", register="register: {name: digits-" + mode + "}\n")
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "out.tflite"))
+    assert result.exit_code == 0, result.output
+    info = read_flatbuffer((tmp_path / "out.tflite").read_bytes())
+    weights = [t for t in info.tensors if t.is_constant and len(t.shape) >= 2]  # kernels, not biases
+    if mode == "float16":
+        assert {t.dtype for t in weights} == {"FLOAT16"}, weights
+    else:
+        # dynamic range quantizes every kernel the converter deems worth it (>= 1024 values)
+        big = [t for t in weights if np.prod(t.shape) >= 1024]
+        assert big and {t.dtype for t in big} == {"INT8"}, weights
+    assert "FLOAT32" in info.activation_dtypes() and "INT8" not in info.activation_dtypes()
+    report = read_report(tmp_path / "r.json")
+    assert report["registered"]["alias"] is None and report["registered"]["version"] == "1"
+
+
+def test_int8_io_makes_input_and_output_int8(digits_source, tmp_path, digits_data):
+    path = manifest(tmp_path, "  - quantize: {mode: int8, io: int8}\n")
+    result = invoke("run", str(path), "--output", str(tmp_path / "io.tflite"), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=(tmp_path / "io.tflite").read_bytes())
+    assert it.get_input_details()[0]["dtype"] == np.int8
+    assert it.get_output_details()[0]["dtype"] == np.int8
+    report = read_report(tmp_path / "r.json")
+    assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.02  # I/O was quantized right
+    assert report["registered"] is None  # no register section: evaluate only
+
+
+def test_failed_gate_exits_3_and_registers_nothing(digits_source, tmp_path):
+    path = manifest(tmp_path, "  - quantize: {mode: dynamic}\n",
+                    gates="  - {metric: size_bytes, max_ratio: 0.01}\n",
+                    register="register: {name: digits-gated, alias: prod}\n")
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 3, result.output
+    assert "gate failed: size_bytes max_ratio" in result.output
+    assert versions_of("digits-gated") == []
+    report = read_report(tmp_path / "r.json")
+    assert report["passed"] is False and report["registered"] is None
+    # the run keeps the artifact and the report for inspection
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(report["run_id"])}
+    assert {"report.json", "tflite"} <= names
+
+
+def test_on_failure_register_tags_failed_and_never_moves_alias(digits_source, tmp_path):
+    reg = "register: {name: digits-onfail, alias: prod, on_failure: register}\n"
+    good = manifest(tmp_path, "  - quantize: {mode: dynamic}\n", register=reg, name="good.yaml")
+    assert invoke("run", str(good)).exit_code == 0
+    bad = manifest(tmp_path, "  - quantize: {mode: dynamic}\n", register=reg, name="bad.yaml",
+                   gates="  - {metric: size_bytes, max_ratio: 0.01}\n")
+    result = invoke("run", str(bad), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 3
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias("digits-onfail", "prod").version == "1"
+    failed = client.get_model_version("digits-onfail", "2")
+    assert failed.tags["pipeline_stage.passed"] == "false"
+    assert failed.tags["gate.size_bytes.max_ratio"].startswith("fail")
+    assert read_report(tmp_path / "r.json")["registered"]["alias"] is None
+
+
+def test_model_uri_override_by_version_run_and_local_path(digits_source, digits_model, tmp_path):
+    path = manifest(tmp_path, "  - quantize: {mode: float16}\n", model="models:/does-not-matter@x")
+    for uri in (f"models:/digits-cnn/{digits_source['version']}", f"runs:/{digits_source['run_id']}/model"):
+        result = invoke("run", str(path), "--model-uri", uri, "--report", str(tmp_path / "r.json"))
+        assert result.exit_code == 0, (uri, result.output)
+        assert read_report(tmp_path / "r.json")["source"]["run_id"] == digits_source["run_id"]
+    # a local .keras file: data must then be given as paths (no source run)
+    local = tmp_path / "digits.keras"
+    digits_model.save(local)
+    data_dir = mlflow.artifacts.download_artifacts(run_id=digits_source["run_id"], artifact_path="data", dst_path=str(tmp_path))
+    text = (f"model: {local}\ndata: {{evaluation: {data_dir}/eval.npz}}\nchain:\n  - quantize: {{mode: float16}}\n"
+            "gates:\n  - {metric: accuracy, max_drop: 0.01}\n")
+    result = invoke("run", str(write_manifest(tmp_path, text, "local.yaml")), "--report", str(tmp_path / "l.json"))
+    assert result.exit_code == 0, result.output
+    assert read_report(tmp_path / "l.json")["candidate"]["accuracy"] > 0.9
