@@ -83,3 +83,21 @@ def read(model_bytes: bytes) -> ModelInfo:
         key = sd.signatureKey
         sigs.append(key.decode() if isinstance(key, bytes) else str(key))
     return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs)
+
+
+def add_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
+    """Return the model with a metadata entry `name` holding `data` (replacing one of that name)."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    kept = [m for m in (model.metadata or []) if (m.name.decode() if isinstance(m.name, bytes) else m.name) != name]
+    model.metadata = kept + [entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))

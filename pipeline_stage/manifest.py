@@ -45,9 +45,10 @@ class DataSpec(_Strict):
 class EvaluationSpec(_Strict):
     """How candidate and baseline are measured."""
 
-    metrics: list[str] = Field(
-        default_factory=lambda: ["accuracy", "size_bytes", "latency_p50_ms"],
-        description="Metrics computed for baseline and candidate (gated metrics are always added).",
+    metrics: list[str] | None = Field(
+        None,
+        description="Metrics computed for baseline and candidate; gated metrics are always added. Default: "
+                    "accuracy (when evaluation data is given), size_bytes, latency_p50_ms.",
     )
     per_step: list[str] = Field(
         default_factory=lambda: ["size_bytes"],
@@ -148,14 +149,17 @@ class LoadedManifest:
         needed: set[str] = set()
         for step in self.steps:
             needed |= step.required_data()
-        for name in self.metric_names():
+        for name in self.metric_names() + list(self.manifest.evaluation.per_step):
             provided = registry.metrics.get(name)
             if provided is not None and provided.cls.needs_labels:
                 needed.add("evaluation")
         return needed
 
     def metric_names(self) -> list[str]:
-        names = list(self.manifest.evaluation.metrics)
+        names = self.manifest.evaluation.metrics
+        if names is None:
+            names = (["accuracy"] if self.manifest.data.evaluation else []) + ["size_bytes", "latency_p50_ms"]
+        names = list(names)
         for gate in self.manifest.gates:
             if gate.metric not in names:
                 names.append(gate.metric)
@@ -358,7 +362,7 @@ def parse_manifest(text: str, registry: Registry, *, path: str = "<manifest>", m
             )
 
     known_metrics = sorted(registry.metrics)
-    for where, names in (("evaluation.metrics", manifest.evaluation.metrics), ("evaluation.per_step", manifest.evaluation.per_step)):
+    for where, names in (("evaluation.metrics", manifest.evaluation.metrics or []), ("evaluation.per_step", manifest.evaluation.per_step)):
         for j, name in enumerate(names):
             if name not in registry.metrics:
                 raise ManifestError(f"unknown metric `{name}`; installed metrics: {', '.join(known_metrics)}", path=path,

@@ -158,7 +158,8 @@ def _registrar(kind: str, base: type, table: dict[str, Provided], plugin: str, d
 def _collect(registry: Registry, hook_name: str, kind: str, base: type, table: dict[str, Provided]) -> None:
     caller = getattr(registry.pm.hook, hook_name)
     # Call each implementation with its own `register`, so every registration knows its source.
-    for impl in reversed(caller.get_hookimpls()):
+    # Registration order (built-ins first), so a clash is blamed on the later plugin.
+    for impl in caller.get_hookimpls():
         dist = registry.distributions.get(impl.plugin_name, impl.plugin_name)
         register = _registrar(kind, base, table, impl.plugin_name, dist)
         try:

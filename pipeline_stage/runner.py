@@ -200,7 +200,9 @@ class Stage:
             self.source = source_mod.load(info, self.workdir, safe_mode=not m.allow_unsafe_deserialization)
             for name in sorted(self.loaded.required_data(self.registry) | {n for n in DATA_SETS if getattr(m.data, n)}):
                 self.load_data(name)  # fail on bad data before any conversion work
+            work_started = time.perf_counter()
             self._execute(report, run)
+            report["timing"] = {"convert_and_evaluate_s": round(time.perf_counter() - work_started, 3)}
             report["seconds"] = round(time.perf_counter() - started, 3)
             tflite_path = self.workdir / "model.tflite"
             run.log_artifact(tflite_path, str(Path(TFLITE_ARTIFACT).parent))

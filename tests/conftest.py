@@ -114,6 +114,19 @@ def fresh_registry():
     plugins_mod._registry = None
 
 
+@pytest.fixture(autouse=True)
+def restore_tracking_uri():
+    """In-process CLI runs call mlflow.set_tracking_uri, which also sets MLFLOW_TRACKING_URI."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    if "mlflow" in sys.modules and before:
+        sys.modules["mlflow"].set_tracking_uri(before)
+
+
 def write_manifest(tmp_path: Path, text: str, name: str = "manifest.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)

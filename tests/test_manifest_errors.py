@@ -1,0 +1,98 @@
+"""Broken manifests: each is refused with exit code 2 and one message naming file, line and field."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_stage import plugins as plugins_mod
+from pipeline_stage.plugins import build_registry
+from tests.conftest import REPO
+from tests.fake_plugins import Steps
+from tests.helpers import invoke
+
+BAD = Path(__file__).parent / "manifests" / "bad"
+
+# file -> (line the message must point at, or None; substrings the message must contain)
+EXPECTED = {
+    "malformed-yaml.yaml": (3, ["invalid YAML"]),
+    "empty.yaml": (None, ["the manifest is empty"]),
+    "not-a-mapping.yaml": (1, ["must be a mapping"]),
+    "unknown-step.yaml": (4, ["unknown step `quantise`", "installed steps:", "did you mean `quantize`?"]),
+    "wrong-param-type.yaml": (6, ["chain[0].quantize.calibration_samples", "valid integer", "'many'"]),
+    "bad-enum.yaml": (4, ["chain[0].quantize.mode", "'int3'", "'int8'"]),
+    "unknown-param.yaml": (4, ["chain[0].quantize.mdoe", "unknown field for step `quantize`", "did you mean `mode`?"]),
+    "unknown-top-field.yaml": (4, ["`gate`", "unknown field", "did you mean `gates`?"]),
+    "out-of-phase-order.yaml": (4, ["`identity_model` (phase model) comes after `quantize` (phase convert)", "model -> convert -> tflite"]),
+    "tflite-before-convert.yaml": (4, ["`quantize` (phase convert) comes after `stamp` (phase tflite)"]),
+    "missing-calibration-data.yaml": (2, ["data.calibration", "required by quantize"]),
+    "missing-evaluation-data.yaml": (None, ["data.evaluation", "required by the metrics and gates"]),
+    "unknown-metric-gate.yaml": (6, ["gates[0].metric", "unknown metric `acuracy`", "did you mean `accuracy`?"]),
+    "unknown-per-step-metric.yaml": (5, ["evaluation.per_step[1]", "unknown metric `latency_p99`"]),
+    "gate-two-rules.yaml": (6, ["gates[0]", "exactly one rule", "max_drop, min"]),
+    "gate-no-rule.yaml": (6, ["gates[0]", "exactly one rule", "none"]),
+    "gate-negative-drop.yaml": (6, ["gates[0].max_drop", "greater than or equal to 0"]),
+    "bad-model-uri.yaml": (1, ["`model`", "models:/<name>@<alias>"]),
+    "no-model.yaml": (None, ["no model given", "--model-uri"]),
+    "alias-without-gates.yaml": (6, ["register.alias", "no gates"]),
+    "bad-register-name.yaml": (5, ["register.name", "pattern"]),
+    "duplicate-key.yaml": (4, ["duplicate key `chain`"]),
+    "chain-not-a-list.yaml": (2, ["`chain`", "valid list"]),
+    "chain-item-two-keys.yaml": (3, ["chain[0]", "one key"]),
+    "params-not-a-mapping.yaml": (3, ["params of step `quantize` must be a mapping"]),
+    "io-does-not-fit-mode.yaml": (3, ["io `int8` does not fit mode `float16`"]),
+    "bad-on-failure.yaml": (4, ["register.on_failure", "'skip' or 'register'"]),
+    "missing-chain.yaml": (None, ["`chain`", "Field required"]),
+}
+
+
+@pytest.fixture
+def registry_with_test_plugins(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "plugin_pkg"))
+    import pipeline_stage_stamp
+
+    registry = build_registry(load_entry_points=False, extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp")])
+    plugins_mod._registry = registry
+    return registry
+
+
+def test_corpus_is_complete():
+    assert sorted(p.name for p in BAD.glob("*.yaml")) == sorted(EXPECTED)
+    assert len(EXPECTED) >= 15
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_bad_manifest_is_refused_clearly(name, registry_with_test_plugins):
+    line, needles = EXPECTED[name]
+    path = BAD / name
+    result = invoke("validate", str(path))
+    assert result.exit_code == 2, result.output
+    message = result.stderr
+    assert message.startswith("error: ") and "Traceback" not in message
+    assert str(path) in message
+    if line is not None:
+        assert f"{path}:{line}:" in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_missing_manifest_file(tmp_path):
+    result = invoke("validate", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 2
+    assert "nope.yaml: file not found" in result.stderr
+
+
+def test_model_uri_flag_is_checked_too(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("chain:\n  - quantize: {mode: dynamic}\n")
+    result = invoke("validate", str(path), "--model-uri", "models:/only-a-name")
+    assert result.exit_code == 2 and "--model-uri" in result.stderr
+    assert invoke("validate", str(path), "--model-uri", "models:/digits/3").exit_code == 0
+
+
+def test_examples_validate(registry_with_test_plugins):
+    for path in sorted((REPO / "manifests" / "examples").glob("*.yaml")):
+        result = invoke("validate", str(path))
+        assert result.exit_code == 0, (path, result.output)

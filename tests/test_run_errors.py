@@ -1,0 +1,121 @@
+"""Bad input found at run time, unreachable servers and crashing plugins: clear errors, exit codes,
+and never a registered version left behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline_stage import plugins as plugins_mod
+from pipeline_stage.plugins import build_registry
+from tests.conftest import REPO, free_port, write_manifest
+from tests.fake_plugins import Recorder, Steps
+from tests.helpers import invoke, read_report, versions_of
+
+REGISTER = "register: {name: digits-bad-input, alias: should-not-move}\n"
+GATES = "gates:\n  - {metric: accuracy, max_drop: 0.05}\n"
+
+
+def _manifest(tmp_path, *, model="models:/digits-cnn@champion", evaluation="runs:/${source.run_id}/data/eval.npz",
+              chain="  - quantize: {mode: dynamic}\n", name="m.yaml") -> Path:
+    text = f"model: {model}\ndata:\n  evaluation: {evaluation}\nchain:\n{chain}{GATES}{REGISTER}"
+    return write_manifest(tmp_path, text, name)
+
+
+@pytest.fixture
+def test_plugins(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "plugin_pkg"))
+    import pipeline_stage_stamp
+
+    recorder = Recorder()
+    plugins_mod._registry = build_registry(
+        load_entry_points=False,
+        extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp"), (recorder, "recorder")])
+    return recorder
+
+
+def _bad_data(tmp_path, name, **arrays) -> Path:
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_bad_inputs_at_run_time_exit_2_and_register_nothing(digits_source, digits_data, tmp_path):
+    x, y = digits_data.evaluation
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    cases = {
+        "missing model": (dict(model="models:/no-such-model@champion"), "does not exist"),
+        "missing version": (dict(model="models:/digits-cnn/999"), "does not exist"),
+        "missing run": (dict(model="runs:/0123456789abcdef0123456789abcdef/model"), "does not exist"),
+        "missing artifact": (dict(evaluation="runs:/${source.run_id}/data/missing.npz"), "cannot download"),
+        "missing local file": (dict(evaluation=str(tmp_path / "nope.npz")), "does not exist"),
+        "wrong shape": (dict(evaluation=_bad_data(tmp_path, "shape.npz", x=np.zeros((4, 28, 28, 1), np.float32), y=np.zeros(4))),
+                        "shape (28, 28, 1), but the model takes (8, 8, 1)"),
+        "no labels": (dict(evaluation=_bad_data(tmp_path, "nolabels.npz", x=x[:10])), "no labels `y`"),
+        "mismatched rows": (dict(evaluation=_bad_data(tmp_path, "rows.npz", x=x[:10], y=y[:7])), "`x` has 10 rows but `y` has 7"),
+        "empty": (dict(evaluation=_bad_data(tmp_path, "empty.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0))), "no samples"),
+        "no x": (dict(evaluation=_bad_data(tmp_path, "nox.npz", features=x[:10], y=y[:10])), "has no array `x`"),
+        "corrupt": (dict(evaluation=corrupt), "not a readable .npz"),
+        "wrong format": (dict(evaluation=write_manifest(tmp_path, "a,b\n", "data.csv")), "no data loader reads `.csv`"),
+        "string features": (dict(evaluation=_bad_data(tmp_path, "str.npz", x=np.array([["a"]] * 3), y=np.zeros(3))), "expected a numeric array"),
+    }
+    for label, (kwargs, needle) in cases.items():
+        kwargs = {k: str(v) for k, v in kwargs.items()}
+        path = _manifest(tmp_path, **kwargs)
+        result = invoke("run", str(path))
+        assert result.exit_code == 2, (label, result.output)
+        assert needle in result.stderr, (label, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert versions_of("digits-bad-input") == []
+
+
+def test_unreachable_tracking_server_exits_1_in_bounded_time(tmp_path):
+    path = _manifest(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    result = invoke("run", str(path), "--tracking-uri", uri)
+    assert result.exit_code == 1, result.output
+    assert uri in result.stderr and "unreachable" in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_crashing_plugin_names_step_and_distribution_and_fails_the_run(digits_source, tmp_path, test_plugins):
+    path = _manifest(tmp_path, chain="  - quantize: {mode: dynamic}\n  - explode: {}\n")
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 1, result.output
+    assert "step 2 `explode` (distribution `fake-steps`) failed: RuntimeError: boom" in result.stderr
+    report = read_report(tmp_path / "r.json")
+    assert "boom" in report["error"]
+    assert mlflow.MlflowClient().get_run(report["run_id"]).info.status == "FAILED"
+    assert ("on_stage_error", "PluginError") in test_plugins.calls
+    assert versions_of("digits-bad-input") == []
+
+
+def test_observers_and_a_chain_across_all_phases(digits_source, tmp_path, test_plugins):
+    chain = "  - identity_model: {}\n  - quantize: {mode: float16}\n  - stamp: {value: build-42}\n"
+    text = ("model: models:/digits-cnn@champion\ndata:\n  evaluation: runs:/${source.run_id}/data/eval.npz\n"
+            f"chain:\n{chain}evaluation:\n  per_step: [accuracy, size_bytes]\n{GATES}"
+            "register: {name: digits-all-phases, alias: ok}\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    steps = report["steps"]
+    assert [s["phase"] for s in steps] == ["model", "convert", "tflite"]
+    assert set(steps[0]["metrics"]) == {"accuracy"}  # size is a flatbuffer metric: none before conversion
+    assert steps[0]["metrics"]["accuracy"] == pytest.approx(report["baseline"]["accuracy"])
+    assert set(steps[1]["metrics"]) == set(steps[2]["metrics"]) == {"accuracy", "size_bytes"}
+    assert steps[2]["notes"] == {"stamped": "build_stamp"}
+    names = [c[0] for c in test_plugins.calls]
+    assert names == ["before_step", "after_step"] * 3 + ["after_gates", "after_register"]
+    reg = report["registered"]
+    tags = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"]).tags
+    assert tags["stamp.build_stamp"] == "build-42"
+    from pipeline_stage.flatbuffer import read
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=reg["tflite_uri"])
+    assert read(Path(local).read_bytes()).metadata["build_stamp"] == b"build-42"
