@@ -13,6 +13,8 @@ Then `pipeline-stage validate` start-up in a fresh process vs `python -c pass`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,8 @@ def bare_script(model, calib, ev, latency_runs: int) -> dict:
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
             conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(200))
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        return conv.convert()
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints; the stage hides it too
+            return conv.convert()
 
     def evaluate(fb: bytes) -> tuple[float, float]:
         it = Interpreter(model_content=fb, num_threads=2)
