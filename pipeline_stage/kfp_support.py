@@ -1,0 +1,104 @@
+"""What the KFP components run inside their containers (kept out of the component bodies, which
+KFP serializes as source text, so the logic is importable, testable and versioned with the package)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def optimize(manifest: str, model_uri: str, tracking_uri: str, tflite_path: str, report_path: str,
+             tflite_metadata: dict, log_metric) -> dict[str, Any]:
+    """Run the stage for a component; a failed gate is a result (passed=False), not a task failure.
+
+    Bad input (exit 2) and failures (exit 1) raise, so the task fails with the stage's message.
+    """
+    from pipeline_stage.errors import GateFailed
+    from pipeline_stage.manifest import parse_manifest
+    from pipeline_stage.plugins import get_registry
+    from pipeline_stage.runner import RunOptions, run_stage
+    from pipeline_stage.tracking import resolve_tracking_uri
+
+    registry = get_registry()
+    loaded = parse_manifest(manifest, registry, path="<manifest parameter>", model_uri=model_uri or None)
+    work = Path(tempfile.mkdtemp(prefix="stage-"))
+    options = RunOptions(tracking_uri=resolve_tracking_uri(tracking_uri or None), report_path=work / "report.json",
+                         output_path=Path(tflite_path))
+    try:
+        report = run_stage(loaded, registry, options)
+    except GateFailed as exc:
+        report = exc.report
+    for name, value in report["candidate"].items():
+        log_metric(name, value)
+    for name, value in report["baseline"].items():
+        log_metric(f"baseline.{name}", value)
+    for gate in report["gates"]:
+        log_metric(f"gate.{gate['metric']}.{gate['rule']}", 1.0 if gate["passed"] else 0.0)
+    log_metric("passed", 1.0 if report["passed"] else 0.0)
+    registered = report.get("registered") or {}
+    tflite_metadata.update({
+        "passed": report["passed"], "chain_digest": report["manifest"]["chain_digest"],
+        "registered_name": registered.get("name", ""), "registered_version": registered.get("version", ""),
+        "registered_uri": registered.get("uri", ""), "mlflow_run_id": report.get("run_id", ""),
+        "source_uri": report["source"]["uri"],
+    })
+    shutil.copyfile(work / "report.md", report_path)
+    return {"passed": bool(report["passed"]), "model_version": registered.get("version", ""),
+            "registered_model": registered.get("name", "")}
+
+
+def resolve_model(model_uri: str, tracking_uri: str) -> str:
+    """Pin an alias to the version it points at now (models:/name@alias -> models:/name/N)."""
+    import mlflow
+
+    from pipeline_stage.source import resolve
+    from pipeline_stage.tracking import configure, resolve_tracking_uri
+
+    configure(resolve_tracking_uri(tracking_uri or None))
+    info = resolve(model_uri, mlflow.MlflowClient())
+    return f"models:/{info.name}/{info.version}" if info.name and info.version else model_uri
+
+
+def promote(name: str, version: str, alias: str, tracking_uri: str) -> str:
+    """Move `alias` to `name`/`version`, refusing a version that did not pass its gates."""
+    import mlflow
+
+    from pipeline_stage.tracking import configure, resolve_tracking_uri
+
+    configure(resolve_tracking_uri(tracking_uri or None))
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(name, version)
+    if mv.tags.get("pipeline_stage.passed") != "true":
+        raise RuntimeError(f"refusing to promote {name}/{version}: its gates did not pass")
+    client.set_registered_model_alias(name, alias, version)
+    return f"models:/{name}@{alias}"
+
+
+def pick_best(names: list[str], versions: list[str], passed: list[bool], objective: str, alias: str,
+              tracking_uri: str) -> str:
+    """Among the passing candidates, the one with the lowest `metric.<objective>` tag; promote it."""
+    import mlflow
+
+    from pipeline_stage.tracking import configure, resolve_tracking_uri
+
+    configure(resolve_tracking_uri(tracking_uri or None))
+    client = mlflow.MlflowClient()
+    best = None
+    sources = set()
+    for name, version, ok in zip(names, versions, passed):
+        if not ok or not version:
+            continue
+        tags = client.get_model_version(name, version).tags
+        sources.add((tags.get("source.name"), tags.get("source.version")))
+        value = float(tags[f"metric.{objective}"])
+        if best is None or (value, int(version)) < (best[0], int(best[2])):
+            best = (value, name, version)
+    if best is None:
+        raise RuntimeError(f"no candidate passed its gates ({len(versions)} tried): nothing promoted")
+    if len(sources) > 1:
+        raise RuntimeError(f"candidates come from different source versions {sorted(sources)} (the alias moved "
+                           "during the fan-out): nothing promoted; run the pipeline again")
+    return promote(best[1], best[2], alias, tracking_uri)
