@@ -1,0 +1,44 @@
+# pipeline-stage image: `ENTRYPOINT ["pipeline-stage"]`, non-root, no build tools or caches.
+#
+# Registry build:  docker build -t pipeline-stage:0.1.0 .
+# Offline build:   scripts/build-image.sh   (a debootstrapped Debian base and a local wheelhouse)
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
+# A bare Debian base (the offline build) has no Python: Debian 12 gives 3.11.
+RUN if ! command -v python3 >/dev/null; then \
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv ca-certificates && rm -rf /var/lib/apt/lists/*; \
+    fi
+# PIP_EXTRA: e.g. "--no-index --find-links /wheels" for a build from the local wheelhouse.
+ARG PIP_EXTRA=""
+COPY wheels/ /wheels/
+COPY constraints.txt pyproject.toml README.md /src/
+COPY pipeline_stage/ /src/pipeline_stage/
+COPY plugins/ /src/plugins/
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --upgrade pip "setuptools>=77" \
+    && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA -c /src/constraints.txt "/src[kfp]" \
+    && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
+    # C++ headers for building TF custom ops (430 MB): not needed to convert or run models
+    && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include
+
+FROM ${BASE_IMAGE}
+RUN if ! command -v python3 >/dev/null; then \
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 ca-certificates && rm -rf /var/lib/apt/lists/* /var/cache/apt/*; \
+    fi \
+    && useradd --uid 1000 --create-home --shell /usr/sbin/nologin stage
+# The venv belongs to `stage` so that a derived image can add an in-house plugin with one
+# `RUN pip install ...` line; the process still runs unprivileged.
+COPY --from=build --chown=1000:1000 /opt/venv /opt/venv
+COPY manifests/ /opt/pipeline-stage/manifests/
+ENV PATH=/opt/venv/bin:$PATH \
+    PIPELINE_STAGE_EXAMPLES=/opt/pipeline-stage/manifests/examples \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MPLCONFIGDIR=/tmp/matplotlib
+USER 1000:1000
+WORKDIR /home/stage
+ENTRYPOINT ["pipeline-stage"]
+CMD ["--help"]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Build the pipeline-stage image here, with no container registry (../shared/CONTAINERS.md):
+# podman + runc, a Debian 12 base made with debootstrap, and a wheelhouse filled from PyPI through
+# pip's own cache, so the build itself needs no network.
+#
+#   scripts/build-image.sh [TAG]          (default TAG: localhost/pipeline-stage:<version>)
+#   BASE_IMAGE=python:3.11-slim-bookworm scripts/build-image.sh   (where a registry is reachable)
+#   NO_CACHE=1 scripts/build-image.sh    (rebuild every layer, e.g. to time a clean build)
+#
+# Prints the image size and the build time. Needs root (apt-get, debootstrap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+TAG=${1:-localhost/pipeline-stage:$VERSION}
+LOCAL_BASE=localhost/debian-base:bookworm
+BASE_IMAGE=${BASE_IMAGE:-$LOCAL_BASE}
+
+need=()
+for tool in podman runc debootstrap; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah debootstrap runc >/dev/null
+fi
+
+# crun fails here ("cgroups in hybrid mode not supported"); limits above these are refused.
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/scripts/containers.conf}
+
+if [ "$BASE_IMAGE" = "$LOCAL_BASE" ] && ! podman image exists "$LOCAL_BASE"; then
+  rootfs=$(mktemp -d)
+  mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  debootstrap --variant=minbase bookworm "$rootfs" ${mirror:-http://deb.debian.org/debian} >/dev/null
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    cp /etc/apt/sources.list.d/debian.sources "$rootfs/etc/apt/sources.list.d/" && rm -f "$rootfs/etc/apt/sources.list"
+  fi
+  # HTTPS from inside the build may go through a TLS-intercepting proxy: give the base the host's CAs.
+  mkdir -p "$rootfs/usr/local/share/ca-certificates" "$rootfs/etc/ssl/certs"
+  cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/" 2>/dev/null || true
+  cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+  tar -C "$rootfs" -c . | podman import - "$LOCAL_BASE" >/dev/null
+  rm -rf "$rootfs"
+fi
+
+# The wheelhouse: every pinned dependency, the build backend, and pip itself.
+py=${PYTHON:-python3.11}
+[ -x .venv/bin/python ] && py=.venv/bin/python
+log=$(mktemp)
+# `pip wheel`, not `pip download`: kfp and kfp-server-api are published as sdists only.
+if ! { "$py" -m pip wheel -q --no-deps -w wheels -r constraints.txt \
+       && "$py" -m pip download -q --only-binary=:all: -d wheels "setuptools>=77" wheel pip; } >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" >&2
+  exit 1
+fi
+
+start=$(date +%s)
+podman build -q ${NO_CACHE:+--no-cache} --build-arg BASE_IMAGE="$BASE_IMAGE" \
+  --build-arg PIP_EXTRA="--no-index --find-links /wheels" -t "$TAG" . >/dev/null
+end=$(date +%s)
+size=$(podman image inspect "$TAG" --format '{{.Size}}')
+echo "built $TAG in $((end - start)) s; size $((size / 1000000)) MB"

@@ -1,0 +1,83 @@
+"""The image, built for real with podman (scripts/build-image.sh), run against the host's MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+
+TAG = "localhost/pipeline-stage:test"
+ENV = {**os.environ, "CONTAINERS_CONF": str(REPO / "scripts" / "containers.conf")}
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 and not os.environ.get("CI"),
+    reason="building images here needs root (apt-get, debootstrap); CI runs as root")
+
+
+def podman(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def image():
+    result = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), TAG], capture_output=True, text=True,
+                            env=ENV, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(result.stdout.strip().splitlines()[-1])  # "built ... in N s; size M MB"
+    return TAG
+
+
+def test_image_lists_plugins_as_non_root(image):
+    result = podman("run", "--rm", image, "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    steps = {s["name"]: s for s in json.loads(result.stdout)["steps"]}
+    assert steps["quantize"]["distribution"] == "pipeline-stage 0.1.0"
+    who = podman("run", "--rm", "--entrypoint", "id", image)
+    assert "uid=1000(stage)" in who.stdout
+    checks = podman("run", "--rm", "--entrypoint", "sh", image, "-c",
+                    "for p in /wheels /root/.cache/pip /home/stage/.cache/pip /var/lib/apt/lists/deb* "
+                    "/opt/venv/lib/python3.11/site-packages/tensorflow/include; do test -e $p && echo left:$p; done; "
+                    "command -v gcc cc make || true; test -x /opt/venv/bin/pip && echo pip-ok")
+    assert checks.stdout.strip() == "pip-ok", checks.stdout  # no build tools, caches or wheelhouse left
+
+
+def test_stage_runs_in_the_container_against_the_host_server(image, digits_source, mlflow_server, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)  # the container's user (uid 1000) writes the report here
+    (work / "m.yaml").write_text(
+        "model: models:/digits-cnn@champion\n"
+        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: accuracy, max_drop: 0.02}\n"
+        "register: {name: digits-from-container, alias: edge}\n")
+    result = podman("run", "--rm", "--network", "host", "-e", f"MLFLOW_TRACKING_URI={mlflow_server}",
+                    "-v", f"{work}:/work", image, "run", "/work/m.yaml", "--report", "/work/report.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered: models:/digits-from-container/1" in result.stdout
+    version = mlflow.MlflowClient().get_model_version_by_alias("digits-from-container", "edge")
+    assert version.version == "1" and version.tags["pipeline_stage.passed"] == "true"
+    assert json.loads((work / "report.json").read_text())["passed"] is True
+
+
+def test_two_line_derived_image_adds_an_in_house_plugin(image, tmp_path):
+    wheels = tmp_path / "ctx"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(REPO / "tests" / "plugin_pkg")], check=True)
+    (wheels / "Dockerfile").write_text(
+        f"FROM {image}\n"
+        "RUN --mount=type=bind,source=.,target=/plugin pip install --no-index --find-links /plugin pipeline-stage-stamp\n")
+    build = podman("build", "-q", "-t", "localhost/pipeline-stage-with-stamp:test", str(wheels))
+    assert build.returncode == 0, build.stderr
+    result = podman("run", "--rm", "localhost/pipeline-stage-with-stamp:test", "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    stamp = next(s for s in json.loads(result.stdout)["steps"] if s["name"] == "stamp")
+    assert stamp["distribution"] == "pipeline-stage-stamp 0.3.0"
+    who = podman("run", "--rm", "--entrypoint", "id", "localhost/pipeline-stage-with-stamp:test", "-u")
+    assert who.stdout.strip() == "1000"
