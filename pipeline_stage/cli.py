@@ -91,12 +91,15 @@ def validate(manifest: str, model_uri: str | None) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep intermediate files here (default: a temporary folder, removed afterwards).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.option("--new-version", is_flag=True,
+              help="Register a new version even if a passing one exists for the same source version and chain.")
 def run(manifest: str, model_uri: str | None, tracking_uri: str | None, report_path: Path | None,
-        output_path: Path | None, workdir: Path | None, quiet: bool) -> None:
+        output_path: Path | None, workdir: Path | None, quiet: bool, new_version: bool) -> None:
     """Run the stage described by MANIFEST.
 
     Loads the model, runs the chain, converts once, evaluates candidate vs baseline, applies the
     gates and registers the .tflite in MLflow (the alias moves only when every gate passes).
+    A re-run on the same source version and chain reuses the version it registered before.
     """
     from pipeline_stage.manifest import load_manifest
     from pipeline_stage.runner import RunOptions, run_stage
@@ -105,7 +108,7 @@ def run(manifest: str, model_uri: str | None, tracking_uri: str | None, report_p
     registry = _registry()
     loaded = load_manifest(manifest, registry, model_uri=model_uri)
     options = RunOptions(tracking_uri=resolve_tracking_uri(tracking_uri), report_path=report_path,
-                         output_path=output_path, workdir=workdir, quiet=quiet)
+                         output_path=output_path, workdir=workdir, quiet=quiet, new_version=new_version)
     try:
         report = run_stage(loaded, registry, options)
     except StageError as exc:

@@ -96,6 +96,8 @@ class RegisterSpec(_Strict):
         "skip", description="On a failed gate: `skip` registers nothing; `register` registers the version tagged as failed, never aliased."
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags for the new version.")
+    priority: int = Field(0, description="Rank of this chain for the alias: the alias goes to the newest passing version "
+                                         "of the highest-priority chain registered for it (so concurrent stages agree).")
 
 
 class ConversionSpec(_Strict):

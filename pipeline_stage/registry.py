@@ -39,6 +39,21 @@ def tag_value(value: Any) -> str:
     return redact(str(value))[:5000]
 
 
+def retrying(fn, *, attempts: int = 5, delay: float = 0.5):
+    """Call `fn` until it succeeds, with exponential backoff (about 15 s in all); re-raise the last error.
+
+    For the calls that clean up after a failure (end the run, delete a half-made version, put an
+    alias back): a server that restarts must not leave them undone if it returns within seconds.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(delay * 2 ** attempt)
+
+
 class StageRun:
     """The MLflow run of one stage execution; ends FAILED unless `finish()` is reached."""
 
@@ -75,14 +90,70 @@ class StageRun:
 
     def end(self, status: str) -> None:
         try:
-            self.mlflow.end_run(status=status)
-        except Exception:  # the server may be the reason we are failing; the status is best effort
+            retrying(lambda: self.client.set_terminated(self.run_id, status))
+        except Exception:  # the server may be gone for good; nothing more we can do from here
             pass
+        finally:
+            try:
+                self.mlflow.end_run(status=status)  # clears the active run locally
+            except Exception:
+                pass
+
+
+def all_versions(client, name: str) -> list:
+    """Every version of a registered model (none if it does not exist)."""
+    out, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", max_results=1000, page_token=token)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def find_reusable(client, name: str, identity: dict[str, str]) -> Any:
+    """A READY, passing version registered before for the same source version and chain digest.
+
+    This makes a retried step (Kubeflow retries, a re-run pipeline) reuse its earlier result
+    instead of registering version N+1 of the same thing.
+    """
+    for mv in sorted(all_versions(client, name), key=lambda v: int(v.version)):
+        tags = mv.tags or {}
+        if mv.status == "READY" and tags.get("pipeline_stage.passed") == "true" and \
+                all(tags.get(k) == v for k, v in identity.items()):
+            return mv
+    return None
+
+
+def alias_winner(versions: list, alias: str) -> Any:
+    """The rule: among READY versions that passed and asked for `alias`, the newest of the
+    highest `register.priority`. Failed versions never win."""
+    eligible = [v for v in versions if v.status == "READY" and (v.tags or {}).get("pipeline_stage.passed") == "true"
+                and (v.tags or {}).get("pipeline_stage.alias") == alias]
+    if not eligible:
+        return None
+    return max(eligible, key=lambda v: (int((v.tags or {}).get("pipeline_stage.priority", "0")), int(v.version)))
+
+
+def settle_alias(client, name: str, alias: str, attempts: int = 10) -> str | None:
+    """Point `alias` at the rule's winner; re-check after writing, because aliases have no
+    compare-and-set: a stage that registered meanwhile saw our version, so the last writer is right."""
+    chosen = None
+    for _ in range(attempts):
+        winner = alias_winner(all_versions(client, name), alias)
+        if winner is None:
+            return None
+        if winner.version != chosen:
+            client.set_registered_model_alias(name, alias, winner.version)
+            chosen = winner.version
+            continue
+        return chosen
+    return chosen
 
 
 def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.ndarray | None,
                      tags: dict[str, str], alias: str | None) -> dict[str, Any]:
-    """Log the .tflite as a pyfunc model, register it as a new version of `name`, then set `alias`.
+    """Log the .tflite as a pyfunc model, register it as a new version of `name`, then settle `alias`.
 
     The version is complete (artifacts, tags) before the alias moves; if anything fails after the
     version was created, the version is deleted again so no half-registered version remains.
@@ -111,6 +182,8 @@ def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.
     )
     client = run.client
     mv = None
+    previous = _alias_holder(client, name, alias) if alias else None
+    alias_touched = False
     try:
         try:
             client.get_registered_model(name)
@@ -129,20 +202,47 @@ def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.
             mv = client.get_model_version(name, mv.version)
         if mv.status != "READY":
             raise TrackingError(f"model version {name}/{mv.version} ended in status {mv.status}")
-        if alias:
-            client.set_registered_model_alias(name, alias, mv.version)
+        alias_touched = bool(alias)
+        holder = settle_alias(client, name, alias) if alias else None
     except Exception as exc:
+        if alias_touched:  # put the alias back where it was
+            try:
+                if previous is not None:
+                    retrying(lambda: client.set_registered_model_alias(name, alias, previous))
+                else:
+                    retrying(lambda: client.delete_registered_model_alias(name, alias))
+            except Exception:
+                pass
         if mv is not None:
             try:
-                client.delete_model_version(name, mv.version)
+                retrying(lambda: client.delete_model_version(name, mv.version))
             except Exception:
                 pass
         if isinstance(exc, StageError):
             raise
         raise TrackingError(f"registering `{name}` failed: {redact(str(exc))[:300]}") from exc
-    return {"name": name, "version": str(mv.version), "alias": alias, "uri": f"models:/{name}/{mv.version}",
+    return {"name": name, "version": str(mv.version), "alias": alias if holder == str(mv.version) else None,
+            "alias_holder": holder, "uri": f"models:/{name}/{mv.version}", "reused": False,
             "run_id": run.run_id, "model_uri": info.model_uri,
             "tflite_uri": f"runs:/{run.run_id}/{TFLITE_ARTIFACT}"}
+
+
+def _alias_holder(client, name: str, alias: str) -> str | None:
+    import mlflow
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def reuse_version(client, mv, alias: str | None) -> dict[str, Any]:
+    """Report an earlier identical version as this run's result (and settle the alias)."""
+    holder = settle_alias(client, mv.name, alias) if alias else None
+    return {"name": mv.name, "version": str(mv.version), "alias": alias if holder == str(mv.version) else None,
+            "alias_holder": holder, "uri": f"models:/{mv.name}/{mv.version}", "reused": True,
+            "run_id": (mv.tags or {}).get("pipeline_stage.run_id"), "model_uri": mv.source,
+            "tflite_uri": (mv.tags or {}).get("tflite_artifact")}
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -33,6 +33,7 @@ class RunOptions:
     output_path: Path | None = None  # copy of the final .tflite (Kubeflow's Output[Model])
     workdir: Path | None = None  # kept when given; a temporary folder otherwise
     quiet: bool = False
+    new_version: bool = False  # register even if an identical passing version exists
 
 
 @dataclass
@@ -162,7 +163,14 @@ class Stage:
 
     def run(self) -> dict[str, Any]:
         from pipeline_stage import source as source_mod
-        from pipeline_stage.registry import StageRun, TFLITE_ARTIFACT, flatten, register_version, write_json
+        from pipeline_stage.registry import (
+            TFLITE_ARTIFACT,
+            StageRun,
+            find_reusable,
+            flatten,
+            register_version,
+            reuse_version,
+        )
 
         options, m = self.options, self.m
         started = time.perf_counter()
@@ -210,10 +218,18 @@ class Stage:
             reg = m.registration
             if reg is not None and (report["passed"] or reg.on_failure == "register"):
                 tags = self._version_tags(report)
-                ev = self._evaluation_data()
-                sample = ev.x[:4] if ev is not None else None
-                registered = register_version(run, name=reg.name, tflite_path=tflite_path, sample=sample, tags=tags,
-                                              alias=reg.alias if report["passed"] else None)
+                earlier = None
+                if report["passed"] and not options.new_version:
+                    keys = ("source.name", "source.version") if "source.version" in tags else ("source.uri", "source.run_id")
+                    identity = {k: tags.get(k, "") for k in ("pipeline_stage.chain_digest", *keys)}
+                    earlier = find_reusable(run.client, reg.name, identity)
+                if earlier is not None:
+                    registered = reuse_version(run.client, earlier, reg.alias)
+                else:
+                    ev = self._evaluation_data()
+                    sample = ev.x[:4] if ev is not None else None
+                    registered = register_version(run, name=reg.name, tflite_path=tflite_path, sample=sample,
+                                                  tags=tags, alias=reg.alias if report["passed"] else None)
                 self.hook.after_register(registered=registered, context=context)
             report["registered"] = registered
             run.set_tags({"pipeline_stage.passed": str(report["passed"]).lower()})
@@ -349,7 +365,10 @@ class Stage:
                                 "pipeline_stage.version": __version__, "pipeline_stage.run_id": report["run_id"],
                                 "pipeline_stage.passed": str(report["passed"]).lower(),
                                 "pipeline_stage.chain": " -> ".join(s.name for s in self.loaded.steps) or "(none)",
-                                "tflite_artifact": f"runs:/{report['run_id']}/tflite/model.tflite"}
+                                "tflite_artifact": f"runs:/{report['run_id']}/tflite/model.tflite",
+                                "pipeline_stage.priority": str(m.registration.priority)}
+        if m.registration.alias:
+            tags["pipeline_stage.alias"] = m.registration.alias
         for name, value in report["candidate"].items():
             tags[f"metric.{name}"] = value
         for name, value in report["baseline"].items():

@@ -1,0 +1,74 @@
+"""Faults produced for real between the stage and its tracking server (a proxy that answers 5xx
+or goes away mid-run): bounded retries, then a clean failure: exit 1, the run FAILED, no version
+without its artifacts, no alias moved."""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pytest
+
+from tests.conftest import write_manifest
+from tests.faultproxy import FaultProxy, Rule
+from tests.helpers import invoke, read_report, versions_of
+
+FIGURES = {"faults_injected": 0, "faults_survived": 0}
+
+NAME = "digits-faults"
+TEXT = ("model: models:/digits-cnn@champion\n"
+        "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - quantize: {mode: dynamic}\n"
+        "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
+        f"register: {{name: {NAME}, alias: prod}}\n")
+
+
+@pytest.fixture
+def proxy(mlflow_server, monkeypatch):
+    # keep MLflow's own retries short so the test is quick; the stage's bound is the same shape
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    p = FaultProxy(mlflow_server)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def baseline_version(digits_source, tmp_path_factory):
+    """A good version 1 holding the alias, so we can see that failures never move it."""
+    path = write_manifest(tmp_path_factory.mktemp("faults"), TEXT)
+    assert invoke("run", str(path)).exit_code == 0
+    assert mlflow.MlflowClient().get_model_version_by_alias(NAME, "prod").version == "1"
+    return "1"
+
+
+CASES = {
+    "5xx on every artifact upload": [Rule("PUT", r"/mlflow-artifacts/artifacts/", "500")],
+    "5xx on creating the version": [Rule("POST", r"/model-versions/create$", "500")],
+    "5xx on moving the alias": [Rule("POST", r"/registered-models/alias$", "500")],
+    "server restarts during registration": [Rule("POST", r"/model-versions/create$", "outage", seconds=3, times=1)],
+    "server restarts while moving the alias": [Rule("POST", r"/registered-models/alias$", "outage", seconds=3, times=1)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fault_mid_run_fails_cleanly(case, proxy, baseline_version, tmp_path):
+    proxy.rules = CASES[case]
+    # a different chain each time, so the run cannot reuse version 1
+    path = write_manifest(tmp_path, TEXT.replace("{mode: dynamic}", "{mode: float16}"))
+    start = time.monotonic()
+    result = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "r.json"))
+    elapsed = time.monotonic() - start
+    FIGURES["faults_injected"] += 1
+    assert any(rule.hits for rule in proxy.rules), (proxy.log[-5:], result.output)
+    assert result.exit_code == 1, result.output
+    assert "\nerror: " in "\n" + result.stderr and "Traceback" not in result.stderr
+    assert elapsed < 120
+    client = mlflow.MlflowClient()  # straight to the server, not through the proxy
+    versions = versions_of(NAME)
+    assert [v.version for v in versions] == ["1"], [(v.version, v.status) for v in versions]
+    assert client.get_model_version_by_alias(NAME, "prod").version == baseline_version
+    report = read_report(tmp_path / "r.json")
+    assert report["error"]
+    assert client.get_run(report["run_id"]).info.status == "FAILED"
+    FIGURES["faults_survived"] += 1
