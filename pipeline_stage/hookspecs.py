@@ -8,7 +8,8 @@ through the entry-point group ``pipeline_stage``::
 
 Two kinds of hook:
 
-* registration hooks (``register_steps``, ``register_metrics``, ``register_data_loaders``) receive
+* registration hooks (``register_steps``, ``register_metrics``, ``register_data_loaders``,
+  ``register_keras_objects``) receive
   a ``register`` callback and call it once per class they provide. The host validates every
   registration (a name, the right base class, no duplicate) and remembers which distribution
   supplied it. They run at plugin-manager start-up and must not import TensorFlow.
@@ -65,6 +66,17 @@ def register_data_loaders(register: Callable[[type], None]) -> None:
     :param register: call ``register(LoaderClass)`` for each
         :class:`pipeline_stage.data.DataLoader` subclass. A loader has a unique ``name``, the file
         ``suffixes`` it reads (``(".npz",)``) and ``load(path) -> Dataset``.
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def register_keras_objects(register: Callable[[str, Any], None]) -> None:
+    """Make custom Keras layers, losses or functions known when the source model is loaded.
+
+    :param register: call ``register(name, obj)`` for each object, under the name the model's
+        config uses (``"package>ClassName"`` for ``@keras.saving.register_keras_serializable``
+        classes, or the plain class name). Passed to ``keras.saving.load_model(custom_objects=...)``.
     :return: nothing; results are collected through ``register``.
     """
 

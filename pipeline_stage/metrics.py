@@ -15,6 +15,7 @@ class Metric:
     * ``higher_is_better``: gates' ``max_drop`` and ``max_relative_drop`` measure a drop in this
       direction (an increase for lower-is-better metrics).
     * ``needs_labels``: the metric needs the evaluation data's ``y``.
+    * ``runs_model``: computing it invokes the model (False for size-like metrics).
     * ``uses``: ``predictions`` (computable on the Keras model too, so also after ``model``-phase
       steps) or ``flatbuffer`` (needs the .tflite: size, latency).
     * ``compute(evaluation)``: the value for one model (baseline or candidate).
@@ -24,6 +25,7 @@ class Metric:
     higher_is_better: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False
     uses: ClassVar[str] = "predictions"
+    runs_model: ClassVar[bool] = True
     unit: ClassVar[str] = ""
 
     def compute(self, evaluation: "Evaluation") -> float:  # pragma: no cover - abstract

@@ -61,6 +61,7 @@ class Registry:
     steps: dict[str, Provided] = field(default_factory=dict)
     metrics: dict[str, Provided] = field(default_factory=dict)
     loaders: dict[str, Provided] = field(default_factory=dict)
+    keras_objects: dict[str, Any] = field(default_factory=dict)  # custom_objects for keras.saving.load_model
     distributions: dict[str, str] = field(default_factory=dict)  # plugin name -> "dist version"
 
     @property
@@ -200,6 +201,12 @@ def build_registry(*, load_entry_points: bool = True, extra_plugins: Iterable[tu
     _collect(registry, "register_steps", "step", Step, registry.steps)
     _collect(registry, "register_metrics", "metric", Metric, registry.metrics)
     _collect(registry, "register_data_loaders", "data loader", DataLoader, registry.loaders)
+    for impl in registry.pm.hook.register_keras_objects.get_hookimpls():
+        def register_object(name: str, obj: Any, _plugin=impl.plugin_name) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginLoadError(f"plugin `{_plugin}` registered a Keras object without a name")
+            registry.keras_objects[name] = obj
+        impl.function(**({"register": register_object} if "register" in impl.argnames else {}))
     return registry
 
 

@@ -129,6 +129,7 @@ class Stage:
         ev_data = self._evaluation_data()
         threads = self.m.evaluation.threads or default_threads()
         batch = self.m.evaluation.batch_size
+        flex = _flex_ops(model_bytes) if model_bytes is not None and predict is None else []
         if predict is None:
             from pipeline_stage.litert_runtime import TFLiteModel
 
@@ -143,6 +144,12 @@ class Stage:
             metric = provided.cls()
             if metric.uses == "flatbuffer" and model_bytes is None:
                 continue
+            if flex and metric.runs_model:
+                raise InputError(
+                    f"metric `{name}` needs to run the model, but it contains TF Select ops ({', '.join(flex)}) "
+                    "that the LiteRT interpreter cannot run",
+                    hint="measure only what needs no interpreter (`evaluation: {metrics: [size_bytes], per_step: []}`) "
+                         "and gate on that, or replace the ops")
             try:
                 out[name] = float(metric.compute(evaluation))
             except StageError:
@@ -205,7 +212,8 @@ class Stage:
         try:
             run.log_params(flatten({"manifest": {k: v for k, v in self.loaded.raw.items()}, "model": m.model}))
             run.log_text(self.loaded.text, "manifest.yaml")
-            self.source = source_mod.load(info, self.workdir, safe_mode=not m.allow_unsafe_deserialization)
+            self.source = source_mod.load(info, self.workdir, safe_mode=not m.allow_unsafe_deserialization,
+                                          custom_objects=self.registry.keras_objects)
             for name in sorted(self.loaded.required_data(self.registry) | {n for n in DATA_SETS if getattr(m.data, n)}):
                 self.load_data(name)  # fail on bad data before any conversion work
             work_started = time.perf_counter()
@@ -395,6 +403,12 @@ class Stage:
         run.log_text(json.dumps(report, indent=2, default=str), "report.json")
         run.log_text(to_markdown(report), "report.md")
         self._write_local_report(report)
+
+
+def _flex_ops(model_bytes: bytes) -> list[str]:
+    from pipeline_stage.flatbuffer import read
+
+    return sorted(op.split(":", 1)[1] for op in read(model_bytes).ops if op.startswith("CUSTOM:Flex"))
 
 
 def _first_output(out: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,8 @@ def find_model_file(root: Path) -> tuple[str, Path]:
                      hint="log the model with mlflow.tensorflow.log_model(model, name='model')")
 
 
-def load(info: SourceInfo, workdir: Path, *, safe_mode: bool = True) -> SourceModel:
-    """Download and load the source model."""
+def load(info: SourceInfo, workdir: Path, *, safe_mode: bool = True, custom_objects: dict | None = None) -> SourceModel:
+    """Download and load the source model (Keras with ``safe_mode`` unless the manifest allows otherwise)."""
     root = download(info.uri, workdir / "source-model")
     kind, path = find_model_file(root)
     from pipeline_stage._tf import import_tf
@@ -170,17 +171,23 @@ def load(info: SourceInfo, workdir: Path, *, safe_mode: bool = True) -> SourceMo
         return SourceModel(info=info, path=path, saved_model_dir=path)
     import keras
 
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise InputError(f"model `{info.uri}` could not be loaded ({path.name}): the file is corrupt, not a .keras zip archive",
+                         hint="log the model again (mlflow.tensorflow.log_model)")
     try:
-        model = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode)
+        model = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode, custom_objects=custom_objects or None)
     except (TypeError, ValueError) as exc:
         text = str(exc)
-        if "custom" in text.lower() or "Could not locate" in text or "Unknown layer" in text:
-            raise InputError(f"model `{info.uri}` uses a layer or object Keras cannot find: {_first_line(exc)}",
-                             hint="install a plugin that imports and registers the custom objects "
-                                  "(keras.saving.register_keras_serializable) before the stage runs") from None
         if "safe_mode" in text or "Lambda" in text:
-            raise InputError(f"model `{info.uri}` needs unsafe deserialization: {_first_line(exc)}",
-                             hint="replace Lambda layers with registered custom layers") from None
+            raise InputError(f"model `{info.uri}` contains code (a Lambda layer) that loading would execute",
+                             hint="replace the Lambda with a registered custom layer, or, for a model you trust, "
+                                  "set `allow_unsafe_deserialization: true` in the manifest") from None
+        if "custom" in text.lower() or "Could not locate" in text or "Unknown layer" in text:
+            names = sorted(set(re.findall(r"class[_ ]name[\"']?:? ?[\"']?([\w>.]+)", text)))[:3]
+            raise InputError(f"model `{info.uri}` uses a custom layer or object Keras cannot find"
+                             + (f" ({', '.join(names)})" if names else "") + f": {_first_line(exc)[:200]}",
+                             hint="install a plugin that implements the `register_keras_objects(register)` hook and "
+                                  "calls register('package>ClassName', TheClass)") from None
         raise InputError(f"model `{info.uri}` could not be loaded: {_first_line(exc)}") from None
     except Exception as exc:  # a corrupt archive surfaces as zipfile/OSError/h5py errors
         raise InputError(f"model `{info.uri}` could not be loaded ({path.name}): {type(exc).__name__}: {_first_line(exc)}",

@@ -35,6 +35,8 @@ def configure(uri: str) -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run at <tracking URI>" on stdout, credentials included: never.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     # MLflow's advice about type hints and input examples is addressed to model authors, not to
     # the operator reading a pipeline step's log.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")

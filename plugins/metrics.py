@@ -33,6 +33,7 @@ class SizeBytes(Metric):
     name = "size_bytes"
     higher_is_better = False
     uses = "flatbuffer"
+    runs_model = False
     unit = "B"
 
     def compute(self, evaluation) -> float:

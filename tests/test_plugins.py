@@ -24,7 +24,7 @@ PLUGIN_PKG = REPO / "tests" / "plugin_pkg"
 
 def test_every_hookspec_is_documented_with_its_params():
     specs = [f for name, f in vars(hookspecs).items() if hasattr(f, "pipeline_stage_spec")]
-    assert {f.__name__ for f in specs} == {"register_steps", "register_metrics", "register_data_loaders", "before_step",
+    assert {f.__name__ for f in specs} == {"register_steps", "register_metrics", "register_data_loaders", "register_keras_objects", "before_step",
                                            "after_step", "after_gates", "after_register", "on_stage_error"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
