@@ -292,9 +292,29 @@ def load_manifest(path: str | Path, registry: Registry, *, model_uri: str | None
     return parse_manifest(text, registry, path=path, model_uri=model_uri)
 
 
+MAX_NODES = 100_000  # after expanding YAML aliases; a real manifest has a few hundred
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Node count once aliases are expanded (a "billion laughs" document is tiny but explodes)."""
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_expanded_size(v, memo) for v in node.value)
+        else:
+            memo[key] = 1
+    return memo[key]
+
+
 def parse_manifest(text: str, registry: Registry, *, path: str = "<manifest>", model_uri: str | None = None) -> LoadedManifest:
     """Validate manifest text (see :func:`load_manifest`)."""
     try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None and _expanded_size(root, {}) > MAX_NODES:
+            raise ManifestError(f"the document expands to more than {MAX_NODES:,} values (YAML aliases)", path=path,
+                                hint="write the manifest out without nested anchors and aliases")
         raw = yaml.load(text, Loader=_NoDuplicatesLoader)  # a SafeLoader: no Python objects from YAML
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)

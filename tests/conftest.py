@@ -138,3 +138,19 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     exe = str(Path(sys.executable).with_name("pipeline-stage"))
     return subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
                           cwd=cwd, timeout=timeout)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reliability figures of this run (see tests/figures.py)."""
+    import json
+
+    from tests.figures import FIGURES
+
+    if not FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for key in sorted(FIGURES):
+        terminalreporter.write_line(f"{key}: {FIGURES[key]}")
+    out = REPO / "build" / "reliability-figures.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(FIGURES, indent=2, sort_keys=True))

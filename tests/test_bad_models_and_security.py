@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli, write_manifest
+from tests.figures import add
 from tests.helpers import invoke, read_report, versions_of
 
 ACME_PLUGIN = textwrap.dedent('''
@@ -51,6 +52,7 @@ def _site_with_plugin(root: Path) -> Path:
 
 
 def test_custom_layer_needs_a_plugin_and_works_with_one(tmp_path, digits_data):
+    add("bad inputs tried: models and data")
     site = _site_with_plugin(tmp_path / "site")
     x, y = digits_data.evaluation
     np.savez(tmp_path / "eval.npz", x=x, y=y)
@@ -73,6 +75,7 @@ def test_custom_layer_needs_a_plugin_and_works_with_one(tmp_path, digits_data):
 
 
 def test_lambda_layer_is_refused_unless_explicitly_allowed(tmp_path, mlflow_server):
+    add("bad inputs tried: models and data")
     import keras
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(2)])
@@ -86,6 +89,7 @@ def test_lambda_layer_is_refused_unless_explicitly_allowed(tmp_path, mlflow_serv
 
 
 def test_corrupt_model_artifact(tmp_path, mlflow_server):
+    add("bad inputs tried: models and data")
     with mlflow.start_run() as run:
         (tmp_path / "model.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
         mlflow.log_artifact(str(tmp_path / "model.keras"), "model")
@@ -97,6 +101,7 @@ def test_corrupt_model_artifact(tmp_path, mlflow_server):
 
 
 def test_unconvertible_ops_are_named_and_select_ops_can_be_allowed(tmp_path, mlflow_server):
+    add("bad inputs tried: models and data")
     import tensorflow as tf
 
     class Model(tf.Module):
@@ -134,6 +139,7 @@ def test_yaml_python_tags_are_refused_not_executed(tmp_path):
 
 
 def test_pickled_data_is_refused(tmp_path, digits_source):
+    add("bad inputs tried: models and data")
     np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3))
     text = (f"model: models:/digits-cnn@champion\ndata: {{evaluation: {tmp_path / 'objects.npz'}}}\nchain: []\n")
     result = invoke("run", str(write_manifest(tmp_path, text)))
@@ -141,6 +147,7 @@ def test_pickled_data_is_refused(tmp_path, digits_source):
 
 
 def test_data_uri_cannot_escape_its_download_folder(tmp_path, digits_source):
+    add("bad inputs tried: models and data")
     text = ("model: models:/digits-cnn@champion\n"
             "data: {evaluation: 'runs:/${source.run_id}/../../../../../../etc/passwd'}\nchain: []\n")
     result = invoke("run", str(write_manifest(tmp_path, text)))

@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import write_manifest
 from tests.faultproxy import FaultProxy, Rule
+from tests.figures import add
 from tests.helpers import invoke, read_report, versions_of
 
-FIGURES = {"faults_injected": 0, "faults_survived": 0}
 
 NAME = "digits-faults"
 TEXT = ("model: models:/digits-cnn@champion\n"
@@ -59,16 +59,19 @@ def test_fault_mid_run_fails_cleanly(case, proxy, baseline_version, tmp_path):
     start = time.monotonic()
     result = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "r.json"))
     elapsed = time.monotonic() - start
-    FIGURES["faults_injected"] += 1
+    add("faults injected")
     assert any(rule.hits for rule in proxy.rules), (proxy.log[-5:], result.output)
     assert result.exit_code == 1, result.output
     assert "\nerror: " in "\n" + result.stderr and "Traceback" not in result.stderr
     assert elapsed < 120
     client = mlflow.MlflowClient()  # straight to the server, not through the proxy
     versions = versions_of(NAME)
+    add("versions lost", 0 if all(v.status == "READY" for v in versions) else 1)
     assert [v.version for v in versions] == ["1"], [(v.version, v.status) for v in versions]
-    assert client.get_model_version_by_alias(NAME, "prod").version == baseline_version
+    holder = client.get_model_version_by_alias(NAME, "prod").version
+    add("wrong promotions", int(holder != baseline_version))
+    assert holder == baseline_version
     report = read_report(tmp_path / "r.json")
     assert report["error"]
     assert client.get_run(report["run_id"]).info.status == "FAILED"
-    FIGURES["faults_survived"] += 1
+    add("faults survived")

@@ -11,6 +11,7 @@ from pipeline_stage import plugins as plugins_mod
 from pipeline_stage.plugins import build_registry
 from tests.conftest import REPO
 from tests.fake_plugins import Steps
+from tests.figures import add
 from tests.helpers import invoke
 
 BAD = Path(__file__).parent / "manifests" / "bad"
@@ -45,6 +46,27 @@ EXPECTED = {
     "io-does-not-fit-mode.yaml": (3, ["io `int8` does not fit mode `float16`"]),
     "bad-on-failure.yaml": (4, ["register.on_failure", "'skip' or 'register'"]),
     "missing-chain.yaml": (None, ["`chain`", "Field required"]),
+    "tab-indentation.yaml": (3, ["invalid YAML"]),
+    "unknown-data-field.yaml": (3, ["data.calibraton", "did you mean `calibration`?"]),
+    "data-not-a-mapping.yaml": (2, ["`data`", "valid dictionary"]),
+    "latency-runs-zero.yaml": (5, ["evaluation.latency_runs", "greater than or equal to 5"]),
+    "batch-size-string.yaml": (5, ["evaluation.batch_size", "valid integer", "'big'"]),
+    "register-without-name.yaml": (4, ["register.name", "Field required"]),
+    "bad-alias.yaml": (9, ["register.alias", "pattern"]),
+    "empty-experiment.yaml": (4, ["`experiment`", "at least 1 character"]),
+    "gates-not-a-list.yaml": (4, ["`gates`", "valid list"]),
+    "gate-without-metric.yaml": (5, ["gates[0].metric", "Field required"]),
+    "relative-drop-above-one.yaml": (6, ["gates[0].max_relative_drop", "less than or equal to 1"]),
+    "ratio-zero.yaml": (5, ["gates[0].max_ratio", "greater than 0"]),
+    "unknown-conversion-option.yaml": (5, ["conversion.allow_flex", "unknown field", "known fields: allow_select_tf_ops, allow_custom_ops"]),
+    "bad-runs-uri.yaml": (1, ["`model`", "runs:/<run_id>/<artifact path>"]),
+    "empty-model.yaml": (1, ["`model`", "empty"]),
+    "python-tag.yaml": (1, ["invalid YAML", "python/object/apply"]),
+    "billion-laughs.yaml": (None, ["expands to more than 100,000 values"]),
+    "calibration-samples-negative.yaml": (4, ["chain[0].quantize.calibration_samples", "greater than or equal to 1"]),
+    "io-int16-with-int8.yaml": (4, ["io `int16` does not fit mode `int8`"]),
+    "step-name-not-a-string.yaml": (3, ["chain[0]", "one key"]),
+    "list-at-top-field.yaml": (1, ["`model`", "valid string"]),
 }
 
 
@@ -60,7 +82,7 @@ def registry_with_test_plugins(monkeypatch):
 
 def test_corpus_is_complete():
     assert sorted(p.name for p in BAD.glob("*.yaml")) == sorted(EXPECTED)
-    assert len(EXPECTED) >= 15
+    assert len(EXPECTED) >= 40
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -68,6 +90,7 @@ def test_bad_manifest_is_refused_clearly(name, registry_with_test_plugins):
     line, needles = EXPECTED[name]
     path = BAD / name
     result = invoke("validate", str(path))
+    add("bad inputs tried: manifest corpus")
     assert result.exit_code == 2, result.output
     message = result.stderr
     assert message.startswith("error: ") and "Traceback" not in message

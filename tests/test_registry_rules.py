@@ -13,9 +13,9 @@ import mlflow
 import pytest
 
 from tests.conftest import write_manifest
+from tests.figures import add
 from tests.helpers import invoke, read_report, versions_of
 
-FIGURES: dict = {}
 
 
 def _text(name: str, mode: str, *, alias: str = "edge", priority: int = 0, max_ratio: float = 0.9) -> str:
@@ -77,5 +77,7 @@ def test_concurrent_stages_keep_every_version_and_the_alias_follows_the_rule(dig
     holder = client.get_model_version_by_alias("digits-concurrent", "edge")
     expected = max((v for v in versions if v.tags["pipeline_stage.priority"] == "1"), key=lambda v: int(v.version))
     wrong = int(holder.version != expected.version)
-    FIGURES.update(concurrent_runs=len(jobs), versions_lost=lost, wrong_promotions=wrong)
+    add("concurrent runs", len(jobs))
+    add("versions lost", lost)
+    add("wrong promotions", wrong)
     assert lost == 0 and wrong == 0, (holder.version, expected.version)

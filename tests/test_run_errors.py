@@ -14,6 +14,7 @@ from pipeline_stage import plugins as plugins_mod
 from pipeline_stage.plugins import build_registry
 from tests.conftest import REPO, free_port, write_manifest
 from tests.fake_plugins import Recorder, Steps
+from tests.figures import add
 from tests.helpers import invoke, read_report, versions_of
 
 REGISTER = "register: {name: digits-bad-input, alias: should-not-move}\n"
@@ -68,6 +69,7 @@ def test_bad_inputs_at_run_time_exit_2_and_register_nothing(digits_source, digit
         kwargs = {k: str(v) for k, v in kwargs.items()}
         path = _manifest(tmp_path, **kwargs)
         result = invoke("run", str(path))
+        add("bad inputs tried: run-time data and URIs")
         assert result.exit_code == 2, (label, result.output)
         assert needle in result.stderr, (label, result.stderr)
         assert "Traceback" not in result.stderr
