@@ -143,9 +143,10 @@ def settle_alias(client, name: str, alias: str, attempts: int = 10) -> str | Non
         winner = alias_winner(all_versions(client, name), alias)
         if winner is None:
             return None
-        if winner.version != chosen:
-            client.set_registered_model_alias(name, alias, winner.version)
-            chosen = winner.version
+        version = str(winner.version)  # an int from a local store, a str over REST
+        if version != chosen:
+            client.set_registered_model_alias(name, alias, version)
+            chosen = version
             continue
         return chosen
     return chosen

@@ -44,8 +44,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {i + 1} | {s['name']} | {s['phase']} | {params} | {metrics} | {s['seconds']:.2f} |")
     conv = report.get("conversion")
     if conv:
+        before = report.get("baseline_flatbuffer", {}).get("ops", {})
         lines += ["", "## Conversion", "", f"- settings: `{conv['settings']}`", f"- seconds: {conv['seconds']:.2f}",
-                  f"- ops: {', '.join(f'{k}×{v}' for k, v in conv['flatbuffer']['ops'].items())}",
+                  f"- ops (float baseline): {', '.join(f'{k}×{v}' for k, v in before.items())}",
+                  f"- ops (optimized): {', '.join(f'{k}×{v}' for k, v in conv['flatbuffer']['ops'].items())}",
                   f"- weight tensor types: {conv['flatbuffer']['weight_dtypes']}",
                   f"- activation tensor types: {conv['flatbuffer']['activation_dtypes']}"]
     return "\n".join(lines) + "\n"

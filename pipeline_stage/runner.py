@@ -292,6 +292,7 @@ class Stage:
         baseline.update(self.measure(self._prediction_metrics(metric_names), model_bytes=None,
                                      predict=lambda x: src.predict(x, batch_size=m.evaluation.batch_size)))
         report["baseline"], report["baseline_tflite"] = baseline, baseline_tflite
+        report["baseline_flatbuffer"] = read_flatbuffer(float_bytes).summary()
         report["baseline_seconds"] = round(time.perf_counter() - t0, 3)
         run.log_metrics({f"baseline.{k}": v for k, v in baseline.items()})
 

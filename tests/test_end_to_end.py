@@ -110,7 +110,7 @@ def test_run_keeps_report_manifest_and_raw_tflite(int8_run):
     assert "## Gates" in md and "quantize" in md
 
 
-@pytest.mark.parametrize("mode", ["float16", "dynamic"])
+@pytest.mark.parametrize("mode", ["float16", "dynamic", "int16x8"])
 def test_other_modes_write_their_types(digits_source, tmp_path, mode):
     path = manifest(tmp_path, f"  - quantize: {{mode: {mode}}}\n", register="register: {name: digits-" + mode + "}\n")
     result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "out.tflite"))
@@ -119,6 +119,10 @@ def test_other_modes_write_their_types(digits_source, tmp_path, mode):
     weights = [t for t in info.tensors if t.is_constant and len(t.shape) >= 2]  # kernels, not biases
     if mode == "float16":
         assert {t.dtype for t in weights} == {"FLOAT16"}, weights
+    elif mode == "int16x8":  # 16-bit activations, 8-bit weights, float I/O at the edges
+        assert {t.dtype for t in weights} == {"INT8"}, weights
+        assert info.activation_dtypes()["INT16"] >= 4, info.activation_dtypes()
+        return
     else:
         # dynamic range quantizes every kernel the converter deems worth it (>= 1024 values)
         big = [t for t in weights if np.prod(t.shape) >= 1024]

@@ -1,0 +1,241 @@
+"""Built-in step `fuse`: fold BatchNormalization into the neighbouring linear layers, exactly.
+
+Two foldings, on models whose layers form a chain (Sequential, or a functional model without
+branches):
+
+* BN right after a linear layer (Conv2D, DepthwiseConv2D, Dense without activation): fold it into
+  that layer's kernel and bias. The converter does this too; doing it here keeps the graph simple
+  for the steps that follow.
+* BN after a positively homogeneous activation (ReLU, LeakyReLU; not ReLU6), which the converter
+  leaves as MUL+ADD and which wrecks full-int8 accuracy: with a positive per-channel scale `s`,
+  ReLU(s*z) = s*ReLU(z), so `s` moves backward into the producing layer (the activations are then
+  already normalized when they are quantized) and the shift `t` moves forward into the next linear
+  layer's bias. That is exact when nothing between them breaks per-channel constants: max/average
+  pooling, dropout and flatten pass them through; a convolution with `valid` padding (or a 1x1
+  kernel) or a Dense layer absorbs them. Anything else leaves that BN alone, and the report says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from pipeline_stage import Params, Phase, Step, hookimpl
+from pipeline_stage.errors import InputError
+
+LINEAR = ("Conv2D", "Dense", "DepthwiseConv2D")
+SHIFT_TRANSPARENT = ("MaxPooling2D", "AveragePooling2D", "Dropout", "Flatten", "GlobalAveragePooling2D",
+                     "GlobalMaxPooling2D", "SpatialDropout2D")
+
+
+class FuseParams(Params):
+    batchnorm: bool = Field(True, description="Fold BatchNormalization layers into neighbouring linear layers.")
+    tolerance: float = Field(1e-3, gt=0, description="Largest allowed output difference (max abs) between the "
+                                                      "model before and after; larger means a bug, and the step fails.")
+
+
+def _np(v: Any) -> np.ndarray:
+    return np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float64)
+
+
+def _act_name(layer) -> str | None:
+    """'relu', 'leaky_relu', 'linear' or something else, for a layer's own or standalone activation."""
+    cls = type(layer).__name__
+    if cls == "ReLU":
+        cfg = layer.get_config()
+        if cfg.get("max_value") is None and not cfg.get("threshold"):
+            return "relu" if not cfg.get("negative_slope") else "leaky_relu"
+        return "relu6-like"
+    if cls == "LeakyReLU":
+        return "leaky_relu"
+    if cls == "Activation" or cls in LINEAR:
+        act = layer.get_config().get("activation", "linear")
+        return act if isinstance(act, str) else "other"
+    return None
+
+
+def _chain_layers(model) -> list | None:
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if type(model).__name__ == "Sequential":
+        return layers
+    try:
+        for prev, layer in zip(layers, layers[1:]):
+            if layer.input is not prev.output:
+                return None
+        return layers
+    except Exception:  # several inbound nodes: not a chain
+        return None
+
+
+class Fuse(Step):
+    """Fold BatchNorm into Conv/Dense, including BN after ReLU (scale backward, shift forward)."""
+
+    name = "fuse"
+    phase = Phase.MODEL
+    Params = FuseParams
+
+    def apply(self, model, ctx):
+        import keras
+
+        layers = _chain_layers(model)
+        bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
+        notes: dict[str, Any] = {"batchnorm_layers": len(bns), "folded_into_previous": [], "scale_backward_shift_forward": [],
+                                 "left_alone": []}
+        ctx.notes.update(notes)
+        if not self.params.batchnorm or not bns:
+            return model
+        if layers is None:
+            notes["left_alone"].extend({"layer": l.name, "reason": "the model branches; fuse folds chains only"} for l in bns)
+            return model
+        weights = {id(l): [_np(w) for w in l.weights] for l in layers}
+        configs = {id(l): l.get_config() for l in layers}
+        drop: set[int] = set()
+
+        def kernel_bias(layer) -> tuple[np.ndarray, np.ndarray]:
+            w = weights[id(layer)]
+            kernel = w[0]
+            bias = w[1] if len(w) > 1 else np.zeros(self._out_channels(layer, kernel))
+            return kernel, bias
+
+        def set_kernel_bias(layer, kernel, bias):
+            weights[id(layer)] = [kernel, bias]
+            configs[id(layer)]["use_bias"] = True
+
+        for i, bn in enumerate(layers):
+            if type(bn).__name__ != "BatchNormalization":
+                continue
+            if bn.get_config().get("axis") not in (-1, [-1], len(bn.input.shape) - 1, [len(bn.input.shape) - 1]):
+                notes["left_alone"].append({"layer": bn.name, "reason": "normalizes an axis other than the last"})
+                continue
+            s, t = self._scale_shift(bn)
+            before = [layer for layer in layers[:i] if id(layer) not in drop]  # as the chain is now
+            prev = before[-1] if before else None
+            if prev is not None and type(prev).__name__ in LINEAR and _act_name(prev) == "linear":
+                kernel, bias = kernel_bias(prev)
+                set_kernel_bias(prev, self._scale_out(prev, kernel, s), bias * s + t)
+                drop.add(id(bn))
+                notes["folded_into_previous"].append(bn.name)
+                continue
+            producer, act = self._producer(before)
+            if producer is None:
+                notes["left_alone"].append({"layer": bn.name, "reason": "not after a linear layer or a ReLU/LeakyReLU on one"})
+                continue
+            if act not in ("relu", "leaky_relu"):
+                notes["left_alone"].append({"layer": bn.name, "reason": f"activation `{act}` is not positively homogeneous"})
+                continue
+            if np.any(s <= 0):
+                notes["left_alone"].append({"layer": bn.name, "reason": f"{int(np.sum(s <= 0))} channel scale(s) not positive"})
+                continue
+            target, reason, tile = self._shift_target(layers, i)
+            if target is None:
+                notes["left_alone"].append({"layer": bn.name, "reason": reason})
+                continue
+            kernel, bias = kernel_bias(producer)
+            set_kernel_bias(producer, self._scale_out(producer, kernel, s), bias * s)
+            k2, b2 = kernel_bias(target)
+            shift = np.tile(t, tile)
+            if type(target).__name__ == "Dense":
+                b2 = b2 + shift @ k2
+            elif type(target).__name__ == "Conv2D":
+                b2 = b2 + np.einsum("hwio,i->o", k2, shift)
+            else:  # DepthwiseConv2D: each input channel feeds its own outputs
+                b2 = b2 + (k2.sum(axis=(0, 1)) * shift[:, None]).reshape(-1)
+            set_kernel_bias(target, k2, b2)
+            drop.add(id(bn))
+            notes["scale_backward_shift_forward"].append(bn.name)
+        if not drop:
+            return model
+
+        kept = [l for l in layers if id(l) not in drop]
+        rebuilt = [type(l).from_config(configs[id(l)]) for l in kept]
+        inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
+        x = inputs
+        for layer in rebuilt:
+            x = layer(x)
+        fused = keras.Model(inputs, x, name=model.name)
+        for old, new in zip(kept, rebuilt):
+            new.set_weights([w.astype(np.float32) for w in weights[id(old)]])
+        self._check_exact(model, fused, ctx)
+        notes["batchnorm_layers_after"] = len(bns) - len(drop)
+        ctx.notes.update(notes)
+        return fused
+
+    @staticmethod
+    def _scale_shift(bn) -> tuple[np.ndarray, np.ndarray]:
+        mean, var = _np(bn.moving_mean), _np(bn.moving_variance)
+        gamma = _np(bn.gamma) if bn.gamma is not None else np.ones_like(mean)
+        beta = _np(bn.beta) if bn.beta is not None else np.zeros_like(mean)
+        s = gamma / np.sqrt(var + bn.epsilon)
+        return s, beta - mean * s
+
+    @staticmethod
+    def _out_channels(layer, kernel) -> int:
+        if type(layer).__name__ == "DepthwiseConv2D":
+            return kernel.shape[2] * kernel.shape[3]
+        return kernel.shape[-1]
+
+    @staticmethod
+    def _scale_out(layer, kernel, s) -> np.ndarray:
+        if type(layer).__name__ == "DepthwiseConv2D":
+            return kernel * s.reshape(kernel.shape[2], kernel.shape[3])
+        return kernel * s
+
+    @staticmethod
+    def _producer(before: list):
+        """The linear layer whose (ReLU-like) activated output a BN normalizes, and that activation;
+        `before` is the chain up to the BN, without the BNs already folded away."""
+        if not before:
+            return None, None
+        prev = before[-1]
+        if type(prev).__name__ in LINEAR:
+            return prev, _act_name(prev)
+        act = _act_name(prev)
+        linear = before[-2] if len(before) > 1 else None
+        if act is not None and linear is not None and type(linear).__name__ in LINEAR and _act_name(linear) == "linear":
+            return linear, act
+        return None, None
+
+    @staticmethod
+    def _shift_target(layers, i):
+        """The next linear layer that can absorb a per-channel shift exactly, and how to tile it."""
+        tile = 1
+        for layer in layers[i + 1:]:
+            cls = type(layer).__name__
+            if cls in SHIFT_TRANSPARENT:
+                if cls == "Flatten":
+                    shape = layer.input.shape
+                    tile = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+                continue
+            if cls == "Dense":
+                return layer, "", tile
+            if cls in ("Conv2D", "DepthwiseConv2D"):
+                cfg = layer.get_config()
+                k = cfg["kernel_size"]
+                if tile != 1:
+                    return None, "a convolution after flatten", 1
+                if cfg["padding"] == "valid" or tuple(k) == (1, 1):
+                    return layer, "", tile
+                return None, f"the next layer `{layer.name}` pads with zeros ('same'), which a shift does not pass", 1
+            return None, f"`{layer.name}` ({cls}) between this BN and the next linear layer does not pass a shift", 1
+        return None, "no linear layer after it to take the shift", 1
+
+    def _check_exact(self, before, after, ctx) -> None:
+        shape = [d if d else 1 for d in before.inputs[0].shape[1:]]
+        x = np.random.default_rng(0).uniform(0, 1, size=[8, *shape]).astype(np.float32)
+        try:
+            ev = ctx.load_data("evaluation")
+            x = ev.x[:64].astype(np.float32)
+        except Exception:
+            pass
+        diff = float(np.max(np.abs(before.predict(x, verbose=0) - after.predict(x, verbose=0))))
+        ctx.notes["max_abs_output_difference"] = diff
+        if diff > self.params.tolerance:
+            raise InputError(f"fuse changed the model's outputs by {diff:.3g} (tolerance {self.params.tolerance})",
+                             hint="report this model to the pipeline-stage maintainers; drop `fuse` meanwhile")
+
+
+@hookimpl
+def register_steps(register):
+    register(Fuse)
