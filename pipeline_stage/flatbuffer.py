@@ -20,11 +20,19 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class NodeInfo:
+    op: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     ops: Counter  # builtin (or custom) op name -> count, over all subgraphs
     tensors: list[TensorInfo]
     metadata: dict[str, bytes]
     signatures: list[str]
+    nodes: list[NodeInfo]
 
     def constant_dtypes(self) -> Counter:
         return Counter(t.dtype for t in self.tensors if t.is_constant)
@@ -66,13 +74,20 @@ def read(model_bytes: bytes) -> ModelInfo:
         buf = buffers[index]
         return (buf.data is not None and len(buf.data) > 0) or bool(getattr(buf, "size", 0))
 
+    nodes: list[NodeInfo] = []
     for sg in model.subgraphs or []:
-        for op in sg.operators or []:
-            ops[codes[op.opcodeIndex]] += 1
+        local = []
         for t in sg.tensors or []:
             name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
-            shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
-            tensors.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer)))
+            signature = t.shapeSignature if t.shapeSignature is not None and len(t.shapeSignature) else t.shape
+            shape = tuple(int(d) for d in (signature if signature is not None else ()))
+            local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer)))
+        tensors.extend(local)
+        for op in sg.operators or []:
+            ops[codes[op.opcodeIndex]] += 1
+            ins = tuple(local[i] for i in (op.inputs if op.inputs is not None else ()) if i >= 0)
+            outs = tuple(local[i] for i in (op.outputs if op.outputs is not None else ()) if i >= 0)
+            nodes.append(NodeInfo(codes[op.opcodeIndex], ins, outs))
     metadata = {}
     for md in model.metadata or []:
         key = md.name.decode() if isinstance(md.name, bytes) else str(md.name)
@@ -82,7 +97,7 @@ def read(model_bytes: bytes) -> ModelInfo:
     for sd in model.signatureDefs or []:
         key = sd.signatureKey
         sigs.append(key.decode() if isinstance(key, bytes) else str(key))
-    return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs)
+    return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs, nodes=nodes)
 
 
 def add_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:

@@ -11,10 +11,12 @@ import time
 import numpy as np
 
 
-def _interpreter(model_bytes: bytes, threads: int):
-    from ai_edge_litert.interpreter import Interpreter
+def _interpreter(model_bytes: bytes, threads: int, xnnpack: bool = True):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    return Interpreter(model_content=model_bytes, num_threads=threads)
+    # AUTO applies XNNPACK, LiteRT's default CPU delegate; the other resolver runs plain kernels.
+    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return Interpreter(model_content=model_bytes, num_threads=threads, experimental_op_resolver_type=resolver)
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
@@ -40,9 +42,9 @@ def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
 class TFLiteModel:
     """A .tflite model behind the LiteRT interpreter, quantizing inputs and dequantizing outputs."""
 
-    def __init__(self, model_bytes: bytes, threads: int = 1):
+    def __init__(self, model_bytes: bytes, threads: int = 1, xnnpack: bool = True):
         self.model_bytes = model_bytes
-        self.interpreter = _interpreter(model_bytes, threads)
+        self.interpreter = _interpreter(model_bytes, threads, xnnpack)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.dynamic_batch = int(self.input["shape_signature"][0]) == -1

@@ -39,6 +39,7 @@ OWN_DISTRIBUTION = "pipeline-stage"
 DEFAULT_PLUGINS = (
     "pipeline_stage_plugins.quantize",
     "pipeline_stage_plugins.fuse",
+    "pipeline_stage_plugins.delegates",
     "pipeline_stage_plugins.metrics",
     "pipeline_stage_plugins.data_npz",
     "pipeline_stage_plugins.console",

@@ -1,0 +1,148 @@
+"""Built-in step `delegates` and metrics `delegate_coverage.<target>`: which hardware delegates
+would take the model, a measured XNNPACK benchmark, and the plan embedded in the .tflite.
+
+Coverage comes from op-set rules: the builtin ops (and tensor types) each delegate documents as
+supported. They say what a delegate can take, not how fast a given phone runs it. TensorFlow's
+GPU analyzer (`tf.lite.experimental.Analyzer`, `gpu_compatibility=True`) is not used: in the
+TF 2.21 / LiteRT 2.3 builds here it reports every model compatible, TF Select ops included.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline_stage import Params, Phase, Step, hookimpl
+from pipeline_stage.metrics import Metric
+
+PLAN_METADATA = "pipeline_stage.delegate_plan"
+
+_COMMON = {"ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "LOGISTIC",
+           "MAX_POOL_2D", "MEAN", "MUL", "PAD", "RELU", "RELU6", "RESHAPE", "RESIZE_BILINEAR", "SOFTMAX", "SUB", "TANH"}
+# XNNPACK (delegate README: float32, fp16 weights, and signed int8 operators)
+XNNPACK = _COMMON | {"ABS", "BATCH_MATMUL", "CEIL", "DEQUANTIZE", "DIV", "ELU", "FLOOR", "HARD_SWISH", "LEAKY_RELU",
+                     "MAXIMUM", "MINIMUM", "NEG", "PRELU", "QUANTIZE", "RESIZE_NEAREST_NEIGHBOR", "ROUND", "RSQRT",
+                     "SLICE", "SPLIT", "SQRT", "SQUARE", "SQUARED_DIFFERENCE", "STRIDED_SLICE", "TRANSPOSE",
+                     "TRANSPOSE_CONV", "GELU", "EXP", "LOG"}
+# GPU delegate (OpenCL/OpenGL/Metal builtin op list); it dequantizes int8 weights itself
+GPU = _COMMON | {"ABS", "BATCH_MATMUL", "CAST", "COS", "DEQUANTIZE", "DIV", "ELU", "EXP", "FLOOR", "FLOOR_DIV",
+                 "HARD_SWISH", "LEAKY_RELU", "LOG", "MAXIMUM", "MINIMUM", "NEG", "POW", "PRELU", "QUANTIZE",
+                 "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SIN", "SLICE", "SPLIT", "SPLIT_V", "SQRT", "SQUARE",
+                 "SQUARED_DIFFERENCE", "STRIDED_SLICE", "TRANSPOSE", "TRANSPOSE_CONV", "SPACE_TO_DEPTH",
+                 "DEPTH_TO_SPACE", "REDUCE_MAX", "REDUCE_MIN", "SUM"}
+# NNAPI (Android NN API 1.2 operations mapped by the NNAPI delegate)
+NNAPI = _COMMON | {"DEQUANTIZE", "QUANTIZE", "DIV", "STRIDED_SLICE", "TRANSPOSE", "SQUEEZE", "L2_NORMALIZATION",
+                   "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "PRELU", "MAXIMUM", "MINIMUM", "HARD_SWISH", "ABS", "EXP",
+                   "LOG", "RSQRT", "SQRT", "SLICE", "SPLIT", "TRANSPOSE_CONV", "LEAKY_RELU", "RESIZE_NEAREST_NEIGHBOR"}
+# Edge TPU / NPU-style: int8-only operators, static shapes (Coral's supported-ops table)
+EDGETPU = _COMMON | {"L2_NORMALIZATION", "PACK", "SPLIT", "SQUEEZE", "STRIDED_SLICE", "TRANSPOSE_CONV",
+                     "RESIZE_NEAREST_NEIGHBOR", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "QUANTIZE", "DEQUANTIZE",
+                     "HARD_SWISH", "PRELU", "LEAKY_RELU", "SLICE", "TRANSPOSE", "MAXIMUM", "MINIMUM"}
+RULES = {"xnnpack": XNNPACK, "gpu": GPU, "nnapi": NNAPI, "edgetpu": EDGETPU}
+INTEGER = {"INT8", "UINT8", "INT32"}  # int32 for biases and shape operands
+Target = Literal["xnnpack", "gpu", "nnapi", "edgetpu"]
+
+
+def _blocker(target: str, node) -> str | None:
+    """Why `target` would not take this node, or None."""
+    if node.op not in RULES[target]:
+        return f"op {node.op} not supported"
+    tensors = node.inputs + node.outputs
+    if any(t.dtype not in ("FLOAT32", "FLOAT16", "INT8", "UINT8", "INT32") for t in tensors):
+        return f"op {node.op} on {sorted({t.dtype for t in tensors})} tensors"
+    if target == "edgetpu":
+        if any(not t.is_constant and t.dtype not in INTEGER for t in tensors) and node.op not in ("QUANTIZE", "DEQUANTIZE"):
+            return f"op {node.op} on float tensors (the Edge TPU runs int8 only)"
+        if any(-1 in t.shape for t in tensors if not t.is_constant):
+            return f"op {node.op} with a dynamic dimension (the Edge TPU needs static shapes)"
+    return None
+
+
+def delegate_plan(model_bytes: bytes, targets: list[str]) -> dict:
+    """Per target: coverage (nodes it would take / all nodes), and what stays on the CPU and why."""
+    from pipeline_stage.flatbuffer import read
+
+    nodes = read(model_bytes).nodes
+    plan = {}
+    for target in targets:
+        reasons = Counter(r for r in (_blocker(target, n) for n in nodes) if r)
+        left = sum(reasons.values())
+        plan[target] = {"coverage": round((len(nodes) - left) / len(nodes), 4) if nodes else 0.0,
+                        "nodes": len(nodes), "on_cpu": left, "blockers": dict(reasons.most_common())}
+    return plan
+
+
+def _p50(model_bytes: bytes, xnnpack: bool, runs: int) -> float:
+    from pipeline_stage.litert_runtime import TFLiteModel
+
+    model = TFLiteModel(model_bytes, threads=1, xnnpack=xnnpack)
+    shape = [1, *[d if d > 0 else 1 for d in model.input_shape]]
+    sample = np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
+    return float(np.percentile(model.latencies_ms(sample, runs), 50))
+
+
+class DelegatesParams(Params):
+    targets: list[Target] = Field(default_factory=lambda: ["xnnpack", "gpu"],
+                                  description="Delegates to plan for: xnnpack, gpu, nnapi, edgetpu (int8-only NPU rules).")
+    benchmark: bool = Field(True, description="Measure CPU latency with and without XNNPACK (1 thread, batch 1).")
+    runs: int = Field(100, ge=5, le=100000, description="Invocations per benchmark side.")
+    embed: bool = Field(True, description=f"Embed the plan in the .tflite as metadata `{PLAN_METADATA}`.")
+
+
+class Delegates(Step):
+    """Plan hardware delegates: coverage per target, XNNPACK speedup, plan embedded and tagged."""
+
+    name = "delegates"
+    phase = Phase.TFLITE
+    Params = DelegatesParams
+
+    def apply(self, model_bytes, ctx):
+        p = self.params
+        plan = {"targets": delegate_plan(model_bytes, list(p.targets))}
+        if p.benchmark:
+            without, with_x = _p50(model_bytes, False, p.runs), _p50(model_bytes, True, p.runs)
+            plan["xnnpack_benchmark"] = {"p50_ms_without": round(without, 5), "p50_ms_with": round(with_x, 5),
+                                         "speedup": round(without / with_x, 3) if with_x > 0 else None}
+        findings = []
+        for target, info in plan["targets"].items():
+            ctx.tags[f"delegate.{target}.coverage"] = f"{info['coverage']:.4g}"
+            if info["on_cpu"]:
+                findings.append(f"{target}: {info['on_cpu']} of {info['nodes']} nodes stay on the CPU ("
+                                + "; ".join(f"{r} x{n}" for r, n in info["blockers"].items()) + ")")
+        plan["findings"] = findings
+        ctx.notes.update(plan)
+        if p.embed:
+            from pipeline_stage.flatbuffer import add_metadata
+
+            model_bytes = add_metadata(model_bytes, PLAN_METADATA, json.dumps(plan, sort_keys=True).encode())
+        return model_bytes
+
+
+def _coverage_metric(target: str) -> type[Metric]:
+    class Coverage(Metric):
+        __doc__ = f"Share of the model's nodes the {target} delegate would take (op-set rules), 0..1."
+        name = f"delegate_coverage.{target}"
+        higher_is_better = True
+        uses = "flatbuffer"
+        runs_model = False
+
+        def compute(self, evaluation) -> float:
+            return float(delegate_plan(evaluation.model_bytes, [target])[target]["coverage"])
+
+    Coverage.__name__ = Coverage.__qualname__ = f"DelegateCoverage_{target}"
+    return Coverage
+
+
+@hookimpl
+def register_steps(register):
+    register(Delegates)
+
+
+@hookimpl
+def register_metrics(register):
+    for target in RULES:
+        register(_coverage_metric(target))

@@ -1,0 +1,49 @@
+"""`delegates`: per-target coverage from op-set rules, a measured XNNPACK benchmark, the plan
+embedded in the .tflite and tagged on the version, and gates on coverage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+
+from pipeline_stage.flatbuffer import read
+from tests.conftest import write_manifest
+from tests.helpers import invoke, read_report
+
+BASE = ("model: models:/digits-cnn@champion\n"
+        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - quantize: {mode: int8}\n  - delegates: {targets: [xnnpack, gpu, nnapi, edgetpu], runs: 50}\n")
+
+
+def test_plan_is_embedded_tagged_and_explains_what_stays_on_cpu(digits_source, tmp_path):
+    text = BASE + ("gates:\n  - {metric: delegate_coverage.xnnpack, min: 0.5}\n"
+                   "register: {name: digits-delegates, alias: planned}\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
+                    "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    notes = report["steps"][1]["notes"]
+    assert set(notes["targets"]) == {"xnnpack", "gpu", "nnapi", "edgetpu"}
+    edgetpu = notes["targets"]["edgetpu"]
+    # the converted model keeps a dynamic batch dimension: an Edge TPU cannot take those nodes
+    assert edgetpu["coverage"] < 1 and any("dynamic dimension" in r for r in edgetpu["blockers"])
+    assert notes["targets"]["xnnpack"]["coverage"] >= 0.5
+    bench = notes["xnnpack_benchmark"]
+    assert bench["p50_ms_with"] > 0 and bench["p50_ms_without"] > 0 and bench["speedup"] > 0
+    assert any(f.startswith("edgetpu:") for f in notes["findings"])
+    embedded = json.loads(read((tmp_path / "m.tflite").read_bytes()).metadata["pipeline_stage.delegate_plan"])
+    assert embedded["targets"] == notes["targets"]
+    reg = report["registered"]
+    tags = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"]).tags
+    assert float(tags["delegate.edgetpu.coverage"]) == edgetpu["coverage"]
+    assert report["candidate"]["delegate_coverage.xnnpack"] == notes["targets"]["xnnpack"]["coverage"]
+
+
+def test_a_gate_can_require_a_target(digits_source, tmp_path):
+    text = BASE + "gates:\n  - {metric: delegate_coverage.edgetpu, min: 1.0}\nregister: {name: digits-edgetpu-only}\n"
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 3, result.output
+    assert "delegate_coverage.edgetpu min 1.0" in result.stderr
+    assert mlflow.MlflowClient().search_model_versions("name='digits-edgetpu-only'") == []
