@@ -1,0 +1,131 @@
+"""Built-in step `strip_ops` (selective execution): keep only the outputs and signatures the
+manifest names, drop what the runtime never reads, and write the operator list (`ops.json`) a
+selective LiteRT build registers instead of every builtin kernel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field
+
+from pipeline_stage import Params, Phase, Step, hookimpl
+from pipeline_stage.errors import InputError
+
+DEBUG_METADATA = ("CONVERSION_METADATA",)
+
+
+class StripParams(Params):
+    outputs: list[str] | None = Field(None, description="Signature outputs to keep (e.g. [probabilities]); the ops "
+                                                          "and weights that only fed the others are removed. Default: all.")
+    signatures: list[str] | None = Field(None, description="Signatures to keep (default: all).")
+    drop_metadata: list[str] = Field(default_factory=lambda: list(DEBUG_METADATA),
+                                     description="Metadata entries to remove (conversion metadata by default).")
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StripOps(Step):
+    """Keep only the named outputs and signatures, drop debug metadata, write ops.json."""
+
+    name = "strip_ops"
+    phase = Phase.TFLITE
+    Params = StripParams
+
+    def apply(self, model_bytes, ctx):
+        import numpy as np
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.tools import flatbuffer_utils
+
+        from pipeline_stage.flatbuffer import _enum_names
+
+        p = self.params
+        model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
+        sigs = model.signatureDefs or []
+        known_sigs = [_s(s.signatureKey) for s in sigs]
+        if p.signatures is not None:
+            missing = sorted(set(p.signatures) - set(known_sigs))
+            if missing:
+                raise InputError(f"strip_ops: no signature {missing} in the model (it has {known_sigs})")
+            sigs = [s for s in sigs if _s(s.signatureKey) in p.signatures]
+            model.signatureDefs = sigs
+        removed_outputs: list[str] = []
+        if p.outputs is not None:
+            if len(sigs) != 1:
+                raise InputError(f"strip_ops: `outputs` needs exactly one signature, the model has {len(sigs)}",
+                                 hint="pick one with `signatures: [serving_default]`")
+            sig = sigs[0]
+            names = [_s(o.name) for o in sig.outputs]
+            missing = sorted(set(p.outputs) - set(names))
+            if missing:
+                raise InputError(f"strip_ops: no output {missing} in signature `{_s(sig.signatureKey)}` (outputs: {names})")
+            removed_outputs = [n for n in names if n not in p.outputs]
+            sig.outputs = [o for o in sig.outputs if _s(o.name) in p.outputs]
+            graph = model.subgraphs[sig.subgraphIndex]
+            graph.outputs = np.array([o.tensorIndex for o in sig.outputs], dtype=np.int32)
+            self._prune(graph)
+        dropped_metadata = [_s(m.name) for m in (model.metadata or []) if _s(m.name) in p.drop_metadata]
+        model.metadata = [m for m in (model.metadata or []) if _s(m.name) not in p.drop_metadata]
+        self._clear_unused_buffers(model)
+        out = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+        op_names = _enum_names(schema.BuiltinOperator)
+        builtin, custom = set(), set()
+        for oc in model.operatorCodes or []:
+            code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
+            if op_names.get(code) == "CUSTOM":
+                custom.add(_s(oc.customCode))
+            else:
+                builtin.add((op_names.get(code, str(code)), int(oc.version)))
+        used = {(op_names.get(max(model.operatorCodes[o.opcodeIndex].builtinCode,
+                                    model.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode)), int(model.operatorCodes[o.opcodeIndex].version))
+                for g in model.subgraphs for o in (g.operators or [])}
+        ops = {"builtin_ops": [{"op": op, "version": v} for op, v in sorted(builtin & used)],
+               "custom_ops": sorted(custom)}
+        path = Path(ctx.workdir) / "ops.json"
+        path.write_text(json.dumps(ops, indent=2))
+        ctx.artifacts["ops.json"] = path
+        ctx.notes.update({"ops": ops, "removed_outputs": removed_outputs, "dropped_metadata": dropped_metadata,
+                          "bytes_before": len(model_bytes), "bytes_after": len(out),
+                          "bytes_saved": len(model_bytes) - len(out)})
+        return out
+
+    @staticmethod
+    def _prune(graph) -> None:
+        """Remove operators that no kept output depends on."""
+        needed = set(int(i) for i in graph.outputs)
+        kept = []
+        for op in reversed(graph.operators or []):
+            outs = [int(i) for i in (op.outputs if op.outputs is not None else [])]
+            if any(o in needed for o in outs):
+                kept.append(op)
+                needed.update(int(i) for i in (op.inputs if op.inputs is not None else []) if i >= 0)
+        graph.operators = list(reversed(kept))
+
+    @staticmethod
+    def _clear_unused_buffers(model) -> None:
+        """Empty the buffers no remaining operator, input or output reads (their bytes are the saving)."""
+        used_tensors = {}
+        for g_index, g in enumerate(model.subgraphs):
+            ids = set(int(i) for i in (g.inputs if g.inputs is not None else []))
+            ids |= set(int(i) for i in (g.outputs if g.outputs is not None else []))
+            for op in g.operators or []:
+                ids |= {int(i) for i in (op.inputs if op.inputs is not None else []) if i >= 0}
+                ids |= {int(i) for i in (op.outputs if op.outputs is not None else [])}
+            used_tensors[g_index] = ids
+        used_buffers = {0}
+        for g_index, g in enumerate(model.subgraphs):
+            for t_index, t in enumerate(g.tensors or []):
+                if t_index in used_tensors[g_index]:
+                    used_buffers.add(t.buffer)
+        used_buffers |= {m.buffer for m in (model.metadata or [])}
+        for b_index, buf in enumerate(model.buffers or []):
+            if b_index not in used_buffers and buf.data is not None:
+                buf.data = None
+
+
+@hookimpl
+def register_steps(register):
+    register(StripOps)
