@@ -26,17 +26,13 @@ def _converter(tf, model: Any, saved_model_dir=None):
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
-def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model: Any = None,
-            representative: "Dataset | None" = None, log_path: Path | None = None) -> bytes:
-    """Convert the (possibly transformed) model once, as `settings` ask.
-
-    :param keras_model: the model after the `model` phase (defaults to the source's Keras model).
-    :param representative: calibration data when the settings need it.
-    :param log_path: where the converter's own output goes (a temporary file when None).
-    """
+def build_converter(source: "SourceModel | None", settings: ConversionSettings, *, keras_model: Any = None,
+                    representative: "Dataset | None" = None):
+    """A TFLiteConverter set up as `settings` ask (analysis steps reuse it, e.g. the quantization debugger)."""
     tf = import_tf()
     model = keras_model if keras_model is not None else source.keras_model
     converter = _converter(tf, model, None if model is not None else source.saved_model_dir)
+
     mode = settings.quantization
     if mode is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -64,6 +60,18 @@ def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model:
         converter.inference_input_type = dtypes[settings.inference_input_type]
     if settings.inference_output_type != "float32":
         converter.inference_output_type = dtypes[settings.inference_output_type]
+    return converter
+
+
+def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model: Any = None,
+            representative: "Dataset | None" = None, log_path: Path | None = None) -> bytes:
+    """Convert the (possibly transformed) model once, as `settings` ask.
+
+    :param keras_model: the model after the `model` phase (defaults to the source's Keras model).
+    :param representative: calibration data when the settings need it.
+    :param log_path: where the converter's own output goes (a temporary file when None).
+    """
+    converter = build_converter(source, settings, keras_model=keras_model, representative=representative)
     own_log = log_path is None
     if own_log:
         fd, name = tempfile.mkstemp(prefix="convert-", suffix=".log")

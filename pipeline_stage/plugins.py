@@ -41,6 +41,7 @@ DEFAULT_PLUGINS = (
     "pipeline_stage_plugins.fuse",
     "pipeline_stage_plugins.delegates",
     "pipeline_stage_plugins.strip_ops",
+    "pipeline_stage_plugins.analyze",
     "pipeline_stage_plugins.metrics",
     "pipeline_stage_plugins.data_npz",
     "pipeline_stage_plugins.console",

@@ -321,7 +321,8 @@ class Stage:
             if step.phase is Phase.TFLITE and model_bytes is None:
                 model_bytes = do_convert()
             self.hook.before_step(step=step, index=i, context=context)
-            ctx = StepContext(workdir=self.workdir, load_data=self.load_data, log=lambda msg: None)
+            ctx = StepContext(workdir=self.workdir, load_data=self.load_data, log=lambda msg: None,
+                              model=keras_model, conversion=settings if model_bytes is not None else None)
             t = time.perf_counter()
             if step.phase is Phase.MODEL:
                 if keras_model is None:

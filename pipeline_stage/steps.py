@@ -117,6 +117,8 @@ class StepContext:
     tags: dict[str, str] = field(default_factory=dict)  # added to the registered version
     artifacts: dict[str, Any] = field(default_factory=dict)  # name -> path, logged to the run
     log: Callable[[str], None] = print
+    model: Any = None  # for `tflite` steps: the Keras model that was converted (None for a SavedModel)
+    conversion: "ConversionSettings | None" = None  # for `tflite` steps: how it was converted
 
 
 @dataclass

@@ -47,3 +47,23 @@ def test_a_gate_can_require_a_target(digits_source, tmp_path):
     assert result.exit_code == 3, result.output
     assert "delegate_coverage.edgetpu min 1.0" in result.stderr
     assert mlflow.MlflowClient().search_model_versions("name='digits-edgetpu-only'") == []
+
+
+def test_analyze_reports_ops_sizes_and_per_layer_error(digits_source, tmp_path):
+    text = ("model: models:/digits-cnn@champion\n"
+            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+            "chain:\n  - quantize: {mode: int8}\n  - analyze: {samples: 20, top: 3}\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
+                    "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    notes = report["steps"][1]["notes"]
+    assert notes["op_histogram"] == report["conversion"]["flatbuffer"]["ops"]
+    assert notes["weight_bytes_by_dtype"]["INT8"] > notes["weight_bytes_by_dtype"]["INT32"]
+    layers = notes["per_layer"]
+    assert len(layers) == 3 and layers[0]["rmse/scale"] >= layers[-1]["rmse/scale"] >= 0
+    assert {"op", "tensor", "max_abs_error", "scale"} <= set(layers[0])
+    stats = mlflow.artifacts.download_artifacts(run_id=report["run_id"], artifact_path="steps/1-analyze/layer_stats.csv")
+    assert Path(stats).read_text().startswith("op_name,")
+    # analysis changes nothing
+    assert report["steps"][1]["metrics"]["size_bytes"] == report["steps"][0]["metrics"]["size_bytes"]
