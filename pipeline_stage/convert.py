@@ -63,6 +63,20 @@ def build_converter(source: "SourceModel | None", settings: ConversionSettings, 
     return converter
 
 
+def _selective(converter, settings: ConversionSettings, representative: "Dataset") -> bytes:
+    """Full int8 except the denylisted op types / nodes, which stay float (TF's documented route:
+    the quantization debugger's denylists, then its non-debug model)."""
+    tf = import_tf()
+    samples = representative.x[: settings.calibration_samples].astype(np.float32)
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=settings.keep_float_ops or None, denylisted_nodes=settings.keep_float_nodes or None,
+        fully_quantize=settings.inference_input_type != "float32")
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: ([samples[i:i + 1]] for i in range(min(len(samples), 50))),
+        debug_options=options)
+    return bytes(debugger.get_nondebug_quantized_model())
+
+
 def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model: Any = None,
             representative: "Dataset | None" = None, log_path: Path | None = None) -> bytes:
     """Convert the (possibly transformed) model once, as `settings` ask.
@@ -79,6 +93,8 @@ def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model:
         log_path = Path(name)
     try:
         with captured_output(log_path):
+            if settings.keep_float_ops or settings.keep_float_nodes:
+                return _selective(converter, settings, representative)
             return bytes(converter.convert())
     except Exception as exc:  # ConverterError and friends: turn into one message naming the ops
         text = str(exc) + "\n" + log_path.read_text(errors="replace")

@@ -92,6 +92,8 @@ class ConversionSettings:
     calibration_samples: int = 200
     allow_select_tf_ops: bool = False
     allow_custom_ops: bool = False
+    keep_float_ops: list[str] = field(default_factory=list)  # op types left in float (selective int8)
+    keep_float_nodes: list[str] = field(default_factory=list)  # node output tensor names left in float
     set_by: dict[str, str] = field(default_factory=dict)  # setting -> step that set it
 
     def claim(self, setting: str, step_name: str) -> None:

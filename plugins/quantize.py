@@ -24,12 +24,19 @@ class QuantizeParams(Params):
     calibration_samples: int = Field(200, ge=1, le=100000, description="Representative samples used for calibration.")
     calibration_data: Literal["calibration", "training"] = Field(
         "calibration", description="Which manifest data set calibrates the activation ranges.")
+    keep_float_ops: list[str] = Field(default_factory=list, description=(
+        "Selective quantization (mode int8): op types kept in float, e.g. [MUL, ADD]; the converter's "
+        "quantization debugger denylists them."))
+    keep_float_nodes: list[str] = Field(default_factory=list, description=(
+        "Selective quantization (mode int8): nodes kept in float, by output tensor name (see `analyze`)."))
 
     @model_validator(mode="after")
     def _io_fits_mode(self) -> "QuantizeParams":
         allowed = {"int8": {"float", "int8"}, "int16x8": {"float", "int16"}}.get(self.mode, {"float"})
         if self.io not in allowed:
             raise ValueError(f"io `{self.io}` does not fit mode `{self.mode}`; use one of {sorted(allowed)}")
+        if (self.keep_float_ops or self.keep_float_nodes) and self.mode != "int8":
+            raise ValueError("keep_float_ops / keep_float_nodes select what stays float in a full-int8 model: use mode int8")
         return self
 
 
@@ -50,9 +57,13 @@ class Quantize(Step):
         if p.mode in ("int8", "int16x8"):
             settings.representative_data = p.calibration_data
             settings.calibration_samples = p.calibration_samples
+        settings.keep_float_ops = [op.upper() for op in p.keep_float_ops]
+        settings.keep_float_nodes = list(p.keep_float_nodes)
         io_type = {"float": "float32", "int8": "int8", "int16": "int16"}[p.io]
         settings.inference_input_type = settings.inference_output_type = io_type
         ctx.notes["conversion"] = {"quantization": p.mode, "io": io_type}
+        if p.keep_float_ops or p.keep_float_nodes:
+            ctx.notes["conversion"]["kept_float"] = {"ops": settings.keep_float_ops, "nodes": settings.keep_float_nodes}
 
 
 @hookimpl

@@ -192,3 +192,16 @@ def test_model_uri_override_by_version_run_and_local_path(digits_source, digits_
     result = invoke("run", str(write_manifest(tmp_path, text, "local.yaml")), "--report", str(tmp_path / "l.json"))
     assert result.exit_code == 0, result.output
     assert read_report(tmp_path / "l.json")["candidate"]["accuracy"] > 0.9
+
+
+def test_selective_int8_keeps_named_ops_in_float(digits_source, tmp_path):
+    path = manifest(tmp_path, "  - quantize: {mode: int8, keep_float_ops: [FULLY_CONNECTED]}\n")
+    result = invoke("run", str(path), "--output", str(tmp_path / "sel.tflite"), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    info = read_flatbuffer((tmp_path / "sel.tflite").read_bytes())
+    kernels = {t.dtype for t in info.tensors if t.is_constant and len(t.shape) == 4}
+    dense = [t for t in info.tensors if t.is_constant and len(t.shape) == 2]
+    assert kernels == {"INT8"}, kernels  # the convolutions are int8
+    assert dense and {t.dtype for t in dense} == {"FLOAT32"}, dense  # the dense layer stayed float
+    report = read_report(tmp_path / "r.json")
+    assert report["steps"][0]["notes"]["conversion"]["kept_float"]["ops"] == ["FULLY_CONNECTED"]
