@@ -3,7 +3,6 @@ KFP serializes as source text, so the logic is importable, testable and versione
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path

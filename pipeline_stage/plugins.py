@@ -153,7 +153,7 @@ def _registrar(kind: str, base: type, table: dict[str, Provided], plugin: str, d
                 f"{who} registers {kind} `{name}` ({cls.__module__}.{cls.__name__}), but that name "
                 f"is already taken by plugin `{other.plugin}` from distribution `{other.distribution}` "
                 f"({other.cls.__module__}.{other.cls.__name__})",
-                hint=f"rename one of them, or disable one with PIPELINE_STAGE_DISABLE_PLUGINS",
+                hint="rename one of them, or disable one with PIPELINE_STAGE_DISABLE_PLUGINS",
             )
         table[name] = Provided(cls, plugin, dist)
 

@@ -168,8 +168,6 @@ def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.
 
         x = sample.astype(np.float32)
         signature = infer_signature(x, TFLiteModel(tflite_path.read_bytes()).predict(x))
-    import ai_edge_litert  # noqa: F401 - version lookup below
-
     from importlib.metadata import version as dist_version
 
     info = mlflow.pyfunc.log_model(

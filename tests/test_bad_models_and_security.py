@@ -4,7 +4,6 @@ safe YAML, safe Keras loading, no pickle, no path escape, no secrets in outputs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pytest
 
 from tests.conftest import run_cli, write_manifest
 from tests.figures import add

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
-import pytest
 
 from tests.conftest import write_manifest
 from tests.figures import add
