@@ -34,6 +34,9 @@ def models(data, epochs: int):
 
     keras.utils.set_random_seed(0)
     base = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(32, 32, 3), include_top=False, pooling="avg")
+    for layer in base.layers:  # Keras' 0.999 needs far more steps than 1,200 images give
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
     mnv2 = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Dense(10, activation="softmax")])
     mnv2.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
     mnv2.fit(rgb32(data.train[0]), data.train[1], epochs=epochs * 4, batch_size=32, verbose=0)
@@ -42,7 +45,9 @@ def models(data, epochs: int):
     def rows(x):
         return x[..., 0]
 
-    lstm = keras.Sequential([keras.Input((8, 8)), keras.layers.LSTM(64), keras.layers.Dense(10, activation="softmax")])
+    # unroll=True: a Keras 3 LSTM that is not unrolled converts to TensorList ops that need TF
+    # Select (the stage names them: tf.TensorListReserve); unrolled, it is plain builtin ops.
+    lstm = keras.Sequential([keras.Input((8, 8)), keras.layers.LSTM(64, unroll=True), keras.layers.Dense(10, activation="softmax")])
     lstm.compile("adam", "sparse_categorical_crossentropy")
     lstm.fit(rows(data.train[0]), data.train[1], epochs=epochs * 5, batch_size=32, verbose=0)
     out["LSTM (8 rows x 8)"] = (lstm, rows)
