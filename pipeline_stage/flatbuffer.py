@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,25 @@ from typing import Any
 
 def _enum_names(enum_cls: type) -> dict[int, str]:
     return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def text(value: Any) -> str:
+    """A flatbuffer string field as str (the object API gives bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_names() -> dict[int, str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return _enum_names(schema.BuiltinOperator)
+
+
+def op_code_name(op_code: Any) -> str:
+    """`CONV_2D`, or `CUSTOM:<code>` for custom and TF Select ops, for an OperatorCodeT."""
+    code = max(op_code.builtinCode, op_code.deprecatedBuiltinCode)
+    name = _builtin_names().get(code, str(code))
+    return f"CUSTOM:{text(op_code.customCode)}" if name == "CUSTOM" and op_code.customCode else name
 
 
 @dataclass(frozen=True)
@@ -55,15 +75,8 @@ def read(model_bytes: bytes) -> ModelInfo:
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
-    op_names = _enum_names(schema.BuiltinOperator)
     type_names = _enum_names(schema.TensorType)
-    codes = []
-    for oc in model.operatorCodes or []:
-        code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
-        name = op_names.get(code, str(code))
-        if name == "CUSTOM" and oc.customCode:
-            name = f"CUSTOM:{oc.customCode.decode() if isinstance(oc.customCode, bytes) else oc.customCode}"
-        codes.append(name)
+    codes = [op_code_name(oc) for oc in model.operatorCodes or []]
     ops: Counter = Counter()
     tensors: list[TensorInfo] = []
     buffers = model.buffers or []
@@ -78,7 +91,7 @@ def read(model_bytes: bytes) -> ModelInfo:
     for sg in model.subgraphs or []:
         local = []
         for t in sg.tensors or []:
-            name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+            name = text(t.name)
             signature = t.shapeSignature if t.shapeSignature is not None and len(t.shapeSignature) else t.shape
             shape = tuple(int(d) for d in (signature if signature is not None else ()))
             local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer)))
@@ -90,13 +103,10 @@ def read(model_bytes: bytes) -> ModelInfo:
             nodes.append(NodeInfo(codes[op.opcodeIndex], ins, outs))
     metadata = {}
     for md in model.metadata or []:
-        key = md.name.decode() if isinstance(md.name, bytes) else str(md.name)
+        key = text(md.name)
         buf = buffers[md.buffer] if 0 <= md.buffer < len(buffers) else None
         metadata[key] = bytes(buf.data) if buf is not None and buf.data is not None else b""
-    sigs = []
-    for sd in model.signatureDefs or []:
-        key = sd.signatureKey
-        sigs.append(key.decode() if isinstance(key, bytes) else str(key))
+    sigs = [text(sd.signatureKey) for sd in model.signatureDefs or []]
     return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs, nodes=nodes)
 
 
@@ -113,6 +123,6 @@ def add_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
     entry = schema.MetadataT()
     entry.name = name
     entry.buffer = len(model.buffers) - 1
-    kept = [m for m in (model.metadata or []) if (m.name.decode() if isinstance(m.name, bytes) else m.name) != name]
+    kept = [m for m in (model.metadata or []) if text(m.name) != name]
     model.metadata = kept + [entry]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))

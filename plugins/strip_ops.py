@@ -23,10 +23,6 @@ class StripParams(Params):
                                      description="Metadata entries to remove (conversion metadata by default).")
 
 
-def _s(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class StripOps(Step):
     """Keep only the named outputs and signatures, drop debug metadata, write ops.json."""
 
@@ -36,20 +32,19 @@ class StripOps(Step):
 
     def apply(self, model_bytes, ctx):
         import numpy as np
-        from ai_edge_litert import schema_py_generated as schema
         from ai_edge_litert.tools import flatbuffer_utils
 
-        from pipeline_stage.flatbuffer import _enum_names
+        from pipeline_stage.flatbuffer import op_code_name, text
 
         p = self.params
         model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
         sigs = model.signatureDefs or []
-        known_sigs = [_s(s.signatureKey) for s in sigs]
+        known_sigs = [text(s.signatureKey) for s in sigs]
         if p.signatures is not None:
             missing = sorted(set(p.signatures) - set(known_sigs))
             if missing:
                 raise InputError(f"strip_ops: no signature {missing} in the model (it has {known_sigs})")
-            sigs = [s for s in sigs if _s(s.signatureKey) in p.signatures]
+            sigs = [s for s in sigs if text(s.signatureKey) in p.signatures]
             model.signatureDefs = sigs
         removed_outputs: list[str] = []
         if p.outputs is not None:
@@ -57,33 +52,25 @@ class StripOps(Step):
                 raise InputError(f"strip_ops: `outputs` needs exactly one signature, the model has {len(sigs)}",
                                  hint="pick one with `signatures: [serving_default]`")
             sig = sigs[0]
-            names = [_s(o.name) for o in sig.outputs]
+            names = [text(o.name) for o in sig.outputs]
             missing = sorted(set(p.outputs) - set(names))
             if missing:
-                raise InputError(f"strip_ops: no output {missing} in signature `{_s(sig.signatureKey)}` (outputs: {names})")
+                raise InputError(f"strip_ops: no output {missing} in signature `{text(sig.signatureKey)}` (outputs: {names})")
             removed_outputs = [n for n in names if n not in p.outputs]
-            sig.outputs = [o for o in sig.outputs if _s(o.name) in p.outputs]
+            sig.outputs = [o for o in sig.outputs if text(o.name) in p.outputs]
             graph = model.subgraphs[sig.subgraphIndex]
             graph.outputs = np.array([o.tensorIndex for o in sig.outputs], dtype=np.int32)
             self._prune(graph)
-        dropped_metadata = [_s(m.name) for m in (model.metadata or []) if _s(m.name) in p.drop_metadata]
-        model.metadata = [m for m in (model.metadata or []) if _s(m.name) not in p.drop_metadata]
+        dropped_metadata = [text(m.name) for m in (model.metadata or []) if text(m.name) in p.drop_metadata]
+        model.metadata = [m for m in (model.metadata or []) if text(m.name) not in p.drop_metadata]
         self._clear_unused_buffers(model)
         out = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
-        op_names = _enum_names(schema.BuiltinOperator)
-        builtin, custom = set(), set()
-        for oc in model.operatorCodes or []:
-            code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
-            if op_names.get(code) == "CUSTOM":
-                custom.add(_s(oc.customCode))
-            else:
-                builtin.add((op_names.get(code, str(code)), int(oc.version)))
-        used = {(op_names.get(max(model.operatorCodes[o.opcodeIndex].builtinCode,
-                                    model.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode)), int(model.operatorCodes[o.opcodeIndex].version))
+        # what the remaining operators use: (name, version) is what a selective build registers
+        used = {(op_code_name(model.operatorCodes[o.opcodeIndex]), int(model.operatorCodes[o.opcodeIndex].version))
                 for g in model.subgraphs for o in (g.operators or [])}
-        ops = {"builtin_ops": [{"op": op, "version": v} for op, v in sorted(builtin & used)],
-               "custom_ops": sorted(custom)}
+        ops = {"builtin_ops": [{"op": op, "version": v} for op, v in sorted(used) if not op.startswith("CUSTOM")],
+               "custom_ops": sorted(op.split(":", 1)[1] for op, _ in used if op.startswith("CUSTOM:"))}
         path = Path(ctx.workdir) / "ops.json"
         path.write_text(json.dumps(ops, indent=2))
         ctx.artifacts["ops.json"] = path
