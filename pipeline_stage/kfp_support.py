@@ -49,26 +49,27 @@ def optimize(manifest: str, model_uri: str, tracking_uri: str, tflite_path: str,
             "registered_model": registered.get("name", "")}
 
 
-def resolve_model(model_uri: str, tracking_uri: str) -> str:
-    """Pin an alias to the version it points at now (models:/name@alias -> models:/name/N)."""
+def _client(tracking_uri: str):
+    """An MlflowClient for the given URI (empty: MLFLOW_TRACKING_URI), with the stage's settings."""
     import mlflow
 
-    from pipeline_stage.source import resolve
     from pipeline_stage.tracking import configure, resolve_tracking_uri
 
     configure(resolve_tracking_uri(tracking_uri or None))
-    info = resolve(model_uri, mlflow.MlflowClient())
+    return mlflow.MlflowClient()
+
+
+def resolve_model(model_uri: str, tracking_uri: str) -> str:
+    """Pin an alias to the version it points at now (models:/name@alias -> models:/name/N)."""
+    from pipeline_stage.source import resolve
+
+    info = resolve(model_uri, _client(tracking_uri))
     return f"models:/{info.name}/{info.version}" if info.name and info.version else model_uri
 
 
 def promote(name: str, version: str, alias: str, tracking_uri: str) -> str:
     """Move `alias` to `name`/`version`, refusing a version that did not pass its gates."""
-    import mlflow
-
-    from pipeline_stage.tracking import configure, resolve_tracking_uri
-
-    configure(resolve_tracking_uri(tracking_uri or None))
-    client = mlflow.MlflowClient()
+    client = _client(tracking_uri)
     mv = client.get_model_version(name, version)
     if mv.tags.get("pipeline_stage.passed") != "true":
         raise RuntimeError(f"refusing to promote {name}/{version}: its gates did not pass")
@@ -79,12 +80,7 @@ def promote(name: str, version: str, alias: str, tracking_uri: str) -> str:
 def pick_best(names: list[str], versions: list[str], passed: list[bool], objective: str, alias: str,
               tracking_uri: str) -> str:
     """Among the passing candidates, the one with the lowest `metric.<objective>` tag; promote it."""
-    import mlflow
-
-    from pipeline_stage.tracking import configure, resolve_tracking_uri
-
-    configure(resolve_tracking_uri(tracking_uri or None))
-    client = mlflow.MlflowClient()
+    client = _client(tracking_uri)
     best = None
     sources = set()
     for name, version, ok in zip(names, versions, passed):

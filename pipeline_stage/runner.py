@@ -20,6 +20,7 @@ from pipeline_stage.evaluate import Evaluation, check_input_shape, default_threa
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest
 from pipeline_stage.plugins import Registry
 from pipeline_stage.report import to_markdown
+from pipeline_stage.source import first_output
 from pipeline_stage.steps import ConversionSettings, Phase, Step, StepContext, StepRecord
 from pipeline_stage.tracking import configure, preflight, redact
 
@@ -331,7 +332,7 @@ class Stage:
                 keras_model = self._apply(step, i, keras_model, ctx)
                 model_now = keras_model
                 metrics = self.measure(self._prediction_metrics(per_step), model_bytes=None,
-                                       predict=lambda x: np.asarray(_first_output(
+                                       predict=lambda x: np.asarray(first_output(
                                            model_now.predict(x, batch_size=m.evaluation.batch_size, verbose=0))))
             elif step.phase is Phase.CONVERT:
                 self._apply(step, i, settings, ctx)
@@ -411,14 +412,6 @@ def _flex_ops(model_bytes: bytes) -> list[str]:
     from pipeline_stage.flatbuffer import read
 
     return sorted(op.split(":", 1)[1] for op in read(model_bytes).ops if op.startswith("CUSTOM:Flex"))
-
-
-def _first_output(out: Any) -> Any:
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    if isinstance(out, (list, tuple)):
-        return out[0]
-    return out
 
 
 def run_stage(loaded: LoadedManifest, registry: Registry, options: RunOptions) -> dict[str, Any]:

@@ -72,11 +72,16 @@ class SourceModel:
                 res = fn(**{name: tf.constant(x[start:start + batch_size])})
                 chunks.append(next(iter(res.values())).numpy())
             out = np.concatenate(chunks)
-        if isinstance(out, dict):
-            out = next(iter(out.values()))
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return np.asarray(out)
+        return np.asarray(first_output(out))
+
+
+def first_output(out: Any) -> Any:
+    """The first output of a model that returns a dict or a list of outputs (the evaluated one)."""
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    if isinstance(out, (list, tuple)):
+        return out[0]
+    return out
 
 
 def resolve(uri: str, client) -> SourceInfo:
