@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -26,6 +27,13 @@ def _converter(tf, model: Any, saved_model_dir=None):
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
+def sparse_storage(settings: ConversionSettings) -> bool:
+    """Whether pruned weights are stored in the sparse (block) format: float models only. A sparse
+    int8 FULLY_CONNECTED fails to prepare in LiteRT 2.3's XNNPACK at batch > 1 (checked), while
+    the dense int8 zeros still compress well (the `gzip_size_bytes` metric)."""
+    return settings.sparsity and settings.quantization in (None, "float16")
+
+
 def build_converter(source: "SourceModel | None", settings: ConversionSettings, *, keras_model: Any = None,
                     representative: "Dataset | None" = None):
     """A TFLiteConverter set up as `settings` ask (analysis steps reuse it, e.g. the quantization debugger)."""
@@ -36,6 +44,8 @@ def build_converter(source: "SourceModel | None", settings: ConversionSettings, 
     mode = settings.quantization
     if mode is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if sparse_storage(settings):
+        converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY, *converter.optimizations]
     if mode in ("int8", "int16x8"):
         if representative is None:
             raise InputError(f"quantization `{mode}` needs representative data", hint="add `data: {calibration: <URI>}`")
@@ -77,14 +87,56 @@ def _selective(converter, settings: ConversionSettings, representative: "Dataset
     return bytes(debugger.get_nondebug_quantized_model())
 
 
+def _qat(source: "SourceModel", settings: ConversionSettings, keras_model: Any, representative: "Dataset | None",
+         training: "Dataset | None", log_path: Path, log) -> bytes:
+    """Quantization-aware fine-tuning with tfmot in the tf_keras child, converted to int8 there."""
+    from pipeline_stage.legacy_keras import run_task
+
+    model = keras_model if keras_model is not None else source.keras_model
+    if model is None:
+        raise InputError("quantize mode qat fine-tunes a Keras model, but the source is a SavedModel",
+                         hint="log the model with mlflow.tensorflow.log_model, or use mode int8")
+    if training is None or representative is None:
+        raise InputError("quantize mode qat needs `training` and calibration data", hint="add them under `data:`")
+    folder = log_path.parent / "qat"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "train.npz", x=training.x, **({"y": training.y} if training.y is not None else {}))
+    np.savez(folder / "calib.npz", x=representative.x[: settings.calibration_samples])
+    io = "int8" if settings.inference_input_type == "int8" else "float"
+    run_task({"task": "qat", "training": str(folder / "train.npz"), "calibration": str(folder / "calib.npz"),
+              "params": {**settings.fine_tune, "calibration_samples": settings.calibration_samples}, "io": io,
+              "seed": settings.fine_tune.get("seed", 0)}, model, folder, log=log)
+    log_path.write_text((folder / "worker.log").read_text(errors="replace"))  # the conversion's log, as for the others
+    return (folder / "model.tflite").read_bytes()
+
+
 def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model: Any = None,
-            representative: "Dataset | None" = None, log_path: Path | None = None) -> bytes:
+            representative: "Dataset | None" = None, training: "Dataset | None" = None,
+            log_path: Path | None = None, log=lambda msg: None) -> bytes:
     """Convert the (possibly transformed) model once, as `settings` ask.
 
     :param keras_model: the model after the `model` phase (defaults to the source's Keras model).
     :param representative: calibration data when the settings need it.
+    :param training: fine-tuning data (mode qat).
     :param log_path: where the converter's own output goes (a temporary file when None).
+    :param log: progress lines of long work (qat epochs).
     """
+    if settings.quantization == "qat":
+        path = log_path if log_path is not None else Path(tempfile.mkdtemp(prefix="qat-")) / "convert.log"
+        return _qat(source, settings, keras_model, representative, training, path, log)
+    if settings.engine == "litert" and settings.quantization is not None:
+        from pipeline_stage.litert_quantize import quantize
+
+        float_settings = dataclasses.replace(settings, quantization=None, engine="converter", keep_float_ops=[],
+                                             keep_float_nodes=[])
+        float_bytes = convert(source, float_settings, keras_model=keras_model, log_path=log_path)
+        try:
+            return quantize(float_bytes, settings, representative)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"the LiteRT Quantizer failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             hint="try engine converter for this model") from None
     converter = build_converter(source, settings, keras_model=keras_model, representative=representative)
     own_log = log_path is None
     if own_log:

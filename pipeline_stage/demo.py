@@ -57,6 +57,49 @@ def train_digits_cnn(data: DigitsData, *, epochs: int = 12, seed: int = 0):
     return model
 
 
+def raw_digits_data(size: int = 16, seed: int = 0) -> DigitsData:
+    """The same digits, bilinearly upscaled to `size` x `size` and left in raw 0..255 pixel units
+    (MNIST's units, fed without normalization: the BatchNorm layers are trusted to normalize)."""
+    from pipeline_stage._tf import import_tf
+
+    tf = import_tf()
+    data = digits_data(seed)
+
+    def up(x):
+        return (tf.image.resize(x * 255.0, (size, size), method="bilinear").numpy()).astype(np.float32)
+
+    return DigitsData(*((up(x), y) for x, y in (data.train, data.calibration, data.evaluation)))
+
+
+def train_bn_after_relu_cnn(data: DigitsData, *, epochs: int = 8, seed: int = 0):
+    """A CNN with BatchNormalization *after* each ReLU (Conv-ReLU-BN-MaxPool x2, Dense), trained on
+    :func:`raw_digits_data`: ~97% top-1 in Keras, but plain full-int8 conversion collapses it.
+
+    How it breaks, honestly: the converter leaves a BN after an activation as MUL+ADD. On raw pixel
+    units the active channels before the first BN have variances in the thousands while rarely
+    firing channels have tiny ones, so the BN's per-channel scales span ~1000x (0.016..17.5 here):
+    one per-tensor int8 scale for the ReLU output and one for the MUL's constant wipe out the small
+    channels. `fuse` moves each scale backward into the convolution (exact), after which int8 keeps
+    the accuracy.
+    """
+    from pipeline_stage._tf import import_tf
+
+    import_tf()
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    size = data.train[0].shape[1]
+    layers: list = [keras.Input((size, size, 1), name="image")]
+    for filters in (16, 32):
+        layers += [keras.layers.Conv2D(filters, 3, padding="same"), keras.layers.ReLU(),
+                   keras.layers.BatchNormalization(momentum=0.9), keras.layers.MaxPooling2D()]
+    layers += [keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax", name="probabilities")]
+    model = keras.Sequential(layers, name="digits_bn_after_relu")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(*data.train, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
 def log_source_model(model, data: DigitsData, *, name: str = DEMO_MODEL_NAME, alias: str | None = DEMO_ALIAS,
                      experiment: str = "pipeline-stage-demo") -> dict[str, Any]:
     """Log `model` and its data (data/{train,calib,eval}.npz) to one run; register and alias it."""

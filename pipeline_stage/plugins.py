@@ -39,6 +39,7 @@ OWN_DISTRIBUTION = "pipeline-stage"
 DEFAULT_PLUGINS = (
     "pipeline_stage_plugins.quantize",
     "pipeline_stage_plugins.fuse",
+    "pipeline_stage_plugins.prune",
     "pipeline_stage_plugins.delegates",
     "pipeline_stage_plugins.strip_ops",
     "pipeline_stage_plugins.analyze",

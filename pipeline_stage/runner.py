@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -310,8 +311,9 @@ class Stage:
             if not transformed and settings.quantization is None and not settings.set_by:
                 out = float_bytes  # nothing asked of the conversion: the baseline's is the same one
             else:
+                training = self.load_data(settings.training_data) if settings.training_data else None
                 out = convert(src, settings, keras_model=keras_model, representative=representative(settings),
-                              log_path=self.workdir / "convert.log")
+                              training=training, log_path=self.workdir / "convert.log", log=self._progress("convert"))
                 run.log_artifact(self.workdir / "convert.log")
             fb = read_flatbuffer(out)
             report["conversion"] = {"settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "set_by"},
@@ -322,8 +324,8 @@ class Stage:
             if step.phase is Phase.TFLITE and model_bytes is None:
                 model_bytes = do_convert()
             self.hook.before_step(step=step, index=i, context=context)
-            ctx = StepContext(workdir=self.workdir, load_data=self.load_data, log=lambda msg: None,
-                              model=keras_model, conversion=settings if model_bytes is not None else None)
+            ctx = StepContext(workdir=self.workdir, load_data=self.load_data, log=self._progress(step.name),
+                              model=keras_model, conversion=settings)
             t = time.perf_counter()
             if step.phase is Phase.MODEL:
                 if keras_model is None:
@@ -365,6 +367,14 @@ class Stage:
         gates, passed = evaluate_gates(m.gates, candidate, baseline, higher)
         report["gates"], report["passed"] = gates, passed
         self.hook.after_gates(results=gates, passed=passed, context=context)
+
+    def _progress(self, label: str):
+        """Progress lines of long work (epochs, trials) on stderr: plain lines, so they read well in
+        a terminal and in Kubeflow's pod logs alike; `--quiet` silences them."""
+        def log(message: str) -> None:
+            if not self.options.quiet:
+                print(f"[{label}] {message}", file=sys.stderr, flush=True)
+        return log
 
     def _prediction_metrics(self, names: list[str]) -> list[str]:
         return [n for n in names if self.registry.metrics[n].cls.uses == "predictions"]

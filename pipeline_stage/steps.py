@@ -85,7 +85,8 @@ class ConversionSettings:
     at its default means "what the converter does by default".
     """
 
-    quantization: str | None = None  # None (float) | dynamic | int8 | float16 | int16x8
+    quantization: str | None = None  # None (float) | dynamic | int8 | float16 | int16x8 | qat
+    engine: str = "converter"  # converter (quantize during conversion) | litert (LiteRT Quantizer on the float model)
     inference_input_type: str = "float32"  # float32 | int8 | int16
     inference_output_type: str = "float32"
     representative_data: str | None = None  # data set name: calibration | training
@@ -94,6 +95,9 @@ class ConversionSettings:
     allow_custom_ops: bool = False
     keep_float_ops: list[str] = field(default_factory=list)  # op types left in float (selective int8)
     keep_float_nodes: list[str] = field(default_factory=list)  # node output tensor names left in float
+    sparsity: bool = False  # store pruned weights sparsely where the converter can
+    fine_tune: dict[str, Any] = field(default_factory=dict)  # qat: epochs, batch_size, learning_rate, seed
+    training_data: str | None = None  # data set name the qat fine-tuning uses
     set_by: dict[str, str] = field(default_factory=dict)  # setting -> step that set it
 
     def claim(self, setting: str, step_name: str) -> None:
@@ -120,7 +124,9 @@ class StepContext:
     artifacts: dict[str, Any] = field(default_factory=dict)  # name -> path, logged to the run
     log: Callable[[str], None] = print
     model: Any = None  # for `tflite` steps: the Keras model that was converted (None for a SavedModel)
-    conversion: "ConversionSettings | None" = None  # for `tflite` steps: how it was converted
+    # The one conversion's settings: `model` steps may add to them (prune asks for sparse storage),
+    # `tflite` steps read how the model was converted.
+    conversion: "ConversionSettings | None" = None
 
 
 @dataclass

@@ -12,7 +12,16 @@ branches):
   already normalized when they are quantized) and the shift `t` moves forward into the next linear
   layer's bias. That is exact when nothing between them breaks per-channel constants: max/average
   pooling, dropout and flatten pass them through; a convolution with `valid` padding (or a 1x1
-  kernel) or a Dense layer absorbs them. Anything else leaves that BN alone, and the report says why.
+  kernel) or a Dense layer absorbs them. When the shift cannot move (the next convolution pads with
+  zeros), the scale still moves backward and the BN stays as a per-channel add only: also exact,
+  and the add is harmless to int8 once the channels are normalized. Anything else leaves that BN
+  alone, and the report says why.
+
+Where no BN remains, ``equalize: true`` applies cross-layer equalization (Nagel et al., 2019): for
+two linear layers with a ReLU between them, output channel i of the first is divided by s_i and
+input channel i of the second multiplied by s_i, with s_i = sqrt(r1_i / r2_i) from the channels'
+weight ranges, so both see the same per-channel range. Exact for the same reason (ReLU(z/s) =
+ReLU(z)/s); it helps per-tensor int8 activations and per-channel int8 weights alike.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ SHIFT_TRANSPARENT = ("MaxPooling2D", "AveragePooling2D", "Dropout", "Flatten", "
 
 class FuseParams(Params):
     batchnorm: bool = Field(True, description="Fold BatchNormalization layers into neighbouring linear layers.")
+    equalize: bool = Field(False, description="Cross-layer equalization of consecutive linear layers with a ReLU/LeakyReLU "
+                                              "between them (after BN folding), for models without BN.")
     tolerance: float = Field(1e-3, gt=0, description="Largest allowed output difference (max abs) between the "
                                                       "model before and after; larger means a bug, and the step fails.")
 
@@ -82,9 +93,9 @@ class Fuse(Step):
         layers = _chain_layers(model)
         bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
         notes: dict[str, Any] = {"batchnorm_layers": len(bns), "folded_into_previous": [], "scale_backward_shift_forward": [],
-                                 "left_alone": []}
+                                 "scale_backward_shift_kept": [], "left_alone": []}
         ctx.notes.update(notes)
-        if not self.params.batchnorm or not bns:
+        if not (self.params.batchnorm and bns) and not self.params.equalize:
             return model
         if layers is None:
             notes["left_alone"].extend({"layer": l.name, "reason": "the model branches; fuse folds chains only"} for l in bns)
@@ -92,6 +103,7 @@ class Fuse(Step):
         weights = {id(l): [_np(w) for w in l.weights] for l in layers}
         configs = {id(l): l.get_config() for l in layers}
         drop: set[int] = set()
+        changed = False
 
         def kernel_bias(layer) -> tuple[np.ndarray, np.ndarray]:
             w = weights[id(layer)]
@@ -104,7 +116,7 @@ class Fuse(Step):
             configs[id(layer)]["use_bias"] = True
 
         for i, bn in enumerate(layers):
-            if type(bn).__name__ != "BatchNormalization":
+            if not self.params.batchnorm or type(bn).__name__ != "BatchNormalization":
                 continue
             if bn.get_config().get("axis") not in (-1, [-1], len(bn.input.shape) - 1, [len(bn.input.shape) - 1]):
                 notes["left_alone"].append({"layer": bn.name, "reason": "normalizes an axis other than the last"})
@@ -130,7 +142,16 @@ class Fuse(Step):
                 continue
             target, reason, tile = self._shift_target(layers, i)
             if target is None:
-                notes["left_alone"].append({"layer": bn.name, "reason": reason})
+                cfg = bn.get_config()
+                if not (cfg.get("center", True) and cfg.get("scale", True)):
+                    notes["left_alone"].append({"layer": bn.name, "reason": reason})
+                    continue
+                # Scale backward anyway; the BN keeps only the shift (gamma 1, mean 0, var 1 - eps).
+                kernel, bias = kernel_bias(producer)
+                set_kernel_bias(producer, self._scale_out(producer, kernel, s), bias * s)
+                weights[id(bn)] = [np.ones_like(s), t, np.zeros_like(s), np.full_like(s, 1.0 - bn.epsilon)]
+                changed = True
+                notes["scale_backward_shift_kept"].append({"layer": bn.name, "reason": reason})
                 continue
             kernel, bias = kernel_bias(producer)
             set_kernel_bias(producer, self._scale_out(producer, kernel, s), bias * s)
@@ -145,7 +166,11 @@ class Fuse(Step):
             set_kernel_bias(target, k2, b2)
             drop.add(id(bn))
             notes["scale_backward_shift_forward"].append(bn.name)
-        if not drop:
+        if self.params.equalize:
+            kept = [l for l in layers if id(l) not in drop]
+            notes["equalized"] = self._equalize(kept, weights, kernel_bias, set_kernel_bias)
+            changed = changed or bool(notes["equalized"])
+        if not drop and not changed:
             return model
 
         kept = [l for l in layers if id(l) not in drop]
@@ -161,6 +186,55 @@ class Fuse(Step):
         notes["batchnorm_layers_after"] = len(bns) - len(drop)
         ctx.notes.update(notes)
         return fused
+
+    @staticmethod
+    def _equalize(kept, weights, kernel_bias, set_kernel_bias, passes: int = 4) -> list[dict[str, Any]]:
+        """Cross-layer equalization over each linear -> ReLU-like -> (pooling, flatten, dropout) ->
+        linear pair in the chain; returns the pairs with their range spread before and after."""
+        pairs = []
+        for i, first in enumerate(kept):
+            if type(first).__name__ not in ("Conv2D", "Dense"):
+                continue
+            act = _act_name(first)
+            j = i + 1
+            if act == "linear" and j < len(kept) and _act_name(kept[j]) in ("relu", "leaky_relu") and type(kept[j]).__name__ not in LINEAR:
+                act, j = _act_name(kept[j]), j + 1
+            if act not in ("relu", "leaky_relu"):
+                continue
+            tile = 1
+            while j < len(kept) and type(kept[j]).__name__ in SHIFT_TRANSPARENT and type(kept[j]).__name__ != "GlobalAveragePooling2D":
+                if type(kept[j]).__name__ == "Flatten":
+                    shape = kept[j].input.shape
+                    tile = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+                j += 1
+            if j < len(kept) and type(kept[j]).__name__ in ("Conv2D", "Dense") and (tile == 1 or type(kept[j]).__name__ == "Dense"):
+                pairs.append((first, kept[j], tile))
+        report = []
+        for first, second, tile in pairs:
+            spread_before = None
+            for _ in range(passes):
+                k1, b1 = kernel_bias(first)
+                k2, b2 = kernel_bias(second)
+                channels = k1.shape[-1]
+                r1 = np.abs(k1).reshape(-1, channels).max(axis=0)
+                # Input channel c of the second layer: axis -2 of a conv kernel; rows c, c+C, ... of a Dense
+                # kernel after flatten (channels-last flatten order).
+                rows = np.abs(k2).reshape(-1, channels, k2.shape[-1]) if tile > 1 else np.moveaxis(np.abs(k2), -2, 0).reshape(channels, -1).T[None]
+                r2 = rows.max(axis=(0, 2)) if tile > 1 else rows[0].max(axis=0)
+                if spread_before is None:
+                    spread_before = float(r1.max() / max(r1.min(), 1e-12))
+                ok = (r1 > 1e-12) & (r2 > 1e-12)
+                scale = np.where(ok, np.sqrt(np.where(ok, r1, 1) / np.where(ok, r2, 1)), 1.0)
+                set_kernel_bias(first, k1 / scale, b1 / scale)
+                if tile > 1:
+                    k2 = (k2.reshape(-1, channels, k2.shape[-1]) * scale[None, :, None]).reshape(k2.shape)
+                else:
+                    k2 = np.moveaxis(np.moveaxis(k2, -2, -1) * scale, -1, -2)
+                set_kernel_bias(second, k2, b2)
+            r1 = np.abs(kernel_bias(first)[0]).reshape(-1, channels).max(axis=0)
+            report.append({"layers": [first.name, second.name], "channel_range_spread_before": round(spread_before, 3),
+                           "channel_range_spread_after": round(float(r1.max() / max(r1.min(), 1e-12)), 3)})
+        return report
 
     @staticmethod
     def _scale_shift(bn) -> tuple[np.ndarray, np.ndarray]:

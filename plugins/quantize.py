@@ -1,4 +1,9 @@
-"""Built-in step `quantize`: post-training quantization settings for the one TFLite conversion."""
+"""Built-in step `quantize`: quantization settings for the one TFLite conversion.
+
+Post-training modes run in the converter (``engine: converter``) or, on the float model, in the
+LiteRT Quantizer (``engine: litert``). ``mode: qat`` fine-tunes a quantization-aware copy of the
+model with tfmot (through the tf_keras bridge, in a child process) and converts that to int8.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,18 @@ from pipeline_stage import ConversionSettings, Params, Phase, Step, StepContext,
 
 
 class QuantizeParams(Params):
-    mode: Literal["dynamic", "int8", "float16", "int16x8"] = Field(
+    mode: Literal["dynamic", "int8", "float16", "int16x8", "qat"] = Field(
         "int8",
         description=(
             "dynamic: int8 weights, float activations; int8: full integer (weights and activations, "
-            "calibrated); float16: float16 weights; int16x8: int16 activations with int8 weights (calibrated)."
+            "calibrated); float16: float16 weights; int16x8: int16 activations with int8 weights (calibrated); "
+            "qat: quantization-aware training (tfmot) on the `training` data for `qat_epochs`, then full int8."
         ),
     )
+    engine: Literal["converter", "litert"] = Field(
+        "converter", description=(
+            "converter: quantize during TFLite conversion; litert: convert to float, then quantize with the "
+            "LiteRT Quantizer (litert-quantizer; Google's recommended route). Modes dynamic, int8, int16x8."))
     io: Literal["float", "int8", "int16"] = Field(
         "float",
         description="Input/output tensor type: `float` keeps float I/O; `int8` (mode int8) or `int16` (mode int16x8) makes I/O integer too.",
@@ -29,39 +39,54 @@ class QuantizeParams(Params):
         "quantization debugger denylists them."))
     keep_float_nodes: list[str] = Field(default_factory=list, description=(
         "Selective quantization (mode int8): nodes kept in float, by output tensor name (see `analyze`)."))
+    qat_epochs: int = Field(2, ge=1, le=1000, description="mode qat: fine-tuning epochs on the `training` data.")
+    qat_learning_rate: float = Field(1e-4, gt=0, lt=1, description="mode qat: Adam learning rate.")
+    qat_batch_size: int = Field(32, ge=1, le=65536, description="mode qat: fine-tuning batch size.")
+    seed: int = Field(0, description="mode qat: random seed of the fine-tuning.")
 
     @model_validator(mode="after")
     def _io_fits_mode(self) -> "QuantizeParams":
-        allowed = {"int8": {"float", "int8"}, "int16x8": {"float", "int16"}}.get(self.mode, {"float"})
+        allowed = {"int8": {"float", "int8"}, "qat": {"float", "int8"}, "int16x8": {"float", "int16"}}.get(self.mode, {"float"})
+        if self.engine == "litert":
+            allowed = {"float"}
+            if self.mode not in ("dynamic", "int8", "int16x8"):
+                raise ValueError(f"engine litert offers modes dynamic, int8 and int16x8, not `{self.mode}`; use engine converter")
         if self.io not in allowed:
-            raise ValueError(f"io `{self.io}` does not fit mode `{self.mode}`; use one of {sorted(allowed)}")
+            raise ValueError(f"io `{self.io}` does not fit mode `{self.mode}` with engine `{self.engine}`; use one of {sorted(allowed)}")
         if (self.keep_float_ops or self.keep_float_nodes) and self.mode != "int8":
             raise ValueError("keep_float_ops / keep_float_nodes select what stays float in a full-int8 model: use mode int8")
         return self
 
 
 class Quantize(Step):
-    """Post-training quantization: dynamic range, full int8, float16 or int16x8."""
+    """Quantization: dynamic range, full int8, float16, int16x8 (post-training) or qat; two engines."""
 
     name = "quantize"
     phase = Phase.CONVERT
     Params = QuantizeParams
 
     def required_data(self) -> set[str]:
+        if self.params.mode == "qat":
+            return {"training", self.params.calibration_data}
         return {self.params.calibration_data} if self.params.mode in ("int8", "int16x8") else set()
 
     def apply(self, settings: ConversionSettings, ctx: StepContext) -> None:
         p = self.params
         settings.claim("quantization", self.name)
         settings.quantization = p.mode
-        if p.mode in ("int8", "int16x8"):
+        settings.engine = p.engine
+        if p.mode == "qat":
+            settings.training_data = "training"
+            settings.fine_tune = {"epochs": p.qat_epochs, "learning_rate": p.qat_learning_rate,
+                                  "batch_size": p.qat_batch_size, "seed": p.seed}
+        if p.mode in ("int8", "int16x8", "qat"):
             settings.representative_data = p.calibration_data
             settings.calibration_samples = p.calibration_samples
         settings.keep_float_ops = [op.upper() for op in p.keep_float_ops]
         settings.keep_float_nodes = list(p.keep_float_nodes)
         io_type = {"float": "float32", "int8": "int8", "int16": "int16"}[p.io]
         settings.inference_input_type = settings.inference_output_type = io_type
-        ctx.notes["conversion"] = {"quantization": p.mode, "io": io_type}
+        ctx.notes["conversion"] = {"quantization": p.mode, "io": io_type, "engine": p.engine}
         if p.keep_float_ops or p.keep_float_nodes:
             ctx.notes["conversion"]["kept_float"] = {"ops": settings.keep_float_ops, "nodes": settings.keep_float_nodes}
 

@@ -106,6 +106,17 @@ def digits_source(mlflow_server, digits_model, digits_data):
     return log_source_model(digits_model, digits_data)
 
 
+@pytest.fixture(scope="session")
+def collapse_source(mlflow_server):
+    """The BN-after-ReLU CNN on raw 16x16 digits (pipeline_stage.demo.train_bn_after_relu_cnn), whose
+    plain full-int8 conversion collapses; logged as `digits-bn-raw@champion`."""
+    from pipeline_stage.demo import log_source_model, raw_digits_data, train_bn_after_relu_cnn
+
+    data = raw_digits_data()
+    model = train_bn_after_relu_cnn(data)
+    return log_source_model(model, data, name="digits-bn-raw", alias="champion")
+
+
 @pytest.fixture(autouse=True)
 def fresh_registry():
     """Each test builds the plugin registry anew (tests install and remove plugins)."""

@@ -84,13 +84,18 @@ def test_bn_cases_that_cannot_fold_exactly_are_left_and_explained():
                      keras.layers.Flatten(), keras.layers.Dense(2))
     negative.layers[1].set_weights([np.array([1.0, -1.0, 1.0, 1.0]), np.zeros(4), np.zeros(4), np.ones(4)])
     reasons = {}
-    for name, m in (("relu6", relu6), ("same", same), ("negative", negative)):
+    for name, m in (("relu6", relu6), ("negative", negative)):
         fused, notes = _fuse(m)
         assert fused is m and len(notes["left_alone"]) == 1
         reasons[name] = notes["left_alone"][0]["reason"]
     assert "not positively homogeneous" in reasons["relu6"]
-    assert "'same'" in reasons["same"]
     assert "not positive" in reasons["negative"]
+    # A shift does not pass zero padding: the scale still moves backward, the BN keeps only the shift.
+    fused, notes = _fuse(same)
+    assert not notes["left_alone"] and "'same'" in notes["scale_backward_shift_kept"][0]["reason"]
+    bn = next(layer for layer in fused.layers if isinstance(layer, keras.layers.BatchNormalization))
+    gamma, _, mean, _ = bn.get_weights()
+    assert np.allclose(gamma, 1) and np.allclose(mean, 0)
 
     inp = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(4, 3, activation="relu")(inp)
@@ -115,3 +120,50 @@ def test_fold_into_previous_and_through_pooling_is_exact():
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in fused.layers)
     x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32)
     assert np.max(np.abs(m.predict(x, verbose=0) - fused.predict(x, verbose=0))) < 1e-4
+
+
+COLLAPSE = ("model: models:/digits-bn-raw@champion\n"
+            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+            "chain:\n%s"
+            "evaluation: {metrics: [accuracy, size_bytes]}\n"
+            "gates:\n  - {metric: accuracy, max_drop: 0.01}\n")
+
+
+def test_fuse_rescues_int8_where_plain_int8_collapses(collapse_source, tmp_path):
+    """The issue's case: BN after ReLU on real data; plain int8 fails the gate, fuse + int8 passes."""
+    plain = invoke("run", str(write_manifest(tmp_path, COLLAPSE % "  - quantize: {mode: int8}\n", "plain.yaml")),
+                   "--report", str(tmp_path / "plain.json"))
+    assert plain.exit_code == 3, plain.output
+    plain_report = read_report(tmp_path / "plain.json")
+    keras_acc = plain_report["baseline"]["accuracy"]
+    assert keras_acc > 0.95
+    assert plain_report["candidate"]["accuracy"] < keras_acc - 0.1  # collapses, not a rounding loss
+
+    fused = invoke("run", str(write_manifest(tmp_path, COLLAPSE % "  - fuse: {}\n  - quantize: {mode: int8}\n", "fused.yaml")),
+                   "--report", str(tmp_path / "fused.json"))
+    assert fused.exit_code == 0, fused.output
+    report = read_report(tmp_path / "fused.json")
+    assert report["candidate"]["accuracy"] >= keras_acc - 0.01
+    notes = report["steps"][0]["notes"]
+    # The first BN's next conv pads with zeros: its scale moves backward, its shift stays as an add.
+    assert [n["layer"] for n in notes["scale_backward_shift_kept"]] and notes["scale_backward_shift_forward"]
+    assert notes["max_abs_output_difference"] < 1e-3
+    assert report["conversion"]["flatbuffer"]["weight_dtypes"] and "INT8" in str(report["conversion"]["flatbuffer"]["activation_dtypes"])
+
+
+def test_cross_layer_equalization_is_exact_and_balances_channels():
+    import keras
+
+    keras.utils.set_random_seed(5)
+    m = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(6, 3, activation="relu"), keras.layers.MaxPooling2D(),
+                          keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(), keras.layers.Dense(3)])
+    k, b = m.layers[0].get_weights()
+    m.layers[0].set_weights([k * np.array([100.0, 0.01, 1, 5, 0.2, 1]), b])  # channel ranges 10,000x apart
+    fused, notes = _fuse(m, equalize=True)
+    eq = {tuple(e["layers"]): e for e in notes["equalized"]}
+    first = eq[(m.layers[0].name, m.layers[2].name)]
+    assert first["channel_range_spread_before"] > 1000 and first["channel_range_spread_after"] < 100
+    assert (m.layers[2].name, m.layers[4].name) in eq  # through Flatten into Dense
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32)
+    ref = m.predict(x, verbose=0)
+    assert np.max(np.abs(ref - fused.predict(x, verbose=0))) < 1e-4 * max(1.0, np.abs(ref).max())

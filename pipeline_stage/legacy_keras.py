@@ -1,0 +1,164 @@
+"""The bridge to tensorflow-model-optimization: Keras 3 model -> tf_keras, work there, results back.
+
+tfmot (pruning, quantization-aware training) works only on tf_keras models, and tf_keras is
+selected by ``TF_USE_LEGACY_KERAS=1`` before TensorFlow is imported: that cannot happen in a
+process that already runs Keras 3. So the parent writes the model as a plain graph description
+(layer class, config, inbound layers) plus its weights, and a child process
+(``python -m pipeline_stage.legacy_worker``) rebuilds it with tf_keras, runs the task and writes
+back weights (pruning) or a .tflite (QAT). Only standard Keras layers cross the bridge; anything
+else is a clear :class:`InputError` naming the layer, before the child starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline_stage.errors import InputError, PluginError
+
+# Layers tf_keras has under the same name with a compatible config and weight order.
+BRIDGEABLE = frozenset({
+    "InputLayer", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense", "BatchNormalization",
+    "ReLU", "LeakyReLU", "Activation", "Softmax", "MaxPooling1D", "MaxPooling2D", "AveragePooling1D",
+    "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
+    "Dropout", "Reshape", "ZeroPadding2D", "Add", "Multiply", "Concatenate", "Rescaling", "LayerNormalization",
+    "Embedding", "Permute", "UpSampling2D",
+})
+# Keras 3 config keys tf_keras does not know; they carry no meaning for a float model of these layers.
+KERAS3_ONLY_KEYS = ("quantization_config", "lora_rank", "lora_alpha", "lora_enabled", "synchronized")
+
+
+def _keras_tensors(obj: Any):
+    """The (layer, node, tensor) histories inside a Keras 3 inbound-node structure."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            yield obj["config"]["keras_history"]
+        else:
+            for v in obj.values():
+                yield from _keras_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _keras_tensors(v)
+
+
+def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in config.items() if k not in KERAS3_ONLY_KEYS}
+    dtype = out.get("dtype")
+    if isinstance(dtype, dict):  # Keras 3 DTypePolicy -> the plain name tf_keras expects
+        out["dtype"] = dtype.get("config", {}).get("name", "float32")
+    for key in list(out):
+        # Weights are copied across, so initializers do not matter; their Keras 3 serialization does not
+        # always deserialize in tf_keras.
+        if key.endswith("_initializer"):
+            out.pop(key)
+    return out
+
+
+def describe_graph(model) -> dict[str, Any]:
+    """A tf_keras-buildable description of a Keras 3 Sequential or functional model.
+
+    :raises InputError: for a layer without a tf_keras counterpart, a nested model or a shared layer.
+    """
+    config = model.get_config()
+    layers_cfg = config.get("layers", [])
+    graph: dict[str, Any] = {"name": model.name, "layers": [], "outputs": []}
+    sequential = type(model).__name__ == "Sequential"
+    previous = None
+    if sequential:
+        shape = list(model.inputs[0].shape)
+        graph["layers"].append({"name": "input", "class_name": "InputLayer", "config": {"batch_shape": shape}, "inbound": []})
+        previous = "input"
+    for entry in layers_cfg:
+        cls = entry["class_name"]
+        cfg = entry["config"]
+        name = cfg.get("name") or entry.get("name")
+        if cls in ("Sequential", "Functional", "Model"):
+            raise InputError(f"layer `{name}` is a nested model; the tf_keras bridge (prune, qat) needs a flat model",
+                             hint="flatten the model before logging it, or drop prune/qat from the chain")
+        if cls not in BRIDGEABLE:
+            raise InputError(f"layer `{name}` ({cls}) has no tf_keras counterpart, so prune/qat cannot use this model",
+                             hint=f"use standard Keras layers ({', '.join(sorted(BRIDGEABLE)[:8])}, ...) or drop prune/qat")
+        if sequential:
+            if cls == "InputLayer":
+                continue
+            inbound = [previous]
+        else:
+            nodes = entry.get("inbound_nodes", [])
+            if len(nodes) > 1:
+                raise InputError(f"layer `{name}` is shared (called {len(nodes)} times); the tf_keras bridge needs each layer called once",
+                                 hint="give each call its own layer")
+            inbound = [h[0] for h in _keras_tensors(nodes)]
+        graph["layers"].append({"name": name, "class_name": cls, "config": _clean_config(cfg), "inbound": inbound})
+        previous = name
+    if sequential:
+        graph["outputs"] = [previous]
+    else:
+        outs = config["output_layers"]
+        graph["outputs"] = [outs[0]] if isinstance(outs[0], str) else [o[0] for o in outs]
+    return graph
+
+
+def write_model(model, folder: Path) -> None:
+    """Graph description + weights of `model` into `folder` (graph.json, weights.npz)."""
+    graph = describe_graph(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "graph.json").write_text(json.dumps(graph, default=str))
+    arrays = {}
+    for layer in model.layers:
+        for i, w in enumerate(layer.get_weights()):
+            arrays[f"{layer.name}/{i}"] = w
+    np.savez(folder / "weights.npz", **arrays)
+
+
+def load_weights_into(model, weights_path: Path):
+    """A Keras 3 copy of `model` with the weights the child wrote (same architecture, new values)."""
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())  # clone_model re-initializes; start from the original
+    with np.load(weights_path) as saved:
+        for layer in clone.layers:
+            count = len(layer.get_weights())
+            if count:
+                layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(count)])
+    return clone
+
+
+def run_task(task: dict[str, Any], model, workdir: Path, *, log: Callable[[str], None] = print,
+             timeout_s: float = 3600) -> dict[str, Any]:
+    """Run `task` (see legacy_worker) on `model` in a tf_keras child; return its result.json.
+
+    The child's progress lines (one per epoch) are passed to `log` as they come.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_model(model, workdir)
+    (workdir / "task.json").write_text(json.dumps(task))
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipeline_stage.legacy_worker", str(workdir)]
+    log_path = workdir / "worker.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                log(line)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise PluginError(f"the tf_keras worker ran past {timeout_s:.0f} s; its log: {log_path}") from None
+    result_path = workdir / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if rc != 0 or "error" in result:
+        if result.get("kind") == "input":
+            raise InputError(result["error"], hint=result.get("hint"))
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise PluginError(f"the tf_keras worker failed (exit {rc}): {result.get('error') or ' | '.join(tail)}; log: {log_path}")
+    return result

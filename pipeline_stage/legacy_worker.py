@@ -1,0 +1,214 @@
+"""The tf_keras child process of :mod:`pipeline_stage.legacy_keras` (run with TF_USE_LEGACY_KERAS=1).
+
+``python -m pipeline_stage.legacy_worker FOLDER`` reads graph.json, weights.npz and task.json from
+FOLDER, rebuilds the model with tf_keras, runs the task and writes result.json (plus
+weights_out.npz, outputs.npy or model.tflite). Progress goes to stdout, one line per epoch, which
+the parent relays; everything else goes to stderr (the parent keeps it as worker.log).
+
+Tasks: ``roundtrip`` (predict, to prove the bridge exact), ``prune`` (tfmot magnitude pruning,
+fine-tune, strip) and ``qat`` (tfmot quantization-aware training, fine-tune, convert to int8).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+class TaskInputError(Exception):
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def build(folder: Path):
+    import tf_keras
+
+    graph = json.loads((folder / "graph.json").read_text())
+    tensors = {}
+    layers = {}
+    inputs = []
+    for spec in graph["layers"]:
+        cls, cfg = spec["class_name"], dict(spec["config"])
+        if cls == "InputLayer":
+            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+            tensors[spec["name"]] = t = tf_keras.Input(batch_shape=tuple(shape), name=spec["name"])
+            inputs.append(t)
+            continue
+        try:
+            layer = getattr(tf_keras.layers, cls).from_config(cfg)
+        except (TypeError, ValueError) as exc:
+            raise TaskInputError(f"layer `{spec['name']}` ({cls}) does not rebuild in tf_keras: {exc}") from None
+        args = [tensors[n] for n in spec["inbound"]]
+        tensors[spec["name"]] = layer(args if len(args) > 1 else args[0])
+        layers[spec["name"]] = layer
+    outputs = [tensors[n] for n in graph["outputs"]]
+    model = tf_keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0],
+                           name=graph["name"])
+    with np.load(folder / "weights.npz") as saved:
+        for name, layer in layers.items():
+            count = len(layer.get_weights())
+            if count:
+                layer.set_weights([saved[f"{name}/{i}"] for i in range(count)])
+    return model
+
+
+def _data(path: str, limit: int | None = None):
+    with np.load(path) as d:
+        x, y = d["x"].astype(np.float32), d["y"] if "y" in d.files else None
+    if limit:
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    return x, y
+
+
+def _compile(model, params, x, y):
+    import tf_keras
+
+    if y is None:
+        raise TaskInputError("fine-tuning needs labels: the training data has no `y`",
+                             hint="give `data: {training: ...}` an .npz with `x` and `y`")
+    loss = params.get("loss", "auto")
+    if loss == "auto":
+        out = np.asarray(model.predict(x[:16], verbose=0))
+        probabilities = out.ndim == 2 and out.shape[1] > 1 and np.all(out >= 0) and np.allclose(out.sum(1), 1, atol=1e-3)
+        if np.issubdtype(y.dtype, np.integer) and out.ndim == 2 and out.shape[1] > 1:
+            loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+        else:
+            loss = "mse"
+    model.compile(optimizer=tf_keras.optimizers.Adam(params.get("learning_rate", 1e-4)), loss=loss,
+                  metrics=["accuracy"] if not isinstance(loss, str) else [])
+
+
+class _Progress:
+    """One plain line per epoch on stdout (the parent relays it to the console or Kubeflow log)."""
+
+    def __new__(cls, label: str, epochs: int):
+        import tf_keras
+
+        class Callback(tf_keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                stats = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items())
+                print(f"{label}: epoch {epoch + 1}/{epochs} {stats}", file=sys.__stdout__, flush=True)
+
+        return Callback()
+
+
+def _sparsity(weights: list[np.ndarray]) -> float:
+    total = sum(w.size for w in weights)
+    return float(sum(int(np.sum(w == 0)) for w in weights) / total) if total else 0.0
+
+
+def prune(folder: Path, task: dict) -> dict:
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    p = task["params"]
+    model = build(folder)
+    x, y = _data(task["training"])
+    steps_per_epoch = int(np.ceil(len(x) / p["batch_size"]))
+    end_step = max(1, steps_per_epoch * p["epochs"])
+    sparsity = tfmot.sparsity.keras
+    if p["schedule"] == "constant":
+        schedule = sparsity.ConstantSparsity(p["target_sparsity"], begin_step=0, frequency=max(1, steps_per_epoch // 4))
+    else:
+        schedule = sparsity.PolynomialDecay(initial_sparsity=0.0, final_sparsity=p["target_sparsity"], begin_step=0,
+                                            end_step=max(1, int(end_step * 0.8)), frequency=max(1, steps_per_epoch // 4))
+    prunable = set(p.get("layer_types") or ["Conv2D", "Dense", "DepthwiseConv2D", "Conv1D", "SeparableConv2D"])
+
+    def wrap(layer):
+        if type(layer).__name__ in prunable:
+            return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule)
+        return layer
+
+    # clone_function gets the original layers, so wrapped and unwrapped layers keep their trained weights.
+    pruned = tf_keras.models.clone_model(model, clone_function=wrap)
+    _compile(pruned, p, x, y)
+    callbacks = [sparsity.UpdatePruningStep(), _Progress("prune", p["epochs"])]
+    pruned.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, callbacks=callbacks, shuffle=True)
+    stripped = sparsity.strip_pruning(pruned)
+    arrays, per_layer = {}, {}
+    for layer in stripped.layers:
+        weights = layer.get_weights()
+        for i, w in enumerate(weights):
+            arrays[f"{layer.name}/{i}"] = w
+        if type(layer).__name__ in prunable and weights:
+            per_layer[layer.name] = round(_sparsity(weights[:1]), 4)
+    np.savez(folder / "weights_out.npz", **arrays)
+    kernels = [l.get_weights()[0] for l in stripped.layers if type(l).__name__ in prunable and l.get_weights()]
+    return {"sparsity": _sparsity(kernels), "per_layer_sparsity": per_layer}
+
+
+def qat(folder: Path, task: dict) -> dict:
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    p = task["params"]
+    model = build(folder)
+    x, y = _data(task["training"])
+    try:
+        q_model = tfmot.quantization.keras.quantize_model(model)
+    except (ValueError, RuntimeError) as exc:
+        raise TaskInputError(f"tfmot cannot make this model quantization-aware: {str(exc).splitlines()[0]}",
+                             hint="use post-training `quantize: {mode: int8}`, or run `fuse` first so no BatchNormalization follows an activation") from None
+    _compile(q_model, p, x, y)
+    q_model.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, shuffle=True,
+                callbacks=[_Progress("qat", p["epochs"])])
+    converter = tf.lite.TFLiteConverter.from_keras_model(q_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    cx, _ = _data(task["calibration"], p.get("calibration_samples", 200))
+    converter.representative_dataset = lambda: ([cx[i:i + 1]] for i in range(len(cx)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    dtypes = {"int8": tf.int8}
+    if task.get("io") in dtypes:
+        converter.inference_input_type = converter.inference_output_type = dtypes[task["io"]]
+    print("qat: converting the quantization-aware model to int8", file=sys.__stdout__, flush=True)
+    (folder / "model.tflite").write_bytes(converter.convert())
+    return {}
+
+
+def roundtrip(folder: Path, task: dict) -> dict:
+    model = build(folder)
+    x, _ = _data(task["data"])
+    np.save(folder / "outputs.npy", np.asarray(model.predict(x, verbose=0)))
+    return {"layers": len(model.layers)}
+
+
+TASKS = {"prune": prune, "qat": qat, "roundtrip": roundtrip}
+
+
+def main(folder: str) -> int:
+    import os
+
+    if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        print("set TF_USE_LEGACY_KERAS=1 (pipeline_stage.legacy_keras does)", file=sys.stderr)
+        return 2
+    root = Path(folder)
+    task = json.loads((root / "task.json").read_text())
+    started = time.perf_counter()
+    # Keras' own prints go to stderr: stdout carries only progress lines.
+    try:
+        import contextlib
+
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+        tf.keras.utils.set_random_seed(task.get("seed", 0))
+        with contextlib.redirect_stdout(sys.stderr):
+            result = TASKS[task["task"]](root, task)
+    except TaskInputError as exc:
+        result = {"error": str(exc), "hint": exc.hint, "kind": "input"}
+    except Exception as exc:  # reported to the parent, which turns it into a PluginError
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    (root / "result.json").write_text(json.dumps(result))
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

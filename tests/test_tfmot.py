@@ -1,0 +1,103 @@
+"""prune and qat: tensorflow-model-optimization through the Keras 3 -> tf_keras bridge."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from pipeline_stage.errors import InputError
+from pipeline_stage.flatbuffer import read as read_flatbuffer
+from tests.conftest import EXAMPLES
+from tests.helpers import invoke, read_report, versions_of
+
+
+def test_bridge_round_trip_is_exact(digits_model, digits_data, tmp_path):
+    """Sequential and functional (with a skip connection) models rebuild in tf_keras with equal outputs."""
+    import keras
+
+    from pipeline_stage.legacy_keras import run_task
+
+    inp = keras.Input((8, 8, 1))
+    a = keras.layers.Conv2D(8, 3, padding="same")(inp)
+    c = keras.layers.BatchNormalization()(keras.layers.ReLU()(a))
+    out = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(keras.layers.Add()([a, c])))
+    functional = keras.Model(inp, out)
+    x = digits_data.evaluation[0][:64]
+    np.savez(tmp_path / "x.npz", x=x)
+    for model in (digits_model, functional):
+        folder = tmp_path / model.name
+        run_task({"task": "roundtrip", "data": str(tmp_path / "x.npz")}, model, folder)
+        assert np.max(np.abs(np.load(folder / "outputs.npy") - model.predict(x, verbose=0))) < 1e-5
+
+
+def test_bridge_rejects_custom_layers_by_name(tmp_path):
+    import keras
+
+    from pipeline_stage.legacy_keras import describe_graph
+
+    class Scale(keras.layers.Layer):
+        def call(self, x):
+            return x * 2
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), Scale(name="my_scale")])
+    with pytest.raises(InputError, match=r"`my_scale` \(Scale\) has no tf_keras counterpart"):
+        describe_graph(model)
+
+
+@pytest.fixture(scope="module")
+def prune_run(digits_source, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prune")
+    result = invoke("run", str(EXAMPLES / "digits-prune.yaml"), "--report", str(tmp / "r.json"), "--workdir", str(tmp / "work"))
+    return result, read_report(tmp / "r.json"), tmp
+
+
+def test_prune_reaches_target_sparsity_and_shrinks_gzip(prune_run):
+    result, report, tmp = prune_run
+    assert result.exit_code == 0, result.output
+    notes = report["steps"][0]["notes"]
+    assert notes["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert all(v == pytest.approx(0.5, abs=0.03) for v in notes["per_layer_sparsity"].values())
+    # The sparsity is in the shipped weights: the int8 kernels are half zeros.
+    tflite = (tmp / "work" / "model.tflite").read_bytes()
+    assert report["candidate"]["gzip_size_bytes"] == len(gzip.compress(tflite, compresslevel=9, mtime=0))
+    assert report["candidate"]["gzip_size_bytes"] < 0.35 * report["baseline"]["gzip_size_bytes"]
+    assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.02
+    assert "[prune] prune: epoch 4/4" in result.output  # fine-tuning progress reaches the console
+
+
+def test_pruned_int8_weights_are_sparse_in_the_flatbuffer(prune_run):
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, _, tmp = prune_run
+    interp = Interpreter(model_content=(tmp / "work" / "model.tflite").read_bytes())
+    kernels = [interp.get_tensor(t["index"]) for t in interp.get_tensor_details()
+               if t["dtype"] == np.int8 and len(t["shape"]) in (2, 4) and t["shape"][0] > 1 and "conv2d" in t["name"].lower()]
+    assert kernels
+    zeros = sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
+    assert zeros >= 0.45
+
+
+def test_qat_fine_tunes_and_converts_to_int8(digits_source, tmp_path):
+    result = invoke("run", str(EXAMPLES / "digits-qat.yaml"), "--report", str(tmp_path / "r.json"), "--workdir", str(tmp_path / "w"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    assert report["conversion"]["settings"]["quantization"] == "qat"
+    assert (tmp_path / "w" / "qat" / "worker.log").exists()
+    info = read_flatbuffer((tmp_path / "w" / "model.tflite").read_bytes())
+    summary = info.summary()
+    assert "INT8" in summary["weight_dtypes"] and "INT8" in str(summary["activation_dtypes"])
+    assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.005
+    assert versions_of("digits-cnn-tflite")
+
+
+def test_litert_quantizer_engine_writes_int8(digits_source, tmp_path):
+    result = invoke("run", str(EXAMPLES / "digits-litert-quantizer.yaml"), "--report", str(tmp_path / "r.json"),
+                    "--workdir", str(tmp_path / "w"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    summary = read_flatbuffer((tmp_path / "w" / "model.tflite").read_bytes()).summary()
+    assert "INT8" in summary["weight_dtypes"] and "INT8" in str(summary["activation_dtypes"])
+    assert report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
+    assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.01
