@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +107,33 @@ class ConversionSpec(_Strict):
     allow_custom_ops: bool = Field(False, description="Keep unknown ops as custom ops (the runtime must provide them).")
 
 
+class SearchBudget(_Strict):
+    """When the search stops trying."""
+
+    trials: int = Field(12, ge=1, le=1000, description="Most trials (each a full chain run in a child process).")
+    seconds: float = Field(900, gt=0, description="Wall-clock budget of the search; no trial starts after it.")
+
+
+class SearchSpec(_Strict):
+    """Accuracy-aware search: when the chain as written may fail its gates, try alternatives."""
+
+    strategy: Literal["candidates", "auto"] = Field(description=(
+        "candidates: try the chain and the listed alternative chains (cheapest first); auto: start from the chain "
+        "(which must quantize to int8) and try fuse, the other engine, and keeping the worst op types / nodes in float."))
+    objective: list[str] = Field(default_factory=lambda: ["latency_p50_ms", "size_bytes"], min_length=1, description=(
+        "Metrics that rank passing trials, most important first (each in its own good direction)."))
+    candidates: list[list[Any]] = Field(default_factory=list, description="strategy candidates: alternative chains, each a list of steps.")
+    stop_at_first_pass: bool = Field(False, description="candidates: stop at the first passing chain in cost order instead of trying all.")
+    moves: list[Literal["fuse", "engine", "keep_float_ops", "keep_float_nodes"]] = Field(
+        default_factory=lambda: ["fuse", "engine", "keep_float_ops", "keep_float_nodes"], description="auto: the moves it may make.")
+    max_float_nodes: int = Field(8, ge=1, le=1000, description="auto: most nodes kept in float.")
+    budget: SearchBudget = Field(default_factory=SearchBudget)
+    parallel: int | None = Field(None, ge=1, le=256, description="Trials run at once (default: the machine's cores).")
+    tie_tolerance: float = Field(0.05, ge=0, lt=1, description=(
+        "Objective values within this relative distance count as equal (timings are noisy), so the next objective decides."))
+    seed: int = Field(0, description="Seed for every trial's fine-tuning steps; the same inputs and seed give the same search.")
+
+
 class Manifest(_Strict):
     """A pipeline-stage manifest."""
 
@@ -118,6 +145,7 @@ class Manifest(_Strict):
     # `register` is a BaseModel attribute name, hence the alias.
     registration: RegisterSpec | None = Field(None, alias="register", description="Where the result is registered; omit to only evaluate.")
     conversion: ConversionSpec = Field(default_factory=ConversionSpec)
+    search: SearchSpec | None = Field(None, description="Search for a chain that passes the gates (see the README's Search section).")
     experiment: str = Field("pipeline-stage", min_length=1, description="MLflow experiment of the stage's runs.")
     allow_unsafe_deserialization: bool = Field(
         False, description="Load Keras models with safe_mode off (runs Lambda layers' code). Only for models you trust.")
@@ -140,16 +168,20 @@ class LoadedManifest:
     raw: dict[str, Any]
     text: str
     lines: dict[tuple, int]
+    candidates: list[list[Step]] = dc_field(default_factory=list)  # search.candidates, configured
 
     @property
     def chain_digest(self) -> str:
         """Digest of the chain as it will run (names and params with defaults filled in)."""
-        chain = [[s.name, s.params.model_dump(mode="json")] for s in self.steps]
+        chain: Any = [[s.name, s.params.model_dump(mode="json")] for s in self.steps]
+        if self.manifest.search is not None:  # a search may register another chain: its whole spec counts
+            chain = {"chain": chain, "search": self.manifest.search.model_dump(mode="json", exclude={"candidates"}),
+                     "candidates": [[[s.name, s.params.model_dump(mode="json")] for s in c] for c in self.candidates]}
         return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
 
     def required_data(self, registry: Registry) -> set[str]:
         needed: set[str] = set()
-        for step in self.steps:
+        for step in [*self.steps, *(s for chain in self.candidates for s in chain)]:
             needed |= step.required_data()
         for name in self.metric_names() + list(self.manifest.evaluation.per_step):
             provided = registry.metrics.get(name)
@@ -162,9 +194,10 @@ class LoadedManifest:
         if names is None:
             names = (["accuracy"] if self.manifest.data.evaluation else []) + ["size_bytes", "latency_p50_ms"]
         names = list(names)
-        for gate in self.manifest.gates:
-            if gate.metric not in names:
-                names.append(gate.metric)
+        extra = [g.metric for g in self.manifest.gates] + (self.manifest.search.objective if self.manifest.search else [])
+        for name in extra:
+            if name not in names:
+                names.append(name)
         return names
 
 
@@ -345,43 +378,30 @@ def parse_manifest(text: str, registry: Registry, *, path: str = "<manifest>", m
         raise ManifestError("no model given", path=path, field="model",
                             hint="set `model: models:/<name>@<alias>` in the manifest or pass --model-uri")
 
-    steps: list[Step] = []
-    known = sorted(registry.steps)
-    for i, item in enumerate(manifest.chain):
-        loc = ("chain", i)
-        try:
-            name, params = parse_chain_item(item)
-        except ValueError as exc:
-            raise ManifestError(str(exc), path=path, line=_line_for(lines, loc), field=_fmt_loc(loc)) from None
-        provided = registry.steps.get(name)
-        if provided is None:
-            hint = _did_you_mean(name, known)
-            raise ManifestError(f"unknown step `{name}`; installed steps: {', '.join(known)}", path=path,
-                                line=_line_for(lines, loc), field=_fmt_loc(loc),
-                                hint=hint or "install the plugin that provides it (`pipeline-stage plugins` lists what is installed)")
-        cls = provided.cls
-        if params is not None and not isinstance(params, dict):
-            raise ManifestError(f"params of step `{name}` must be a mapping, found {type(params).__name__}",
-                                path=path, line=_line_for(lines, loc + (name,)), field=_fmt_loc(loc + (name,)))
-        try:
-            step_params = cls.Params.model_validate(params or {})
-        except ValidationError as exc:
-            raise _pydantic_error(exc, cls.Params, path, lines, prefix=loc + (name,),
-                                  what=f" for step `{name}`") from None
-        try:
-            steps.append(cls(step_params))
-        except Exception as exc:
-            raise ManifestError(f"step `{name}` rejected its params: {exc}", path=path,
-                                line=_line_for(lines, loc + (name,)), field=_fmt_loc(loc + (name,))) from None
-
-    for i in range(1, len(steps)):
-        prev, cur = steps[i - 1], steps[i]
-        if cur.phase.order < prev.phase.order:
-            raise ManifestError(
-                f"step `{cur.name}` (phase {cur.phase.value}) comes after `{prev.name}` (phase {prev.phase.value})",
-                path=path, line=_line_for(lines, ("chain", i)), field=f"chain[{i}]",
-                hint=f"order the chain by phase: {' -> '.join(p.value for p in Phase)}; move `{cur.name}` before `{prev.name}`",
-            )
+    steps = parse_steps(manifest.chain, registry, path=path, lines=lines, loc=("chain",))
+    candidates = []
+    if manifest.search is not None:
+        search = manifest.search
+        if search.strategy == "candidates" and not search.candidates:
+            raise ManifestError("strategy `candidates` needs at least one chain under `search.candidates`", path=path,
+                                line=_line_for(lines, ("search", "strategy")), field="search.candidates",
+                                hint="add `candidates: [[{fuse: {}}, {quantize: {mode: int8}}], ...]`, or use strategy auto")
+        if search.strategy == "auto":
+            quant = [st for st in steps if st.name == "quantize"]
+            if not quant or getattr(quant[0].params, "mode", None) != "int8":
+                raise ManifestError("strategy `auto` searches around full-int8 quantization: the chain needs `quantize: {mode: int8}`",
+                                    path=path, line=_line_for(lines, ("search", "strategy")), field="search.strategy",
+                                    hint="add `- quantize: {mode: int8}` to the chain, or use strategy candidates")
+            if not manifest.gates:
+                raise ManifestError("strategy `auto` searches until the gates pass, but there are no gates", path=path,
+                                    line=_line_for(lines, ("search",)), field="gates", hint="add e.g. `- {metric: accuracy, max_drop: 0.01}`")
+        for k, chain in enumerate(search.candidates):
+            candidates.append(parse_steps(chain, registry, path=path, lines=lines, loc=("search", "candidates", k)))
+        for j, name in enumerate(search.objective):
+            if name not in registry.metrics:
+                raise ManifestError(f"unknown metric `{name}`; installed metrics: {', '.join(sorted(registry.metrics))}", path=path,
+                                    line=_line_for(lines, ("search", "objective", j)), field=f"search.objective[{j}]",
+                                    hint=_did_you_mean(name, sorted(registry.metrics)))
 
     known_metrics = sorted(registry.metrics)
     for where, names in (("evaluation.metrics", manifest.evaluation.metrics or []), ("evaluation.per_step", manifest.evaluation.per_step)):
@@ -396,7 +416,7 @@ def parse_manifest(text: str, registry: Registry, *, path: str = "<manifest>", m
                                 path=path, line=_line_for(lines, ("gates", j, "metric")), field=f"gates[{j}].metric",
                                 hint=_did_you_mean(gate.metric, known_metrics))
 
-    loaded = LoadedManifest(path=path, manifest=manifest, steps=steps, raw=raw, text=text, lines=lines)
+    loaded = LoadedManifest(path=path, manifest=manifest, steps=steps, raw=raw, text=text, lines=lines, candidates=candidates)
     for data_set in sorted(loaded.required_data(registry)):
         if getattr(manifest.data, data_set) is None:
             users = [s.name for s in steps if data_set in s.required_data()] or ["the metrics and gates"]
@@ -411,6 +431,49 @@ def parse_manifest(text: str, registry: Registry, *, path: str = "<manifest>", m
                             path=path, line=_line_for(lines, ("register", "alias")), field="register.alias",
                             hint="add at least one gate, e.g. `- {metric: accuracy, max_drop: 0.01}`")
     return loaded
+
+
+def parse_steps(items: list[Any], registry: Registry, *, path: str, lines: dict, loc: tuple) -> list[Step]:
+    """Configured steps of one chain (the manifest's, or a search candidate), in a valid phase order."""
+    steps: list[Step] = []
+    known = sorted(registry.steps)
+    where = _fmt_loc(loc)
+    for i, item in enumerate(items):
+        item_loc = loc + (i,)
+        try:
+            name, params = parse_chain_item(item)
+        except ValueError as exc:
+            raise ManifestError(str(exc), path=path, line=_line_for(lines, item_loc), field=_fmt_loc(item_loc)) from None
+        provided = registry.steps.get(name)
+        if provided is None:
+            hint = _did_you_mean(name, known)
+            raise ManifestError(f"unknown step `{name}`; installed steps: {', '.join(known)}", path=path,
+                                line=_line_for(lines, item_loc), field=_fmt_loc(item_loc),
+                                hint=hint or "install the plugin that provides it (`pipeline-stage plugins` lists what is installed)")
+        cls = provided.cls
+        if params is not None and not isinstance(params, dict):
+            raise ManifestError(f"params of step `{name}` must be a mapping, found {type(params).__name__}",
+                                path=path, line=_line_for(lines, item_loc + (name,)), field=_fmt_loc(item_loc + (name,)))
+        try:
+            step_params = cls.Params.model_validate(params or {})
+        except ValidationError as exc:
+            raise _pydantic_error(exc, cls.Params, path, lines, prefix=item_loc + (name,),
+                                  what=f" for step `{name}`") from None
+        try:
+            steps.append(cls(step_params))
+        except Exception as exc:
+            raise ManifestError(f"step `{name}` rejected its params: {exc}", path=path,
+                                line=_line_for(lines, item_loc + (name,)), field=_fmt_loc(item_loc + (name,))) from None
+
+    for i in range(1, len(steps)):
+        prev, cur = steps[i - 1], steps[i]
+        if cur.phase.order < prev.phase.order:
+            raise ManifestError(
+                f"step `{cur.name}` (phase {cur.phase.value}) comes after `{prev.name}` (phase {prev.phase.value})",
+                path=path, line=_line_for(lines, loc + (i,)), field=f"{where}[{i}]",
+                hint=f"order the chain by phase: {' -> '.join(p.value for p in Phase)}; move `{cur.name}` before `{prev.name}`",
+            )
+    return steps
 
 
 def manifest_json_schema(registry: Registry) -> dict[str, Any]:

@@ -88,6 +88,26 @@ class StageRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
 
+    def child_run(self, name: str, *, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str],
+                  artifacts: list[Path], failed: bool = False) -> str:
+        """A finished nested run under this one (a search trial); returns its id."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        experiment_id = self.run.info.experiment_id
+        child = retrying(lambda: self.client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, **tags}))
+        run_id = child.info.run_id
+        now = int(time.time() * 1000)
+        clean = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+        retrying(lambda: self.client.log_batch(run_id, metrics=clean, params=[Param(k, str(v)) for k, v in params.items()],
+                                               tags=[RunTag("mlflow.runName", name)]))
+        for path in artifacts:
+            if path.is_dir():
+                retrying(lambda p=path: self.client.log_artifacts(run_id, str(p)))
+            elif path.exists():
+                retrying(lambda p=path: self.client.log_artifact(run_id, str(p)))
+        retrying(lambda: self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+        return run_id
+
     def end(self, status: str) -> None:
         try:
             retrying(lambda: self.client.set_terminated(self.run_id, status))

@@ -271,24 +271,17 @@ class Stage:
         return report
 
     def _execute(self, report: dict[str, Any], run) -> None:
-        from pipeline_stage.convert import convert
         from pipeline_stage.flatbuffer import read as read_flatbuffer
         from pipeline_stage.gates import evaluate_gates
 
-        m, context, src = self.m, self.context, self.source
+        m, src = self.m, self.source
         metric_names = self.loaded.metric_names()
-        per_step = list(m.evaluation.per_step)
-
-        settings = ConversionSettings(allow_select_tf_ops=m.conversion.allow_select_tf_ops,
-                                      allow_custom_ops=m.conversion.allow_custom_ops)
-        def representative(s: ConversionSettings):
-            return self.load_data(s.representative_data) if s.representative_data else None
 
         # Baseline: the source model for predictions, its float conversion for the flatbuffer metrics.
         t0 = time.perf_counter()
-        float_bytes = convert(src, ConversionSettings(allow_select_tf_ops=settings.allow_select_tf_ops,
-                                                       allow_custom_ops=settings.allow_custom_ops),
-                              log_path=self.workdir / "convert-baseline.log")
+        float_bytes = self._convert(ConversionSettings(allow_select_tf_ops=m.conversion.allow_select_tf_ops,
+                                                       allow_custom_ops=m.conversion.allow_custom_ops),
+                                    src.keras_model, log_name="convert-baseline.log")
         baseline_tflite = self.measure(metric_names, model_bytes=float_bytes)
         baseline = dict(baseline_tflite)
         baseline.update(self.measure(self._prediction_metrics(metric_names), model_bytes=None,
@@ -298,22 +291,61 @@ class Stage:
         report["baseline_seconds"] = round(time.perf_counter() - t0, 3)
         run.log_metrics({f"baseline.{k}": v for k, v in baseline.items()})
 
+        if m.search is not None:
+            from pipeline_stage.search import Search
+
+            outcome = Search(self, report, run).run()
+            model_bytes, records = outcome.model_bytes, outcome.records
+            report["search"] = outcome.summary
+            if outcome.conversion is not None:
+                report["conversion"] = outcome.conversion
+        else:
+            model_bytes, records = self.run_chain(self.loaded.steps, report, run, float_bytes=float_bytes)
+        (self.workdir / "model.tflite").write_bytes(model_bytes)
+        report["steps"] = [r.to_dict() for r in records]
+        candidate = self.measure(metric_names, model_bytes=model_bytes)
+        report["candidate"] = candidate
+        run.log_metrics(candidate)
+        gates, passed = evaluate_gates(m.gates, candidate, baseline, self.higher_is_better(metric_names))
+        report["gates"], report["passed"] = gates, passed
+        self.hook.after_gates(results=gates, passed=passed, context=self.context)
+
+    def higher_is_better(self, names: list[str]) -> dict[str, bool]:
+        return {n: self.registry.metrics[n].cls.higher_is_better for n in names}
+
+    def _convert(self, settings: ConversionSettings, keras_model: Any, *, log_name: str = "convert.log") -> bytes:
+        from pipeline_stage.convert import convert
+
+        representative = self.load_data(settings.representative_data) if settings.representative_data else None
+        training = self.load_data(settings.training_data) if settings.training_data else None
+        return convert(self.source, settings, keras_model=keras_model, representative=representative, training=training,
+                       log_path=self.workdir / log_name, log=self._progress("convert"))
+
+    def run_chain(self, steps: list[Step], report: dict[str, Any], run, *,
+                  float_bytes: bytes | None = None) -> tuple[bytes, list[StepRecord]]:
+        """Run one chain on the source model: model steps, the one conversion, tflite steps.
+
+        Returns the final .tflite bytes and a record per step. `float_bytes` (the baseline's float
+        conversion) is reused when the chain asks nothing of the conversion.
+        """
+        from pipeline_stage.flatbuffer import read as read_flatbuffer
+
+        m, context, src = self.m, self.context, self.source
+        per_step = list(m.evaluation.per_step)
+        settings = ConversionSettings(allow_select_tf_ops=m.conversion.allow_select_tf_ops,
+                                      allow_custom_ops=m.conversion.allow_custom_ops)
         records: list[StepRecord] = []
         keras_model = src.keras_model
         model_bytes: bytes | None = None
-        steps = self.loaded.steps
         last_convert = max((i for i, s in enumerate(steps) if s.phase is Phase.CONVERT), default=None)
 
         def do_convert() -> bytes:
-            nonlocal keras_model
             t = time.perf_counter()
             transformed = any(s.phase is Phase.MODEL for s in steps)
-            if not transformed and settings.quantization is None and not settings.set_by:
+            if float_bytes is not None and not transformed and settings.quantization is None and not settings.set_by:
                 out = float_bytes  # nothing asked of the conversion: the baseline's is the same one
             else:
-                training = self.load_data(settings.training_data) if settings.training_data else None
-                out = convert(src, settings, keras_model=keras_model, representative=representative(settings),
-                              training=training, log_path=self.workdir / "convert.log", log=self._progress("convert"))
+                out = self._convert(settings, keras_model)
                 run.log_artifact(self.workdir / "convert.log")
             fb = read_flatbuffer(out)
             report["conversion"] = {"settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "set_by"},
@@ -358,15 +390,7 @@ class Stage:
             self.hook.after_step(step=step, record=record, context=context)
         if model_bytes is None:
             model_bytes = do_convert()
-        (self.workdir / "model.tflite").write_bytes(model_bytes)
-        report["steps"] = [r.to_dict() for r in records]
-        candidate = self.measure(metric_names, model_bytes=model_bytes)
-        report["candidate"] = candidate
-        run.log_metrics(candidate)
-        higher = {n: self.registry.metrics[n].cls.higher_is_better for n in metric_names}
-        gates, passed = evaluate_gates(m.gates, candidate, baseline, higher)
-        report["gates"], report["passed"] = gates, passed
-        self.hook.after_gates(results=gates, passed=passed, context=context)
+        return model_bytes, records
 
     def _progress(self, label: str):
         """Progress lines of long work (epochs, trials) on stderr: plain lines, so they read well in
@@ -385,7 +409,7 @@ class Stage:
                                 "pipeline_stage.manifest_sha256": report["manifest"]["sha256"],
                                 "pipeline_stage.version": __version__, "pipeline_stage.run_id": report["run_id"],
                                 "pipeline_stage.passed": str(report["passed"]).lower(),
-                                "pipeline_stage.chain": " -> ".join(s.name for s in self.loaded.steps) or "(none)",
+                                "pipeline_stage.chain": " -> ".join(s["name"] for s in report["steps"]) or "(none)",
                                 "tflite_artifact": f"runs:/{report['run_id']}/tflite/model.tflite",
                                 "pipeline_stage.priority": str(m.registration.priority)}
         if m.registration.alias:

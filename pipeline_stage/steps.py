@@ -65,6 +65,11 @@ class Step:
         """Data sets this configured step needs; the manifest must provide them."""
         return set()
 
+    def expected_cost(self) -> float:
+        """Rough relative cost of this configured step (1 = a conversion); a search tries cheap chains
+        first. Steps that fine-tune return more."""
+        return 1.0
+
     def apply(self, subject: Any, ctx: "StepContext") -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"step `{self.name}` does not implement apply()")
 

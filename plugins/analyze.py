@@ -74,7 +74,7 @@ class Analyze(Step):
         path = Path(ctx.workdir) / "layer_stats.csv"
         path.write_text(out.getvalue())
         ctx.artifacts["layer_stats.csv"] = path
-        return [{"op": r["op_name"], "tensor": r["tensor_name"][:80], "rmse/scale": round(r["rmse/scale"], 4),
+        return [{"op": r["op_name"], "tensor": r["tensor_name"], "rmse/scale": round(r["rmse/scale"], 4),
                  "max_abs_error": float(r["max_abs_error"]), "scale": float(r["scale"])}
                 for r in rows[: self.params.top]]
 

@@ -39,6 +39,9 @@ class Prune(Step):
     def required_data(self) -> set[str]:
         return {"training"}
 
+    def expected_cost(self) -> float:
+        return 2.0 + self.params.epochs
+
     def apply(self, model, ctx):
         from pipeline_stage.legacy_keras import load_weights_into, run_task
 

@@ -70,6 +70,9 @@ class Quantize(Step):
             return {"training", self.params.calibration_data}
         return {self.params.calibration_data} if self.params.mode in ("int8", "int16x8") else set()
 
+    def expected_cost(self) -> float:
+        return 2.0 + self.params.qat_epochs if self.params.mode == "qat" else 1.0
+
     def apply(self, settings: ConversionSettings, ctx: StepContext) -> None:
         p = self.params
         settings.claim("quantization", self.name)

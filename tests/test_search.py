@@ -1,0 +1,128 @@
+"""Accuracy-aware search: trials in child processes, nested MLflow runs, the winner registered,
+nothing failing promoted. On the BN-after-ReLU model whose plain int8 collapses."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from tests.conftest import EXAMPLES, write_manifest
+from tests.helpers import invoke, read_report, versions_of
+
+
+@pytest.fixture(scope="module")
+def auto_run(collapse_source, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("auto")
+    result = invoke("run", str(EXAMPLES / "search-auto.yaml"), "--report", str(tmp / "r.json"), "--workdir", str(tmp / "w"))
+    return result, read_report(tmp / "r.json"), tmp
+
+
+def test_auto_search_finds_a_passing_chain_where_int8_fails(auto_run):
+    result, report, _ = auto_run
+    assert result.exit_code == 0, result.output
+    search = report["search"]
+    trials = {t["index"]: t for t in search["trials"]}
+    first = trials[1]
+    assert first["origin"] == "as written" and first["status"] == "failed"
+    assert first["metrics"]["accuracy"] < report["baseline"]["accuracy"] - 0.1
+    winner = trials[search["winner"]]
+    assert winner["status"] == "passed" and report["passed"]
+    assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.01
+    # Close to int8 speed: the winner is full int8 (every conv int8) and near plain int8's size.
+    assert report["candidate"]["size_bytes"] <= 1.2 * first["metrics"]["size_bytes"]
+    assert "[search] trial 1/" in result.output  # progress on the console
+    assert "fuse" in search["chain"] and "fold BatchNorm" in winner["origin"]
+
+
+def test_every_trial_is_a_nested_run_and_the_winner_is_registered(auto_run):
+    _, report, _ = auto_run
+    client = mlflow.MlflowClient()
+    parent = client.get_run(report["run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{report['run_id']}'")
+    by_trial = {int(r.data.tags["pipeline_stage.trial"]): r for r in children}
+    assert sorted(by_trial) == [t["index"] for t in report["search"]["trials"]]
+    for t in report["search"]["trials"]:
+        run = by_trial[t["index"]]
+        assert run.data.tags["pipeline_stage.trial.status"] == t["status"]
+        assert run.data.params["chain"] == t["chain"]
+        assert run.data.metrics["accuracy"] == pytest.approx(t["metrics"]["accuracy"])
+    version = client.get_model_version(report["registered"]["name"], report["registered"]["version"])
+    assert version.tags["pipeline_stage.search.trial"] == str(report["search"]["winner"])
+    assert version.tags["pipeline_stage.chain"].startswith("fuse -> quantize")
+    assert client.get_model_version_by_alias(report["registered"]["name"], "edge-candidate").version == version.version
+
+
+def test_search_is_deterministic(auto_run, tmp_path):
+    _, first, _ = auto_run
+    result = invoke("run", str(EXAMPLES / "search-auto.yaml"), "--new-version", "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    second = read_report(tmp_path / "r.json")
+
+    def outline(report):
+        return [(t["origin"], t["chain"], t["status"], t["metrics"].get("accuracy"), t["metrics"].get("size_bytes"))
+                for t in report["search"]["trials"]]
+
+    assert outline(second) == outline(first)
+    assert second["search"]["chain"] == first["search"]["chain"]
+
+
+SEARCH = ("model: models:/digits-bn-raw@champion\n"
+          "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+          "chain:\n  - quantize: {mode: int8}\n"
+          "evaluation: {metrics: [accuracy, size_bytes, latency_p50_ms]}\n"
+          "gates:\n%s"
+          "search:\n%s"
+          "register: {name: search-tests, alias: best}\n")
+
+
+def test_auto_keeps_the_worst_ops_in_float_when_fuse_is_not_allowed(collapse_source, tmp_path):
+    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n",
+                     "  strategy: auto\n  moves: [keep_float_nodes]\n  budget: {trials: 10}\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    trials = report["search"]["trials"]
+    assert trials[0]["status"] == "failed" and all("fuse" not in t["chain"] for t in trials)
+    winner = next(t for t in trials if t["index"] == report["search"]["winner"])
+    assert "keep_float_ops" in winner["chain"] or "keep_float_nodes" in winner["chain"]
+    assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.01
+    # Only what was kept is float: the convolutions are still int8.
+    from pipeline_stage.flatbuffer import read as read_flatbuffer
+    from tests.test_end_to_end import tflite_of
+
+    info = read_flatbuffer(tflite_of(report["registered"]))
+    assert "INT8" in info.summary()["weight_dtypes"]
+
+
+def test_when_nothing_passes_nothing_is_promoted_and_the_closest_is_reported(collapse_source, tmp_path):
+    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n  - {metric: size_bytes, max_ratio: 0.05}\n",
+                     "  strategy: candidates\n  candidates:\n    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
+                     "    - [{quantize: {mode: dynamic}}]\n")
+    before = len(versions_of("search-tests"))
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 3, result.output
+    report = read_report(tmp_path / "r.json")
+    search = report["search"]
+    assert search["winner"] is None and search["closest"] is not None
+    assert "not promoted" in search["why"]
+    assert [t["status"] for t in search["trials"]] == ["failed"] * 3
+    closest = next(t for t in search["trials"] if t["index"] == search["closest"])
+    assert closest["shortfall"] == min(t["shortfall"] for t in search["trials"])
+    assert len(versions_of("search-tests")) == before  # on_failure: skip registers nothing
+
+
+def test_candidates_run_cheapest_first_and_the_objective_picks(collapse_source, tmp_path):
+    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.02}\n",
+                     "  strategy: candidates\n  objective: [size_bytes]\n  candidates:\n"
+                     "    - [{prune: {target_sparsity: 0.3, epochs: 1}}, {fuse: {}}, {quantize: {mode: int8}}]\n"
+                     "    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
+                     "    - [{quantize: {mode: float16}}]\n")
+    text = text.replace("data: {", "data: {training: 'runs:/${source.run_id}/data/train.npz', ")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    trials = read_report(tmp_path / "r.json")["search"]["trials"]
+    assert [t["origin"] for t in trials] == ["as written", "candidate 3", "candidate 2", "candidate 1"]  # prune fine-tunes: last
+    passing = [t for t in trials if t["status"] == "passed"]
+    best = min(t["metrics"]["size_bytes"] for t in passing)
+    winner = read_report(tmp_path / "r.json")["search"]["winner"]
+    assert next(t for t in trials if t["index"] == winner)["metrics"]["size_bytes"] <= best * 1.05
