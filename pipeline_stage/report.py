@@ -37,6 +37,19 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Gates", "", "| metric | rule | value | compared | verdict |", "| --- | --- | ---: | ---: | --- |"]
         for g in report["gates"]:
             lines.append(f"| {g['metric']} | {rule_text(g)} | {_fmt(g['value'])} | {_fmt(g['compared'])} | {'pass' if g['passed'] else '**FAIL**'} |")
+    search = report.get("search")
+    if search:
+        names = sorted({k for t in search["trials"] for k in t["metrics"]})
+        lines += ["", "## Search", "", f"{search['why']}.", "",
+                  f"Strategy `{search['strategy']}`, objective `{', '.join(search['objective'])}`, {len(search['trials'])} trials "
+                  f"in {search['seconds']:.1f} s ({search['parallel']} at a time), stopped: {search['stopped_because']}.", "",
+                  "| # | why tried | chain | verdict | " + " | ".join(names) + " | failed gates |",
+                  "| ---: | --- | --- | --- | " + " | ".join("---:" for _ in names) + " | --- |"]
+        for t in search["trials"]:
+            mark = " **(winner)**" if t["index"] == search.get("winner") else " (closest)" if t["index"] == search.get("closest") else ""
+            verdict = t["status"] + mark if not t["error"] else f"error: {t['error']}"
+            lines.append(f"| {t['index']} | {t['origin']} | `{t['chain']}` | {verdict} | "
+                         + " | ".join(_fmt(t["metrics"].get(n)) for n in names) + f" | {', '.join(t['failed_gates']) or '-'} |")
     lines += ["", "## Steps", "", "| # | step | phase | params | metrics after | seconds |", "| ---: | --- | --- | --- | --- | ---: |"]
     for i, s in enumerate(report["steps"]):
         params = ", ".join(f"{k}={v}" for k, v in s["params"].items()) or "-"

@@ -432,13 +432,19 @@ class Stage:
             return
         write_json(path, report)
         if "candidate" in report:
+            from pipeline_stage.html_report import to_html
+
             path.with_suffix(".md").write_text(to_markdown(report))
+            path.with_suffix(".html").write_text(to_html(report))
 
     def _write_reports(self, report: dict[str, Any], run) -> None:
         import json
 
         run.log_text(json.dumps(report, indent=2, default=str), "report.json")
         run.log_text(to_markdown(report), "report.md")
+        from pipeline_stage.html_report import to_html
+
+        run.log_text(to_html(report), "report.html")
         self._write_local_report(report)
 
 

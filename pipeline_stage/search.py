@@ -362,7 +362,8 @@ class Search:
                    "budget": self.spec.budget.model_dump(), "stopped_because": self.stopped_because,
                    "seconds": round(time.perf_counter() - self.started, 3), "winner": winner.index if passing else None,
                    "closest": None if passing else winner.index, "why": why, "chain": chain_text(winner.chain),
-                   "trials": [t.to_dict() for t in self.trials]}
+                   "trials": [t.to_dict() for t in self.trials],
+                   "as_written_per_layer": self._ranking(self.trials[0])[:20] if self.trials else []}
         self.stage._step_tags.update(winner.result.get("tags", {}))
         self.stage._step_tags["pipeline_stage.search.trial"] = str(winner.index)
         artifacts = winner.folder / "artifacts" / "steps"

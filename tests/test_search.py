@@ -126,3 +126,32 @@ def test_candidates_run_cheapest_first_and_the_objective_picks(collapse_source, 
     best = min(t["metrics"]["size_bytes"] for t in passing)
     winner = read_report(tmp_path / "r.json")["search"]["winner"]
     assert next(t for t in trials if t["index"] == winner)["metrics"]["size_bytes"] <= best * 1.05
+
+
+def test_html_report_renders_with_its_plots_in_headless_chromium(auto_run, tmp_path):
+    """Open report.html in a real browser: every plot decodes, and the page is not blank."""
+    import shutil
+    import subprocess
+
+    import matplotlib.image
+    import numpy as np
+
+    _, report, tmp = auto_run
+    page = tmp / "r.html"
+    text = page.read_text()
+    assert "Search" in text and "Pareto front" not in text  # the legend is inside the PNG, not the HTML
+    assert "http://" not in text.split("<body>")[1] and "https://" not in text  # self-contained
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is needed: apt-get install chromium (.ci/run installs it)"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    plots = text.count("<img class='plot'")
+    assert plots == 5  # accuracy vs size, vs latency, latency per variant, per-layer error before and after
+    assert f'data-plots-rendered="{plots}/{plots}"' in dom.stdout, dom.stderr[-2000:]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()], capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert np.mean(pixels.min(axis=-1) < 0.9) > 0.03  # text, tables and plots: not a blank page
+    # The same page is logged to the stage's MLflow run.
+    logged = mlflow.artifacts.load_text(f"runs:/{report['run_id']}/report.html")
+    assert logged.count("<img class='plot'") == plots
