@@ -1,12 +1,15 @@
 """Benchmark: every quantization mode side by side, per model, in one run.
 
-For each model (the demo's digits CNN; a MobileNetV2-style model, alpha 0.35 at 32x32, trained
-briefly on upscaled digits; a small LSTM reading each digit's 8 rows as a sequence):
-size ratio vs float TFLite, bytes per weight parameter, top-1 drop vs the Keras model (points),
-latency p50 (XNNPACK, 1 thread, batch 1) and speedup vs float. Conversions use the stage's own
-convert(); models run in the LiteRT interpreter.
+For each model (the demo's digits CNN; keras.applications.MobileNetV2 with alpha 0.35 at 96x96,
+trained briefly on upscaled digits; a small LSTM reading each digit's 8 rows as a sequence):
+size ratio vs float TFLite, bytes per weight parameter, gzip'd size, top-1 drop vs the Keras model
+(points), latency p50 (XNNPACK, 1 thread, batch 1) and speedup vs float. Modes: float, dynamic,
+float16, int8, int16x8 with the converter; dynamic and int8 with the LiteRT Quantizer (engine
+litert); qat (tfmot, 2 epochs); prune (tfmot, 50%, 2 epochs) + int8. Conversions use the stage's
+own convert() and the built-in prune step; models run in the LiteRT interpreter. The last table
+breaks the MobileNetV2 int8 flatbuffer down by tensor kind.
 
-    .venv/bin/python bench/bench_techniques.py [--runs 200] [--epochs 3]
+    .venv/bin/python bench/bench_techniques.py [--runs 200] [--epochs 3] [--size 96]
 """
 
 from __future__ import annotations
@@ -19,28 +22,29 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ["float", "dynamic", "float16", "int8", "int16x8"]
+MODES = ["float", "dynamic", "float16", "int8", "int16x8", "dynamic (litert)", "int8 (litert)", "qat", "prune+int8"]
 
 
-def models(data, epochs: int):
+def models(data, epochs: int, size: int):
     import keras
 
     from pipeline_stage.demo import train_digits_cnn
 
     out = {"digits CNN": (train_digits_cnn(data), lambda x: x)}
 
-    def rgb32(x):  # 8x8 grey -> 32x32 RGB, the smallest input MobileNetV2 takes
-        return np.repeat(np.kron(x, np.ones((1, 4, 4, 1), np.float32)), 3, axis=-1)
+    def rgb(x):  # 8x8 grey -> size x size RGB
+        return np.repeat(np.kron(x, np.ones((1, size // 8, size // 8, 1), np.float32)), 3, axis=-1)
 
     keras.utils.set_random_seed(0)
-    base = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(32, 32, 3), include_top=False, pooling="avg")
+    base = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(size, size, 3), include_top=False, pooling="avg")
     for layer in base.layers:  # Keras' 0.999 needs far more steps than 1,200 images give
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.9
-    mnv2 = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Dense(10, activation="softmax")])
+    # One flat functional model (not Sequential([base, Dense])), so the tf_keras bridge can carry it.
+    mnv2 = keras.Model(base.input, keras.layers.Dense(10, activation="softmax")(base.output), name="mobilenetv2_digits")
     mnv2.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
-    mnv2.fit(rgb32(data.train[0]), data.train[1], epochs=epochs * 4, batch_size=32, verbose=0)
-    out["MobileNetV2-style (alpha 0.35, 32x32)"] = (mnv2, rgb32)
+    mnv2.fit(rgb(data.train[0]), data.train[1], epochs=epochs * 3, batch_size=32, verbose=0)
+    out[f"MobileNetV2 (alpha 0.35, {size}x{size})"] = (mnv2, rgb)
 
     def rows(x):
         return x[..., 0]
@@ -58,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--size", type=int, default=96, help="MobileNetV2 input size (a multiple of 8, >= 32)")
     args = ap.parse_args()
     from pipeline_stage._tf import import_tf
 
@@ -69,31 +74,79 @@ def main() -> None:
     from pipeline_stage.source import SourceInfo, SourceModel
     from pipeline_stage.steps import ConversionSettings
 
+    import gzip
+    import tempfile
+
+    from pipeline_stage.flatbuffer import read as read_flatbuffer
+    from pipeline_stage.steps import StepContext
+    from pipeline_stage_plugins.prune import Prune, PruneParams
+
     data = digits_data()
-    for title, (model, prep) in models(data, args.epochs).items():
+    breakdown = None
+    for title, (model, prep) in models(data, args.epochs, args.size).items():
         xe, ye = prep(data.evaluation[0]), data.evaluation[1]
         calib = Dataset(prep(data.calibration[0]), None, "calibration")
+        train = Dataset(prep(data.train[0]), data.train[1], "training")
         keras_acc = float(np.mean(model.predict(xe, verbose=0).argmax(-1) == ye))
         params = model.count_params()
         src = SourceModel(info=SourceInfo(uri="bench"), path=Path("."), keras_model=model)
         rows = {}
         for mode in MODES:
-            settings = ConversionSettings(quantization=None if mode == "float" else mode,
-                                          representative_data="calibration" if mode in ("int8", "int16x8") else None)
-            fb = convert(src, settings, representative=calib)
+            work = Path(tempfile.mkdtemp(prefix="bench-"))
+            quant = mode.split()[0].replace("prune+", "")
+            settings = ConversionSettings(quantization=None if quant == "float" else quant,
+                                          engine="litert" if "litert" in mode else "converter",
+                                          representative_data="calibration" if quant in ("int8", "int16x8", "qat") else None)
+            keras_model = model
+            try:
+                if quant == "qat":
+                    settings.training_data = "training"
+                    settings.fine_tune = {"epochs": 2, "learning_rate": 1e-4, "batch_size": 32, "seed": 0}
+                if mode.startswith("prune"):
+                    ctx = StepContext(workdir=work, load_data=lambda name: train, log=lambda m: None, conversion=settings)
+                    keras_model = Prune(PruneParams(target_sparsity=0.5, epochs=2)).apply(model, ctx)
+                fb = convert(src, settings, keras_model=keras_model, representative=calib, training=train,
+                             log_path=work / "convert.log")
+            except Exception as exc:  # a mode that does not work on this model is a row, not a crash
+                rows[mode] = str(exc).splitlines()[0][:90]
+                continue
             runner = TFLiteModel(fb, threads=2)
             acc = float(np.mean(runner.predict(xe).argmax(-1) == ye))
             lat = float(np.percentile(TFLiteModel(fb, threads=1).latencies_ms(xe[:1], args.runs), 50))
-            rows[mode] = (len(fb), acc, lat)
-        f_size, _, f_lat = rows["float"]
+            rows[mode] = (len(fb), len(gzip.compress(fb, 9, mtime=0)), acc, lat)
+            if title.startswith("MobileNetV2") and mode == "int8":
+                breakdown = (title, read_flatbuffer(fb), len(fb), params)
+        f_size, f_gz, _, f_lat = rows["float"]
         print(f"\n### {title}: {params:,} parameters, Keras top-1 {keras_acc:.4f}\n")
-        print("| mode | size (B) | size vs float | bytes/param | top-1 | drop vs Keras (pt) | p50 (ms) | speedup vs float |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for mode, (size, acc, lat) in rows.items():
-            print(f"| {mode} | {size:,} | {size / f_size:.3f}x | {size / params:.2f} | {acc:.4f} | "
+        print("| mode | size (B) | size vs float | bytes/param | gzip vs float gzip | top-1 | drop vs Keras (pt) | p50 (ms) | speedup vs float |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for mode, row in rows.items():
+            if isinstance(row, str):
+                print(f"| {mode} | - | - | - | - | - | - | - | failed: {row} |")
+                continue
+            size, gz, acc, lat = row
+            print(f"| {mode} | {size:,} | {size / f_size:.3f}x | {size / params:.2f} | {gz / f_gz:.3f}x | {acc:.4f} | "
                   f"{(keras_acc - acc) * 100:+.2f} | {lat:.4f} | {f_lat / lat:.2f}x |")
-        print("| qat | - | - | - | - | - | - | not built yet (issue 3: needs the Keras 3 -> tf_keras bridge) |")
-        print("| prune+int8 | - | - | - | - | - | - | not built yet (issue 3) |")
+    if breakdown:
+        title, info, total, params = breakdown
+        kinds: dict[str, list[int]] = {}
+        from pipeline_stage_plugins.analyze import DTYPE_BYTES
+
+        for t in info.tensors:
+            if not t.is_constant:
+                continue
+            n = int(np.prod(t.shape)) if t.shape else 1
+            kind = {"INT8": "int8 weights (kernels)", "INT32": "int32 biases"}.get(t.dtype, f"{t.dtype.lower()} constants")
+            entry = kinds.setdefault(kind, [0, 0])
+            entry[0] += n * DTYPE_BYTES.get(t.dtype, 4)
+            entry[1] += 1
+        counted = sum(v[0] for v in kinds.values())
+        print(f"\n### {title}, int8: where the {total:,} bytes go ({params:,} parameters)\n")
+        print("| part | bytes | share | tensors |")
+        print("| --- | ---: | ---: | ---: |")
+        for kind, (nbytes, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+            print(f"| {kind} | {nbytes:,} | {nbytes / total:.1%} | {count} |")
+        print(f"| quantization parameters, graph, names, metadata (the rest) | {total - counted:,} | {(total - counted) / total:.1%} | - |")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,12 @@ def validate(manifest: str, model_uri: str | None) -> None:
     for i, step in enumerate(loaded.steps):
         params = ", ".join(f"{k}={v}" for k, v in step.params.model_dump(mode="json").items())
         click.echo(f"  {i + 1}. {step.name} [{step.phase.value}] {params}")
+    search = loaded.manifest.search
+    if search is not None:
+        click.echo(f"  search: {search.strategy}, objective {', '.join(search.objective)}, "
+                   f"up to {search.budget.trials} trials / {search.budget.seconds:g} s")
+        for k, chain in enumerate(loaded.candidates):
+            click.echo(f"    candidate {k + 1}: {' -> '.join(s.name for s in chain)}")
 
 
 @cli.command()

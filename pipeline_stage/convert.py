@@ -131,7 +131,10 @@ def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model:
                                              keep_float_nodes=[])
         float_bytes = convert(source, float_settings, keras_model=keras_model, log_path=log_path)
         try:
-            return quantize(float_bytes, settings, representative)
+            if log_path is None:
+                return quantize(float_bytes, settings, representative)
+            with captured_output(log_path):  # the quantizer's own progress bars and reports go to the log
+                return quantize(float_bytes, settings, representative)
         except InputError:
             raise
         except Exception as exc:

@@ -10,7 +10,7 @@ from typing import Any
 
 
 def optimize(manifest: str, model_uri: str, tracking_uri: str, tflite_path: str, report_path: str,
-             tflite_metadata: dict, log_metric) -> dict[str, Any]:
+             tflite_metadata: dict, log_metric, html_path: str | None = None) -> dict[str, Any]:
     """Run the stage for a component; a failed gate is a result (passed=False), not a task failure.
 
     Bad input (exit 2) and failures (exit 1) raise, so the task fails with the stage's message.
@@ -45,6 +45,8 @@ def optimize(manifest: str, model_uri: str, tracking_uri: str, tflite_path: str,
         "source_uri": report["source"]["uri"],
     })
     shutil.copyfile(work / "report.md", report_path)
+    if html_path:
+        shutil.copyfile(work / "report.html", html_path)
     return {"passed": bool(report["passed"]), "model_version": registered.get("version", ""),
             "registered_model": registered.get("name", "")}
 

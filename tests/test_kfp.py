@@ -51,7 +51,7 @@ def test_component_interface():
     assert set(spec.inputs) == {"manifest", "model_uri", "tracking_uri", "stage_version"}
     assert {n: o.type for n, o in spec.outputs.items()} == {
         "tflite": "system.Model@0.0.1", "metrics": "system.Metrics@0.0.1", "report": "system.Markdown@0.0.1",
-        "passed": "Boolean", "model_version": "String", "registered_model": "String"}
+        "report_html": "system.HTML@0.0.1", "passed": "Boolean", "model_version": "String", "registered_model": "String"}
     from pipeline_stage import __version__
 
     assert spec.inputs["stage_version"].default == __version__
@@ -70,6 +70,7 @@ def test_optimize_component_outputs(kfp_local, digits_source):
     metrics = task.outputs["metrics"].metadata
     assert metrics["gate.accuracy.max_drop"] == 1.0 and metrics["size_bytes"] < metrics["baseline.size_bytes"]
     assert "## Gates" in Path(task.outputs["report"].path).read_text()
+    assert "<img class='plot'" in Path(task.outputs["report_html"].path).read_text()
 
 
 def test_failed_gate_is_an_output_not_a_crash(kfp_local, digits_source):
