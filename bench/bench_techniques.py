@@ -140,13 +140,17 @@ def main() -> None:
             entry = kinds.setdefault(kind, [0, 0])
             entry[0] += n * DTYPE_BYTES.get(t.dtype, 4)
             entry[1] += 1
+        quant = sum(t.quant_bytes for t in info.tensors)
+        names = sum(len(t.name.encode()) for t in info.tensors)
+        kinds["quantization parameters (float32 scale + int64 zero point per channel)"] = [quant, sum(1 for t in info.tensors if t.quant_bytes)]
+        kinds["tensor names"] = [names, len(info.tensors)]
         counted = sum(v[0] for v in kinds.values())
         print(f"\n### {title}, int8: where the {total:,} bytes go ({params:,} parameters)\n")
         print("| part | bytes | share | tensors |")
         print("| --- | ---: | ---: | ---: |")
         for kind, (nbytes, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
             print(f"| {kind} | {nbytes:,} | {nbytes / total:.1%} | {count} |")
-        print(f"| quantization parameters, graph, names, metadata (the rest) | {total - counted:,} | {(total - counted) / total:.1%} | - |")
+        print(f"| graph, shapes, op codes, metadata, alignment (the rest) | {total - counted:,} | {(total - counted) / total:.1%} | - |")
 
 
 if __name__ == "__main__":

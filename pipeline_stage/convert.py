@@ -100,8 +100,8 @@ def _qat(source: "SourceModel", settings: ConversionSettings, keras_model: Any, 
         raise InputError("quantize mode qat needs `training` and calibration data", hint="add them under `data:`")
     folder = log_path.parent / "qat"
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "train.npz", x=training.x, **({"y": training.y} if training.y is not None else {}))
-    np.savez(folder / "calib.npz", x=representative.x[: settings.calibration_samples])
+    training.save(folder / "train.npz")
+    representative.take(settings.calibration_samples).save(folder / "calib.npz")
     io = "int8" if settings.inference_input_type == "int8" else "float"
     run_task({"task": "qat", "training": str(folder / "train.npz"), "calibration": str(folder / "calib.npz"),
               "params": {**settings.fine_tune, "calibration_samples": settings.calibration_samples}, "io": io,

@@ -30,6 +30,11 @@ class Dataset:
     def take(self, n: int) -> "Dataset":
         return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.source)
 
+    def save(self, path) -> str:
+        """Write as .npz (`x`, and `y` when there are labels), the format child processes read back."""
+        np.savez(path, x=self.x, **({"y": self.y} if self.y is not None else {}))
+        return str(path)
+
     def check(self, *, needs_labels: bool) -> None:
         """Raise InputError for an empty or mismatched data set."""
         if self.x.ndim == 0 or len(self) == 0:

@@ -37,6 +37,7 @@ class TensorInfo:
     dtype: str
     shape: tuple
     is_constant: bool  # backed by a buffer with data: a weight / bias
+    quant_bytes: int = 0  # quantization parameters stored with it: float32 scales + int64 zero points (+ min/max)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,11 @@ def read(model_bytes: bytes) -> ModelInfo:
             name = text(t.name)
             signature = t.shapeSignature if t.shapeSignature is not None and len(t.shapeSignature) else t.shape
             shape = tuple(int(d) for d in (signature if signature is not None else ()))
-            local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer)))
+            q = t.quantization
+            quant = 0 if q is None else sum(8 * len(v) if k == "zeroPoint" else 4 * len(v)
+                                            for k, v in (("scale", q.scale), ("zeroPoint", q.zeroPoint), ("min", q.min), ("max", q.max))
+                                            if v is not None)
+            local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer), quant))
         tensors.extend(local)
         for op in sg.operators or []:
             ops[codes[op.opcodeIndex]] += 1

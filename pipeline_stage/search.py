@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import yaml
 
 from pipeline_stage.errors import PluginError
@@ -138,8 +137,7 @@ class Search:
         self.data_paths = {}
         for name, dataset in sorted(stage._data.items()):
             path = shared / f"{name}.npz"
-            np.savez(path, x=dataset.x, **({"y": dataset.y} if dataset.y is not None else {}))
-            self.data_paths[name] = str(path)
+            self.data_paths[name] = dataset.save(path)
         src = stage.source
         self.source_path = str(src.saved_model_dir if src.saved_model_dir is not None else src.path)
 

@@ -41,6 +41,9 @@ class Analyze(Step):
         ctx.notes.update({
             "op_histogram": dict(info.ops.most_common()),
             "weight_bytes_by_dtype": by_dtype,
+            # where the bytes go besides the weights: per-channel quantization parameters and names
+            "quantization_param_bytes": sum(t.quant_bytes for t in info.tensors),
+            "tensor_name_bytes": sum(len(t.name.encode()) for t in info.tensors),
             "largest_weights": [{"tensor": n[:80], "dtype": d, "bytes": b} for n, d, b in sorted(weights, key=lambda w: -w[2])[:5]],
             "model_bytes": len(model_bytes),
         })

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
 from pipeline_stage import Params, Phase, Step, hookimpl
@@ -48,7 +47,7 @@ class Prune(Step):
         folder = ctx.workdir / "prune"
         folder.mkdir(parents=True, exist_ok=True)
         train = ctx.load_data("training")
-        np.savez(folder / "train.npz", x=train.x, **({"y": train.y} if train.y is not None else {}))
+        train.save(folder / "train.npz")
         params = self.params.model_dump(mode="json")
         result = run_task({"task": "prune", "training": str(folder / "train.npz"), "params": params,
                            "seed": self.params.seed}, model, folder, log=ctx.log)
