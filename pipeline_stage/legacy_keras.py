@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline_stage.errors import InputError, PluginError
+from pipeline_stage.keras_graph import layer_graph
 
 # Layers tf_keras has under the same name with a compatible config and weight order.
 BRIDGEABLE = frozenset({
@@ -32,19 +33,6 @@ BRIDGEABLE = frozenset({
 })
 # Keras 3 config keys tf_keras does not know; they carry no meaning for a float model of these layers.
 KERAS3_ONLY_KEYS = ("quantization_config", "lora_rank", "lora_alpha", "lora_enabled", "synchronized")
-
-
-def _keras_tensors(obj: Any):
-    """The (layer, node, tensor) histories inside a Keras 3 inbound-node structure."""
-    if isinstance(obj, dict):
-        if obj.get("class_name") == "__keras_tensor__":
-            yield obj["config"]["keras_history"]
-        else:
-            for v in obj.values():
-                yield from _keras_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _keras_tensors(v)
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,42 +53,12 @@ def describe_graph(model) -> dict[str, Any]:
 
     :raises InputError: for a layer without a tf_keras counterpart, a nested model or a shared layer.
     """
-    config = model.get_config()
-    layers_cfg = config.get("layers", [])
-    graph: dict[str, Any] = {"name": model.name, "layers": [], "outputs": []}
-    sequential = type(model).__name__ == "Sequential"
-    previous = None
-    if sequential:
-        shape = list(model.inputs[0].shape)
-        graph["layers"].append({"name": "input", "class_name": "InputLayer", "config": {"batch_shape": shape}, "inbound": []})
-        previous = "input"
-    for entry in layers_cfg:
-        cls = entry["class_name"]
-        cfg = entry["config"]
-        name = cfg.get("name") or entry.get("name")
-        if cls in ("Sequential", "Functional", "Model"):
-            raise InputError(f"layer `{name}` is a nested model; the tf_keras bridge (prune, qat) needs a flat model",
-                             hint="flatten the model before logging it, or drop prune/qat from the chain")
-        if cls not in BRIDGEABLE:
-            raise InputError(f"layer `{name}` ({cls}) has no tf_keras counterpart, so prune/qat cannot use this model",
+    graph = layer_graph(model, purpose="the tf_keras bridge (prune, qat)")
+    for spec in graph["layers"]:
+        if spec["class_name"] not in BRIDGEABLE:
+            raise InputError(f"layer `{spec['name']}` ({spec['class_name']}) has no tf_keras counterpart, so prune/qat cannot use this model",
                              hint=f"use standard Keras layers ({', '.join(sorted(BRIDGEABLE)[:8])}, ...) or drop prune/qat")
-        if sequential:
-            if cls == "InputLayer":
-                continue
-            inbound = [previous]
-        else:
-            nodes = entry.get("inbound_nodes", [])
-            if len(nodes) > 1:
-                raise InputError(f"layer `{name}` is shared (called {len(nodes)} times); the tf_keras bridge needs each layer called once",
-                                 hint="give each call its own layer")
-            inbound = [h[0] for h in _keras_tensors(nodes)]
-        graph["layers"].append({"name": name, "class_name": cls, "config": _clean_config(cfg), "inbound": inbound})
-        previous = name
-    if sequential:
-        graph["outputs"] = [previous]
-    else:
-        outs = config["output_layers"]
-        graph["outputs"] = [outs[0]] if isinstance(outs[0], str) else [o[0] for o in outs]
+        spec["config"] = _clean_config(spec["config"])
     return graph
 
 

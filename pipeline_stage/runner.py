@@ -279,6 +279,8 @@ class Stage:
 
         # Baseline: the source model for predictions, its float conversion for the flatbuffer metrics.
         t0 = time.perf_counter()
+        ev = self._evaluation_data()
+        self._progress("baseline")("float conversion, then " + (f"evaluation on {len(ev)} samples" if ev is not None else "measurements"))
         float_bytes = self._convert(ConversionSettings(allow_select_tf_ops=m.conversion.allow_select_tf_ops,
                                                        allow_custom_ops=m.conversion.allow_custom_ops),
                                     src.keras_model, log_name="convert-baseline.log")
@@ -303,6 +305,7 @@ class Stage:
             model_bytes, records = self.run_chain(self.loaded.steps, report, run, float_bytes=float_bytes)
         (self.workdir / "model.tflite").write_bytes(model_bytes)
         report["steps"] = [r.to_dict() for r in records]
+        self._progress("evaluate")(f"candidate: {', '.join(metric_names)}")
         candidate = self.measure(metric_names, model_bytes=model_bytes)
         report["candidate"] = candidate
         run.log_metrics(candidate)
@@ -318,6 +321,9 @@ class Stage:
 
         representative = self.load_data(settings.representative_data) if settings.representative_data else None
         training = self.load_data(settings.training_data) if settings.training_data else None
+        if representative is not None:
+            self._progress("convert")(f"{settings.quantization} ({settings.engine}): calibrating on "
+                                      f"{min(len(representative), settings.calibration_samples)} samples")
         return convert(self.source, settings, keras_model=keras_model, representative=representative, training=training,
                        log_path=self.workdir / log_name, log=self._progress("convert"))
 

@@ -1,7 +1,7 @@
 """Built-in step `fuse`: fold BatchNormalization into the neighbouring linear layers, exactly.
 
-Two foldings, on models whose layers form a chain (Sequential, or a functional model without
-branches):
+Two foldings, on Sequential and functional models (branches and residual adds included), wherever
+the layers involved use each other's outputs exclusively:
 
 * BN right after a linear layer (Conv2D, DepthwiseConv2D, Dense without activation): fold it into
   that layer's kernel and bias. The converter does this too; doing it here keeps the graph simple
@@ -35,6 +35,7 @@ from pipeline_stage import Params, Phase, Step, hookimpl
 from pipeline_stage.errors import InputError
 
 LINEAR = ("Conv2D", "Dense", "DepthwiseConv2D")
+OUTPUT = "<model output>"
 SHIFT_TRANSPARENT = ("MaxPooling2D", "AveragePooling2D", "Dropout", "Flatten", "GlobalAveragePooling2D",
                      "GlobalMaxPooling2D", "SpatialDropout2D")
 
@@ -67,19 +68,6 @@ def _act_name(layer) -> str | None:
     return None
 
 
-def _chain_layers(model) -> list | None:
-    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
-    if type(model).__name__ == "Sequential":
-        return layers
-    try:
-        for prev, layer in zip(layers, layers[1:]):
-            if layer.input is not prev.output:
-                return None
-        return layers
-    except Exception:  # several inbound nodes: not a chain
-        return None
-
-
 class Fuse(Step):
     """Fold BatchNorm into Conv/Dense, including BN after ReLU (scale backward, shift forward)."""
 
@@ -88,51 +76,56 @@ class Fuse(Step):
     Params = FuseParams
 
     def apply(self, model, ctx):
-        import keras
+        from pipeline_stage.keras_graph import layer_graph, rebuild
 
-        layers = _chain_layers(model)
         bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
         notes: dict[str, Any] = {"batchnorm_layers": len(bns), "folded_into_previous": [], "scale_backward_shift_forward": [],
                                  "scale_backward_shift_kept": [], "left_alone": []}
         ctx.notes.update(notes)
         if not (self.params.batchnorm and bns) and not self.params.equalize:
             return model
-        if layers is None:
-            notes["left_alone"].extend({"layer": l.name, "reason": "the model branches; fuse folds chains only"} for l in bns)
-            return model
-        weights = {id(l): [_np(w) for w in l.weights] for l in layers}
-        configs = {id(l): l.get_config() for l in layers}
-        drop: set[int] = set()
+        graph = layer_graph(model, purpose="fuse")
+        self._specs = {spec["name"]: spec for spec in graph["layers"]}
+        self._consumers: dict[str, list[str]] = {name: [] for name in self._specs}
+        for spec in graph["layers"]:
+            for name in spec["inbound"]:
+                self._consumers[name].append(spec["name"])
+        for name in graph["outputs"]:
+            self._consumers[name].append(OUTPUT)
+        self._model, self._dropped = model, set()
+        names = [spec["name"] for spec in graph["layers"] if spec["class_name"] != "InputLayer"]
+        weights = {n: [_np(w) for w in model.get_layer(n).weights] for n in names}
+        configs = {n: model.get_layer(n).get_config() for n in names}
         changed = False
 
         def kernel_bias(layer) -> tuple[np.ndarray, np.ndarray]:
-            w = weights[id(layer)]
+            w = weights[layer.name]
             kernel = w[0]
             bias = w[1] if len(w) > 1 else np.zeros(self._out_channels(layer, kernel))
             return kernel, bias
 
         def set_kernel_bias(layer, kernel, bias):
-            weights[id(layer)] = [kernel, bias]
-            configs[id(layer)]["use_bias"] = True
+            weights[layer.name] = [kernel, bias]
+            configs[layer.name]["use_bias"] = True
 
-        for i, bn in enumerate(layers):
-            if not self.params.batchnorm or type(bn).__name__ != "BatchNormalization":
-                continue
+        for bn in (b for b in bns if self.params.batchnorm):
             if bn.get_config().get("axis") not in (-1, [-1], len(bn.input.shape) - 1, [len(bn.input.shape) - 1]):
                 notes["left_alone"].append({"layer": bn.name, "reason": "normalizes an axis other than the last"})
                 continue
             s, t = self._scale_shift(bn)
-            before = [layer for layer in layers[:i] if id(layer) not in drop]  # as the chain is now
-            prev = before[-1] if before else None
-            if prev is not None and type(prev).__name__ in LINEAR and _act_name(prev) == "linear":
-                kernel, bias = kernel_bias(prev)
-                set_kernel_bias(prev, self._scale_out(prev, kernel, s), bias * s + t)
-                drop.add(id(bn))
+            prev = self._inbound(bn.name)
+            prev_layer = model.get_layer(prev) if prev in weights else None
+            if prev_layer is not None and type(prev_layer).__name__ in LINEAR and _act_name(prev_layer) == "linear" \
+                    and self._users(prev) == [bn.name]:
+                kernel, bias = kernel_bias(prev_layer)
+                set_kernel_bias(prev_layer, self._scale_out(prev_layer, kernel, s), bias * s + t)
+                self._dropped.add(bn.name)
                 notes["folded_into_previous"].append(bn.name)
                 continue
-            producer, act = self._producer(before)
+            producer, act = self._producer(prev, bn.name)
             if producer is None:
-                notes["left_alone"].append({"layer": bn.name, "reason": "not after a linear layer or a ReLU/LeakyReLU on one"})
+                notes["left_alone"].append({"layer": bn.name, "reason": "not after a linear layer (or a ReLU/LeakyReLU on one) "
+                                                                         "whose output only it uses"})
                 continue
             if act not in ("relu", "leaky_relu"):
                 notes["left_alone"].append({"layer": bn.name, "reason": f"activation `{act}` is not positively homogeneous"})
@@ -140,7 +133,7 @@ class Fuse(Step):
             if np.any(s <= 0):
                 notes["left_alone"].append({"layer": bn.name, "reason": f"{int(np.sum(s <= 0))} channel scale(s) not positive"})
                 continue
-            target, reason, tile = self._shift_target(layers, i)
+            target, reason, tile = self._shift_target(bn.name)
             if target is None:
                 cfg = bn.get_config()
                 if not (cfg.get("center", True) and cfg.get("scale", True)):
@@ -149,7 +142,7 @@ class Fuse(Step):
                 # Scale backward anyway; the BN keeps only the shift (gamma 1, mean 0, var 1 - eps).
                 kernel, bias = kernel_bias(producer)
                 set_kernel_bias(producer, self._scale_out(producer, kernel, s), bias * s)
-                weights[id(bn)] = [np.ones_like(s), t, np.zeros_like(s), np.full_like(s, 1.0 - bn.epsilon)]
+                weights[bn.name] = [np.ones_like(s), t, np.zeros_like(s), np.full_like(s, 1.0 - bn.epsilon)]
                 changed = True
                 notes["scale_backward_shift_kept"].append({"layer": bn.name, "reason": reason})
                 continue
@@ -164,28 +157,95 @@ class Fuse(Step):
             else:  # DepthwiseConv2D: each input channel feeds its own outputs
                 b2 = b2 + (k2.sum(axis=(0, 1)) * shift[:, None]).reshape(-1)
             set_kernel_bias(target, k2, b2)
-            drop.add(id(bn))
+            self._dropped.add(bn.name)
             notes["scale_backward_shift_forward"].append(bn.name)
         if self.params.equalize:
-            kept = [l for l in layers if id(l) not in drop]
-            notes["equalized"] = self._equalize(kept, weights, kernel_bias, set_kernel_bias)
-            changed = changed or bool(notes["equalized"])
-        if not drop and not changed:
+            chain = self._chain(graph)
+            if chain is None:
+                notes["equalized"] = "only for models whose layers form a chain (no branches)"
+            else:
+                notes["equalized"] = self._equalize(chain, weights, kernel_bias, set_kernel_bias)
+                changed = changed or bool(notes["equalized"])
+        if not self._dropped and not changed:
             return model
-
-        kept = [l for l in layers if id(l) not in drop]
-        rebuilt = [type(l).from_config(configs[id(l)]) for l in kept]
-        inputs = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
-        x = inputs
-        for layer in rebuilt:
-            x = layer(x)
-        fused = keras.Model(inputs, x, name=model.name)
-        for old, new in zip(kept, rebuilt):
-            new.set_weights([w.astype(np.float32) for w in weights[id(old)]])
+        fused = rebuild(model, graph, dropped=self._dropped, configs=configs, weights=weights)
         self._check_exact(model, fused, ctx)
-        notes["batchnorm_layers_after"] = len(bns) - len(drop)
+        notes["batchnorm_layers_after"] = len(bns) - len(self._dropped)
         ctx.notes.update(notes)
         return fused
+
+    # -- the graph, as it is after the foldings so far ---------------------------------------------
+    def _inbound(self, name: str) -> str | None:
+        """The one layer feeding `name` (through folded-away BNs), or None for several inputs."""
+        ins = self._specs[name]["inbound"]
+        if len(ins) != 1:
+            return None
+        prev = ins[0]
+        while prev in self._dropped:
+            prev = self._specs[prev]["inbound"][0]
+        return prev
+
+    def _users(self, name: str) -> list[str]:
+        """The layers (or OUTPUT) that use `name`'s output, through folded-away BNs."""
+        out = []
+        for user in self._consumers[name]:
+            out.extend(self._users(user) if user in self._dropped else [user])
+        return out
+
+    def _layer(self, name: str | None):
+        if name is None or name == OUTPUT or self._specs[name]["class_name"] == "InputLayer":
+            return None
+        return self._model.get_layer(name)
+
+    def _producer(self, prev: str | None, bn: str):
+        """The linear layer whose (ReLU-like) activated output only the BN uses, and that activation."""
+        layer = self._layer(prev)
+        if layer is None or self._users(prev) != [bn]:
+            return None, None
+        if type(layer).__name__ in LINEAR:
+            return layer, _act_name(layer)
+        act = _act_name(layer)
+        lin_name = self._inbound(prev)
+        linear = self._layer(lin_name)
+        if act is not None and linear is not None and type(linear).__name__ in LINEAR and _act_name(linear) == "linear" \
+                and self._users(lin_name) == [prev]:
+            return linear, act
+        return None, None
+
+    def _shift_target(self, bn: str):
+        """The next linear layer that can absorb a per-channel shift exactly, and how to tile it."""
+        tile, cur = 1, bn
+        while True:
+            users = self._users(cur)
+            if len(users) != 1 or users[0] == OUTPUT:
+                return None, ("no linear layer after it to take the shift" if users == [OUTPUT] or not users
+                              else f"its output feeds {len(users)} places"), 1
+            layer = self._layer(users[0])
+            cls = type(layer).__name__
+            if cls in SHIFT_TRANSPARENT:
+                if cls == "Flatten":
+                    shape = layer.input.shape
+                    tile = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+                cur = users[0]
+                continue
+            if cls == "Dense":
+                return layer, "", tile
+            if cls in ("Conv2D", "DepthwiseConv2D"):
+                cfg = layer.get_config()
+                if tile != 1:
+                    return None, "a convolution after flatten", 1
+                if cfg["padding"] == "valid" or tuple(cfg["kernel_size"]) == (1, 1):
+                    return layer, "", tile
+                return None, f"the next layer `{layer.name}` pads with zeros ('same'), which a shift does not pass", 1
+            return None, f"`{layer.name}` ({cls}) between this BN and the next linear layer does not pass a shift", 1
+
+    def _chain(self, graph) -> list | None:
+        """The kept layers in order when they form a single chain, else None."""
+        kept = [spec["name"] for spec in graph["layers"] if spec["class_name"] != "InputLayer" and spec["name"] not in self._dropped]
+        for name in kept:
+            if self._inbound(name) is None or len([u for u in self._users(name) if u != OUTPUT]) > 1:
+                return None
+        return [self._model.get_layer(name) for name in kept]
 
     @staticmethod
     def _equalize(kept, weights, kernel_bias, set_kernel_bias, passes: int = 4) -> list[dict[str, Any]]:
@@ -255,45 +315,6 @@ class Fuse(Step):
         if type(layer).__name__ == "DepthwiseConv2D":
             return kernel * s.reshape(kernel.shape[2], kernel.shape[3])
         return kernel * s
-
-    @staticmethod
-    def _producer(before: list):
-        """The linear layer whose (ReLU-like) activated output a BN normalizes, and that activation;
-        `before` is the chain up to the BN, without the BNs already folded away."""
-        if not before:
-            return None, None
-        prev = before[-1]
-        if type(prev).__name__ in LINEAR:
-            return prev, _act_name(prev)
-        act = _act_name(prev)
-        linear = before[-2] if len(before) > 1 else None
-        if act is not None and linear is not None and type(linear).__name__ in LINEAR and _act_name(linear) == "linear":
-            return linear, act
-        return None, None
-
-    @staticmethod
-    def _shift_target(layers, i):
-        """The next linear layer that can absorb a per-channel shift exactly, and how to tile it."""
-        tile = 1
-        for layer in layers[i + 1:]:
-            cls = type(layer).__name__
-            if cls in SHIFT_TRANSPARENT:
-                if cls == "Flatten":
-                    shape = layer.input.shape
-                    tile = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
-                continue
-            if cls == "Dense":
-                return layer, "", tile
-            if cls in ("Conv2D", "DepthwiseConv2D"):
-                cfg = layer.get_config()
-                k = cfg["kernel_size"]
-                if tile != 1:
-                    return None, "a convolution after flatten", 1
-                if cfg["padding"] == "valid" or tuple(k) == (1, 1):
-                    return layer, "", tile
-                return None, f"the next layer `{layer.name}` pads with zeros ('same'), which a shift does not pass", 1
-            return None, f"`{layer.name}` ({cls}) between this BN and the next linear layer does not pass a shift", 1
-        return None, "no linear layer after it to take the shift", 1
 
     def _check_exact(self, before, after, ctx) -> None:
         shape = [d if d else 1 for d in before.inputs[0].shape[1:]]

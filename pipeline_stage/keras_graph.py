@@ -1,0 +1,95 @@
+"""A Keras 3 model as a plain graph of layers (name, class, config, inbound layer names), and the
+way back: rebuild it with some layers dropped or changed. `fuse` edits graphs this way; the tf_keras
+bridge ships the same description to its child process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline_stage.errors import InputError
+
+
+def _keras_tensors(obj: Any):
+    """The (layer, node, tensor) histories inside a Keras 3 inbound-node structure."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            yield obj["config"]["keras_history"]
+        else:
+            for v in obj.values():
+                yield from _keras_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _keras_tensors(v)
+
+
+def layer_graph(model, *, purpose: str) -> dict[str, Any]:
+    """``{"name", "layers": [{"name", "class_name", "config", "inbound"}], "outputs"}``, inputs first,
+    in topological order. A Sequential model gets an explicit input layer named ``input``.
+
+    :raises InputError: for a nested model or a layer called more than once (`purpose` says who needs it).
+    """
+    config = model.get_config()
+    graph: dict[str, Any] = {"name": model.name, "layers": [], "outputs": []}
+    sequential = type(model).__name__ == "Sequential"
+    previous = None
+    if sequential:
+        graph["layers"].append({"name": "input", "class_name": "InputLayer",
+                                "config": {"batch_shape": list(model.inputs[0].shape)}, "inbound": []})
+        previous = "input"
+    for entry in config.get("layers", []):
+        cls, cfg = entry["class_name"], entry["config"]
+        name = cfg.get("name") or entry.get("name")
+        if cls in ("Sequential", "Functional", "Model"):
+            raise InputError(f"layer `{name}` is a nested model; {purpose} needs a flat model",
+                             hint="flatten the model before logging it (build one functional model of layers)")
+        if sequential:
+            if cls == "InputLayer":
+                continue
+            inbound = [previous]
+        else:
+            nodes = entry.get("inbound_nodes", [])
+            if len(nodes) > 1:
+                raise InputError(f"layer `{name}` is shared (called {len(nodes)} times); {purpose} needs each layer called once",
+                                 hint="give each call its own layer")
+            inbound = [h[0] for h in _keras_tensors(nodes)]
+        graph["layers"].append({"name": name, "class_name": cls, "config": cfg, "inbound": inbound})
+        previous = name
+    if sequential:
+        graph["outputs"] = [previous]
+    else:
+        outs = config["output_layers"]
+        graph["outputs"] = [outs[0]] if isinstance(outs[0], str) else [o[0] for o in outs]
+    return graph
+
+
+def rebuild(model, graph: dict[str, Any], *, dropped: set[str], configs: dict[str, dict], weights: dict[str, list]):
+    """A new Keras model from `graph`: layers in `dropped` pass their input through (they must have
+    one), others are rebuilt from `configs` (default: their own) with `weights` (default: their own)."""
+    import keras
+    import numpy as np
+
+    tensors: dict[str, Any] = {}
+    inputs = []
+    new_layers = []
+    for spec in graph["layers"]:
+        name = spec["name"]
+        if spec["class_name"] == "InputLayer":
+            source = model.inputs[len(inputs)]
+            tensors[name] = t = keras.Input(shape=source.shape[1:], dtype=source.dtype, name=source.name)
+            inputs.append(t)
+            continue
+        args = [tensors[n] for n in spec["inbound"]]
+        if name in dropped:
+            tensors[name] = args[0]
+            continue
+        old = model.get_layer(name)
+        layer = type(old).from_config(configs.get(name, old.get_config()))
+        tensors[name] = layer(args if len(args) > 1 else args[0])
+        new_layers.append((layer, weights.get(name)))
+    outputs = [tensors[n] for n in graph["outputs"]]
+    out = keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0], name=model.name)
+    for layer, w in new_layers:
+        source = w if w is not None else model.get_layer(layer.name).get_weights()
+        if source:
+            layer.set_weights([np.asarray(v, dtype=np.float32) for v in source])
+    return out

@@ -1,0 +1,66 @@
+"""A MobileNetV2-style model (keras.applications.MobileNetV2, alpha 0.35, 32x32 RGB), trained
+briefly on upscaled digits, so depthwise convolutions, BatchNorm, ReLU6 and residual adds go
+through fuse, int8, delegates and the tf_keras bridge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline_stage.flatbuffer import read as read_flatbuffer
+from tests.conftest import write_manifest
+from tests.helpers import invoke, read_report
+
+
+def rgb32(x: np.ndarray) -> np.ndarray:
+    return np.repeat(np.kron(x, np.ones((1, 4, 4, 1), np.float32)), 3, axis=-1)
+
+
+@pytest.fixture(scope="session")
+def mnv2(mlflow_server, digits_data):
+    import keras
+
+    from pipeline_stage.demo import DigitsData, log_source_model
+
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(weights=None, alpha=0.35, input_shape=(32, 32, 3), include_top=False, pooling="avg")
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9  # Keras' 0.999 needs far more steps than 1,200 images give
+    model = keras.Model(base.input, keras.layers.Dense(10, activation="softmax")(base.output), name="mnv2_digits")
+    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
+    data = DigitsData(*((rgb32(x), y) for x, y in (digits_data.train, digits_data.calibration, digits_data.evaluation)))
+    model.fit(*data.train, epochs=4, batch_size=32, verbose=0)
+    return log_source_model(model, data, name="digits-mnv2", alias="champion"), model, data
+
+
+def test_mobilenet_fuse_int8_and_delegates(mnv2, tmp_path):
+    text = ("model: models:/digits-mnv2@champion\n"
+            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+            "chain:\n  - fuse: {}\n  - quantize: {mode: int8}\n  - delegates: {targets: [xnnpack, gpu, edgetpu], runs: 20}\n"
+            "gates:\n  - {metric: accuracy, max_drop: 0.02}\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
+                    "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    assert report["baseline"]["accuracy"] > 0.5  # it learned something in 4 epochs
+    fuse = report["steps"][0]["notes"]
+    # Every BN follows a convolution: all fold into it, exactly.
+    assert fuse["batchnorm_layers"] == len(fuse["folded_into_previous"]) > 30 and fuse["batchnorm_layers_after"] == 0
+    assert fuse["max_abs_output_difference"] < 1e-3
+    info = read_flatbuffer((tmp_path / "m.tflite").read_bytes())
+    assert info.ops["DEPTHWISE_CONV_2D"] >= 10 and info.ops["ADD"] >= 5  # residual adds kept
+    weights = {t.dtype for t in info.tensors if t.is_constant and len(t.shape) == 4}
+    assert weights == {"INT8"}
+    targets = report["steps"][2]["notes"]["targets"]
+    assert targets["xnnpack"]["coverage"] == 1.0
+
+
+def test_mobilenet_crosses_the_tf_keras_bridge_exactly(mnv2, tmp_path):
+    from pipeline_stage.legacy_keras import run_task
+
+    _, model, data = mnv2
+    x = data.evaluation[0][:16]
+    np.savez(tmp_path / "x.npz", x=x)
+    run_task({"task": "roundtrip", "data": str(tmp_path / "x.npz")}, model, tmp_path / "bridge")
+    assert np.max(np.abs(np.load(tmp_path / "bridge" / "outputs.npy") - model.predict(x, verbose=0))) < 1e-4
