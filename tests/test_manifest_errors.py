@@ -66,6 +66,12 @@ EXPECTED = {
     "io-int16-with-int8.yaml": (4, ["io `int16` does not fit mode `int8`"]),
     "step-name-not-a-string.yaml": (3, ["chain[0]", "one key"]),
     "list-at-top-field.yaml": (1, ["`model`", "valid string"]),
+    "search-candidates-empty.yaml": (7, ["`search.candidates`", "at least one chain"]),
+    "search-auto-without-int8.yaml": (7, ["`search.strategy`", "quantize: {mode: int8}"]),
+    "search-unknown-objective.yaml": (8, ["`search.objective[0]`", "latency_p99_ms", "did you mean `latency_p50_ms`"]),
+    "search-candidate-bad-step.yaml": (9, ["`search.candidates[0][1]`", "unknown step `quantise`", "did you mean `quantize`"]),
+    "prune-without-training-data.yaml": (2, ["`data.training`", "required by prune"]),
+    "qat-with-litert-engine.yaml": (3, ["chain[0].quantize", "engine litert offers modes dynamic, int8 and int16x8, not `qat`"]),
 }
 
 

@@ -155,3 +155,22 @@ def test_html_report_renders_with_its_plots_in_headless_chromium(auto_run, tmp_p
     # The same page is logged to the stage's MLflow run.
     logged = mlflow.artifacts.load_text(f"runs:/{report['run_id']}/report.html")
     assert logged.count("<img class='plot'") == plots
+
+
+def test_a_trial_that_errors_is_recorded_and_the_search_goes_on(collapse_source, tmp_path):
+    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n",
+                     "  strategy: candidates\n  stop_at_first_pass: true\n  parallel: 2\n  candidates:\n"
+                     "    - [{quantize: {mode: int8, engine: litert, keep_float_ops: [NOT_AN_OP]}}]\n"
+                     "    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
+                     "    - [{fuse: {}}, {quantize: {mode: float16}}]\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    search = read_report(tmp_path / "r.json")["search"]
+    trials = {t["origin"]: t for t in search["trials"]}
+    bad = trials["candidate 1"]
+    assert bad["status"] == "error" and "NOT_AN_OP" in bad["error"]
+    run = mlflow.MlflowClient().get_run(bad["run_id"])
+    assert run.info.status == "FAILED" and "NOT_AN_OP" in run.data.tags["pipeline_stage.trial.error"]
+    # stop_at_first_pass: batches of 2 in cost order; the second batch has a passing chain, so it stops there
+    assert search["stopped_because"] == "passed" and len(search["trials"]) == 4
+    assert next(t for t in search["trials"] if t["index"] == search["winner"])["origin"] == "candidate 2"
