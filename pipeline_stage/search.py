@@ -146,7 +146,12 @@ class Search:
         evaluation = m.evaluation.model_dump(mode="json")
         evaluation.update(metrics=self.metric_names, max_samples=None,
                           threads=max(1, (m.evaluation.threads or os.cpu_count() or 1) // self.parallel))
-        doc = {"model": self.source_path, "data": self.data_paths, "chain": [{n: p} for n, p in chain],
+        steps = self.stage.registry.steps
+        seeded = []
+        for name, params in chain:  # fine-tuning steps take the search's seed unless the chain sets one
+            fields = steps[name].cls.Params.model_fields if name in steps else {}
+            seeded.append({name: {**params, "seed": self.spec.seed} if "seed" in fields and "seed" not in params else params})
+        doc = {"model": self.source_path, "data": self.data_paths, "chain": seeded,
                "evaluation": evaluation, "conversion": m.conversion.model_dump(mode="json"),
                "allow_unsafe_deserialization": m.allow_unsafe_deserialization}
         return yaml.safe_dump(doc, sort_keys=False)
