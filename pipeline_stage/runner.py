@@ -399,10 +399,23 @@ class Stage:
         return model_bytes, records
 
     def _progress(self, label: str):
-        """Progress lines of long work (epochs, trials) on stderr: plain lines, so they read well in
-        a terminal and in Kubeflow's pod logs alike; `--quiet` silences them."""
+        """Progress lines of long work (epochs, calibration, evaluation, trials) on stderr: one plain
+        line per event, which is what Kubeflow's pod logs want; on a terminal the same lines with the
+        label and verdicts coloured. `--quiet` silences them."""
+        tty = sys.stderr.isatty()
+
         def log(message: str) -> None:
-            if not self.options.quiet:
+            if self.options.quiet:
+                return
+            if tty:
+                from rich.console import Console
+                from rich.markup import escape
+
+                text = escape(message)
+                for word, colour in (("PASSED", "green"), ("FAILED", "red"), ("ERROR", "red")):
+                    text = text.replace(word, f"[bold {colour}]{word}[/]")
+                Console(stderr=True, highlight=False, soft_wrap=True).print(f"[cyan]\\[{escape(label)}][/] {text}")
+            else:
                 print(f"[{label}] {message}", file=sys.stderr, flush=True)
         return log
 
