@@ -170,25 +170,40 @@ def schema() -> None:
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("demo-report.json"),
               show_default=True, help="Where to write the JSON report.")
-@click.option("--epochs", default=12, show_default=True, help="Training epochs for the demo CNN.")
-def demo(tracking_uri: str | None, report_path: Path, epochs: int) -> None:
-    """Train a small CNN on offline digits, log it to MLflow, and run digits-int8.yaml on it."""
+@click.option("--epochs", default=None, type=int, help="Training epochs (default: 12 for int8, 8 for search).")
+@click.option("--case", type=click.Choice(["int8", "search"]), default="int8", show_default=True,
+              help="int8: the digits CNN and digits-int8.yaml. search: the BatchNorm-after-ReLU CNN whose plain int8 "
+                   "collapses, and search-auto.yaml, which finds a chain that passes.")
+def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: str) -> None:
+    """Train a small model on offline digits, log it to MLflow, and run an example manifest on it.
+
+    `--case int8` (default): a small CNN and digits-int8.yaml. `--case search`: the BatchNorm-after-ReLU
+    CNN on raw-pixel digits, where plain int8 fails its accuracy gate, and search-auto.yaml.
+    """
     from pipeline_stage import demo as demo_mod
     from pipeline_stage.manifest import load_manifest
     from pipeline_stage.runner import RunOptions, run_stage
     from pipeline_stage.tracking import configure, preflight, resolve_tracking_uri
 
     registry = _registry()
-    manifest = demo_mod.example_manifest()
+    manifest = demo_mod.example_manifest("search-auto.yaml" if case == "search" else demo_mod.EXAMPLE_MANIFEST)
     load_manifest(manifest, registry)  # a broken example fails before any training
     uri = resolve_tracking_uri(tracking_uri)
     configure(uri)
     preflight(uri)
     click.echo(f"[demo] tracking: {uri}", err=True)
-    data = demo_mod.digits_data()
-    click.echo(f"[demo] training a small CNN on sklearn digits ({len(data.train[0])} images, {epochs} epochs) ...", err=True)
-    model = demo_mod.train_digits_cnn(data, epochs=epochs)
-    source = demo_mod.log_source_model(model, data)
+    if case == "search":
+        data = demo_mod.raw_digits_data()
+        epochs = epochs or 8
+        click.echo(f"[demo] training a CNN with BatchNorm after ReLU on raw-pixel 16x16 digits ({epochs} epochs) ...", err=True)
+        model = demo_mod.train_bn_after_relu_cnn(data, epochs=epochs)
+        source = demo_mod.log_source_model(model, data, name="digits-bn-raw")
+    else:
+        data = demo_mod.digits_data()
+        epochs = epochs or 12
+        click.echo(f"[demo] training a small CNN on sklearn digits ({len(data.train[0])} images, {epochs} epochs) ...", err=True)
+        model = demo_mod.train_digits_cnn(data, epochs=epochs)
+        source = demo_mod.log_source_model(model, data)
     click.echo(f"[demo] logged {source['uri']} (version {source['version']}, held-out accuracy {source['accuracy']:.4f})", err=True)
     loaded = load_manifest(manifest, registry, model_uri=source["uri"])
     click.echo(f"[demo] running {manifest} ...", err=True)
