@@ -174,3 +174,12 @@ def test_a_trial_that_errors_is_recorded_and_the_search_goes_on(collapse_source,
     # stop_at_first_pass: batches of 2 in cost order; the second batch has a passing chain, so it stops there
     assert search["stopped_because"] == "passed" and len(search["trials"]) == 4
     assert next(t for t in search["trials"] if t["index"] == search["winner"])["origin"] == "candidate 2"
+
+
+def test_the_trial_budget_stops_the_search(collapse_source, tmp_path):
+    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n", "  strategy: auto\n  budget: {trials: 1}\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 3, result.output
+    search = read_report(tmp_path / "r.json")["search"]
+    assert [t["origin"] for t in search["trials"]] == ["as written"]
+    assert search["stopped_because"] == "budget.trials" and search["closest"] == 1
