@@ -149,8 +149,8 @@ def main() -> None:
             entry = kinds.setdefault(kind, [0, 0])
             entry[0] += n * DTYPE_BYTES.get(t.dtype, 4)
             entry[1] += 1
-        quant = sum(t.quant_bytes for t in info.tensors)
-        names = sum(len(t.name.encode()) for t in info.tensors)
+        quant = info.quantization_param_bytes()
+        names = info.tensor_name_bytes()
         kinds["quantization parameters (float32 scale + int64 zero point per channel)"] = [quant, sum(1 for t in info.tensors if t.quant_bytes)]
         kinds["tensor names"] = [names, len(info.tensors)]
         counted = sum(v[0] for v in kinds.values())

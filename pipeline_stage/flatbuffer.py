@@ -61,6 +61,13 @@ class ModelInfo:
     def activation_dtypes(self) -> Counter:
         return Counter(t.dtype for t in self.tensors if not t.is_constant)
 
+    def quantization_param_bytes(self) -> int:
+        """Bytes of quantization parameters (scales, zero points) stored with the tensors."""
+        return sum(t.quant_bytes for t in self.tensors)
+
+    def tensor_name_bytes(self) -> int:
+        return sum(len(t.name.encode()) for t in self.tensors)
+
     def summary(self) -> dict[str, Any]:
         return {
             "ops": dict(sorted(self.ops.items())),

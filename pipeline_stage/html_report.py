@@ -12,7 +12,7 @@ import html
 import io
 from typing import Any
 
-from pipeline_stage.report import _fmt, rule_text
+from pipeline_stage.report import _fmt, per_layer_errors, rule_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
@@ -193,9 +193,7 @@ def to_html(report: dict[str, Any]) -> str:
              ("latency per variant", _latency_plot(points)),
              ("per-layer quantization error: the chain as written (search trial 1)",
               _layer_error_plot((search or {}).get("as_written_per_layer"))),
-             ("per-layer quantization error: the candidate (analyze)", _layer_error_plot(next(
-                 (st["notes"]["per_layer"] for st in report.get("steps", [])
-                  if st["name"] == "analyze" and isinstance(st.get("notes", {}).get("per_layer"), list)), None)))]
+             ("per-layer quantization error: the candidate (analyze)", _layer_error_plot(per_layer_errors(report.get("steps", []))))]
     shown = [(title, uri) for title, uri in plots if uri]
     if shown:
         parts.append("<h2>Plots</h2>")

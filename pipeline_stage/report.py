@@ -15,6 +15,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def per_layer_errors(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `analyze` step's per-layer quantization errors (worst first) among report steps, or []."""
+    for step in steps:
+        rows = step.get("notes", {}).get("per_layer")
+        if step["name"] == "analyze" and isinstance(rows, list):
+            return rows
+    return []
+
+
 def rule_text(g: dict[str, Any]) -> str:
     return f"{g['rule']} {_fmt(g['threshold'])}"
 

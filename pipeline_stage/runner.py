@@ -402,19 +402,22 @@ class Stage:
         """Progress lines of long work (epochs, calibration, evaluation, trials) on stderr: one plain
         line per event, which is what Kubeflow's pod logs want; on a terminal the same lines with the
         label and verdicts coloured. `--quiet` silences them."""
-        tty = sys.stderr.isatty()
+        console = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            console = Console(stderr=True, highlight=False, soft_wrap=True)
 
         def log(message: str) -> None:
             if self.options.quiet:
                 return
-            if tty:
-                from rich.console import Console
+            if console is not None:
                 from rich.markup import escape
 
                 text = escape(message)
                 for word, colour in (("PASSED", "green"), ("FAILED", "red"), ("ERROR", "red")):
                     text = text.replace(word, f"[bold {colour}]{word}[/]")
-                Console(stderr=True, highlight=False, soft_wrap=True).print(f"[cyan]\\[{escape(label)}][/] {text}")
+                console.print(f"[cyan]\\[{escape(label)}][/] {text}")
             else:
                 print(f"[{label}] {message}", file=sys.stderr, flush=True)
         return log

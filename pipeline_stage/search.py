@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipeline_stage.errors import PluginError
+from pipeline_stage.report import per_layer_errors
 from pipeline_stage.steps import StepRecord
 
 if TYPE_CHECKING:
@@ -309,11 +310,7 @@ class Search:
                 return
 
     def _ranking(self, trial: Trial) -> list[dict[str, Any]]:
-        for step in trial.result.get("steps", []):
-            rows = step.get("notes", {}).get("per_layer")
-            if step["name"] == "analyze" and isinstance(rows, list):
-                return rows
-        return []
+        return per_layer_errors(trial.result.get("steps", []))
 
     def _greedy(self, current: Trial, kind: str, options: list[str], edit) -> Trial:
         """Keep one more op type / node in float per round: try the next `parallel` worst ones side by

@@ -42,8 +42,8 @@ class Analyze(Step):
             "op_histogram": dict(info.ops.most_common()),
             "weight_bytes_by_dtype": by_dtype,
             # where the bytes go besides the weights: per-channel quantization parameters and names
-            "quantization_param_bytes": sum(t.quant_bytes for t in info.tensors),
-            "tensor_name_bytes": sum(len(t.name.encode()) for t in info.tensors),
+            "quantization_param_bytes": info.quantization_param_bytes(),
+            "tensor_name_bytes": info.tensor_name_bytes(),
             "largest_weights": [{"tensor": n[:80], "dtype": d, "bytes": b} for n, d, b in sorted(weights, key=lambda w: -w[2])[:5]],
             "model_bytes": len(model_bytes),
         })
