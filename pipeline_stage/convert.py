@@ -61,6 +61,10 @@ def build_converter(source: "SourceModel | None", settings: ConversionSettings, 
         converter.target_spec.supported_ops = [ops]
     elif mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
+    if not settings.per_channel:
+        # The converter's only switch for per-tensor weight scales (a private attribute, checked
+        # on TF 2.21; tests assert one scale per weight tensor in the flatbuffer).
+        converter._experimental_disable_per_channel = True
     if settings.allow_select_tf_ops:
         converter.target_spec.supported_ops = list(converter.target_spec.supported_ops) + [tf.lite.OpsSet.SELECT_TF_OPS]
     if settings.allow_custom_ops:

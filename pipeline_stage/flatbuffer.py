@@ -13,7 +13,9 @@ def _enum_names(enum_cls: type) -> dict[int, str]:
 
 
 def text(value: Any) -> str:
-    """A flatbuffer string field as str (the object API gives bytes)."""
+    """A flatbuffer string field as str (the object API gives bytes; an absent one is "")."""
+    if value is None:
+        return ""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -38,6 +40,7 @@ class TensorInfo:
     shape: tuple
     is_constant: bool  # backed by a buffer with data: a weight / bias
     quant_bytes: int = 0  # quantization parameters stored with it: float32 scales + int64 zero points (+ min/max)
+    scales: int = 0  # how many quantization scales: 1 per tensor, or one per channel
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def read(model_bytes: bytes) -> ModelInfo:
             quant = 0 if q is None else sum(8 * len(v) if k == "zeroPoint" else 4 * len(v)
                                             for k, v in (("scale", q.scale), ("zeroPoint", q.zeroPoint), ("min", q.min), ("max", q.max))
                                             if v is not None)
-            local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer), quant))
+            scales = 0 if q is None or q.scale is None else len(q.scale)
+            local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer), quant, scales))
         tensors.extend(local)
         for op in sg.operators or []:
             ops[codes[op.opcodeIndex]] += 1

@@ -22,17 +22,35 @@ if TYPE_CHECKING:
 RECIPES = {"dynamic": "dynamic_wi8_afp32", "int8": "static_wi8_ai8", "int16x8": "static_wi8_ai16"}
 
 
+def _recipe(mode: str, per_channel: bool):
+    """The named recipe of RECIPES, built with RecipeManager so the weight granularity can be chosen
+    (the named recipe functions are these same calls with per-channel weights)."""
+    from litert_quantizer import qtyping, recipe_manager
+    from litert_quantizer.qtyping import TFLOperationName
+
+    granularity = qtyping.QuantGranularity.CHANNELWISE if per_channel else qtyping.QuantGranularity.TENSORWISE
+    manager = recipe_manager.RecipeManager()
+    if mode == "dynamic":
+        manager.add_dynamic_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=8,
+                                   granularity=granularity)
+    else:
+        manager.add_static_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED,
+                                  activation_num_bits=16 if mode == "int16x8" else 8, weight_num_bits=8,
+                                  weight_granularity=granularity)
+    return manager.get_quantization_recipe()
+
+
 def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "Dataset | None") -> bytes:
     """Quantize a float .tflite as `settings` ask; returns the quantized flatbuffer."""
     from ai_edge_litert.interpreter import Interpreter
-    from litert_quantizer import Quantizer, recipe
+    from litert_quantizer import Quantizer
     from litert_quantizer.qtyping import TFLOperationName
 
     mode = settings.quantization
     if mode not in RECIPES:
         raise InputError(f"engine litert does not offer mode `{mode}`", hint=f"use one of {sorted(RECIPES)} or engine converter")
     qt = Quantizer(bytearray(float_bytes))
-    qt.load_quantization_recipe(getattr(recipe, RECIPES[mode])())
+    qt.load_quantization_recipe(_recipe(mode, settings.per_channel))
     known = {op.value for op in TFLOperationName}
     for op in settings.keep_float_ops:
         if op not in known:

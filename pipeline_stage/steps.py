@@ -96,6 +96,7 @@ class ConversionSettings:
     inference_output_type: str = "float32"
     representative_data: str | None = None  # data set name: calibration | training
     calibration_samples: int = 200
+    per_channel: bool = True  # per-channel weight scales; False: one scale per tensor (smaller file)
     allow_select_tf_ops: bool = False
     allow_custom_ops: bool = False
     keep_float_ops: list[str] = field(default_factory=list)  # op types left in float (selective int8)

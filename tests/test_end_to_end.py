@@ -67,6 +67,8 @@ def test_int8_flatbuffer_is_really_int8(int8_run):
     assert info.ops["QUANTIZE"] >= 1 and info.ops["DEQUANTIZE"] >= 1
     assert report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
     assert report["baseline"]["accuracy"] - report["candidate"]["accuracy"] <= 0.02
+    if engine == "converter":
+        assert read_flatbuffer(per_tensor).tensor_name_bytes() == 0 and len(per_tensor) < 0.9 * len(per_channel)
 
 
 def test_alias_and_lineage_tags_on_the_new_version(int8_run, digits_source):
@@ -205,3 +207,26 @@ def test_selective_int8_keeps_named_ops_in_float(digits_source, tmp_path):
     assert dense and {t.dtype for t in dense} == {"FLOAT32"}, dense  # the dense layer stayed float
     report = read_report(tmp_path / "r.json")
     assert report["steps"][0]["notes"]["conversion"]["kept_float"]["ops"] == ["FULLY_CONNECTED"]
+
+
+@pytest.mark.parametrize("engine", ["converter", "litert"])
+def test_per_tensor_int8_has_one_scale_per_weight_tensor(int8_run, digits_source, tmp_path, engine):
+    """per_channel: false -> every int8 kernel carries one scale (the default carries one per channel)."""
+    def kernel_scales(model_bytes: bytes) -> list[int]:
+        return [t.scales for t in read_flatbuffer(model_bytes).tensors if t.is_constant and t.dtype == "INT8"]
+
+    # the converter: the example manifest (which also drops tensor names); the LiteRT Quantizer inline
+    path = EXAMPLES / "digits-int8-smallest.yaml" if engine == "converter" else \
+        manifest(tmp_path, "  - quantize: {mode: int8, per_channel: false, engine: litert}\n")
+    result = invoke("run", str(path), "--output", str(tmp_path / "pt.tflite"), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    per_tensor = (tmp_path / "pt.tflite").read_bytes()
+    per_channel = tflite_of(int8_run[0]["registered"])
+    assert kernel_scales(per_channel) and max(kernel_scales(per_channel)) > 1  # the default: a scale a channel
+    assert kernel_scales(per_tensor) and set(kernel_scales(per_tensor)) == {1}
+    assert read_flatbuffer(per_tensor).quantization_param_bytes() < read_flatbuffer(per_channel).quantization_param_bytes()
+    report = read_report(tmp_path / "r.json")
+    assert report["steps"][0]["notes"]["conversion"]["weight_scales"] == "per tensor"
+    assert report["baseline"]["accuracy"] - report["candidate"]["accuracy"] <= 0.02
+    if engine == "converter":
+        assert read_flatbuffer(per_tensor).tensor_name_bytes() == 0 and len(per_tensor) < 0.9 * len(per_channel)

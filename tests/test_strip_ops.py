@@ -44,7 +44,7 @@ def aux_head_source(mlflow_server, digits_data):
 def test_strip_aux_head_and_write_ops_json(aux_head_source, tmp_path):
     text = ("model: models:/digits-aux-head@champion\n"
             "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            "chain:\n  - strip_ops: {outputs: [probabilities]}\n"
+            "chain:\n  - strip_ops: {outputs: [probabilities], drop_names: true}\n"
             "gates:\n  - {metric: accuracy, max_drop: 0.001}\n  - {metric: size_bytes, max_ratio: 0.5}\n")
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
                     "--output", str(tmp_path / "m.tflite"))
@@ -56,6 +56,8 @@ def test_strip_aux_head_and_write_ops_json(aux_head_source, tmp_path):
     info = read((tmp_path / "m.tflite").read_bytes())
     assert info.ops["FULLY_CONNECTED"] == 1 and report["baseline_flatbuffer"]["ops"]["FULLY_CONNECTED"] == 3
     assert "CONVERSION_METADATA" not in info.metadata and "min_runtime_version" in info.metadata
+    # drop_names: no tensor names left, the signature (which names its own inputs/outputs) still runs
+    assert info.tensor_name_bytes() == 0 and notes["dropped_name_bytes"] > 0
     from ai_edge_litert.interpreter import Interpreter
 
     assert Interpreter(model_content=(tmp_path / "m.tflite").read_bytes()).get_signature_list() == {
