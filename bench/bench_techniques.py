@@ -4,11 +4,12 @@ For each model (the demo's digits CNN; keras.applications.MobileNetV2 with alpha
 trained briefly on upscaled digits; a small LSTM reading each digit's 8 rows as a sequence):
 size ratio vs float TFLite, bytes per weight parameter, gzip'd size, top-1 drop vs the Keras model
 (points), latency p50 (XNNPACK, 1 thread, batch 1; median of 5 rounds that alternate over the
-modes) and speedup vs float. Modes: float, dynamic,
-float16, int8, int16x8 with the converter; dynamic and int8 with the LiteRT Quantizer (engine
-litert); qat (tfmot, 2 epochs); prune (tfmot, 50%, 2 epochs) + int8. Conversions use the stage's
-own convert() and the built-in prune step; models run in the LiteRT interpreter. The last table
-breaks the MobileNetV2 int8 flatbuffer down by tensor kind.
+modes) and speedup vs float; size and bytes/param again after `strip_ops: {drop_names: true}` on
+every row, the float one included. Modes: float, dynamic, float16, int8, int8 with per-tensor
+weight scales, int16x8 with the converter; dynamic, int8 and per-tensor int8 with the LiteRT
+Quantizer (engine litert); qat (tfmot, 2 epochs); prune (tfmot, 50%, 2 epochs) + int8.
+Conversions use the stage's own convert() and the built-in prune and strip_ops steps; models run
+in the LiteRT interpreter. The last tables break the MobileNetV2 int8 flatbuffers down by kind.
 
     .venv/bin/python bench/bench_techniques.py [--runs 200] [--epochs 3] [--size 96]
 """
@@ -23,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ["float", "dynamic", "float16", "int8", "int16x8", "dynamic (litert)", "int8 (litert)", "qat", "prune+int8"]
+MODES = ["float", "dynamic", "float16", "int8", "int8 per-tensor", "int16x8", "dynamic (litert)", "int8 (litert)",
+         "int8 per-tensor (litert)", "qat", "prune+int8"]
 
 
 def models(data, epochs: int, size: int):
@@ -81,9 +83,10 @@ def main() -> None:
     from pipeline_stage.flatbuffer import read as read_flatbuffer
     from pipeline_stage.steps import StepContext
     from pipeline_stage_plugins.prune import Prune, PruneParams
+    from pipeline_stage_plugins.strip_ops import StripOps, StripParams
 
     data = digits_data()
-    breakdown = None
+    breakdowns = []
     for title, (model, prep) in models(data, args.epochs, args.size).items():
         xe, ye = prep(data.evaluation[0]), data.evaluation[1]
         calib = Dataset(prep(data.calibration[0]), None, "calibration")
@@ -97,6 +100,7 @@ def main() -> None:
             quant = mode.split()[0].replace("prune+", "")
             settings = ConversionSettings(quantization=None if quant == "float" else quant,
                                           engine="litert" if "litert" in mode else "converter",
+                                          per_channel="per-tensor" not in mode,
                                           representative_data="calibration" if quant in ("int8", "int16x8", "qat") else None)
             keras_model = model
             try:
@@ -113,9 +117,11 @@ def main() -> None:
                 continue
             runner = TFLiteModel(fb, threads=2)
             acc = float(np.mean(runner.predict(xe).argmax(-1) == ye))
-            rows[mode] = (len(fb), len(gzip.compress(fb, 9, mtime=0)), acc, fb)
-            if title.startswith("MobileNetV2") and mode == "int8":
-                breakdown = (title, read_flatbuffer(fb), len(fb), params)
+            ctx = StepContext(workdir=work, load_data=lambda name: calib, log=lambda m: None, conversion=settings)
+            stripped = StripOps(StripParams(drop_names=True)).apply(fb, ctx)
+            rows[mode] = (len(fb), len(gzip.compress(fb, 9, mtime=0)), acc, fb, len(stripped))
+            if title.startswith("MobileNetV2") and mode in ("int8", "int8 per-tensor"):
+                breakdowns.append((f"{title}, {mode}", read_flatbuffer(fb), len(fb), params))
         # Latency in alternating rounds over all modes (these machines are noisy): median of round p50s.
         built = {mode: TFLiteModel(row[3], threads=1) for mode, row in rows.items() if not isinstance(row, str)}
         rounds: dict[str, list[float]] = {mode: [] for mode in built}
@@ -123,21 +129,21 @@ def main() -> None:
             for mode, interp in built.items():
                 rounds[mode].append(float(np.percentile(interp.latencies_ms(xe[:1], args.runs), 50)))
         for mode in built:
-            size, gz, acc, _ = rows[mode]
-            rows[mode] = (size, gz, acc, float(np.median(rounds[mode])))
-        f_size, f_gz, _, f_lat = rows["float"]
+            size, gz, acc, _, bare = rows[mode]
+            rows[mode] = (size, gz, acc, float(np.median(rounds[mode])), bare)
+        f_size, f_gz, _, f_lat, f_bare = rows["float"]
         print(f"\n### {title}: {params:,} parameters, Keras top-1 {keras_acc:.4f}\n")
-        print("| mode | size (B) | size vs float | bytes/param | gzip vs float gzip | top-1 | drop vs Keras (pt) | p50 (ms) | speedup vs float |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| mode | size (B) | size vs float | bytes/param | names dropped: size vs float | names dropped: bytes/param "
+              "| gzip vs float gzip | top-1 | drop vs Keras (pt) | p50 (ms) | speedup vs float |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for mode, row in rows.items():
             if isinstance(row, str):
-                print(f"| {mode} | - | - | - | - | - | - | - | failed: {row} |")
+                print(f"| {mode} | - | - | - | - | - | - | - | - | - | failed: {row} |")
                 continue
-            size, gz, acc, lat = row
-            print(f"| {mode} | {size:,} | {size / f_size:.3f}x | {size / params:.2f} | {gz / f_gz:.3f}x | {acc:.4f} | "
-                  f"{(keras_acc - acc) * 100:+.2f} | {lat:.4f} | {f_lat / lat:.2f}x |")
-    if breakdown:
-        title, info, total, params = breakdown
+            size, gz, acc, lat, bare = row
+            print(f"| {mode} | {size:,} | {size / f_size:.3f}x | {size / params:.2f} | {bare / f_bare:.3f}x | {bare / params:.2f} "
+                  f"| {gz / f_gz:.3f}x | {acc:.4f} | {(keras_acc - acc) * 100:+.2f} | {lat:.4f} | {f_lat / lat:.2f}x |")
+    for title, info, total, params in breakdowns:
         kinds: dict[str, list[int]] = {}
         from pipeline_stage_plugins.analyze import DTYPE_BYTES
 
@@ -151,10 +157,10 @@ def main() -> None:
             entry[1] += 1
         quant = info.quantization_param_bytes()
         names = info.tensor_name_bytes()
-        kinds["quantization parameters (float32 scale + int64 zero point per channel)"] = [quant, sum(1 for t in info.tensors if t.quant_bytes)]
+        kinds["quantization parameters (float32 scale + int64 zero point, per channel or per tensor)"] = [quant, sum(1 for t in info.tensors if t.quant_bytes)]
         kinds["tensor names"] = [names, len(info.tensors)]
         counted = sum(v[0] for v in kinds.values())
-        print(f"\n### {title}, int8: where the {total:,} bytes go ({params:,} parameters)\n")
+        print(f"\n### {title}: where the {total:,} bytes go ({params:,} parameters)\n")
         print("| part | bytes | share | tensors |")
         print("| --- | ---: | ---: | ---: |")
         for kind, (nbytes, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):

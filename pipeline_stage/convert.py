@@ -132,7 +132,8 @@ def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model:
         from pipeline_stage.litert_quantize import quantize
 
         float_settings = dataclasses.replace(settings, quantization=None, engine="converter", keep_float_ops=[],
-                                             keep_float_nodes=[])
+                                             keep_float_nodes=[], inference_input_type="float32",
+                                             inference_output_type="float32")
         float_bytes = convert(source, float_settings, keras_model=keras_model, log_path=log_path)
         try:
             if log_path is None:

@@ -126,13 +126,29 @@ def read(model_bytes: bytes) -> ModelInfo:
     return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs, nodes=nodes)
 
 
+def load_model(model_bytes: bytes):
+    """The flatbuffer as LiteRT's object API (ModelT), for steps that rewrite it.
+
+    Buffers stored after the flatbuffer (offset/size: the LiteRT Quantizer writes them so once the
+    weights pass 256 KB) are read in, so dump_model writes a complete file again."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+
+
+def dump_model(model) -> bytes:
+    """Serialize a ModelT from load_model (buffers inline)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def add_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
     """Return the model with a metadata entry `name` holding `data` (replacing one of that name)."""
     import numpy as np
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_litert.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
+    model = load_model(model_bytes)
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(data, dtype=np.uint8)
     model.buffers.append(buffer)
@@ -141,4 +157,4 @@ def add_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
     entry.buffer = len(model.buffers) - 1
     kept = [m for m in (model.metadata or []) if text(m.name) != name]
     model.metadata = kept + [entry]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return dump_model(model)

@@ -3,7 +3,8 @@
 Google documents quantization during conversion as deprecated in favour of this route: convert
 to float32, then quantize the flatbuffer with a recipe. Same params as the converter engine:
 ``dynamic`` -> dynamic_wi8_afp32, ``int8`` -> static_wi8_ai8, ``int16x8`` -> static_wi8_ai16;
-``keep_float_ops`` / ``keep_float_nodes`` become ``no_quantize`` rules.
+``keep_float_ops`` / ``keep_float_nodes`` become ``no_quantize`` rules, and so do the graph's inputs and
+outputs unless ``io`` asks for integer ones.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "
             raise InputError(f"keep_float_ops: `{op}` is not an op the LiteRT Quantizer knows",
                              hint=f"use TFLite op names such as {', '.join(sorted(known - {'*'})[:8])}")
         qt.update_quantization_recipe(regex=".*", operation_name=TFLOperationName(op), algorithm_key="no_quantize")
+    # The recipes quantize the graph's inputs and outputs too (int8 I/O); `io: float`, the default,
+    # keeps them float as the converter engine does: QUANTIZE/DEQUANTIZE at the edges.
+    for op, io_type in ((TFLOperationName.INPUT, settings.inference_input_type),
+                        (TFLOperationName.OUTPUT, settings.inference_output_type)):
+        if io_type == "float32":
+            qt.update_quantization_recipe(regex=".*", operation_name=op, algorithm_key="no_quantize")
     for node in settings.keep_float_nodes:
         qt.update_quantization_recipe(regex=re.escape(node), operation_name=TFLOperationName.ALL_SUPPORTED,
                                       algorithm_key="no_quantize")

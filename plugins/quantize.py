@@ -54,7 +54,6 @@ class QuantizeParams(Params):
     def _io_fits_mode(self) -> "QuantizeParams":
         allowed = {"int8": {"float", "int8"}, "qat": {"float", "int8"}, "int16x8": {"float", "int16"}}.get(self.mode, {"float"})
         if self.engine == "litert":
-            allowed = {"float"}
             if self.mode not in ("dynamic", "int8", "int16x8"):
                 raise ValueError(f"engine litert offers modes dynamic, int8 and int16x8, not `{self.mode}`; use engine converter")
         if self.io not in allowed:

@@ -36,12 +36,11 @@ class StripOps(Step):
 
     def apply(self, model_bytes, ctx):
         import numpy as np
-        from ai_edge_litert.tools import flatbuffer_utils
 
-        from pipeline_stage.flatbuffer import op_code_name, text
+        from pipeline_stage.flatbuffer import dump_model, load_model, op_code_name, text
 
         p = self.params
-        model = flatbuffer_utils.convert_bytearray_to_object(bytearray(model_bytes))
+        model = load_model(model_bytes)
         sigs = model.signatureDefs or []
         known_sigs = [text(s.signatureKey) for s in sigs]
         if p.signatures is not None:
@@ -71,7 +70,7 @@ class StripOps(Step):
         names_bytes = 0
         if p.drop_names:
             names_bytes = self._drop_names(model)
-        out = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+        out = dump_model(model)
 
         # what the remaining operators use: (name, version) is what a selective build registers
         used = {(op_code_name(model.operatorCodes[o.opcodeIndex]), int(model.operatorCodes[o.opcodeIndex].version))

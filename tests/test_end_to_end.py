@@ -134,8 +134,9 @@ def test_other_modes_write_their_types(digits_source, tmp_path, mode):
     assert report["registered"]["alias"] is None and report["registered"]["version"] == "1"
 
 
-def test_int8_io_makes_input_and_output_int8(digits_source, tmp_path, digits_data):
-    path = manifest(tmp_path, "  - quantize: {mode: int8, io: int8}\n")
+@pytest.mark.parametrize("engine", ["converter", "litert"])
+def test_int8_io_makes_input_and_output_int8(digits_source, tmp_path, digits_data, engine):
+    path = manifest(tmp_path, f"  - quantize: {{mode: int8, io: int8, engine: {engine}}}\n")
     result = invoke("run", str(path), "--output", str(tmp_path / "io.tflite"), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     from ai_edge_litert.interpreter import Interpreter

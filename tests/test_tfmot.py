@@ -97,7 +97,14 @@ def test_litert_quantizer_engine_writes_int8(digits_source, tmp_path):
                     "--workdir", str(tmp_path / "w"))
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
-    summary = read_flatbuffer((tmp_path / "w" / "model.tflite").read_bytes()).summary()
+    model_bytes = (tmp_path / "w" / "model.tflite").read_bytes()
+    summary = read_flatbuffer(model_bytes).summary()
     assert "INT8" in summary["weight_dtypes"] and "INT8" in str(summary["activation_dtypes"])
+    # io: float (the default) keeps float inputs and outputs, as with the converter engine
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_bytes)
+    assert [d["dtype"] for d in interpreter.get_input_details() + interpreter.get_output_details()] == [np.float32] * 2
+    assert summary["ops"]["QUANTIZE"] >= 1 and summary["ops"]["DEQUANTIZE"] >= 1
     assert report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
     assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.01
