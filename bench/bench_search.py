@@ -103,6 +103,11 @@ def main() -> None:
               f"{len(fb):,} | {len(fb) / len(float_bytes):.3f}x | {p50[name]:.4f} | {p50['float TFLite'] / p50[name]:.2f}x |")
     print(f"\nwinner vs plain int8 latency: {p50['search winner'] / p50['plain int8']:.2f}x")
     print(f"\nsearch: {len(found['search']['trials'])} trials, stopped: {found['search']['stopped_because']}; {found['search']['why']}\n")
+    for trial in found["search"]["trials"]:
+        accuracy = trial["metrics"].get("accuracy")
+        print(f"- trial {trial['index']} ({trial['origin']}): `{trial['chain']}`: {trial['status']}"
+              + (f", top-1 {accuracy:.4f}" if accuracy is not None else ""))
+    print()
     print("| measure | plain int8 stage run (s) | search stage run (s) | ratio (target <= 10x) |")
     print("| --- | ---: | ---: | ---: |")
     ratio = statistics.median(search_s) / statistics.median(plain_s)
