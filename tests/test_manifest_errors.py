@@ -72,6 +72,7 @@ EXPECTED = {
     "search-candidate-bad-step.yaml": (9, ["`search.candidates[0][1]`", "unknown step `quantise`", "did you mean `quantize`"]),
     "prune-without-training-data.yaml": (2, ["`data.training`", "required by prune"]),
     "qat-with-litert-engine.yaml": (3, ["chain[0].quantize", "engine litert offers modes dynamic, int8 and int16x8, not `qat`"]),
+    "per-tensor-float16.yaml": (3, ["chain[0].quantize", "per_channel: false applies to post-training modes dynamic, int8 and int16x8, not `float16`"]),
 }
 
 
