@@ -444,7 +444,9 @@ class Stage:
             tags[f"gate.{g['metric']}.{g['rule']}"] = f"{'pass' if g['passed'] else 'fail'} (value {g['value']:.6g}, threshold {g['threshold']:g})"
         tags.update(self._step_tags)
         tags.update(m.registration.tags)
-        return {k: v if isinstance(v, str) else f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in tags.items()}
+        from pipeline_stage.registry import tag_value
+
+        return {k: tag_value(v) for k, v in tags.items()}
 
     def _write_local_report(self, report: dict[str, Any]) -> None:
         from pipeline_stage.registry import write_json
