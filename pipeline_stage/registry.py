@@ -35,7 +35,8 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 def tag_value(value: Any) -> str:
     """A registered version's tag value: floats to 6 significant digits, credentials redacted, and
-    cut to 5,000 characters (MLflow's limit for tag values)."""
+    cut to 5,000 characters (under MLflow 3's limits: 8,000 for run tags, 100,000 for version tags,
+    and short enough to read in the UI)."""
     if isinstance(value, float):
         return f"{value:.6g}"
     return redact(str(value))[:5000]
