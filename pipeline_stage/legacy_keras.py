@@ -33,6 +33,8 @@ BRIDGEABLE = frozenset({
 })
 # Keras 3 config keys tf_keras does not know; they carry no meaning for a float model of these layers.
 KERAS3_ONLY_KEYS = ("quantization_config", "lora_rank", "lora_alpha", "lora_enabled", "synchronized")
+# Keras 3 options tf_keras lacks: dropped when off (tf_keras then computes the same), refused when on.
+KERAS3_ONLY_OPTIONS = ("rms_scaling",)
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +60,11 @@ def describe_graph(model) -> dict[str, Any]:
         if spec["class_name"] not in BRIDGEABLE:
             raise InputError(f"layer `{spec['name']}` ({spec['class_name']}) has no tf_keras counterpart, so prune/qat cannot use this model",
                              hint=f"use standard Keras layers ({', '.join(sorted(BRIDGEABLE)[:8])}, ...) or drop prune/qat")
+        for option in KERAS3_ONLY_OPTIONS:
+            if spec["config"].get(option):
+                raise InputError(f"layer `{spec['name']}` ({spec['class_name']}) uses `{option}`, which tf_keras does not have, "
+                                 "so prune/qat cannot use this model", hint="drop prune/qat, or train without that option")
+            spec["config"].pop(option, None)
         spec["config"] = _clean_config(spec["config"])
     return graph
 

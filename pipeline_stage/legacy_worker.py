@@ -153,8 +153,11 @@ def qat(folder: Path, task: dict) -> dict:
     try:
         q_model = tfmot.quantization.keras.quantize_model(model)
     except (ValueError, RuntimeError) as exc:
-        raise TaskInputError(f"tfmot cannot make this model quantization-aware: {str(exc).splitlines()[0]}",
-                             hint="use post-training `quantize: {mode: int8}`, or run `fuse` first so no BatchNormalization follows an activation") from None
+        first = str(exc).splitlines()[0]
+        hint = "use post-training `quantize: {mode: int8}`"
+        if "BatchNormalization" in first:  # tfmot quantizes BN only right after a conv/dense
+            hint += ", or run `fuse` first so no BatchNormalization follows an activation"
+        raise TaskInputError(f"tfmot cannot make this model quantization-aware: {first}", hint=hint) from None
     _compile(q_model, p, x, y)
     q_model.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, shuffle=True,
                 callbacks=[_Progress("qat", p["epochs"])])

@@ -22,8 +22,10 @@ def test_bridge_round_trip_is_exact(digits_model, digits_data, tmp_path):
     inp = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(8, 3, padding="same")(inp)
     c = keras.layers.BatchNormalization()(keras.layers.ReLU()(a))
-    out = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(keras.layers.Add()([a, c])))
+    flat = keras.layers.LayerNormalization(center=False)(keras.layers.Flatten()(keras.layers.Add()([a, c])))
+    out = keras.layers.Dense(10, activation="softmax")(flat)
     functional = keras.Model(inp, out)
+    functional.layers[-2].set_weights([np.linspace(0.5, 1.5, 512, dtype=np.float32)])  # a non-trivial gamma
     x = digits_data.evaluation[0][:64]
     np.savez(tmp_path / "x.npz", x=x)
     for model in (digits_model, functional):
@@ -44,6 +46,30 @@ def test_bridge_rejects_custom_layers_by_name(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), Scale(name="my_scale")])
     with pytest.raises(InputError, match=r"`my_scale` \(Scale\) has no tf_keras counterpart"):
         describe_graph(model)
+    rms = keras.Sequential([keras.Input((4,)), keras.layers.LayerNormalization(rms_scaling=True, name="rms")])
+    with pytest.raises(InputError, match=r"`rms` \(LayerNormalization\) uses `rms_scaling`, which tf_keras does not have"):
+        describe_graph(rms)
+
+
+def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
+    """The bridge carries LayerNormalization; tfmot's QAT registry does not: a clear error naming it."""
+    import keras
+
+    from pipeline_stage.convert import convert
+    from pipeline_stage.data import Dataset
+    from pipeline_stage.source import SourceInfo, SourceModel
+    from pipeline_stage.steps import ConversionSettings
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.LayerNormalization(),
+                              keras.layers.Dense(10, activation="softmax")])
+    data = Dataset(digits_data.train[0][:64], digits_data.train[1][:64], "training")
+    settings = ConversionSettings(quantization="qat", representative_data="calibration", training_data="training",
+                                  fine_tune={"epochs": 1, "learning_rate": 1e-4, "batch_size": 32, "seed": 0})
+    with pytest.raises(InputError) as caught:
+        convert(SourceModel(info=SourceInfo(uri="test"), path=None, keras_model=model), settings,
+                representative=data, training=data, log_path=tmp_path / "convert.log")
+    assert "tfmot cannot make this model quantization-aware" in str(caught.value) and "LayerNormalization" in str(caught.value)
+    assert "mode: int8" in caught.value.hint and "fuse" not in caught.value.hint  # no BN here: fuse would not help
 
 
 @pytest.fixture(scope="module")
