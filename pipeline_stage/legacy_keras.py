@@ -35,6 +35,8 @@ BRIDGEABLE = frozenset({
 KERAS3_ONLY_KEYS = ("quantization_config", "lora_rank", "lora_alpha", "lora_enabled", "synchronized")
 # Keras 3 options tf_keras lacks: dropped when off (tf_keras then computes the same), refused when on.
 KERAS3_ONLY_OPTIONS = ("rms_scaling",)
+# Keras 3 config keys tf_keras spells differently, per layer class.
+RENAMED_KEYS = {"LeakyReLU": {"negative_slope": "alpha"}}
 
 
 def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +67,9 @@ def describe_graph(model) -> dict[str, Any]:
                 raise InputError(f"layer `{spec['name']}` ({spec['class_name']}) uses `{option}`, which tf_keras does not have, "
                                  "so prune/qat cannot use this model", hint="drop prune/qat, or train without that option")
             spec["config"].pop(option, None)
+        for keras3_key, tf_keras_key in RENAMED_KEYS.get(spec["class_name"], {}).items():
+            if keras3_key in spec["config"]:
+                spec["config"][tf_keras_key] = spec["config"].pop(keras3_key)
         spec["config"] = _clean_config(spec["config"])
     return graph
 

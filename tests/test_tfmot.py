@@ -14,14 +14,15 @@ from tests.helpers import invoke, read_report, versions_of
 
 
 def test_bridge_round_trip_is_exact(digits_model, digits_data, tmp_path):
-    """Sequential and functional (with a skip connection) models rebuild in tf_keras with equal outputs."""
+    """Sequential and functional (with a skip connection, LeakyReLU, LayerNormalization) models rebuild in
+    tf_keras with equal outputs."""
     import keras
 
     from pipeline_stage.legacy_keras import run_task
 
     inp = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(8, 3, padding="same")(inp)
-    c = keras.layers.BatchNormalization()(keras.layers.ReLU()(a))
+    c = keras.layers.BatchNormalization()(keras.layers.LeakyReLU(negative_slope=0.2)(a))  # tf_keras calls it alpha
     flat = keras.layers.LayerNormalization(center=False)(keras.layers.Flatten()(keras.layers.Add()([a, c])))
     out = keras.layers.Dense(10, activation="softmax")(flat)
     functional = keras.Model(inp, out)
