@@ -39,8 +39,22 @@ KERAS3_ONLY_OPTIONS = ("rms_scaling",)
 RENAMED_KEYS = {"LeakyReLU": {"negative_slope": "alpha"}}
 
 
-def _clean_config(config: dict[str, Any]) -> dict[str, Any]:
+def tf_keras_config(name: str, class_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The Keras 3 layer config `config` as tf_keras expects it.
+
+    :raises InputError: for a layer class the bridge does not carry, or a Keras 3 option it lacks.
+    """
+    if class_name not in BRIDGEABLE:
+        raise InputError(f"layer `{name}` ({class_name}) has no tf_keras counterpart, so prune/qat cannot use this model",
+                         hint=f"use standard Keras layers ({', '.join(sorted(BRIDGEABLE)[:8])}, ...) or drop prune/qat")
     out = {k: v for k, v in config.items() if k not in KERAS3_ONLY_KEYS}
+    for option in KERAS3_ONLY_OPTIONS:
+        if out.pop(option, None):
+            raise InputError(f"layer `{name}` ({class_name}) uses `{option}`, which tf_keras does not have, "
+                             "so prune/qat cannot use this model", hint="drop prune/qat, or train without that option")
+    for keras3_key, tf_keras_key in RENAMED_KEYS.get(class_name, {}).items():
+        if keras3_key in out:
+            out[tf_keras_key] = out.pop(keras3_key)
     dtype = out.get("dtype")
     if isinstance(dtype, dict):  # Keras 3 DTypePolicy -> the plain name tf_keras expects
         out["dtype"] = dtype.get("config", {}).get("name", "float32")
@@ -59,18 +73,7 @@ def describe_graph(model) -> dict[str, Any]:
     """
     graph = layer_graph(model, purpose="the tf_keras bridge (prune, qat)")
     for spec in graph["layers"]:
-        if spec["class_name"] not in BRIDGEABLE:
-            raise InputError(f"layer `{spec['name']}` ({spec['class_name']}) has no tf_keras counterpart, so prune/qat cannot use this model",
-                             hint=f"use standard Keras layers ({', '.join(sorted(BRIDGEABLE)[:8])}, ...) or drop prune/qat")
-        for option in KERAS3_ONLY_OPTIONS:
-            if spec["config"].get(option):
-                raise InputError(f"layer `{spec['name']}` ({spec['class_name']}) uses `{option}`, which tf_keras does not have, "
-                                 "so prune/qat cannot use this model", hint="drop prune/qat, or train without that option")
-            spec["config"].pop(option, None)
-        for keras3_key, tf_keras_key in RENAMED_KEYS.get(spec["class_name"], {}).items():
-            if keras3_key in spec["config"]:
-                spec["config"][tf_keras_key] = spec["config"].pop(keras3_key)
-        spec["config"] = _clean_config(spec["config"])
+        spec["config"] = tf_keras_config(spec["name"], spec["class_name"], spec["config"])
     return graph
 
 

@@ -52,6 +52,40 @@ def test_bridge_rejects_custom_layers_by_name(tmp_path):
         describe_graph(rms)
 
 
+def test_every_bridgeable_layer_deserializes_in_tf_keras(tmp_path):
+    """Each layer class the bridge claims to carry, as Keras 3 configures it by default, is a valid tf_keras
+    layer config (the InputLayer is rebuilt from its shape, not its config)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import keras
+
+    from pipeline_stage.legacy_keras import BRIDGEABLE, tf_keras_config
+
+    args = {"Conv1D": (4, 3), "Conv2D": (4, 3), "DepthwiseConv2D": (3,), "SeparableConv2D": (4, 3), "Dense": (4,),
+            "Activation": ("relu",), "Reshape": ((4,),), "Rescaling": (1 / 255,), "Embedding": (10, 4),
+            "Permute": ((2, 1),), "Dropout": (0.1,), "AveragePooling1D": (2,), "AveragePooling2D": (2,),
+            "MaxPooling1D": (2,), "MaxPooling2D": (2,)}
+    configs = {name: tf_keras_config(name, name, getattr(keras.layers, name)(*args.get(name, ())).get_config())
+               for name in sorted(BRIDGEABLE - {"InputLayer"})}
+    (tmp_path / "configs.json").write_text(json.dumps(configs, default=str))
+    script = ("import json, sys, tf_keras\n"
+              "failed = []\n"
+              "for name, cfg in json.load(open(sys.argv[1])).items():\n"
+              "    try:\n"
+              "        tf_keras.layers.deserialize({'class_name': name, 'config': cfg})\n"
+              "    except Exception as exc:\n"
+              "        failed.append(f'{name}: {str(exc).splitlines()[-1]}')\n"
+              "print(json.dumps(failed))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "configs.json")], capture_output=True, text=True,
+                          env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert len(configs) == len(BRIDGEABLE) - 1
+
+
 def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
     """The bridge carries LayerNormalization; tfmot's QAT registry does not: a clear error naming it."""
     import keras
