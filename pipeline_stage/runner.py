@@ -448,28 +448,34 @@ class Stage:
 
         return {k: tag_value(v) for k, v in tags.items()}
 
-    def _write_local_report(self, report: dict[str, Any]) -> None:
+    @staticmethod
+    def _rendered(report: dict[str, Any]) -> dict[str, str]:
+        """report.md and report.html by suffix, once per run (the HTML's plots take a while); none
+        for a run that ended before it had a candidate."""
+        if "candidate" not in report:
+            return {}
+        from pipeline_stage.html_report import to_html
+
+        return {".md": to_markdown(report), ".html": to_html(report)}
+
+    def _write_local_report(self, report: dict[str, Any], rendered: dict[str, str] | None = None) -> None:
         from pipeline_stage.registry import write_json
 
         path = self.options.report_path
         if path is None:
             return
         write_json(path, report)
-        if "candidate" in report:
-            from pipeline_stage.html_report import to_html
-
-            path.with_suffix(".md").write_text(to_markdown(report))
-            path.with_suffix(".html").write_text(to_html(report))
+        for suffix, text in (self._rendered(report) if rendered is None else rendered).items():
+            path.with_suffix(suffix).write_text(text)
 
     def _write_reports(self, report: dict[str, Any], run) -> None:
         import json
 
         run.log_text(json.dumps(report, indent=2, default=str), "report.json")
-        run.log_text(to_markdown(report), "report.md")
-        from pipeline_stage.html_report import to_html
-
-        run.log_text(to_html(report), "report.html")
-        self._write_local_report(report)
+        rendered = self._rendered(report)
+        for suffix, text in rendered.items():
+            run.log_text(text, f"report{suffix}")
+        self._write_local_report(report, rendered)
 
 
 def _flex_ops(model_bytes: bytes) -> list[str]:
