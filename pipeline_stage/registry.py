@@ -29,8 +29,13 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         for i, v in enumerate(value):
             out.update(flatten(v, f"{prefix}.{i}" if prefix else str(i)))
     else:
-        out[prefix] = redact(str(value))[:6000]
+        out[prefix] = param_value(value)
     return out
+
+
+def param_value(value: Any) -> str:
+    """An MLflow param value: credentials redacted, cut to 6,000 characters (MLflow's limit)."""
+    return redact(str(value))[:6000]
 
 
 def tag_value(value: Any) -> str:
@@ -93,15 +98,17 @@ class StageRun:
 
     def child_run(self, name: str, *, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str],
                   artifacts: list[Path], failed: bool = False) -> str:
-        """A finished nested run under this one (a search trial); returns its id."""
+        """A finished nested run under this one (a search trial); returns its id. Tag and param values
+        are bounded here, as MLflow requires (tag_value, param_value)."""
         from mlflow.entities import Metric, Param, RunTag
 
         experiment_id = self.run.info.experiment_id
+        tags = {k: tag_value(v) for k, v in tags.items()}
         child = retrying(lambda: self.client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, **tags}))
         run_id = child.info.run_id
         now = int(time.time() * 1000)
         clean = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
-        retrying(lambda: self.client.log_batch(run_id, metrics=clean, params=[Param(k, str(v)) for k, v in params.items()],
+        retrying(lambda: self.client.log_batch(run_id, metrics=clean, params=[Param(k, param_value(v)) for k, v in params.items()],
                                                tags=[RunTag("mlflow.runName", name)]))
         for path in artifacts:
             if path.is_dir():

@@ -215,12 +215,12 @@ class Search:
         self.log(f"trial {trial.index}/{self.spec.budget.trials} [{trial.origin}] {chain_text(trial.chain)}: "
                  f"{shown} {verdict} ({trial.seconds:.1f} s)")
         tags = {"pipeline_stage.trial": str(trial.index), "pipeline_stage.trial.origin": trial.origin,
-                "pipeline_stage.trial.chain": chain_text(trial.chain)[:5000], "pipeline_stage.trial.status": trial.status}
+                "pipeline_stage.trial.chain": chain_text(trial.chain), "pipeline_stage.trial.status": trial.status}
         if trial.error:
-            tags["pipeline_stage.trial.error"] = trial.error[:5000]
+            tags["pipeline_stage.trial.error"] = trial.error
         for g in trial.gates:
             tags[f"gate.{g['metric']}.{g['rule']}"] = "pass" if g["passed"] else "fail"
-        params = {"chain": chain_text(trial.chain)[:6000], "origin": trial.origin[:6000]}
+        params = {"chain": chain_text(trial.chain), "origin": trial.origin}
         trial.run_id = self.tracking.child_run(f"trial-{trial.index:03d}", params=params, metrics={**trial.metrics, "seconds": trial.seconds},
                                           tags=tags, artifacts=[trial.folder / "artifacts", trial.folder / "trial.log"],
                                           failed=trial.status == "error")
