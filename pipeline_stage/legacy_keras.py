@@ -15,13 +15,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from pipeline_stage.errors import InputError, PluginError
-from pipeline_stage.keras_graph import layer_graph
+from pipeline_stage.keras_graph import assign_weights, layer_graph, weights_by_name
 
 # Layers tf_keras has under the same name with a compatible config and weight order.
 BRIDGEABLE = frozenset({
@@ -82,11 +83,7 @@ def write_model(model, folder: Path) -> None:
     graph = describe_graph(model)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "graph.json").write_text(json.dumps(graph, default=str))
-    arrays = {}
-    for layer in model.layers:
-        for i, w in enumerate(layer.get_weights()):
-            arrays[f"{layer.name}/{i}"] = w
-    np.savez(folder / "weights.npz", **arrays)
+    np.savez(folder / "weights.npz", **weights_by_name(model.layers))
 
 
 def load_weights_into(model, weights_path: Path):
@@ -96,10 +93,7 @@ def load_weights_into(model, weights_path: Path):
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())  # clone_model re-initializes; start from the original
     with np.load(weights_path) as saved:
-        for layer in clone.layers:
-            count = len(layer.get_weights())
-            if count:
-                layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(count)])
+        assign_weights(clone.layers, saved)
     return clone
 
 
@@ -115,18 +109,28 @@ def run_task(task: dict[str, Any], model, workdir: Path, *, log: Callable[[str],
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "pipeline_stage.legacy_worker", str(workdir)]
     log_path = workdir / "worker.log"
+    expired = threading.Event()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                log(line)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+
+        def kill() -> None:
+            expired.set()
             proc.kill()
-            raise PluginError(f"the tf_keras worker ran past {timeout_s:.0f} s; its log: {log_path}") from None
+
+        # Reading the child's lines blocks until it closes stdout, so the time limit is a watchdog.
+        watchdog = threading.Timer(timeout_s, kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    log(line)
+            rc = proc.wait()
+        finally:
+            watchdog.cancel()
+    if expired.is_set():
+        raise PluginError(f"the tf_keras worker ran past {timeout_s:g} s and was stopped; its log: {log_path}")
     result_path = workdir / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     if rc != 0 or "error" in result:

@@ -35,6 +35,20 @@ def test_bridge_round_trip_is_exact(digits_model, digits_data, tmp_path):
         assert np.max(np.abs(np.load(folder / "outputs.npy") - model.predict(x, verbose=0))) < 1e-5
 
 
+def test_bridge_worker_past_its_time_limit_is_stopped(digits_model, digits_data, tmp_path):
+    """The limit holds while the child is still running (its lines are read as they come)."""
+    import time
+
+    from pipeline_stage.errors import PluginError
+    from pipeline_stage.legacy_keras import run_task
+
+    np.savez(tmp_path / "x.npz", x=digits_data.evaluation[0][:8])
+    started = time.perf_counter()
+    with pytest.raises(PluginError, match=r"ran past 0.5 s and was stopped"):
+        run_task({"task": "roundtrip", "data": str(tmp_path / "x.npz")}, digits_model, tmp_path / "w", timeout_s=0.5)
+    assert time.perf_counter() - started < 5  # TensorFlow's import alone takes longer: it was not waited for
+
+
 def test_bridge_rejects_custom_layers_by_name(tmp_path):
     import keras
 
