@@ -62,6 +62,19 @@ def layer_graph(model, *, purpose: str) -> dict[str, Any]:
     return graph
 
 
+def weights_by_name(layers) -> dict[str, Any]:
+    """Every layer's weights keyed ``layer/i``: how the tf_keras bridge ships them both ways."""
+    return {f"{layer.name}/{i}": w for layer in layers for i, w in enumerate(layer.get_weights())}
+
+
+def assign_weights(layers, saved) -> None:
+    """Set each layer's weights from `saved` (a mapping keyed as weights_by_name writes it)."""
+    for layer in layers:
+        count = len(layer.get_weights())
+        if count:
+            layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(count)])
+
+
 def rebuild(model, graph: dict[str, Any], *, dropped: set[str], configs: dict[str, dict], weights: dict[str, list]):
     """A new Keras model from `graph`: layers in `dropped` pass their input through (they must have
     one), others are rebuilt from `configs` (default: their own) with `weights` (default: their own)."""

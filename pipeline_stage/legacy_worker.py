@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline_stage.keras_graph import assign_weights, weights_by_name
+
 
 class TaskInputError(Exception):
     def __init__(self, message: str, hint: str | None = None):
@@ -51,10 +53,7 @@ def build(folder: Path):
     model = tf_keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0],
                            name=graph["name"])
     with np.load(folder / "weights.npz") as saved:
-        for name, layer in layers.items():
-            count = len(layer.get_weights())
-            if count:
-                layer.set_weights([saved[f"{name}/{i}"] for i in range(count)])
+        assign_weights(layers.values(), saved)
     return model
 
 
@@ -131,16 +130,10 @@ def prune(folder: Path, task: dict) -> dict:
     callbacks = [sparsity.UpdatePruningStep(), _Progress("prune", p["epochs"])]
     pruned.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, callbacks=callbacks, shuffle=True)
     stripped = sparsity.strip_pruning(pruned)
-    arrays, per_layer = {}, {}
-    for layer in stripped.layers:
-        weights = layer.get_weights()
-        for i, w in enumerate(weights):
-            arrays[f"{layer.name}/{i}"] = w
-        if type(layer).__name__ in prunable and weights:
-            per_layer[layer.name] = round(_sparsity(weights[:1]), 4)
-    np.savez(folder / "weights_out.npz", **arrays)
-    kernels = [l.get_weights()[0] for l in stripped.layers if type(l).__name__ in prunable and l.get_weights()]
-    return {"sparsity": _sparsity(kernels), "per_layer_sparsity": per_layer}
+    np.savez(folder / "weights_out.npz", **weights_by_name(stripped.layers))
+    kernels = {l.name: l.get_weights()[0] for l in stripped.layers if type(l).__name__ in prunable and l.get_weights()}
+    return {"sparsity": _sparsity(list(kernels.values())),
+            "per_layer_sparsity": {name: round(_sparsity([k]), 4) for name, k in kernels.items()}}
 
 
 def qat(folder: Path, task: dict) -> dict:
