@@ -68,6 +68,12 @@ def _act_name(layer) -> str | None:
     return None
 
 
+def _flatten_tile(flatten) -> int:
+    """How many times each channel repeats in a (channels-last) Flatten's output."""
+    shape = flatten.input.shape
+    return int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+
+
 class Fuse(Step):
     """Fold BatchNorm into Conv/Dense, including BN after ReLU (scale backward, shift forward)."""
 
@@ -134,20 +140,17 @@ class Fuse(Step):
                 notes["left_alone"].append({"layer": bn.name, "reason": f"{int(np.sum(s <= 0))} channel scale(s) not positive"})
                 continue
             target, reason, tile = self._shift_target(bn.name)
-            if target is None:
-                cfg = bn.get_config()
-                if not (cfg.get("center", True) and cfg.get("scale", True)):
-                    notes["left_alone"].append({"layer": bn.name, "reason": reason})
-                    continue
-                # Scale backward anyway; the BN keeps only the shift (gamma 1, mean 0, var 1 - eps).
-                kernel, bias = kernel_bias(producer)
-                set_kernel_bias(producer, self._scale_out(producer, kernel, s), bias * s)
+            cfg = bn.get_config()
+            if target is None and not (cfg.get("center", True) and cfg.get("scale", True)):
+                notes["left_alone"].append({"layer": bn.name, "reason": reason})
+                continue
+            kernel, bias = kernel_bias(producer)
+            set_kernel_bias(producer, self._scale_out(producer, kernel, s), bias * s)
+            if target is None:  # the scale moved backward; the BN keeps only the shift (gamma 1, mean 0, var 1 - eps)
                 weights[bn.name] = [np.ones_like(s), t, np.zeros_like(s), np.full_like(s, 1.0 - bn.epsilon)]
                 changed = True
                 notes["scale_backward_shift_kept"].append({"layer": bn.name, "reason": reason})
                 continue
-            kernel, bias = kernel_bias(producer)
-            set_kernel_bias(producer, self._scale_out(producer, kernel, s), bias * s)
             k2, b2 = kernel_bias(target)
             shift = np.tile(t, tile)
             if type(target).__name__ == "Dense":
@@ -223,9 +226,7 @@ class Fuse(Step):
             layer = self._layer(users[0])
             cls = type(layer).__name__
             if cls in SHIFT_TRANSPARENT:
-                if cls == "Flatten":
-                    shape = layer.input.shape
-                    tile = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+                tile = _flatten_tile(layer) if cls == "Flatten" else tile
                 cur = users[0]
                 continue
             if cls == "Dense":
@@ -263,9 +264,7 @@ class Fuse(Step):
                 continue
             tile = 1
             while j < len(kept) and type(kept[j]).__name__ in SHIFT_TRANSPARENT and type(kept[j]).__name__ != "GlobalAveragePooling2D":
-                if type(kept[j]).__name__ == "Flatten":
-                    shape = kept[j].input.shape
-                    tile = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+                tile = _flatten_tile(kept[j]) if type(kept[j]).__name__ == "Flatten" else tile
                 j += 1
             if j < len(kept) and type(kept[j]).__name__ in ("Conv2D", "Dense") and (tile == 1 or type(kept[j]).__name__ == "Dense"):
                 pairs.append((first, kept[j], tile))
