@@ -36,6 +36,16 @@ window.addEventListener('load', function () {
 """
 
 
+def _axes(width: float, height: float):
+    """A new figure and its axes, drawn off-screen (Agg: a pod has no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -76,12 +86,7 @@ def _tradeoff_plot(points: list[dict[str, Any]], x_name: str, x_label: str) -> s
     usable = [p for p in points if "accuracy" in p["metrics"] and x_name in p["metrics"]]
     if len(usable) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    fig, ax = _axes(5.2, 3.8)
     colors = {"baseline": "#57606a", "winner": "#1a7f37", "passed": "#0969da", "failed": "#cf222e", "closest": "#bf8700", "error": "#8c959f"}
     xy = [(p["metrics"][x_name], p["metrics"]["accuracy"]) for p in usable]
     trials = [i for i, p in enumerate(usable) if p["kind"] != "baseline"]
@@ -106,12 +111,7 @@ def _latency_plot(points: list[dict[str, Any]]) -> str | None:
     usable = [p for p in points if "latency_p50_ms" in p["metrics"]]
     if not usable:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 0.45 * len(usable) + 1.2))
+    fig, ax = _axes(5.2, 0.45 * len(usable) + 1.2)
     labels = [p["label"][:48] for p in usable]
     values = [p["metrics"]["latency_p50_ms"] for p in usable]
     colors = ["#1a7f37" if p["kind"] == "winner" else "#57606a" if p["kind"] == "baseline" else "#0969da" for p in usable]
@@ -126,13 +126,8 @@ def _latency_plot(points: list[dict[str, Any]]) -> str | None:
 def _layer_error_plot(rows: list[dict[str, Any]] | None) -> str | None:
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = rows[:20]
-    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(rows) + 1.2))
+    fig, ax = _axes(6.5, 0.32 * len(rows) + 1.2)
     labels = [f"{r['op']} {r['tensor'].split(';')[0][-40:]}" for r in rows]
     ax.barh(range(len(rows)), [r["rmse/scale"] for r in rows], color="#bf8700")
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
