@@ -75,34 +75,52 @@ def assign_weights(layers, saved) -> None:
             layer.set_weights([saved[f"{layer.name}/{i}"] for i in range(count)])
 
 
+def wire(graph: dict[str, Any], make_input, make_layer):
+    """Call `graph`'s layers on each other's outputs, in order, with any Keras flavour.
+
+    ``make_input(spec, k)`` makes the k-th input tensor; ``make_layer(spec)`` makes a layer, or
+    None to pass its (single) input through. Returns the inputs and outputs (a tensor each when
+    there is one, as keras.Model takes them) and the layers made, by name.
+    """
+    tensors: dict[str, Any] = {}
+    inputs, layers = [], {}
+    for spec in graph["layers"]:
+        name = spec["name"]
+        if spec["class_name"] == "InputLayer":
+            tensors[name] = t = make_input(spec, len(inputs))
+            inputs.append(t)
+            continue
+        args = [tensors[n] for n in spec["inbound"]]
+        layer = make_layer(spec)
+        if layer is None:
+            tensors[name] = args[0]
+            continue
+        tensors[name] = layer(args if len(args) > 1 else args[0])
+        layers[name] = layer
+    outputs = [tensors[n] for n in graph["outputs"]]
+    return inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0], layers
+
+
 def rebuild(model, graph: dict[str, Any], *, dropped: set[str], configs: dict[str, dict], weights: dict[str, list]):
     """A new Keras model from `graph`: layers in `dropped` pass their input through (they must have
     one), others are rebuilt from `configs` (default: their own) with `weights` (default: their own)."""
     import keras
     import numpy as np
 
-    tensors: dict[str, Any] = {}
-    inputs = []
-    new_layers = []
-    for spec in graph["layers"]:
-        name = spec["name"]
-        if spec["class_name"] == "InputLayer":
-            source = model.inputs[len(inputs)]
-            tensors[name] = t = keras.Input(shape=source.shape[1:], dtype=source.dtype, name=source.name)
-            inputs.append(t)
-            continue
-        args = [tensors[n] for n in spec["inbound"]]
-        if name in dropped:
-            tensors[name] = args[0]
-            continue
-        old = model.get_layer(name)
-        layer = type(old).from_config(configs.get(name, old.get_config()))
-        tensors[name] = layer(args if len(args) > 1 else args[0])
-        new_layers.append((layer, weights.get(name)))
-    outputs = [tensors[n] for n in graph["outputs"]]
-    out = keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0], name=model.name)
-    for layer, w in new_layers:
-        source = w if w is not None else model.get_layer(layer.name).get_weights()
+    def make_input(spec, k):
+        source = model.inputs[k]
+        return keras.Input(shape=source.shape[1:], dtype=source.dtype, name=source.name)
+
+    def make_layer(spec):
+        if spec["name"] in dropped:
+            return None
+        old = model.get_layer(spec["name"])
+        return type(old).from_config(configs.get(spec["name"], old.get_config()))
+
+    inputs, outputs, layers = wire(graph, make_input, make_layer)
+    out = keras.Model(inputs, outputs, name=model.name)
+    for name, layer in layers.items():
+        source = weights[name] if weights.get(name) is not None else model.get_layer(name).get_weights()
         if source:
             layer.set_weights([np.asarray(v, dtype=np.float32) for v in source])
     return out

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_stage.keras_graph import assign_weights, weights_by_name
+from pipeline_stage.keras_graph import assign_weights, weights_by_name, wire
 
 
 class TaskInputError(Exception):
@@ -32,26 +32,19 @@ def build(folder: Path):
     import tf_keras
 
     graph = json.loads((folder / "graph.json").read_text())
-    tensors = {}
-    layers = {}
-    inputs = []
-    for spec in graph["layers"]:
-        cls, cfg = spec["class_name"], dict(spec["config"])
-        if cls == "InputLayer":
-            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-            tensors[spec["name"]] = t = tf_keras.Input(batch_shape=tuple(shape), name=spec["name"])
-            inputs.append(t)
-            continue
+
+    def make_input(spec, k):
+        shape = spec["config"].get("batch_shape") or spec["config"].get("batch_input_shape")
+        return tf_keras.Input(batch_shape=tuple(shape), name=spec["name"])
+
+    def make_layer(spec):
         try:
-            layer = getattr(tf_keras.layers, cls).from_config(cfg)
+            return getattr(tf_keras.layers, spec["class_name"]).from_config(dict(spec["config"]))
         except (TypeError, ValueError) as exc:
-            raise TaskInputError(f"layer `{spec['name']}` ({cls}) does not rebuild in tf_keras: {exc}") from None
-        args = [tensors[n] for n in spec["inbound"]]
-        tensors[spec["name"]] = layer(args if len(args) > 1 else args[0])
-        layers[spec["name"]] = layer
-    outputs = [tensors[n] for n in graph["outputs"]]
-    model = tf_keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0],
-                           name=graph["name"])
+            raise TaskInputError(f"layer `{spec['name']}` ({spec['class_name']}) does not rebuild in tf_keras: {exc}") from None
+
+    inputs, outputs, layers = wire(graph, make_input, make_layer)
+    model = tf_keras.Model(inputs, outputs, name=graph["name"])
     with np.load(folder / "weights.npz") as saved:
         assign_weights(layers.values(), saved)
     return model
