@@ -379,6 +379,13 @@ def parse_manifest(text: str, registry: Registry, *, path: str = "<manifest>", m
                             hint="set `model: models:/<name>@<alias>` in the manifest or pass --model-uri")
 
     steps = parse_steps(manifest.chain, registry, path=path, lines=lines, loc=("chain",))
+    known_metrics = sorted(registry.metrics)
+
+    def check_metric(name: str, loc: tuple) -> None:
+        if name not in registry.metrics:
+            raise ManifestError(f"unknown metric `{name}`; installed metrics: {', '.join(known_metrics)}", path=path,
+                                line=_line_for(lines, loc), field=_fmt_loc(loc), hint=_did_you_mean(name, known_metrics))
+
     candidates = []
     if manifest.search is not None:
         search = manifest.search
@@ -398,23 +405,13 @@ def parse_manifest(text: str, registry: Registry, *, path: str = "<manifest>", m
         for k, chain in enumerate(search.candidates):
             candidates.append(parse_steps(chain, registry, path=path, lines=lines, loc=("search", "candidates", k)))
         for j, name in enumerate(search.objective):
-            if name not in registry.metrics:
-                raise ManifestError(f"unknown metric `{name}`; installed metrics: {', '.join(sorted(registry.metrics))}", path=path,
-                                    line=_line_for(lines, ("search", "objective", j)), field=f"search.objective[{j}]",
-                                    hint=_did_you_mean(name, sorted(registry.metrics)))
+            check_metric(name, ("search", "objective", j))
 
-    known_metrics = sorted(registry.metrics)
-    for where, names in (("evaluation.metrics", manifest.evaluation.metrics or []), ("evaluation.per_step", manifest.evaluation.per_step)):
+    for key, names in (("metrics", manifest.evaluation.metrics or []), ("per_step", manifest.evaluation.per_step)):
         for j, name in enumerate(names):
-            if name not in registry.metrics:
-                raise ManifestError(f"unknown metric `{name}`; installed metrics: {', '.join(known_metrics)}", path=path,
-                                    line=_line_for(lines, tuple(where.split(".")) + (j,)), field=f"{where}[{j}]",
-                                    hint=_did_you_mean(name, known_metrics))
+            check_metric(name, ("evaluation", key, j))
     for j, gate in enumerate(manifest.gates):
-        if gate.metric not in registry.metrics:
-            raise ManifestError(f"unknown metric `{gate.metric}`; installed metrics: {', '.join(known_metrics)}",
-                                path=path, line=_line_for(lines, ("gates", j, "metric")), field=f"gates[{j}].metric",
-                                hint=_did_you_mean(gate.metric, known_metrics))
+        check_metric(gate.metric, ("gates", j, "metric"))
 
     loaded = LoadedManifest(path=path, manifest=manifest, steps=steps, raw=raw, text=text, lines=lines, candidates=candidates)
     for data_set in sorted(loaded.required_data(registry)):
