@@ -251,7 +251,7 @@ class Search:
 
     def _candidates(self) -> None:
         loaded, spec = self.stage.loaded, self.spec
-        chains = [("as written", loaded.steps, _as_written(loaded.manifest.chain))] + [
+        chains = [("as written", loaded.steps, self._base_chain())] + [
             (f"candidate {k + 1}", steps, _as_written(spec.candidates[k])) for k, steps in enumerate(loaded.candidates)]
         chains = [c for c in chains if c[1] or c[0] != "as written"]
         order = sorted(range(len(chains)), key=lambda k: (sum(step.expected_cost() for step in chains[k][1]), k))
