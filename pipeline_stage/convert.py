@@ -106,10 +106,12 @@ def _qat(source: "SourceModel", settings: ConversionSettings, keras_model: Any, 
     folder.mkdir(parents=True, exist_ok=True)
     training.save(folder / "train.npz")
     representative.take(settings.calibration_samples).save(folder / "calib.npz")
-    io = "int8" if settings.inference_input_type == "int8" else "float"
+    # The child converts the quantization-aware model with build_converter, as full int8 with these settings.
+    int8 = dataclasses.replace(settings, quantization="int8", engine="converter", fine_tune={}, training_data=None)
+    conversion = {k: v for k, v in dataclasses.asdict(int8).items() if k != "set_by"}
     run_task({"task": "qat", "training": str(folder / "train.npz"), "calibration": str(folder / "calib.npz"),
-              "params": {**settings.fine_tune, "calibration_samples": settings.calibration_samples}, "io": io,
-              "seed": settings.fine_tune.get("seed", 0)}, model, folder, log=log)
+              "params": settings.fine_tune, "conversion": conversion, "seed": settings.fine_tune.get("seed", 0)},
+             model, folder, log=log)
     log_path.write_text((folder / "worker.log").read_text(errors="replace"))  # the conversion's log, as for the others
     return (folder / "model.tflite").read_bytes()
 

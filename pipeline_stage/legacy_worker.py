@@ -50,12 +50,9 @@ def build(folder: Path):
     return model
 
 
-def _data(path: str, limit: int | None = None):
+def _data(path: str):
     with np.load(path) as d:
-        x, y = d["x"].astype(np.float32), d["y"] if "y" in d.files else None
-    if limit:
-        x, y = x[:limit], (y[:limit] if y is not None else None)
-    return x, y
+        return d["x"].astype(np.float32), d["y"] if "y" in d.files else None
 
 
 def _compile(model, params, x, y):
@@ -130,7 +127,6 @@ def prune(folder: Path, task: dict) -> dict:
 
 
 def qat(folder: Path, task: dict) -> dict:
-    import tensorflow as tf
     import tensorflow_model_optimization as tfmot
 
     p = task["params"]
@@ -147,14 +143,13 @@ def qat(folder: Path, task: dict) -> dict:
     _compile(q_model, p, x, y)
     q_model.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, shuffle=True,
                 callbacks=[_Progress("qat", p["epochs"])])
-    converter = tf.lite.TFLiteConverter.from_keras_model(q_model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    cx, _ = _data(task["calibration"], p.get("calibration_samples", 200))
-    converter.representative_dataset = lambda: ([cx[i:i + 1]] for i in range(len(cx)))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    dtypes = {"int8": tf.int8}
-    if task.get("io") in dtypes:
-        converter.inference_input_type = converter.inference_output_type = dtypes[task["io"]]
+    from pipeline_stage.convert import build_converter
+    from pipeline_stage.data import Dataset
+    from pipeline_stage.steps import ConversionSettings
+
+    cx, _ = _data(task["calibration"])
+    converter = build_converter(None, ConversionSettings(**task["conversion"]), keras_model=q_model,
+                                representative=Dataset(cx, None, "calibration"))
     print("qat: converting the quantization-aware model to int8", file=sys.__stdout__, flush=True)
     (folder / "model.tflite").write_bytes(converter.convert())
     return {}
