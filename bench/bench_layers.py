@@ -53,12 +53,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=300)
     args = ap.parse_args()
-    from pipeline_stage._tf import import_tf, stdout_to_stderr
+    from pipeline_stage.engine.tf_env import import_tf, stdout_to_stderr
 
     tf = import_tf()
     import keras
 
-    from pipeline_stage.litert_runtime import TFLiteModel
+    from pipeline_stage.engine.litert_runtime import TFLiteModel
 
     rng = np.random.default_rng(0)
     keras.utils.set_random_seed(0)

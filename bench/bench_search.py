@@ -32,14 +32,14 @@ def main() -> None:
     args = ap.parse_args()
     from click.testing import CliRunner
 
-    from pipeline_stage._tf import import_tf
+    from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
     import mlflow
 
     from pipeline_stage.cli import cli
     from pipeline_stage.demo import log_source_model, raw_digits_data, train_bn_after_relu_cnn
-    from pipeline_stage.litert_runtime import TFLiteModel
+    from pipeline_stage.engine.litert_runtime import TFLiteModel
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -76,11 +76,12 @@ def main() -> None:
 
     plain = json.loads((plain_work / "report.json").read_text())
     found = json.loads((search_work / "report.json").read_text())
-    from pipeline_stage.convert import convert
-    from pipeline_stage.source import SourceInfo, SourceModel
-    from pipeline_stage.steps import ConversionSettings
+    from pipeline_stage.engine.convert import convert
+    from pipeline_stage.contract.report import SourceRef
+    from pipeline_stage.engine.source_model import SourceModel
+    from pipeline_stage.contract.steps import ConversionSettings
 
-    float_bytes = convert(SourceModel(info=SourceInfo(uri="bench"), path=Path("."), keras_model=model), ConversionSettings())
+    float_bytes = convert(SourceModel(info=SourceRef(uri="bench"), path=Path("."), keras_model=model), ConversionSettings())
     variants = {"float TFLite": float_bytes, "plain int8": (plain_work / "model.tflite").read_bytes(),
                 "search winner": (search_work / "model.tflite").read_bytes()}
     x1 = data.evaluation[0][:1]

@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    from pipeline_stage._tf import import_tf
+    from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
     from click.testing import CliRunner

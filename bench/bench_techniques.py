@@ -67,21 +67,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--size", type=int, default=96, help="MobileNetV2 input size (a multiple of 8, >= 32)")
     args = ap.parse_args()
-    from pipeline_stage._tf import import_tf
+    from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
-    from pipeline_stage.convert import convert
-    from pipeline_stage.data import Dataset
+    from pipeline_stage.engine.convert import convert
+    from pipeline_stage.contract.data import Dataset
     from pipeline_stage.demo import digits_data
-    from pipeline_stage.litert_runtime import TFLiteModel
-    from pipeline_stage.source import SourceInfo, SourceModel
-    from pipeline_stage.steps import ConversionSettings
+    from pipeline_stage.engine.litert_runtime import TFLiteModel
+    from pipeline_stage.contract.report import SourceRef
+    from pipeline_stage.engine.source_model import SourceModel
+    from pipeline_stage.contract.steps import ConversionSettings
 
     import gzip
     import tempfile
 
-    from pipeline_stage.flatbuffer import read as read_flatbuffer
-    from pipeline_stage.steps import StepContext
+    from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
+    from pipeline_stage.contract.steps import StepContext
     from pipeline_stage_plugins.prune import Prune, PruneParams
     from pipeline_stage_plugins.strip_ops import StripOps, StripParams
 
@@ -93,7 +94,7 @@ def main() -> None:
         train = Dataset(prep(data.train[0]), data.train[1], "training")
         keras_acc = float(np.mean(model.predict(xe, verbose=0).argmax(-1) == ye))
         params = model.count_params()
-        src = SourceModel(info=SourceInfo(uri="bench"), path=Path("."), keras_model=model)
+        src = SourceModel(info=SourceRef(uri="bench"), path=Path("."), keras_model=model)
         rows = {}
         for mode in MODES:
             work = Path(tempfile.mkdtemp(prefix="bench-"))

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from pipeline_stage import __version__
-from pipeline_stage.errors import StageError
+from pipeline_stage.contract.errors import GATE_FAILED_EXIT, StageError
+from pipeline_stage.version import __version__
 
 
 class StageGroup(click.Group):
@@ -34,7 +34,7 @@ class StageGroup(click.Group):
         except Exception as exc:  # an unexpected failure still gets one line, and exit 1
             if os.environ.get("PIPELINE_STAGE_DEBUG"):
                 traceback.print_exc()
-            from pipeline_stage.tracking import redact
+            from pipeline_stage.mlflow_io.tracking import redact
 
             _fail(f"unexpected failure: {type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
                   "\n  (set PIPELINE_STAGE_DEBUG=1 for the traceback)", 1)
@@ -56,10 +56,10 @@ def cli() -> None:
     """
 
 
-def _registry():
-    from pipeline_stage.plugins import get_registry
+def _host():
+    from pipeline_stage.host.plugin_host import get_host
 
-    return get_registry()
+    return get_host()
 
 
 @cli.command()
@@ -73,7 +73,7 @@ def validate(manifest: str, model_uri: str | None) -> None:
     """
     from pipeline_stage.manifest import load_manifest
 
-    loaded = load_manifest(manifest, _registry(), model_uri=model_uri)
+    loaded = load_manifest(manifest, _host(), model_uri=model_uri)
     click.echo(f"{manifest}: ok (chain digest {loaded.chain_digest})")
     for i, step in enumerate(loaded.steps):
         params = ", ".join(f"{k}={v}" for k, v in step.params.model_dump(mode="json").items())
@@ -108,35 +108,32 @@ def run(manifest: str, model_uri: str | None, tracking_uri: str | None, report_p
     A re-run on the same source version and chain reuses the version it registered before.
     """
     from pipeline_stage.manifest import load_manifest
-    from pipeline_stage.runner import RunOptions, run_stage
-    from pipeline_stage.tracking import resolve_tracking_uri
+    from pipeline_stage.run.stage import RunOptions, run_stage
+    from pipeline_stage.mlflow_io.tracking import resolve_tracking_uri
 
-    registry = _registry()
-    loaded = load_manifest(manifest, registry, model_uri=model_uri)
+    host = _host()
+    loaded = load_manifest(manifest, host, model_uri=model_uri)
     options = RunOptions(tracking_uri=resolve_tracking_uri(tracking_uri), report_path=report_path,
                          output_path=output_path, workdir=workdir, quiet=quiet, new_version=new_version)
-    try:
-        report = run_stage(loaded, registry, options)
-    except StageError as exc:
-        if getattr(exc, "exit_code", 1) == 3 and getattr(exc, "report", None):
-            _print_summary(exc.report, options.tracking_uri)
-        raise
-    _print_summary(report, options.tracking_uri)
+    _conclude(run_stage(loaded, host, options), options.tracking_uri)
 
 
-def _print_summary(report: dict[str, Any], tracking_uri: str) -> None:
-    from pipeline_stage.summary import print_summary
+def _conclude(report, tracking_uri: str) -> None:
+    """Print the summary; a failed gate is exit 3 with the gates that failed (nothing promoted)."""
+    from pipeline_stage.reporting.summary import print_summary
 
     print_summary(report, tracking_uri)
+    if not report.passed:
+        _fail(report.failure_message(), GATE_FAILED_EXIT)
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a listing.")
 def plugins(as_json: bool) -> None:
-    """List installed steps (phase, params, distribution), metrics, data loaders and plugins."""
-    from pipeline_stage.plugins import describe
+    """List installed steps (phase, params, distribution), metrics, search moves, data loaders and plugins."""
+    from pipeline_stage.host.plugin_host import describe
 
-    info = describe(_registry())
+    info = describe(_host())
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -150,6 +147,9 @@ def plugins(as_json: bool) -> None:
     for metric in info["metrics"]:
         direction = "higher is better" if metric["higher_is_better"] else "lower is better"
         click.echo(f"  {metric['name']} ({direction}) from {metric['distribution']}: {metric['summary']}")
+    click.echo("Search moves (strategy auto):")
+    for move in info["search_moves"]:
+        click.echo(f"  {move['name']} [{move['kind']}, cost {move['cost']:g}] from {move['distribution']}: {move['summary']}")
     click.echo("Data loaders:")
     for loader in info["data_loaders"]:
         click.echo(f"  {loader['name']} {' '.join(loader['suffixes'])} from {loader['distribution']}")
@@ -159,11 +159,20 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command()
-def schema() -> None:
-    """Print the manifest's JSON Schema (installed steps included), for editor completion."""
+@click.option("--report", "of_report", is_flag=True, help="The schema of report.json instead of the manifest's.")
+def schema(of_report: bool) -> None:
+    """Print the manifest's JSON Schema (installed steps included), for editor completion.
+
+    With --report, the JSON Schema of report.json (what `run --report` writes and the run logs).
+    """
+    if of_report:
+        from pipeline_stage.contract.report import Report
+
+        click.echo(json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", **Report.model_json_schema()}, indent=2))
+        return
     from pipeline_stage.manifest import manifest_json_schema
 
-    click.echo(json.dumps(manifest_json_schema(_registry()), indent=2))
+    click.echo(json.dumps(manifest_json_schema(_host()), indent=2))
 
 
 @cli.command()
@@ -182,12 +191,12 @@ def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: 
     """
     from pipeline_stage import demo as demo_mod
     from pipeline_stage.manifest import load_manifest
-    from pipeline_stage.runner import RunOptions, run_stage
-    from pipeline_stage.tracking import configure, preflight, resolve_tracking_uri
+    from pipeline_stage.run.stage import RunOptions, run_stage
+    from pipeline_stage.mlflow_io.tracking import configure, preflight, resolve_tracking_uri
 
-    registry = _registry()
+    host = _host()
     manifest = demo_mod.example_manifest("search-auto.yaml" if case == "search" else demo_mod.EXAMPLE_MANIFEST)
-    load_manifest(manifest, registry)  # a broken example fails before any training
+    load_manifest(manifest, host)  # a broken example fails before any training
     uri = resolve_tracking_uri(tracking_uri)
     configure(uri)
     preflight(uri)
@@ -205,16 +214,9 @@ def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: 
         model = demo_mod.train_digits_cnn(data, epochs=epochs)
         source = demo_mod.log_source_model(model, data)
     click.echo(f"[demo] logged {source['uri']} (version {source['version']}, held-out accuracy {source['accuracy']:.4f})", err=True)
-    loaded = load_manifest(manifest, registry, model_uri=source["uri"])
+    loaded = load_manifest(manifest, host, model_uri=source["uri"])
     click.echo(f"[demo] running {manifest} ...", err=True)
-    options = RunOptions(tracking_uri=uri, report_path=report_path)
-    try:
-        report = run_stage(loaded, registry, options)
-    except StageError as exc:
-        if getattr(exc, "report", None):
-            _print_summary(exc.report, uri)
-        raise
-    _print_summary(report, uri)
+    _conclude(run_stage(loaded, host, RunOptions(tracking_uri=uri, report_path=report_path)), uri)
 
 
 def main() -> None:

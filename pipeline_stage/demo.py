@@ -38,7 +38,7 @@ def digits_data(seed: int = 0) -> DigitsData:
 
 def train_digits_cnn(data: DigitsData, *, epochs: int = 12, seed: int = 0):
     """A small CNN (~10k parameters) that reaches ~97% top-1 on held-out digits in seconds."""
-    from pipeline_stage._tf import import_tf
+    from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
     import keras
@@ -60,7 +60,7 @@ def train_digits_cnn(data: DigitsData, *, epochs: int = 12, seed: int = 0):
 def raw_digits_data(size: int = 16, seed: int = 0) -> DigitsData:
     """The same digits, bilinearly upscaled to `size` x `size` and left in raw 0..255 pixel units
     (MNIST's units, fed without normalization: the BatchNorm layers are trusted to normalize)."""
-    from pipeline_stage._tf import import_tf
+    from pipeline_stage.engine.tf_env import import_tf
 
     tf = import_tf()
     data = digits_data(seed)
@@ -82,7 +82,7 @@ def train_bn_after_relu_cnn(data: DigitsData, *, epochs: int = 8, seed: int = 0)
     channels. `fuse` moves each scale backward into the convolution (exact), after which int8 keeps
     the accuracy.
     """
-    from pipeline_stage._tf import import_tf
+    from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
     import keras
@@ -106,7 +106,7 @@ def log_source_model(model, data: DigitsData, *, name: str = DEMO_MODEL_NAME, al
     import mlflow
     from mlflow.models import infer_signature
 
-    from pipeline_stage._tf import stdout_to_stderr
+    from pipeline_stage.engine.tf_env import stdout_to_stderr
 
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="train-digits-cnn") as run, tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +137,7 @@ def example_manifest(name: str = EXAMPLE_MANIFEST) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    from pipeline_stage.errors import InputError
+    from pipeline_stage.contract.errors import InputError
 
     raise InputError(f"example manifest `{name}` not found (looked in: {', '.join(str(c.parent) for c in candidates)})",
                      hint="run from the source checkout or set PIPELINE_STAGE_EXAMPLES to manifests/examples")

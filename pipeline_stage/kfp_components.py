@@ -89,7 +89,7 @@ def gate_verdict(passed: bool) -> bool:
 def train_digits(tracking_uri: str = "", epochs: int = 8, registered_model: str = "digits-cnn") -> str:
     """Example training step: a small CNN on offline digits, logged and registered in MLflow."""
     from pipeline_stage.demo import digits_data, log_source_model, train_digits_cnn
-    from pipeline_stage.tracking import configure, resolve_tracking_uri
+    from pipeline_stage.mlflow_io.tracking import configure, resolve_tracking_uri
 
     configure(resolve_tracking_uri(tracking_uri or None))
     data = digits_data()

@@ -15,47 +15,43 @@ def optimize(manifest: str, model_uri: str, tracking_uri: str, tflite_path: str,
 
     Bad input (exit 2) and failures (exit 1) raise, so the task fails with the stage's message.
     """
-    from pipeline_stage.errors import GateFailed
     from pipeline_stage.manifest import parse_manifest
-    from pipeline_stage.plugins import get_registry
-    from pipeline_stage.runner import RunOptions, run_stage
-    from pipeline_stage.tracking import resolve_tracking_uri
+    from pipeline_stage.host.plugin_host import get_host
+    from pipeline_stage.run.stage import RunOptions, run_stage
+    from pipeline_stage.mlflow_io.tracking import resolve_tracking_uri
 
-    registry = get_registry()
-    loaded = parse_manifest(manifest, registry, path="<manifest parameter>", model_uri=model_uri or None)
+    host = get_host()
+    loaded = parse_manifest(manifest, host, path="<manifest parameter>", model_uri=model_uri or None)
     work = Path(tempfile.mkdtemp(prefix="stage-"))
     options = RunOptions(tracking_uri=resolve_tracking_uri(tracking_uri or None), report_path=work / "report.json",
                          output_path=Path(tflite_path))
-    try:
-        report = run_stage(loaded, registry, options)
-    except GateFailed as exc:
-        report = exc.report
-    for name, value in report["candidate"].items():
+    report = run_stage(loaded, host, options)
+    for name, value in (report.candidate or {}).items():
         log_metric(name, value)
-    for name, value in report["baseline"].items():
+    for name, value in report.baseline.items():
         log_metric(f"baseline.{name}", value)
-    for gate in report["gates"]:
-        log_metric(f"gate.{gate['metric']}.{gate['rule']}", 1.0 if gate["passed"] else 0.0)
-    log_metric("passed", 1.0 if report["passed"] else 0.0)
-    registered = report.get("registered") or {}
+    for gate in report.gates:
+        log_metric(f"gate.{gate.metric}.{gate.rule}", 1.0 if gate.passed else 0.0)
+    log_metric("passed", 1.0 if report.passed else 0.0)
+    registered = report.registered
     tflite_metadata.update({
-        "passed": report["passed"], "chain_digest": report["manifest"]["chain_digest"],
-        "registered_name": registered.get("name", ""), "registered_version": registered.get("version", ""),
-        "registered_uri": registered.get("uri", ""), "mlflow_run_id": report.get("run_id", ""),
-        "source_uri": report["source"]["uri"],
+        "passed": report.passed, "chain_digest": report.manifest.chain_digest,
+        "registered_name": registered.name if registered else "", "registered_version": registered.version if registered else "",
+        "registered_uri": registered.uri if registered else "", "mlflow_run_id": report.run_id or "",
+        "source_uri": report.source.uri,
     })
     shutil.copyfile(work / "report.md", report_path)
     if html_path:
         shutil.copyfile(work / "report.html", html_path)
-    return {"passed": bool(report["passed"]), "model_version": registered.get("version", ""),
-            "registered_model": registered.get("name", "")}
+    return {"passed": report.passed, "model_version": registered.version if registered else "",
+            "registered_model": registered.name if registered else ""}
 
 
 def _client(tracking_uri: str):
     """An MlflowClient for the given URI (empty: MLFLOW_TRACKING_URI), with the stage's settings."""
     import mlflow
 
-    from pipeline_stage.tracking import configure, resolve_tracking_uri
+    from pipeline_stage.mlflow_io.tracking import configure, resolve_tracking_uri
 
     configure(resolve_tracking_uri(tracking_uri or None))
     return mlflow.MlflowClient()
@@ -63,7 +59,7 @@ def _client(tracking_uri: str):
 
 def resolve_model(model_uri: str, tracking_uri: str) -> str:
     """Pin an alias to the version it points at now (models:/name@alias -> models:/name/N)."""
-    from pipeline_stage.source import resolve
+    from pipeline_stage.mlflow_io.source import resolve
 
     info = resolve(model_uri, _client(tracking_uri))
     return f"models:/{info.name}/{info.version}" if info.name and info.version else model_uri

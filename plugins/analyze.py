@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, hookimpl
+from pipeline_stage import Params, Phase, Step, build_converter, captured_output, hookimpl, import_tensorflow, read_flatbuffer
 
 DTYPE_BYTES = {"FLOAT32": 4, "FLOAT16": 2, "INT8": 1, "UINT8": 1, "INT16": 2, "INT32": 4, "INT64": 8, "BOOL": 1}
 
@@ -30,9 +30,7 @@ class Analyze(Step):
     Params = AnalyzeParams
 
     def apply(self, model_bytes, ctx):
-        from pipeline_stage.flatbuffer import read
-
-        info = read(model_bytes)
+        info = read_flatbuffer(model_bytes)
         weights = [(t.name, t.dtype, int(np.prod(t.shape)) * DTYPE_BYTES.get(t.dtype, 4))
                    for t in info.tensors if t.is_constant]
         by_dtype: dict[str, int] = {}
@@ -55,10 +53,7 @@ class Analyze(Step):
         settings = ctx.conversion
         if ctx.model is None or settings is None or settings.quantization != "int8":
             return "only for full-int8 conversions of Keras models"
-        from pipeline_stage._tf import captured_output, import_tf
-        from pipeline_stage.convert import build_converter
-
-        tf = import_tf()
+        tf = import_tensorflow()
         representative = ctx.load_data(settings.representative_data)
         x = ctx.load_data("evaluation").x[: self.params.samples].astype(np.float32)
         converter = build_converter(None, settings, keras_model=ctx.model, representative=representative)

@@ -8,7 +8,7 @@ from pipeline_stage import hookimpl
 
 
 def _say(context, message: str) -> None:
-    if getattr(context, "quiet", False):
+    if context.quiet:
         return
     print(f"[pipeline-stage] {message}", file=sys.stderr, flush=True)
 
@@ -27,10 +27,10 @@ def after_step(step, record, context):
 @hookimpl
 def after_gates(results, passed, context):
     for r in results:
-        _say(context, f"gate {r['metric']} {r['rule']} {r['threshold']}: value {r['value']:.6g} -> {'PASS' if r['passed'] else 'FAIL'}")
+        _say(context, f"gate {r.label}: {r.tag_text()} -> {r.verdict.upper()}")
 
 
 @hookimpl
 def after_register(registered, context):
-    alias = f" alias @{registered['alias']}" if registered.get("alias") else ""
-    _say(context, f"registered {registered['uri']}{alias}")
+    alias = f" alias @{registered.alias}" if registered.alias else ""
+    _say(context, f"registered {registered.uri}{alias}")

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_stage import hookimpl
-from pipeline_stage.data import DataLoader, Dataset
-from pipeline_stage.errors import InputError
+from pipeline_stage import DataLoader, Dataset, InputError, hookimpl
 
 
 class NpzLoader(DataLoader):

@@ -16,8 +16,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, hookimpl
-from pipeline_stage.metrics import Metric
+from pipeline_stage import Metric, Params, Phase, Step, TFLiteModel, add_metadata, hookimpl, read_flatbuffer
 
 PLAN_METADATA = "pipeline_stage.delegate_plan"
 
@@ -64,9 +63,7 @@ def _blocker(target: str, node) -> str | None:
 
 def delegate_plan(model_bytes: bytes, targets: list[str]) -> dict:
     """Per target: coverage (nodes it would take / all nodes), and what stays on the CPU and why."""
-    from pipeline_stage.flatbuffer import read
-
-    nodes = read(model_bytes).nodes
+    nodes = read_flatbuffer(model_bytes).nodes
     plan = {}
     for target in targets:
         reasons = Counter(r for r in (_blocker(target, n) for n in nodes) if r)
@@ -77,8 +74,6 @@ def delegate_plan(model_bytes: bytes, targets: list[str]) -> dict:
 
 
 def _p50(model_bytes: bytes, xnnpack: bool, runs: int) -> float:
-    from pipeline_stage.litert_runtime import TFLiteModel
-
     model = TFLiteModel(model_bytes, threads=1, xnnpack=xnnpack)
     shape = [1, *[d if d > 0 else 1 for d in model.input_shape]]
     sample = np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
@@ -116,8 +111,6 @@ class Delegates(Step):
         plan["findings"] = findings
         ctx.notes.update(plan)
         if p.embed:
-            from pipeline_stage.flatbuffer import add_metadata
-
             model_bytes = add_metadata(model_bytes, PLAN_METADATA, json.dumps(plan, sort_keys=True).encode())
         return model_bytes
 

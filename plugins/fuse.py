@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, hookimpl
-from pipeline_stage.errors import InputError
+from pipeline_stage import Chain, InputError, ModelFacts, Params, Phase, SearchMove, Step, hookimpl, layer_graph, rebuild, step_params
 
 LINEAR = ("Conv2D", "Dense", "DepthwiseConv2D")
 OUTPUT = "<model output>"
@@ -82,7 +81,6 @@ class Fuse(Step):
     Params = FuseParams
 
     def apply(self, model, ctx):
-        from pipeline_stage.keras_graph import layer_graph, rebuild
 
         bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
         notes: dict[str, Any] = {"batchnorm_layers": len(bns), "folded_into_previous": [], "scale_backward_shift_forward": [],
@@ -333,3 +331,26 @@ class Fuse(Step):
 @hookimpl
 def register_steps(register):
     register(Fuse)
+
+
+class FuseFirst(SearchMove):
+    """Put `fuse` in front of a full-int8 chain when the model has BatchNorm (BN after ReLU wrecks int8)."""
+
+    name = "fuse"
+    kind = "alternative"
+    requirement = "a chain that quantizes to full int8 and has no `fuse` yet"
+
+    def applies(self, chain: Chain) -> bool:
+        quantize = step_params(chain, "quantize")
+        mode = None if quantize is None else quantize.get("mode", "int8")
+        return mode == "int8" and all(name != "fuse" for name, _ in chain)
+
+    def propose(self, chain: Chain, facts: ModelFacts) -> list[tuple[str, Chain]]:
+        if "BatchNormalization" not in facts.layer_classes:
+            return []
+        return [("fold BatchNorm (fuse)", [("fuse", {}), *chain])]
+
+
+@hookimpl
+def register_search_moves(register):
+    register(FuseFirst)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline_stage import hookimpl
-from pipeline_stage.metrics import Metric
+from pipeline_stage import Metric, hookimpl
 
 
 class Accuracy(Metric):

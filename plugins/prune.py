@@ -2,7 +2,7 @@
 manifest's training data, wrappers stripped, then a sparsity-aware conversion.
 
 tfmot needs tf_keras, so the work happens in a child process through the Keras 3 -> tf_keras
-bridge (:mod:`pipeline_stage.legacy_keras`); the pruned weights come back into a copy of the Keras 3
+bridge (:mod:`pipeline_stage.engine.tfmot_bridge`); the pruned weights come back into a copy of the Keras 3
 model, which the rest of the chain sees. Pruning pays off on disk and over the air once the
 artifact is compressed: gate or compare on the `gzip_size_bytes` metric.
 """
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, hookimpl
+from pipeline_stage import Params, Phase, Step, hookimpl, load_weights_into, run_tf_keras_task
 
 
 class PruneParams(Params):
@@ -42,14 +42,13 @@ class Prune(Step):
         return 2.0 + self.params.epochs
 
     def apply(self, model, ctx):
-        from pipeline_stage.legacy_keras import load_weights_into, run_task
 
         folder = ctx.workdir / "prune"
         folder.mkdir(parents=True, exist_ok=True)
         train = ctx.load_data("training")
         train.save(folder / "train.npz")
         params = self.params.model_dump(mode="json")
-        result = run_task({"task": "prune", "training": str(folder / "train.npz"), "params": params,
+        result = run_tf_keras_task({"task": "prune", "training": str(folder / "train.npz"), "params": params,
                            "seed": self.params.seed}, model, folder, log=ctx.log)
         pruned = load_weights_into(model, folder / "weights_out.npz")
         ctx.conversion.sparsity = True  # the converter stores the zeros sparsely where that runs (see convert.sparse_storage)

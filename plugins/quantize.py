@@ -11,7 +11,20 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline_stage import ConversionSettings, Params, Phase, Step, StepContext, hookimpl
+from pipeline_stage import (
+    Chain,
+    ConversionSettings,
+    ModelFacts,
+    Params,
+    Phase,
+    SearchMove,
+    Step,
+    StepContext,
+    TrialView,
+    edited,
+    hookimpl,
+    step_params,
+)
 
 
 class QuantizeParams(Params):
@@ -107,3 +120,94 @@ class Quantize(Step):
 @hookimpl
 def register_steps(register):
     register(Quantize)
+
+
+# -- search moves: what the `auto` search may change in a chain's quantize step ----------------------
+def _quantize(chain: Chain) -> QuantizeParams | None:
+    params = step_params(chain, "quantize")
+    return None if params is None else QuantizeParams.model_validate(params)
+
+
+class OtherEngine(SearchMove):
+    """Quantize with the other engine (the converter <-> the LiteRT Quantizer), same params."""
+
+    name = "engine"
+    kind = "alternative"
+    requirement = "`quantize: {mode: int8}` in the chain"
+
+    def applies(self, chain: Chain) -> bool:
+        q = _quantize(chain)
+        return q is not None and q.mode == "int8"
+
+    def propose(self, chain: Chain, facts: ModelFacts) -> list[tuple[str, Chain]]:
+        other = "litert" if _quantize(chain).engine == "converter" else "converter"
+        return [(f"engine {other}", edited(chain, "quantize", engine=other))]
+
+
+class _KeepFloat(SearchMove):
+    """Shared by the two selective-quantization moves: they refine a full-int8 converter chain,
+    ranked by the per-layer quantization error that `analyze` measures in the first round."""
+
+    kind = "refine"
+    param = ""
+    requirement = "`quantize: {mode: int8}` (engine converter) in the chain"
+
+    def applies(self, chain: Chain) -> bool:
+        q = _quantize(chain)
+        return q is not None and q.mode == "int8" and q.engine == "converter"
+
+    def instrument(self, chain: Chain) -> Chain:
+        if all(name != "analyze" for name, _ in chain):
+            return [*chain, ("analyze", {"top": 1000})]
+        return chain
+
+    def chosen(self, chain: Chain) -> list[str]:
+        return list(step_params(chain, "quantize").get(self.param, []))
+
+    def apply(self, chain: Chain, chosen: list[str]) -> Chain:
+        return edited(chain, "quantize", **{self.param: chosen})
+
+    @staticmethod
+    def per_layer(trial: TrialView) -> list[dict]:
+        for step in trial.steps:
+            rows = step.notes.get("per_layer")
+            if step.name == "analyze" and isinstance(rows, list):
+                return rows
+        return []
+
+
+class KeepFloatOps(_KeepFloat):
+    """Keep one more op type in float (keep_float_ops), worst quantization error first."""
+
+    name = "keep_float_ops"
+    param = "keep_float_ops"
+    label = "keep op type in float"
+
+    def options(self, trial: TrialView) -> list[str]:
+        worst: dict[str, float] = {}
+        for row in self.per_layer(trial):
+            worst[row["op"]] = max(worst.get(row["op"], 0.0), row["rmse/scale"])
+        return [op for op, _ in sorted(worst.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+class KeepFloatNodes(_KeepFloat):
+    """Keep one more node in float (keep_float_nodes), worst quantization error first.
+
+    At most `search.max_float_nodes` nodes."""
+
+    name = "keep_float_nodes"
+    param = "keep_float_nodes"
+    label = "keep node in float"
+
+    def options(self, trial: TrialView) -> list[str]:
+        return [row["tensor"] for row in self.per_layer(trial)]
+
+    def limit(self, spec, options: list[str]) -> int:
+        return spec.max_float_nodes
+
+
+@hookimpl
+def register_search_moves(register):
+    register(OtherEngine)
+    register(KeepFloatOps)
+    register(KeepFloatNodes)

@@ -9,8 +9,17 @@ from pathlib import Path
 
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, hookimpl
-from pipeline_stage.errors import InputError
+from pipeline_stage import (
+    InputError,
+    Params,
+    Phase,
+    Step,
+    dump_flatbuffer,
+    flatbuffer_text,
+    hookimpl,
+    load_flatbuffer,
+    op_code_name,
+)
 
 DEBUG_METADATA = ("CONVERSION_METADATA",)
 
@@ -37,17 +46,16 @@ class StripOps(Step):
     def apply(self, model_bytes, ctx):
         import numpy as np
 
-        from pipeline_stage.flatbuffer import dump_model, load_model, op_code_name, text
 
         p = self.params
-        model = load_model(model_bytes)
+        model = load_flatbuffer(model_bytes)
         sigs = model.signatureDefs or []
-        known_sigs = [text(s.signatureKey) for s in sigs]
+        known_sigs = [flatbuffer_text(s.signatureKey) for s in sigs]
         if p.signatures is not None:
             missing = sorted(set(p.signatures) - set(known_sigs))
             if missing:
                 raise InputError(f"strip_ops: no signature {missing} in the model (it has {known_sigs})")
-            sigs = [s for s in sigs if text(s.signatureKey) in p.signatures]
+            sigs = [s for s in sigs if flatbuffer_text(s.signatureKey) in p.signatures]
             model.signatureDefs = sigs
         removed_outputs: list[str] = []
         if p.outputs is not None:
@@ -55,22 +63,22 @@ class StripOps(Step):
                 raise InputError(f"strip_ops: `outputs` needs exactly one signature, the model has {len(sigs)}",
                                  hint="pick one with `signatures: [serving_default]`")
             sig = sigs[0]
-            names = [text(o.name) for o in sig.outputs]
+            names = [flatbuffer_text(o.name) for o in sig.outputs]
             missing = sorted(set(p.outputs) - set(names))
             if missing:
-                raise InputError(f"strip_ops: no output {missing} in signature `{text(sig.signatureKey)}` (outputs: {names})")
+                raise InputError(f"strip_ops: no output {missing} in signature `{flatbuffer_text(sig.signatureKey)}` (outputs: {names})")
             removed_outputs = [n for n in names if n not in p.outputs]
-            sig.outputs = [o for o in sig.outputs if text(o.name) in p.outputs]
+            sig.outputs = [o for o in sig.outputs if flatbuffer_text(o.name) in p.outputs]
             graph = model.subgraphs[sig.subgraphIndex]
             graph.outputs = np.array([o.tensorIndex for o in sig.outputs], dtype=np.int32)
             self._prune(graph)
-        dropped_metadata = [text(m.name) for m in (model.metadata or []) if text(m.name) in p.drop_metadata]
-        model.metadata = [m for m in (model.metadata or []) if text(m.name) not in p.drop_metadata]
+        dropped_metadata = [flatbuffer_text(m.name) for m in (model.metadata or []) if flatbuffer_text(m.name) in p.drop_metadata]
+        model.metadata = [m for m in (model.metadata or []) if flatbuffer_text(m.name) not in p.drop_metadata]
         self._clear_unused_buffers(model)
         names_bytes = 0
         if p.drop_names:
             names_bytes = self._drop_names(model)
-        out = dump_model(model)
+        out = dump_flatbuffer(model)
 
         # what the remaining operators use: (name, version) is what a selective build registers
         used = {(op_code_name(model.operatorCodes[o.opcodeIndex]), int(model.operatorCodes[o.opcodeIndex].version))

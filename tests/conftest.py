@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline_stage import plugins as plugins_mod
+from pipeline_stage.host import plugin_host as plugin_host
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "manifests" / "examples"
@@ -119,10 +119,10 @@ def collapse_source(mlflow_server):
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    """Each test builds the plugin registry anew (tests install and remove plugins)."""
-    plugins_mod._registry = None
+    """Each test builds the plugin host anew (tests install and remove plugins)."""
+    plugin_host._host = None
     yield
-    plugins_mod._registry = None
+    plugin_host._host = None
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Small in-process plugins for tests (registered with `build_registry(extra_plugins=...)`)."""
+"""Small in-process plugins for tests (registered with `build_host(extra_plugins=...)`)."""
 
 from __future__ import annotations
 

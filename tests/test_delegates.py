@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline_stage.flatbuffer import read
+from pipeline_stage.engine.flatbuffer import read
 from tests.conftest import write_manifest
 from tests.helpers import invoke, read_report
 

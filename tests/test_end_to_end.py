@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline_stage.flatbuffer import read as read_flatbuffer
+from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
 from tests.conftest import EXAMPLES, write_manifest
 from tests.helpers import invoke, read_report, versions_of
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline_stage.steps import StepContext
+from pipeline_stage.contract.steps import StepContext
 from tests.conftest import write_manifest
 from tests.helpers import invoke, read_report
 

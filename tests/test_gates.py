@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline_stage.gates import evaluate_gate, evaluate_gates
+from pipeline_stage.contract.gates import evaluate_gate, evaluate_gates
 from pipeline_stage.manifest import Gate
 
 
@@ -26,8 +26,8 @@ from pipeline_stage.manifest import Gate
 def test_gate_rules(rule, threshold, candidate, baseline, higher, passed):
     gate = Gate(metric="m", **{rule: threshold})
     result = evaluate_gate(gate, candidate, baseline, higher)
-    assert result["passed"] is passed
-    assert (result["rule"], result["threshold"], result["value"]) == (rule, threshold, candidate)
+    assert result.passed is passed
+    assert (result.rule, result.threshold, result.value) == (rule, threshold, candidate)
 
 
 def test_all_gates_must_pass():
@@ -35,4 +35,4 @@ def test_all_gates_must_pass():
     results, passed = evaluate_gates(gates, {"accuracy": 0.98, "size_bytes": 30000.0},
                                      {"accuracy": 0.98, "size_bytes": 43488.0},
                                      {"accuracy": True, "size_bytes": False})
-    assert [r["passed"] for r in results] == [True, False] and passed is False
+    assert [r.passed for r in results] == [True, False] and passed is False

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_stage import plugins as plugins_mod
-from pipeline_stage.plugins import build_registry
+from pipeline_stage.host import plugin_host as plugin_host
+from pipeline_stage.host.plugin_host import build_host
 from tests.conftest import REPO
 from tests.fake_plugins import Steps
 from tests.figures import add
@@ -77,13 +77,13 @@ EXPECTED = {
 
 
 @pytest.fixture
-def registry_with_test_plugins(monkeypatch):
+def host_with_test_plugins(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "tests" / "plugin_pkg"))
     import pipeline_stage_stamp
 
-    registry = build_registry(load_entry_points=False, extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp")])
-    plugins_mod._registry = registry
-    return registry
+    host = build_host(load_entry_points=False, extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp")])
+    plugin_host._host = host
+    return host
 
 
 def test_corpus_is_complete():
@@ -92,7 +92,7 @@ def test_corpus_is_complete():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_bad_manifest_is_refused_clearly(name, registry_with_test_plugins):
+def test_bad_manifest_is_refused_clearly(name, host_with_test_plugins):
     line, needles = EXPECTED[name]
     path = BAD / name
     result = invoke("validate", str(path))
@@ -121,7 +121,7 @@ def test_model_uri_flag_is_checked_too(tmp_path):
     assert invoke("validate", str(path), "--model-uri", "models:/digits/3").exit_code == 0
 
 
-def test_examples_validate(registry_with_test_plugins):
+def test_examples_validate(host_with_test_plugins):
     for path in sorted((REPO / "manifests" / "examples").glob("*.yaml")):
         result = invoke("validate", str(path))
         assert result.exit_code == 0, (path, result.output)

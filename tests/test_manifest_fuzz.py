@@ -7,14 +7,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline_stage.errors import ManifestError
+from pipeline_stage.contract.errors import ManifestError
 from pipeline_stage.manifest import parse_manifest
-from pipeline_stage.plugins import build_registry
+from pipeline_stage.host.plugin_host import build_host
 from tests.conftest import EXAMPLES
 from tests.figures import add
 from tests.helpers import invoke
 
-REGISTRY = build_registry(load_entry_points=False)
+REGISTRY = build_host(load_entry_points=False)
 EXAMPLE = (EXAMPLES / "digits-int8.yaml").read_text()
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),

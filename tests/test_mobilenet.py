@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline_stage.flatbuffer import read as read_flatbuffer
+from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
 from tests.conftest import write_manifest
 from tests.helpers import invoke, read_report
 
@@ -57,7 +57,7 @@ def test_mobilenet_fuse_int8_and_delegates(mnv2, tmp_path):
 
 
 def test_mobilenet_crosses_the_tf_keras_bridge_exactly(mnv2, tmp_path):
-    from pipeline_stage.legacy_keras import run_task
+    from pipeline_stage.engine.tfmot_bridge import run_task
 
     _, model, data = mnv2
     x = data.evaluation[0][:16]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_stage import hookimpl, hookspecs
-from pipeline_stage.errors import PluginLoadError
-from pipeline_stage.plugins import build_registry
-from pipeline_stage.steps import Phase, Step
+from pipeline_stage import hookimpl
+from pipeline_stage.contract import hookspecs
+from pipeline_stage.contract.errors import PluginLoadError
+from pipeline_stage.host.plugin_host import build_host
+from pipeline_stage.contract.steps import Phase, Step
 from tests.conftest import REPO, run_cli, write_manifest
 from tests.helpers import invoke, read_report
 
@@ -24,7 +25,8 @@ PLUGIN_PKG = REPO / "tests" / "plugin_pkg"
 
 def test_every_hookspec_is_documented_with_its_params():
     specs = [f for name, f in vars(hookspecs).items() if hasattr(f, "pipeline_stage_spec")]
-    assert {f.__name__ for f in specs} == {"register_steps", "register_metrics", "register_data_loaders", "register_keras_objects", "before_step",
+    assert {f.__name__ for f in specs} == {"register_steps", "register_metrics", "register_data_loaders", "register_search_moves",
+                                           "register_keras_objects", "before_step",
                                            "after_step", "after_gates", "after_register", "on_stage_error"}
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
@@ -97,15 +99,15 @@ def _plugin(*classes, instance=False):
 
 def test_registration_rejects_instances_non_steps_nameless_and_duplicates():
     with pytest.raises(PluginLoadError, match="expected a class"):
-        build_registry(load_entry_points=False, extra_plugins=[(_plugin(_Good, instance=True), "inst")])
+        build_host(load_entry_points=False, extra_plugins=[(_plugin(_Good, instance=True), "inst")])
     with pytest.raises(PluginLoadError, match="not a subclass of Step"):
-        build_registry(load_entry_points=False, extra_plugins=[(_plugin(dict), "notstep")])
+        build_host(load_entry_points=False, extra_plugins=[(_plugin(dict), "notstep")])
     nameless = type("Nameless", (Step,), {"phase": Phase.MODEL})
     with pytest.raises(PluginLoadError, match="without a `name`"):
-        build_registry(load_entry_points=False, extra_plugins=[(_plugin(nameless), "nameless")])
+        build_host(load_entry_points=False, extra_plugins=[(_plugin(nameless), "nameless")])
     twin = type("Quantize2", (Step,), {"name": "quantize", "phase": Phase.CONVERT})
     with pytest.raises(PluginLoadError) as err:
-        build_registry(load_entry_points=False, extra_plugins=[(_plugin(twin), "twin")])
+        build_host(load_entry_points=False, extra_plugins=[(_plugin(twin), "twin")])
     assert "already taken by plugin `pipeline_stage_plugins.quantize` from distribution `pipeline-stage" in str(err.value)
 
 
@@ -116,7 +118,7 @@ def test_misspelled_hook_is_refused():
             pass
 
     with pytest.raises(PluginLoadError, match="register_step"):
-        build_registry(load_entry_points=False, extra_plugins=[(Typo(), "typo")])
+        build_host(load_entry_points=False, extra_plugins=[(Typo(), "typo")])
 
 
 def _dist_info(root: Path, dist: str, version: str, entry_points: str, modules: dict[str, str]) -> Path:
@@ -182,7 +184,7 @@ def test_installed_plugin_is_listed_validated_and_run(installed_stamp_plugin, di
     assert result.returncode == 2 and "chain[1].stamp.value" in result.stderr
     result = invoke("run", str(path), "--output", str(tmp_path / "m.tflite"), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
-    from pipeline_stage.flatbuffer import read
+    from pipeline_stage.engine.flatbuffer import read
 
     assert read((tmp_path / "m.tflite").read_bytes()).metadata["build"] == b"ci-1234"
     assert read_report(tmp_path / "r.json")["steps"][1]["name"] == "stamp"

@@ -10,8 +10,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline_stage import plugins as plugins_mod
-from pipeline_stage.plugins import build_registry
+from pipeline_stage.host import plugin_host as plugin_host
+from pipeline_stage.host.plugin_host import build_host
 from tests.conftest import REPO, free_port, write_manifest
 from tests.fake_plugins import Recorder, Steps
 from tests.figures import add
@@ -33,7 +33,7 @@ def test_plugins(monkeypatch):
     import pipeline_stage_stamp
 
     recorder = Recorder()
-    plugins_mod._registry = build_registry(
+    plugin_host._host = build_host(
         load_entry_points=False,
         extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp"), (recorder, "recorder")])
     return recorder
@@ -117,7 +117,7 @@ def test_observers_and_a_chain_across_all_phases(digits_source, tmp_path, test_p
     reg = report["registered"]
     tags = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"]).tags
     assert tags["stamp.build_stamp"] == "build-42"
-    from pipeline_stage.flatbuffer import read
+    from pipeline_stage.engine.flatbuffer import read
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=reg["tflite_uri"])
     assert read(Path(local).read_bytes()).metadata["build_stamp"] == b"build-42"

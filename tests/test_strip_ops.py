@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline_stage.flatbuffer import read
+from pipeline_stage.engine.flatbuffer import read
 from tests.conftest import write_manifest
 from tests.helpers import invoke, read_report
 
@@ -21,7 +21,7 @@ def aux_head_source(mlflow_server, digits_data):
     """A digits CNN with an auxiliary regression head (a training-only branch), in MLflow."""
     import keras
 
-    from pipeline_stage._tf import stdout_to_stderr
+    from pipeline_stage.engine.tf_env import stdout_to_stderr
 
     keras.utils.set_random_seed(2)
     inp = keras.Input((8, 8, 1), name="image")

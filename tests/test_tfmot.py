@@ -7,8 +7,8 @@ import gzip
 import numpy as np
 import pytest
 
-from pipeline_stage.errors import InputError
-from pipeline_stage.flatbuffer import read as read_flatbuffer
+from pipeline_stage.contract.errors import InputError
+from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
 from tests.conftest import EXAMPLES
 from tests.helpers import invoke, read_report, versions_of
 
@@ -18,7 +18,7 @@ def test_bridge_round_trip_is_exact(digits_model, digits_data, tmp_path):
     tf_keras with equal outputs."""
     import keras
 
-    from pipeline_stage.legacy_keras import run_task
+    from pipeline_stage.engine.tfmot_bridge import run_task
 
     inp = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(8, 3, padding="same")(inp)
@@ -39,8 +39,8 @@ def test_bridge_worker_past_its_time_limit_is_stopped(digits_model, digits_data,
     """The limit holds while the child is still running (its lines are read as they come)."""
     import time
 
-    from pipeline_stage.errors import PluginError
-    from pipeline_stage.legacy_keras import run_task
+    from pipeline_stage.contract.errors import PluginError
+    from pipeline_stage.engine.tfmot_bridge import run_task
 
     np.savez(tmp_path / "x.npz", x=digits_data.evaluation[0][:8])
     started = time.perf_counter()
@@ -52,7 +52,7 @@ def test_bridge_worker_past_its_time_limit_is_stopped(digits_model, digits_data,
 def test_bridge_rejects_custom_layers_by_name(tmp_path):
     import keras
 
-    from pipeline_stage.legacy_keras import describe_graph
+    from pipeline_stage.engine.tfmot_bridge import describe_graph
 
     class Scale(keras.layers.Layer):
         def call(self, x):
@@ -76,7 +76,7 @@ def test_every_bridgeable_layer_deserializes_in_tf_keras(tmp_path):
 
     import keras
 
-    from pipeline_stage.legacy_keras import BRIDGEABLE, tf_keras_config
+    from pipeline_stage.engine.tfmot_bridge import BRIDGEABLE, tf_keras_config
 
     args = {"Conv1D": (4, 3), "Conv2D": (4, 3), "DepthwiseConv2D": (3,), "SeparableConv2D": (4, 3), "Dense": (4,),
             "Activation": ("relu",), "Reshape": ((4,),), "Rescaling": (1 / 255,), "Embedding": (10, 4),
@@ -104,10 +104,11 @@ def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
     """The bridge carries LayerNormalization; tfmot's QAT registry does not: a clear error naming it."""
     import keras
 
-    from pipeline_stage.convert import convert
-    from pipeline_stage.data import Dataset
-    from pipeline_stage.source import SourceInfo, SourceModel
-    from pipeline_stage.steps import ConversionSettings
+    from pipeline_stage.engine.convert import convert
+    from pipeline_stage.contract.data import Dataset
+    from pipeline_stage.contract.report import SourceRef
+    from pipeline_stage.engine.source_model import SourceModel
+    from pipeline_stage.contract.steps import ConversionSettings
 
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.LayerNormalization(),
                               keras.layers.Dense(10, activation="softmax")])
@@ -115,7 +116,7 @@ def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
     settings = ConversionSettings(quantization="qat", representative_data="calibration", training_data="training",
                                   fine_tune={"epochs": 1, "learning_rate": 1e-4, "batch_size": 32, "seed": 0})
     with pytest.raises(InputError) as caught:
-        convert(SourceModel(info=SourceInfo(uri="test"), path=None, keras_model=model), settings,
+        convert(SourceModel(info=SourceRef(uri="test"), path=None, keras_model=model), settings,
                 representative=data, training=data, log_path=tmp_path / "convert.log")
     assert "tfmot cannot make this model quantization-aware" in str(caught.value) and "LayerNormalization" in str(caught.value)
     assert "mode: int8" in caught.value.hint and "fuse" not in caught.value.hint  # no BN here: fuse would not help

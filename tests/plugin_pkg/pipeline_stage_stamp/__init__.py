@@ -3,7 +3,7 @@
 from pydantic import Field
 
 from pipeline_stage import Params, Phase, Step, hookimpl
-from pipeline_stage.flatbuffer import add_metadata
+from pipeline_stage import add_metadata
 
 
 class StampParams(Params):

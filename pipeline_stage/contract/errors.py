@@ -1,0 +1,59 @@
+"""The stage's errors: one small hierarchy, turned into CLI messages and exit codes in `cli.py`.
+
+Exit codes (documented in the README):
+    0  success
+    1  anything else (tracking server unreachable, a plugin crashed, an unexpected failure)
+    2  bad input: manifest, URIs, params, data, plugin wiring
+    3  a gate failed: nothing was promoted (not an error: the stage returns a report whose
+       ``passed`` is false, and the CLI maps it to this code)
+"""
+
+from __future__ import annotations
+
+
+class StageError(Exception):
+    """Base class: a failure the stage can explain in one message."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
+
+
+class InputError(StageError):
+    """Bad input that is the caller's to fix: a URI, a data file, a model that does not fit."""
+
+    exit_code = 2
+
+
+class ManifestError(InputError):
+    """The manifest is wrong; the message names the file, the line and the field."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None, hint: str | None = None):
+        where = path or "<manifest>"
+        if line is not None:
+            where = f"{where}:{line}"
+        prefix = f"{where}: " + (f"`{field}`: " if field else "")
+        super().__init__(prefix + message, hint=hint)
+        self.path, self.line, self.field = path, line, field
+
+
+class PluginLoadError(InputError):
+    """A plugin could not be loaded or registered something invalid; names the distribution."""
+
+
+class PluginError(StageError):
+    """A plugin's step, metric or loader raised while running; names the step and distribution."""
+
+
+class TrackingError(StageError):
+    """The MLflow tracking server could not be reached or kept failing."""
+
+
+GATE_FAILED_EXIT = 3

@@ -1,0 +1,155 @@
+"""Every hook of pipeline-stage, in one module.
+
+A plugin is a module (or an object) with functions marked ``@hookimpl``; it reaches the stage
+through the entry-point group ``pipeline_stage``::
+
+    [project.entry-points.pipeline_stage]
+    my_plugin = "pipeline_stage_my_plugin.hooks"
+
+Two kinds of hook:
+
+* registration hooks (``register_steps``, ``register_metrics``, ``register_data_loaders``,
+  ``register_search_moves``, ``register_keras_objects``) receive a ``register`` callback and call
+  it once per thing they provide. The host validates every registration (a name, the right base
+  class, no duplicate) and remembers which distribution supplied it; an exception raised in one
+  stops the stage with exit code 2 naming the distribution. They run at plugin-manager start-up
+  and must not import TensorFlow.
+* observer hooks (``before_step``, ``after_step``, ``after_gates``, ``after_register``,
+  ``on_stage_error``) are called by the stage; they watch a run (progress, logging,
+  notifications) and return nothing. What they receive is read-only: frozen records of the
+  typed report (:mod:`pipeline_stage.contract.report`) and an ``ObserverContext``.
+
+pluggy's opt-in arguments apply: an implementation may accept fewer arguments than the spec, so
+specs only ever gain arguments.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # imports for annotations only: hookspecs must stay light
+    from pipeline_stage.contract.report import GateResult, ObserverContext, Registered, StepRecord
+    from pipeline_stage.contract.steps import Step
+
+PROJECT = "pipeline_stage"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_steps(register: Callable[[type], None]) -> None:
+    """Register optimization step classes.
+
+    :param register: call ``register(StepClass)`` for each :class:`pipeline_stage.contract.steps.Step`
+        subclass this plugin provides. The class sets ``name`` (unique across all plugins; what a
+        manifest's ``chain`` uses), ``phase`` (``model``, ``convert`` or ``tflite``), a pydantic
+        ``Params`` model (typed fields with defaults and descriptions) and ``apply()``.
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def register_metrics(register: Callable[[type], None]) -> None:
+    """Register evaluation metric classes.
+
+    :param register: call ``register(MetricClass)`` for each :class:`pipeline_stage.contract.metrics.Metric`
+        subclass. A metric has a unique ``name`` (what gates and ``evaluation.metrics`` use),
+        ``higher_is_better`` (the direction of a gate's "drop"), ``needs_labels`` (it reads the
+        evaluation data's ``y``; the manifest must then give evaluation data), ``runs_model`` (it
+        invokes the model; False for size-like metrics), ``uses`` (``predictions``: computable on
+        the Keras model too, so also after ``model``-phase steps; ``flatbuffer``: needs the
+        .tflite), and ``compute(evaluation) -> float``.
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def register_data_loaders(register: Callable[[type], None]) -> None:
+    """Register data formats.
+
+    :param register: call ``register(LoaderClass)`` for each
+        :class:`pipeline_stage.contract.data.DataLoader` subclass. A loader has a unique ``name``, the file
+        ``suffixes`` it reads (``(".npz",)``) and ``load(path, source) -> Dataset`` (``source``
+        names the data set in messages, e.g. ``data.evaluation``).
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def register_search_moves(register: Callable[[type], None]) -> None:
+    """Register the ways the ``auto`` search may change a chain that uses your steps.
+
+    :param register: call ``register(MoveClass)`` for each
+        :class:`pipeline_stage.contract.moves.SearchMove` subclass. A move has a unique ``name``
+        (what ``search.moves`` lists), a ``kind`` (``alternative``: chains tried side by side in
+        the first round; ``refine``: one more option per round from the closest trial), a
+        ``cost`` (per proposed chain, 1.0 = one conversion; cheaper moves go first), and
+        ``applies(chain)``; the module :mod:`pipeline_stage.contract.moves` documents the rest.
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def register_keras_objects(register: Callable[[str, Any], None]) -> None:
+    """Make custom Keras layers, losses or functions known when the source model is loaded.
+
+    :param register: call ``register(name, obj)`` for each object, under the name the model's
+        config uses (``"package>ClassName"`` for ``@keras.saving.register_keras_serializable``
+        classes, or the plain class name). Passed to ``keras.saving.load_model(custom_objects=...)``.
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def before_step(step: "Step", index: int, context: "ObserverContext") -> None:
+    """Called before a chain step runs.
+
+    :param step: the configured step instance (its ``params`` are validated).
+    :param index: the step's position in the chain, from 0.
+    :param context: what observers see of the run: ``manifest_path``, ``chain_digest``,
+        ``steps`` (the chain), ``run_id`` (the MLflow run; None in a search trial), ``quiet``.
+    """
+
+
+@hookspec
+def after_step(step: "Step", record: "StepRecord", context: "ObserverContext") -> None:
+    """Called after a chain step ran, with what was measured after it.
+
+    :param step: the configured step instance.
+    :param record: a frozen :class:`~pipeline_stage.contract.report.StepRecord`: name, phase,
+        params, metrics after the step, seconds, and the step's notes.
+    :param context: the run's context.
+    """
+
+
+@hookspec
+def after_gates(results: list["GateResult"], passed: bool, context: "ObserverContext") -> None:
+    """Called once the gates were evaluated, before anything is registered.
+
+    :param results: one frozen :class:`~pipeline_stage.contract.report.GateResult` per gate:
+        ``metric``, ``rule``, ``threshold``, ``value``, ``baseline``, ``compared``, ``passed``
+        (and ``verdict``, ``label``).
+    :param passed: whether every gate passed.
+    :param context: the run's context.
+    """
+
+
+@hookspec
+def after_register(registered: "Registered", context: "ObserverContext") -> None:
+    """Called after a model version was registered (and its alias set, when it was).
+
+    :param registered: a frozen :class:`~pipeline_stage.contract.report.Registered`: ``name``,
+        ``version``, ``alias`` (or None), ``uri`` (``models:/name/N``), ``reused``.
+    :param context: the run's context.
+    """
+
+
+@hookspec
+def on_stage_error(error: BaseException, context: "ObserverContext") -> None:
+    """Called when the stage fails, before the MLflow run is marked FAILED.
+
+    :param error: the exception that ends the run.
+    :param context: the run's context.
+    """

@@ -1,0 +1,205 @@
+"""The stage's report, typed: what one run measured, decided and registered.
+
+``report.json`` is :class:`Report` dumped; ``pipeline-stage schema --report`` prints its JSON Schema.
+The parts are frozen records, and they are what observer hooks receive (``after_step`` gets a
+:class:`StepRecord`, ``after_gates`` a list of :class:`GateResult`, ``after_register`` a
+:class:`Registered`), with an :class:`ObserverContext` that holds only what an observer needs.
+Nothing here imports TensorFlow, MLflow or LiteRT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from pipeline_stage.contract.steps import Step
+
+
+class Record(BaseModel):
+    """A read-only part of the report. ``record["name"]`` still reads a field, so observers written
+    when the parts were plain dicts keep working."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+
+class GateResult(Record):
+    """The verdict of one gate on the candidate. All verdict strings come from here."""
+
+    metric: str
+    rule: str = Field(description="max_drop | max_relative_drop | min | max | max_ratio")
+    threshold: float
+    value: float | None = Field(description="The candidate's value of the metric.")
+    baseline: float | None = Field(description="The baseline's value (None when it has none).")
+    compared: float | None = Field(description="What the rule compared with the threshold (a drop, a ratio, or the value).")
+    passed: bool
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    @property
+    def label(self) -> str:
+        """``accuracy max_drop 0.01``: which gate, in one line."""
+        return f"{self.metric} {self.rule} {self.threshold:g}"
+
+    def tag_text(self) -> str:
+        """The value of the registered version's ``gate.<metric>.<rule>`` tag."""
+        return f"{self.verdict} (value {_g(self.value)}, threshold {self.threshold:g})"
+
+    def failure_text(self) -> str:
+        return f"{self.label} (value {_g(self.value)})"
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+class StepRecord(Record):
+    """What one step of the chain did: its params, the metrics measured after it, its notes."""
+
+    name: str
+    phase: str
+    params: dict[str, Any]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    seconds: float = 0.0
+    notes: dict[str, Any] = Field(default_factory=dict, description="What the step reported (shown per step).")
+
+
+class ConversionRecord(Record):
+    """The one conversion: the settings the chain's steps asked for, and what came out."""
+
+    settings: dict[str, Any]
+    seconds: float
+    flatbuffer: dict[str, Any] = Field(description="Op counts and tensor types of the converted model.")
+
+
+class Registered(Record):
+    """The model version this run registered (or reused, for a retry of the same chain and source)."""
+
+    name: str
+    version: str
+    alias: str | None = Field(description="The alias, when this version holds it now.")
+    alias_holder: str | None = Field(description="The version that holds the alias after the alias rule was applied.")
+    uri: str = Field(description="models:/name/N")
+    reused: bool
+    run_id: str | None
+    model_uri: str | None = Field(description="The logged pyfunc model.")
+    tflite_uri: str | None = Field(description="runs:/<run_id>/tflite/model.tflite")
+
+
+class TrialRecord(Record):
+    """One search trial: the chain it ran and what it scored."""
+
+    index: int
+    origin: str = Field(description="Why this chain was tried (the move that proposed it).")
+    chain: str
+    status: str = Field(description="passed | failed | error")
+    metrics: dict[str, float]
+    shortfall: float | None = Field(description="Sum of the failed gates' relative misses (0 when it passed).")
+    failed_gates: list[str]
+    seconds: float
+    error: str | None
+    run_id: str | None = Field(description="The trial's nested MLflow run.")
+
+
+class SearchSummary(Record):
+    """What the search tried, and why the winner won (or which trial came closest)."""
+
+    strategy: str
+    objective: list[str]
+    parallel: int
+    budget: dict[str, Any]
+    stopped_because: str
+    seconds: float
+    winner: int | None
+    closest: int | None
+    why: str
+    chain: str
+    trials: list[TrialRecord]
+    as_written_per_layer: list[dict[str, Any]] = Field(description="Per-layer error of the first trial, worst first.")
+
+
+class ManifestRef(Record):
+    path: str
+    chain_digest: str
+    sha256: str
+
+
+class SourceRef(Record):
+    """Lineage of the source model (also tags of the registered version)."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        out = {"source.uri": self.uri}
+        for key in ("name", "version", "run_id"):
+            value = getattr(self, key)
+            if value:
+                out[f"source.{key}"] = str(value)
+        return out
+
+
+class Timing(Record):
+    convert_and_evaluate_s: float = Field(description="From the baseline's conversion to the candidate's evaluation.")
+
+
+class Report(BaseModel):
+    """Everything one run of the stage measured and decided. Fields a run did not reach are absent
+    from report.json (a run that failed early has no ``candidate``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    passed: bool = False
+    manifest: ManifestRef
+    source: SourceRef
+    tracking_uri: str
+    package_version: str
+    run_id: str | None = None
+    baseline: dict[str, float] = Field(default_factory=dict, description="Prediction metrics of the source model, flatbuffer metrics of its float conversion.")
+    baseline_tflite: dict[str, float] = Field(default_factory=dict, description="Every metric of the float TFLite conversion.")
+    baseline_flatbuffer: dict[str, Any] = Field(default_factory=dict)
+    baseline_seconds: float | None = None
+    search: SearchSummary | None = None
+    conversion: ConversionRecord | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    candidate: dict[str, float] | None = Field(None, description="Every metric of the optimized model.")
+    gates: list[GateResult] = Field(default_factory=list)
+    registered: Registered | None = None
+    timing: Timing | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+    def to_json_data(self) -> dict[str, Any]:
+        """The JSON document: every field the run set, in schema order."""
+        data = self.model_dump(mode="python")
+        return {k: v for k, v in data.items() if k in self.model_fields_set or k == "passed"}
+
+    def failure_message(self) -> str:
+        """The one line that says why nothing was promoted (the CLI's exit-3 message)."""
+        failed = "; ".join(g.failure_text() for g in self.gates if not g.passed)
+        reg = self.registered
+        tail = f"; registered {reg.uri} tagged failed, no alias" if reg else "; nothing registered"
+        return "gate failed: " + failed + tail
+
+
+@dataclass(frozen=True)
+class ObserverContext:
+    """What observer hooks see of a run: read-only, and only what watching a run needs."""
+
+    manifest_path: str
+    chain_digest: str
+    steps: tuple["Step", ...]
+    run_id: str | None
+    quiet: bool

@@ -1,0 +1,173 @@
+"""The one TFLite conversion: ConversionSettings (filled in by `convert` steps) -> flatbuffer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline_stage.engine.tf_env import captured_output, import_tf
+from pipeline_stage.contract.errors import InputError
+from pipeline_stage.contract.steps import ConversionSettings
+
+if TYPE_CHECKING:
+    from pipeline_stage.contract.data import Dataset
+    from pipeline_stage.engine.source_model import SourceModel
+
+
+def _converter(tf, model: Any, saved_model_dir=None):
+    if saved_model_dir is not None:
+        return tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+def sparse_storage(settings: ConversionSettings) -> bool:
+    """Whether pruned weights are stored in the sparse (block) format: float models only. A sparse
+    int8 FULLY_CONNECTED fails to prepare in LiteRT 2.3's XNNPACK at batch > 1 (checked), while
+    the dense int8 zeros still compress well (the `gzip_size_bytes` metric)."""
+    return settings.sparsity and settings.quantization in (None, "float16")
+
+
+def build_converter(source: "SourceModel | None", settings: ConversionSettings, *, keras_model: Any = None,
+                    representative: "Dataset | None" = None):
+    """A TFLiteConverter set up as `settings` ask (analysis steps reuse it, e.g. the quantization debugger)."""
+    tf = import_tf()
+    model = keras_model if keras_model is not None else source.keras_model
+    converter = _converter(tf, model, None if model is not None else source.saved_model_dir)
+
+    mode = settings.quantization
+    if mode is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if sparse_storage(settings):
+        converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY, *converter.optimizations]
+    if mode in ("int8", "int16x8"):
+        if representative is None:
+            raise InputError(f"quantization `{mode}` needs representative data", hint="add `data: {calibration: <URI>}`")
+        samples = representative.x[: settings.calibration_samples].astype(np.float32)
+
+        def representative_dataset():
+            for i in range(len(samples)):
+                yield [samples[i:i + 1]]
+
+        converter.representative_dataset = representative_dataset
+        ops = tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if mode == "int8" else \
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        converter.target_spec.supported_ops = [ops]
+    elif mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if not settings.per_channel:
+        # The converter's only switch for per-tensor weight scales (a private attribute, checked
+        # on TF 2.21; tests assert one scale per weight tensor in the flatbuffer).
+        converter._experimental_disable_per_channel = True
+    if settings.allow_select_tf_ops:
+        converter.target_spec.supported_ops = list(converter.target_spec.supported_ops) + [tf.lite.OpsSet.SELECT_TF_OPS]
+    if settings.allow_custom_ops:
+        converter.allow_custom_ops = True
+    dtypes = {"float32": tf.float32, "int8": tf.int8, "int16": tf.int16}
+    if settings.inference_input_type != "float32":
+        converter.inference_input_type = dtypes[settings.inference_input_type]
+    if settings.inference_output_type != "float32":
+        converter.inference_output_type = dtypes[settings.inference_output_type]
+    return converter
+
+
+def _selective(converter, settings: ConversionSettings, representative: "Dataset") -> bytes:
+    """Full int8 except the denylisted op types / nodes, which stay float (TF's documented route:
+    the quantization debugger's denylists, then its non-debug model)."""
+    tf = import_tf()
+    samples = representative.x[: settings.calibration_samples].astype(np.float32)
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=settings.keep_float_ops or None, denylisted_nodes=settings.keep_float_nodes or None,
+        fully_quantize=settings.inference_input_type != "float32")
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: ([samples[i:i + 1]] for i in range(min(len(samples), 50))),
+        debug_options=options)
+    return bytes(debugger.get_nondebug_quantized_model())
+
+
+def _qat(source: "SourceModel", settings: ConversionSettings, keras_model: Any, representative: "Dataset | None",
+         training: "Dataset | None", log_path: Path, log) -> bytes:
+    """Quantization-aware fine-tuning with tfmot in the tf_keras child, converted to int8 there."""
+    from pipeline_stage.engine.tfmot_bridge import run_task
+
+    model = keras_model if keras_model is not None else source.keras_model
+    if model is None:
+        raise InputError("quantize mode qat fine-tunes a Keras model, but the source is a SavedModel",
+                         hint="log the model with mlflow.tensorflow.log_model, or use mode int8")
+    if training is None or representative is None:
+        raise InputError("quantize mode qat needs `training` and calibration data", hint="add them under `data:`")
+    folder = log_path.parent / "qat"
+    folder.mkdir(parents=True, exist_ok=True)
+    training.save(folder / "train.npz")
+    representative.take(settings.calibration_samples).save(folder / "calib.npz")
+    # The child converts the quantization-aware model with build_converter, as full int8 with these settings.
+    int8 = dataclasses.replace(settings, quantization="int8", engine="converter", fine_tune={}, training_data=None)
+    conversion = {k: v for k, v in dataclasses.asdict(int8).items() if k != "set_by"}
+    run_task({"task": "qat", "training": str(folder / "train.npz"), "calibration": str(folder / "calib.npz"),
+              "params": settings.fine_tune, "conversion": conversion, "seed": settings.fine_tune.get("seed", 0)},
+             model, folder, log=log)
+    log_path.write_text((folder / "worker.log").read_text(errors="replace"))  # the conversion's log, as for the others
+    return (folder / "model.tflite").read_bytes()
+
+
+def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model: Any = None,
+            representative: "Dataset | None" = None, training: "Dataset | None" = None,
+            log_path: Path | None = None, log=lambda msg: None) -> bytes:
+    """Convert the (possibly transformed) model once, as `settings` ask.
+
+    :param keras_model: the model after the `model` phase (defaults to the source's Keras model).
+    :param representative: calibration data when the settings need it.
+    :param training: fine-tuning data (mode qat).
+    :param log_path: where the converter's own output goes (a temporary file when None).
+    :param log: progress lines of long work (qat epochs).
+    """
+    if settings.quantization == "qat":
+        path = log_path if log_path is not None else Path(tempfile.mkdtemp(prefix="qat-")) / "convert.log"
+        return _qat(source, settings, keras_model, representative, training, path, log)
+    if settings.engine == "litert" and settings.quantization is not None:
+        from pipeline_stage.engine.litert_quantize import quantize
+
+        float_settings = dataclasses.replace(settings, quantization=None, engine="converter", keep_float_ops=[],
+                                             keep_float_nodes=[], inference_input_type="float32",
+                                             inference_output_type="float32")
+        float_bytes = convert(source, float_settings, keras_model=keras_model, log_path=log_path)
+        try:
+            if log_path is None:
+                return quantize(float_bytes, settings, representative)
+            with captured_output(log_path):  # the quantizer's own progress bars and reports go to the log
+                return quantize(float_bytes, settings, representative)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"the LiteRT Quantizer failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             hint="try engine converter for this model") from None
+    converter = build_converter(source, settings, keras_model=keras_model, representative=representative)
+    own_log = log_path is None
+    if own_log:
+        fd, name = tempfile.mkstemp(prefix="convert-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    try:
+        with captured_output(log_path):
+            if settings.keep_float_ops or settings.keep_float_nodes:
+                return _selective(converter, settings, representative)
+            return bytes(converter.convert())
+    except Exception as exc:  # ConverterError and friends: turn into one message naming the ops
+        text = str(exc) + "\n" + log_path.read_text(errors="replace")
+        ops = sorted(set(re.findall(r"'(tf\.[A-Za-z0-9_]+)'", text)))
+        if ops:
+            raise InputError(
+                f"TFLite cannot convert these ops with builtins: {', '.join(ops)}",
+                hint="set `conversion: {allow_select_tf_ops: true}` in the manifest (the app then needs the Flex delegate), or replace the ops",
+            ) from None
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise InputError(f"TFLite conversion failed: {first}", hint=f"the converter's log: {log_path}") from None
+    finally:
+        if own_log and log_path.exists() and sys.exc_info()[0] is None:
+            log_path.unlink()

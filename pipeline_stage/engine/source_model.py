@@ -1,0 +1,127 @@
+"""The source model once it is on local disk: a Keras model (.keras, legacy .h5) or a SavedModel.
+
+Loading a model is engine work (TensorFlow/Keras); finding and downloading it is MLflow I/O
+(:mod:`pipeline_stage.mlflow_io.source`).
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline_stage.contract.errors import InputError
+from pipeline_stage.contract.report import SourceRef
+
+
+@dataclass
+class SourceModel:
+    """A loaded model: a Keras model, or a SavedModel directory (convert and tflite steps only)."""
+
+    info: SourceRef
+    path: Path
+    keras_model: Any = None
+    saved_model_dir: Path | None = None
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def input_shape(self) -> tuple:
+        if self.keras_model is not None:
+            shape = self.keras_model.inputs[0].shape
+        else:
+            shape = self._input_spec()[1].shape
+        return tuple(-1 if d is None else int(d) for d in shape[1:])
+
+    def _serving_fn(self):
+        from pipeline_stage.engine.tf_env import import_tf
+
+        if "serving_fn" not in self.cache:
+            self.cache["serving_fn"] = import_tf().saved_model.load(str(self.saved_model_dir)).signatures["serving_default"]
+        return self.cache["serving_fn"]
+
+    def _input_spec(self):
+        return next(iter(self._serving_fn().structured_input_signature[1].items()))
+
+    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        if self.keras_model is not None:
+            out = self.keras_model.predict(x, batch_size=batch_size, verbose=0)
+        else:
+            from pipeline_stage.engine.tf_env import import_tf
+
+            tf = import_tf()
+            fn, (name, _) = self._serving_fn(), self._input_spec()
+            chunks = []
+            for start in range(0, len(x), batch_size):
+                res = fn(**{name: tf.constant(x[start:start + batch_size])})
+                chunks.append(next(iter(res.values())).numpy())
+            out = np.concatenate(chunks)
+        return np.asarray(first_output(out))
+
+
+def first_output(out: Any) -> Any:
+    """The first output of a model that returns a dict or a list of outputs (the evaluated one)."""
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    if isinstance(out, (list, tuple)):
+        return out[0]
+    return out
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def find_model_file(root: Path) -> tuple[str, Path]:
+    """Find what to load in a downloaded artifact: ('keras', file) or ('saved_model', dir)."""
+    if root.is_file():
+        if root.suffix in (".keras", ".h5"):
+            return "keras", root
+        raise InputError(f"model file `{root.name}` is not a .keras or .h5 file",
+                         hint="log the model with mlflow.tensorflow.log_model, or give a SavedModel folder")
+    candidates = sorted(root.rglob("*.keras")) + sorted(root.rglob("*.h5"))
+    if candidates:
+        return "keras", candidates[0]
+    saved = sorted(p.parent for p in root.rglob("saved_model.pb"))
+    if saved:
+        return "saved_model", saved[0]
+    raise InputError(f"no Keras model (.keras/.h5) or SavedModel (saved_model.pb) found in `{root}`",
+                     hint="log the model with mlflow.tensorflow.log_model(model, name='model')")
+
+
+def load_local(path: Path, info: SourceRef, *, safe_mode: bool = True, custom_objects: dict | None = None) -> SourceModel:
+    """Load the model found under `path` (Keras with ``safe_mode`` unless the manifest allows otherwise)."""
+    kind, path = find_model_file(path)
+    from pipeline_stage.engine.tf_env import import_tf
+
+    import_tf()
+    if kind == "saved_model":
+        return SourceModel(info=info, path=path, saved_model_dir=path)
+    import keras
+
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise InputError(f"model `{info.uri}` could not be loaded ({path.name}): the file is corrupt, not a .keras zip archive",
+                         hint="log the model again (mlflow.tensorflow.log_model)")
+    try:
+        model = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode, custom_objects=custom_objects or None)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        if "safe_mode" in text or "Lambda" in text:
+            raise InputError(f"model `{info.uri}` contains code (a Lambda layer) that loading would execute",
+                             hint="replace the Lambda with a registered custom layer, or, for a model you trust, "
+                                  "set `allow_unsafe_deserialization: true` in the manifest") from None
+        if "custom" in text.lower() or "Could not locate" in text or "Unknown layer" in text:
+            names = sorted(set(re.findall(r"class[_ ]name[\"']?:? ?[\"']?([\w>.]+)", text)))[:3]
+            raise InputError(f"model `{info.uri}` uses a custom layer or object Keras cannot find"
+                             + (f" ({', '.join(names)})" if names else "") + f": {first_line(exc)[:200]}",
+                             hint="install a plugin that implements the `register_keras_objects(register)` hook and "
+                                  "calls register('package>ClassName', TheClass)") from None
+        raise InputError(f"model `{info.uri}` could not be loaded: {first_line(exc)}") from None
+    except Exception as exc:  # a corrupt archive surfaces as zipfile/OSError/h5py errors
+        raise InputError(f"model `{info.uri}` could not be loaded ({path.name}): {type(exc).__name__}: {first_line(exc)}",
+                         hint="the artifact may be corrupt: log the model again") from None
+    return SourceModel(info=info, path=path, keras_model=model)

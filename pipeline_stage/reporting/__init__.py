@@ -1,0 +1,1 @@
+"""Reporting: the typed report rendered for people (report.md, report.html, the console summary)."""

@@ -1,0 +1,79 @@
+"""report.md: the typed report as Markdown for people (logged to the MLflow run and written next to --report)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline_stage.contract.report import GateResult, Report, StepRecord
+
+
+def fmt(value: Any) -> str:
+    """A number as people read it in a report: 4 significant digits, thousands separated."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1000:
+            return f"{int(value):,}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def per_layer_errors(steps: list[StepRecord]) -> list[dict[str, Any]]:
+    """Per-layer quantization errors (worst first) that a step reported under ``notes["per_layer"]``
+    (the convention analysis steps follow; the built-in ``analyze`` does), or []."""
+    for step in steps:
+        rows = step.notes.get("per_layer")
+        if isinstance(rows, list):
+            return rows
+    return []
+
+
+def rule_text(g: GateResult) -> str:
+    return f"{g.rule} {fmt(g.threshold)}"
+
+
+def to_markdown(report: Report) -> str:
+    lines = [f"# pipeline-stage report: {'PASSED' if report.passed else 'FAILED'}", ""]
+    lines += [f"- manifest: `{report.manifest.path}` (chain digest `{report.manifest.chain_digest}`)",
+              f"- source model: `{report.source.uri}`"]
+    r = report.registered
+    if r:
+        lines.append(f"- registered: `{r.uri}`" + (f" with alias `@{r.alias}`" if r.alias else " (no alias)"))
+    else:
+        lines.append("- registered: nothing")
+    lines += ["", "## Baseline vs candidate", "", "| metric | baseline | candidate | ratio |", "| --- | ---: | ---: | ---: |"]
+    for name, cand in (report.candidate or {}).items():
+        base = report.baseline.get(name)
+        ratio = fmt(cand / base) if base else "-"
+        lines.append(f"| {name} | {fmt(base)} | {fmt(cand)} | {ratio} |")
+    if report.gates:
+        lines += ["", "## Gates", "", "| metric | rule | value | compared | verdict |", "| --- | --- | ---: | ---: | --- |"]
+        for g in report.gates:
+            lines.append(f"| {g.metric} | {rule_text(g)} | {fmt(g.value)} | {fmt(g.compared)} | {g.verdict if g.passed else '**FAIL**'} |")
+    search = report.search
+    if search:
+        names = sorted({k for t in search.trials for k in t.metrics})
+        lines += ["", "## Search", "", f"{search.why}.", "",
+                  f"Strategy `{search.strategy}`, objective `{', '.join(search.objective)}`, {len(search.trials)} trials "
+                  f"in {search.seconds:.1f} s ({search.parallel} at a time), stopped: {search.stopped_because}.", "",
+                  "| # | why tried | chain | verdict | " + " | ".join(names) + " | failed gates |",
+                  "| ---: | --- | --- | --- | " + " | ".join("---:" for _ in names) + " | --- |"]
+        for t in search.trials:
+            mark = " **(winner)**" if t.index == search.winner else " (closest)" if t.index == search.closest else ""
+            verdict = t.status + mark if not t.error else f"error: {t.error}"
+            lines.append(f"| {t.index} | {t.origin} | `{t.chain}` | {verdict} | "
+                         + " | ".join(fmt(t.metrics.get(n)) for n in names) + f" | {', '.join(t.failed_gates) or '-'} |")
+    lines += ["", "## Steps", "", "| # | step | phase | params | metrics after | seconds |", "| ---: | --- | --- | --- | --- | ---: |"]
+    for i, s in enumerate(report.steps):
+        params = ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-"
+        metrics = ", ".join(f"{k}={fmt(v)}" for k, v in s.metrics.items()) or "-"
+        lines.append(f"| {i + 1} | {s.name} | {s.phase} | {params} | {metrics} | {s.seconds:.2f} |")
+    conv = report.conversion
+    if conv:
+        before = report.baseline_flatbuffer.get("ops", {})
+        lines += ["", "## Conversion", "", f"- settings: `{conv.settings}`", f"- seconds: {conv.seconds:.2f}",
+                  f"- ops (float baseline): {', '.join(f'{k}×{v}' for k, v in before.items())}",
+                  f"- ops (optimized): {', '.join(f'{k}×{v}' for k, v in conv.flatbuffer['ops'].items())}",
+                  f"- weight tensor types: {conv.flatbuffer['weight_dtypes']}",
+                  f"- activation tensor types: {conv.flatbuffer['activation_dtypes']}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,296 @@
+"""The chain runner: one source model, its data, and chains run on it, each to a typed result.
+
+It resolves and checks the manifest's data sets, measures models (the metrics plugins registered),
+converts the float baseline once, and runs a chain: ``model`` steps on the Keras model, the one
+conversion after the last ``convert`` step, ``tflite`` steps on the bytes. It knows phases and
+steps, never a particular plugin, and nothing of MLflow runs: what a chain logs goes to a
+:class:`RunSink` (the stage's MLflow run, or a search trial's folder). The stage and the search
+trials use this public API only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from pipeline_stage.contract.data import Dataset
+from pipeline_stage.contract.errors import InputError, PluginError, StageError
+from pipeline_stage.contract.report import ConversionRecord, ObserverContext, StepRecord
+from pipeline_stage.contract.steps import ConversionSettings, Phase, Step, StepContext
+from pipeline_stage.contract.metrics import Evaluation
+from pipeline_stage.engine.evaluate import check_input_shape, default_threads, latencies_ms
+from pipeline_stage.engine.source_model import SourceModel, first_output
+from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.manifest import DATA_SETS, LoadedManifest
+from pipeline_stage.run.progress import Progress
+
+SOURCE_RUN_PLACEHOLDER = "${source.run_id}"
+
+
+class RunSink(Protocol):
+    """Where a chain's metrics and artifacts go."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, local: Path, artifact_path: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The unoptimized model, measured: the source model for prediction metrics, its float
+    conversion for flatbuffer metrics (and every metric of the float .tflite on its own)."""
+
+    float_bytes: bytes
+    metrics: dict[str, float]
+    tflite_metrics: dict[str, float]
+    flatbuffer: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """One chain, run: the final .tflite, a record per step, the conversion, and the tags its steps
+    asked to put on the registered version."""
+
+    model_bytes: bytes
+    records: list[StepRecord]
+    conversion: ConversionRecord | None
+    tags: dict[str, str]
+
+
+class ChainRunner:
+    """Runs chains of `loaded`'s steps on one loaded source model (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedManifest, host: PluginHost, source: SourceModel, workdir: Path, *,
+                 progress: Progress, context: ObserverContext):
+        self.loaded, self.m, self.host, self.source = loaded, loaded.manifest, host, source
+        self.workdir, self.progress, self.context = workdir, progress, context
+        self.metric_names = loaded.metric_names()
+        self._data: dict[str, Dataset] = {}
+
+    # -- data -------------------------------------------------------------------------------
+    def data_uri(self, name: str) -> str:
+        """The manifest's URI for a data set, ${source.run_id} filled in, relative paths resolved."""
+        uri = getattr(self.m.data, name)
+        if SOURCE_RUN_PLACEHOLDER in uri:
+            run_id = self.source.info.run_id
+            if not run_id:
+                raise InputError(f"`data.{name}` uses {SOURCE_RUN_PLACEHOLDER} but the source model `{self.m.model}` has no run",
+                                 hint="give the data's full URI")
+            uri = uri.replace(SOURCE_RUN_PLACEHOLDER, run_id)
+        if "://" not in uri and not uri.startswith(("runs:/", "models:/")):
+            path = Path(uri)
+            if not path.is_absolute() and self.loaded.path != "<manifest>":
+                path = Path(self.loaded.path).resolve().parent / path
+            uri = str(path)
+        return uri
+
+    def load_data(self, name: str) -> Dataset:
+        """A data set of the manifest, loaded once, checked against the model's input."""
+        if name in self._data:
+            return self._data[name]
+        if name not in DATA_SETS or getattr(self.m.data, name) is None:
+            raise InputError(f"`data.{name}` is needed but not given in {self.loaded.path}",
+                             hint=f"add `data: {{{name}: <URI>}}`")
+        uri = self.data_uri(name)
+        local = Path(uri)
+        if "://" in uri or uri.startswith(("runs:/", "models:/")):
+            from pipeline_stage.mlflow_io.source import download_data
+
+            local = download_data(uri, self.workdir / "data" / name, f"data.{name}")
+        elif not local.exists():
+            raise InputError(f"`data.{name}`: file `{uri}` does not exist", hint="check the path in the manifest")
+        provided = self.host.loader_for(local.suffix)
+        if provided is None:
+            known = sorted(s for p in self.host.loaders.values() for s in p.cls.suffixes)
+            raise InputError(f"`data.{name}`: no data loader reads `{local.suffix or local.name}` files (known: {', '.join(known)})",
+                             hint="convert the data to .npz with arrays x and y, or install a plugin with a loader")
+        dataset = provided.cls().load(local, source=f"data.{name}")
+        dataset.check(needs_labels=name in ("evaluation", "training"))
+        check_input_shape(f"data.{name}", dataset.x, self.source.input_shape)
+        if name == "evaluation" and self.m.evaluation.max_samples:
+            dataset = dataset.take(self.m.evaluation.max_samples)
+        self._data[name] = dataset
+        return dataset
+
+    def load_all_data(self) -> None:
+        """Load every data set the chain, the metrics or the manifest name: bad data fails here,
+        before any conversion work."""
+        given = {n for n in DATA_SETS if getattr(self.m.data, n)}
+        for name in sorted(self.loaded.required_data(self.host) | given):
+            self.load_data(name)
+
+    @property
+    def datasets(self) -> Mapping[str, Dataset]:
+        return dict(self._data)
+
+    @property
+    def evaluation_data(self) -> Dataset | None:
+        return self.load_data("evaluation") if self.m.data.evaluation else None
+
+    # -- measuring --------------------------------------------------------------------------
+    def higher_is_better(self, names: list[str]) -> dict[str, bool]:
+        return {n: self.host.metrics[n].cls.higher_is_better for n in names}
+
+    def prediction_metrics(self, names: list[str]) -> list[str]:
+        return [n for n in names if self.host.metrics[n].cls.uses == "predictions"]
+
+    def measure(self, names: list[str], *, model_bytes: bytes | None,
+                predict: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+        """Compute metrics for one model: predictions from `predict` when given, else from the .tflite."""
+        ev_data = self.evaluation_data
+        threads = self.m.evaluation.threads or default_threads()
+        batch = self.m.evaluation.batch_size
+        flex = _flex_ops(model_bytes) if model_bytes is not None and predict is None else []
+        if predict is None:
+            from pipeline_stage.engine.litert_runtime import TFLiteModel
+
+            def predict(x):
+                return TFLiteModel(model_bytes, threads=threads).predict(x.astype(np.float32), batch_size=batch)
+        x = None if ev_data is None else ev_data.x
+        runs = self.m.evaluation.latency_runs
+        evaluation = Evaluation(model_bytes=model_bytes or b"", x=x, labels=None if ev_data is None else ev_data.y,
+                                predict=predict, latencies=lambda: latencies_ms(model_bytes, x, runs), latency_runs=runs)
+        out: dict[str, float] = {}
+        for name in names:
+            provided = self.host.metrics[name]
+            metric = provided.cls()
+            if metric.uses == "flatbuffer" and model_bytes is None:
+                continue
+            if flex and metric.runs_model:
+                raise InputError(
+                    f"metric `{name}` needs to run the model, but it contains TF Select ops ({', '.join(flex)}) "
+                    "that the LiteRT interpreter cannot run",
+                    hint="measure only what needs no interpreter (`evaluation: {metrics: [size_bytes], per_step: []}`) "
+                         "and gate on that, or replace the ops")
+            try:
+                out[name] = float(metric.compute(evaluation))
+            except StageError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"metric `{name}` (distribution `{provided.distribution}`) failed: {type(exc).__name__}: {exc}") from exc
+        return out
+
+    def baseline(self) -> Baseline:
+        """Convert the source model to float once and measure it, and the source model itself."""
+        from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
+
+        t0 = time.perf_counter()
+        ev = self.evaluation_data
+        self.progress("baseline")("float conversion, then " + (f"evaluation on {len(ev)} samples" if ev is not None else "measurements"))
+        float_bytes = self.convert(self._settings(), self.source.keras_model, log_name="convert-baseline.log")
+        tflite_metrics = self.measure(self.metric_names, model_bytes=float_bytes)
+        metrics = dict(tflite_metrics)
+        metrics.update(self.measure(self.prediction_metrics(self.metric_names), model_bytes=None,
+                                    predict=lambda x: self.source.predict(x, batch_size=self.m.evaluation.batch_size)))
+        return Baseline(float_bytes, metrics, tflite_metrics, read_flatbuffer(float_bytes).summary(),
+                        round(time.perf_counter() - t0, 3))
+
+    # -- the chain --------------------------------------------------------------------------
+    def _settings(self) -> ConversionSettings:
+        return ConversionSettings(allow_select_tf_ops=self.m.conversion.allow_select_tf_ops,
+                                  allow_custom_ops=self.m.conversion.allow_custom_ops)
+
+    def convert(self, settings: ConversionSettings, keras_model: Any, *, log_name: str = "convert.log") -> bytes:
+        """The one conversion of a chain (or the baseline's), with the data its settings name."""
+        from pipeline_stage.engine.convert import convert
+
+        representative = self.load_data(settings.representative_data) if settings.representative_data else None
+        training = self.load_data(settings.training_data) if settings.training_data else None
+        if representative is not None:
+            self.progress("convert")(f"{settings.quantization} ({settings.engine}): calibrating on "
+                                     f"{min(len(representative), settings.calibration_samples)} samples")
+        return convert(self.source, settings, keras_model=keras_model, representative=representative, training=training,
+                       log_path=self.workdir / log_name, log=self.progress("convert"))
+
+    def _apply(self, step: Step, index: int, subject: Any, ctx: StepContext) -> Any:
+        try:
+            return step.apply(subject, ctx)
+        except StageError:
+            raise
+        except Exception as exc:
+            dist = self.host.steps[step.name].distribution
+            raise PluginError(f"step {index + 1} `{step.name}` (distribution `{dist}`) failed: {type(exc).__name__}: {exc}") from exc
+
+    def run_chain(self, steps: list[Step], sink: RunSink, *, float_bytes: bytes | None = None) -> ChainResult:
+        """Run one chain on the source model: model steps, the one conversion, tflite steps.
+
+        `float_bytes` (the baseline's float conversion) is reused when the chain asks nothing of the
+        conversion.
+        """
+        from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
+
+        m, src, hook = self.m, self.source, self.host.hook
+        per_step = list(m.evaluation.per_step)
+        settings = self._settings()
+        records: list[StepRecord] = []
+        tags: dict[str, str] = {}
+        keras_model = src.keras_model
+        model_bytes: bytes | None = None
+        conversion: ConversionRecord | None = None
+        last_convert = max((i for i, s in enumerate(steps) if s.phase is Phase.CONVERT), default=None)
+
+        def do_convert() -> bytes:
+            nonlocal conversion
+            t = time.perf_counter()
+            transformed = any(s.phase is Phase.MODEL for s in steps)
+            if float_bytes is not None and not transformed and settings.quantization is None and not settings.set_by:
+                out = float_bytes  # nothing asked of the conversion: the baseline's is the same one
+            else:
+                out = self.convert(settings, keras_model)
+                sink.log_artifact(self.workdir / "convert.log")
+            conversion = ConversionRecord(
+                settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "set_by"},
+                seconds=round(time.perf_counter() - t, 3), flatbuffer=read_flatbuffer(out).summary())
+            return out
+
+        for i, step in enumerate(steps):
+            if step.phase is Phase.TFLITE and model_bytes is None:
+                model_bytes = do_convert()
+            hook.before_step(step=step, index=i, context=self.context)
+            ctx = StepContext(workdir=self.workdir, load_data=self.load_data, log=self.progress(step.name),
+                              model=keras_model, conversion=settings)
+            t = time.perf_counter()
+            if step.phase is Phase.MODEL:
+                if keras_model is None:
+                    raise InputError(f"step `{step.name}` works on Keras models, but `{m.model}` is a SavedModel",
+                                     hint="log the model as Keras (mlflow.tensorflow.log_model) or drop the step")
+                keras_model = self._apply(step, i, keras_model, ctx)
+                model_now = keras_model
+                metrics = self.measure(self.prediction_metrics(per_step), model_bytes=None,
+                                       predict=lambda x: np.asarray(first_output(
+                                           model_now.predict(x, batch_size=m.evaluation.batch_size, verbose=0))))
+            elif step.phase is Phase.CONVERT:
+                self._apply(step, i, settings, ctx)
+                metrics = {}
+                if i == last_convert:
+                    model_bytes = do_convert()
+                    metrics = self.measure(per_step, model_bytes=model_bytes)
+            else:
+                model_bytes = self._apply(step, i, model_bytes, ctx)
+                if not isinstance(model_bytes, (bytes, bytearray)):
+                    raise PluginError(f"step `{step.name}` returned {type(model_bytes).__name__}, expected the .tflite bytes")
+                model_bytes = bytes(model_bytes)
+                metrics = self.measure(per_step, model_bytes=model_bytes)
+            record = StepRecord(name=step.name, phase=step.phase.value, params=step.params.model_dump(mode="json"),
+                                metrics=metrics, seconds=round(time.perf_counter() - t, 3), notes=ctx.notes)
+            records.append(record)
+            tags.update(ctx.tags)
+            for path in ctx.artifacts.values():
+                sink.log_artifact(Path(path), f"steps/{i}-{step.name}")
+            sink.log_metrics({f"step.{i}.{step.name}.{k}": v for k, v in metrics.items()})
+            hook.after_step(step=step, record=record, context=self.context)
+        if model_bytes is None:
+            model_bytes = do_convert()
+        return ChainResult(model_bytes, records, conversion, tags)
+
+
+def _flex_ops(model_bytes: bytes) -> list[str]:
+    from pipeline_stage.engine.flatbuffer import read
+
+    return sorted(op.split(":", 1)[1] for op in read(model_bytes).ops if op.startswith("CUSTOM:Flex"))

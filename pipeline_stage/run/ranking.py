@@ -1,0 +1,47 @@
+"""How the search orders trials: pure rules on measured numbers (unit-tested without TensorFlow).
+
+Passing trials are ranked by the objective, most important metric first, each in its own good
+direction; values within ``tie_tolerance`` (relative) count as equal, so a noisy timing does not
+decide alone and the next metric does; then trial order. When nothing passes, the closest trial is
+the one with the smallest gate shortfall (then trial order).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Protocol, Sequence, TypeVar
+
+
+class Ranked(Protocol):
+    index: int
+    metrics: dict[str, float]
+    shortfall: float
+    status: str
+
+
+T = TypeVar("T", bound=Ranked)
+
+
+def compare(a: Ranked, b: Ranked, objective: Sequence[str], higher_is_better: dict[str, bool], tie_tolerance: float) -> int:
+    """-1 if `a` ranks before `b`, else 1 (never 0: trial order breaks every tie)."""
+    for name in objective:
+        va, vb = a.metrics.get(name), b.metrics.get(name)
+        if va is None or vb is None or va == vb:
+            continue
+        if abs(va - vb) <= tie_tolerance * max(abs(va), abs(vb)):
+            continue
+        good = (va > vb) if higher_is_better[name] else (va < vb)
+        return -1 if good else 1
+    return -1 if a.index < b.index else 1
+
+
+def rank(trials: Sequence[T], objective: Sequence[str], higher_is_better: dict[str, bool], tie_tolerance: float) -> list[T]:
+    """`trials` best first (see the module docstring)."""
+    key = functools.cmp_to_key(lambda a, b: compare(a, b, objective, higher_is_better, tie_tolerance))
+    return sorted(trials, key=key)
+
+
+def closest(trials: Sequence[T]) -> T | None:
+    """The trial nearest to passing among those that produced a model, or None."""
+    usable = [t for t in trials if t.status in ("passed", "failed")]
+    return min(usable, key=lambda t: (t.shortfall, t.index)) if usable else None

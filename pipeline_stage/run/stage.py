@@ -1,0 +1,173 @@
+"""The stage: one execution of a manifest, from the MLflow run's start to its end.
+
+It orchestrates; the work is elsewhere: the chain runner measures and runs chains, the search
+proposes chains through plugins' moves, :mod:`pipeline_stage.mlflow_io` talks to MLflow and
+:mod:`pipeline_stage.reporting` renders. A gate verdict is the returned report's ``passed``, not
+an exception; exceptions are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline_stage.contract.errors import StageError, TrackingError
+from pipeline_stage.contract.gates import evaluate_gates
+from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report, Timing
+from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.manifest import LoadedManifest
+from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
+from pipeline_stage.run.chain import ChainRunner
+from pipeline_stage.run.progress import Progress
+from pipeline_stage.version import __version__
+
+
+@dataclass
+class RunOptions:
+    tracking_uri: str
+    report_path: Path | None = None
+    output_path: Path | None = None  # copy of the final .tflite (Kubeflow's Output[Model])
+    workdir: Path | None = None  # kept when given; a temporary folder otherwise
+    quiet: bool = False
+    new_version: bool = False  # register even if an identical passing version exists
+
+
+class Stage:
+    """One execution of a manifest (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedManifest, host: PluginHost, options: RunOptions):
+        self.loaded, self.m, self.host, self.options = loaded, loaded.manifest, host, options
+        self.progress = Progress(options.quiet)
+
+    def run(self) -> Report:
+        """Run the manifest; return the report (``report.passed`` says whether every gate passed)."""
+        from pipeline_stage.mlflow_io import source as source_mod
+        from pipeline_stage.mlflow_io.stage_run import StageRun, flatten
+
+        options, m = self.options, self.m
+        started = time.perf_counter()
+        configure(options.tracking_uri)
+        preflight(options.tracking_uri)
+        own_tmp = tempfile.TemporaryDirectory(prefix="pipeline-stage-") if options.workdir is None else None
+        workdir = Path(own_tmp.name) if own_tmp is not None else options.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        import mlflow
+
+        info = source_mod.resolve(m.model, mlflow.MlflowClient())
+        sha256 = hashlib.sha256(self.loaded.text.encode()).hexdigest()
+        report = Report(manifest=ManifestRef(path=self.loaded.path, chain_digest=self.loaded.chain_digest, sha256=sha256),
+                        source=info, tracking_uri=redact(options.tracking_uri), package_version=__version__)
+        run = StageRun(m.experiment, tags={"pipeline_stage.chain_digest": self.loaded.chain_digest,
+                                           "pipeline_stage.version": __version__, **{k: redact(v) for k, v in info.tags().items()}})
+        report.run_id = run.run_id
+        context = ObserverContext(manifest_path=self.loaded.path, chain_digest=self.loaded.chain_digest,
+                                  steps=tuple(self.loaded.steps), run_id=run.run_id, quiet=options.quiet)
+        try:
+            run.log_params(flatten({"manifest": dict(self.loaded.raw), "model": m.model}))
+            run.log_text(self.loaded.text, "manifest.yaml")
+            source = source_mod.load(info, workdir, safe_mode=not m.allow_unsafe_deserialization,
+                                     custom_objects=self.host.keras_objects)
+            runner = ChainRunner(self.loaded, self.host, source, workdir, progress=self.progress, context=context)
+            runner.load_all_data()
+            work_started = time.perf_counter()
+            step_tags = self._execute(report, run, runner, context)
+            report.timing = Timing(convert_and_evaluate_s=round(time.perf_counter() - work_started, 3))
+            report.seconds = round(time.perf_counter() - started, 3)
+            self._register(report, run, runner, workdir, step_tags, sha256, context)
+            run.set_tags({"pipeline_stage.passed": str(report.passed).lower()})
+            self._write_reports(report, run)
+            run.end("FINISHED")
+        except BaseException as exc:
+            report.error = redact(str(exc))
+            try:
+                self.host.hook.on_stage_error(error=exc, context=context)
+            finally:
+                self._write_local_report(report)
+                run.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+            if isinstance(exc, StageError) or not isinstance(exc, Exception):
+                raise
+            if type(exc).__module__.startswith(("mlflow", "requests", "urllib3")):
+                raise TrackingError(f"MLflow request failed: {redact(str(exc)).splitlines()[0][:300]}") from exc
+            raise
+        finally:
+            if options.output_path is not None and (workdir / "model.tflite").exists():
+                options.output_path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(workdir / "model.tflite", options.output_path)
+            if own_tmp is not None:
+                own_tmp.cleanup()
+        return report
+
+    def _execute(self, report: Report, run, runner: ChainRunner, context: ObserverContext) -> dict[str, str]:
+        """Baseline, the chain (or the search), the candidate's measurements and the gates; returns
+        the tags the chain's steps ask for on the registered version."""
+        baseline = runner.baseline()
+        report.baseline, report.baseline_tflite = baseline.metrics, baseline.tflite_metrics
+        report.baseline_flatbuffer, report.baseline_seconds = baseline.flatbuffer, baseline.seconds
+        run.log_metrics({f"baseline.{k}": v for k, v in baseline.metrics.items()})
+        if self.m.search is not None:
+            from pipeline_stage.run.search import Search
+
+            outcome = Search(runner, self.host, baseline, run).run()
+            result, report.search = outcome.result, outcome.summary
+            tags = {**result.tags, "pipeline_stage.search.trial": str(outcome.winner)}
+        else:
+            result = runner.run_chain(self.loaded.steps, run, float_bytes=baseline.float_bytes)
+            tags = dict(result.tags)
+        if result.conversion is not None:
+            report.conversion = result.conversion
+        (runner.workdir / "model.tflite").write_bytes(result.model_bytes)
+        report.steps = result.records
+        names = runner.metric_names
+        self.progress("evaluate")(f"candidate: {', '.join(names)}")
+        report.candidate = runner.measure(names, model_bytes=result.model_bytes)
+        run.log_metrics(report.candidate)
+        report.gates, report.passed = evaluate_gates(self.m.gates, report.candidate, report.baseline,
+                                                     runner.higher_is_better(names))
+        self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
+        return tags
+
+    def _register(self, report: Report, run, runner: ChainRunner, workdir: Path, step_tags: dict[str, str],
+                  sha256: str, context: ObserverContext) -> None:
+        from pipeline_stage.mlflow_io.model_registry import TFLITE_ARTIFACT, publish, version_tags
+
+        tflite_path = workdir / "model.tflite"
+        run.log_artifact(tflite_path, str(Path(TFLITE_ARTIFACT).parent))
+        reg = self.m.registration
+        if reg is None or not (report.passed or reg.on_failure == "register"):
+            report.registered = None
+            return
+        ev = runner.evaluation_data
+        report.registered = publish(run, report, reg, tags=version_tags(report, reg, step_tags, sha256),
+                                    tflite_path=tflite_path, sample=ev.x[:4] if ev is not None else None,
+                                    new_version=self.options.new_version)
+        self.host.hook.after_register(registered=report.registered, context=context)
+
+    def _write_local_report(self, report: Report, rendered: dict[str, str] | None = None) -> None:
+        from pipeline_stage.reporting.files import render, write_json
+
+        path = self.options.report_path
+        if path is None:
+            return
+        write_json(path, report.to_json_data())
+        for suffix, text in (render(report) if rendered is None else rendered).items():
+            path.with_suffix(suffix).write_text(text)
+
+    def _write_reports(self, report: Report, run) -> None:
+        import json
+
+        from pipeline_stage.reporting.files import render
+
+        run.log_text(json.dumps(report.to_json_data(), indent=2, default=str), "report.json")
+        rendered = render(report)
+        for suffix, text in rendered.items():
+            run.log_text(text, f"report{suffix}")
+        self._write_local_report(report, rendered)
+
+
+def run_stage(loaded: LoadedManifest, host: PluginHost, options: RunOptions) -> Report:
+    """Run a validated manifest; return its report (``report.passed``: every gate passed)."""
+    return Stage(loaded, host, options).run()
