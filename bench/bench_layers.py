@@ -19,7 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # (name, input shape, layer factory): the shapes of MobileNetV2 alpha 0.35 at 96x96 input
 LAYERS = [
-    ("first conv 3x3/2, 96x96x3 -> 48x48x16", (96, 96, 3), lambda k: k.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu6")),
+    (
+        "first conv 3x3/2, 96x96x3 -> 48x48x16",
+        (96, 96, 3),
+        lambda k: k.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu6"),
+    ),
     ("expand 1x1, 24x24x8 -> 48", (24, 24, 8), lambda k: k.layers.Conv2D(48, 1, activation="relu6")),
     ("depthwise 3x3, 24x24x48", (24, 24, 48), lambda k: k.layers.DepthwiseConv2D(3, padding="same", activation="relu6")),
     ("project 1x1, 24x24x48 -> 8", (24, 24, 48), lambda k: k.layers.Conv2D(8, 1)),
@@ -45,8 +49,11 @@ def _variants(tf, keras, TFLiteModel, make, shape, rng):
             converter.inference_input_type = converter.inference_output_type = tf.int8
         return converter.convert()
 
-    return {"float": TFLiteModel(convert(False), threads=1), "int8": TFLiteModel(convert(True), threads=1),
-            "int8, int8 I/O": TFLiteModel(convert(True, True), threads=1)}, samples[:1]
+    return {
+        "float": TFLiteModel(convert(False), threads=1),
+        "int8": TFLiteModel(convert(True), threads=1),
+        "int8, int8 I/O": TFLiteModel(convert(True, True), threads=1),
+    }, samples[:1]
 
 
 def main() -> None:
@@ -71,7 +78,9 @@ def main() -> None:
         for name, (variants, sample) in built.items():
             for kind, runner in variants.items():
                 rounds.setdefault((name, kind), []).append(float(np.percentile(runner.latencies_ms(sample, args.runs), 50)))
-    print("| layer (MobileNetV2 alpha 0.35 at 96x96) | float p50 (ms) | int8 p50 (ms) | speedup | int8 with int8 I/O (ms) | speedup |")
+    print(
+        "| layer (MobileNetV2 alpha 0.35 at 96x96) | float p50 (ms) | int8 p50 (ms) | speedup | int8 with int8 I/O (ms) | speedup |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in built:
         f, q, qi = (float(np.median(rounds[(name, k)])) for k in ("float", "int8", "int8, int8 I/O"))

@@ -58,8 +58,21 @@ def main() -> None:
     def stage(manifest: Path, tag: str, k: int) -> tuple[float, Path]:
         work = tmp / f"{tag}-{k}"
         t = time.perf_counter()
-        res = CliRunner().invoke(cli, ["run", str(manifest), "--tracking-uri", uri, "-q", "--new-version",
-                                       "--workdir", str(work), "--report", str(work / "report.json")])
+        res = CliRunner().invoke(
+            cli,
+            [
+                "run",
+                str(manifest),
+                "--tracking-uri",
+                uri,
+                "-q",
+                "--new-version",
+                "--workdir",
+                str(work),
+                "--report",
+                str(work / "report.json"),
+            ],
+        )
         seconds = time.perf_counter() - t
         if res.exit_code not in (0, 3):
             raise SystemExit(f"{tag} failed: {res.output[-2000:]}")
@@ -76,44 +89,60 @@ def main() -> None:
 
     plain = json.loads((plain_work / "report.json").read_text())
     found = json.loads((search_work / "report.json").read_text())
-    from pipeline_stage.engine.convert import convert
     from pipeline_stage.contract.report import SourceRef
-    from pipeline_stage.engine.source_model import SourceModel
     from pipeline_stage.contract.steps import ConversionSettings
+    from pipeline_stage.engine.convert import convert
+    from pipeline_stage.engine.source_model import SourceModel
 
     float_bytes = convert(SourceModel(info=SourceRef(uri="bench"), path=Path("."), keras_model=model), ConversionSettings())
-    variants = {"float TFLite": float_bytes, "plain int8": (plain_work / "model.tflite").read_bytes(),
-                "search winner": (search_work / "model.tflite").read_bytes()}
+    variants = {
+        "float TFLite": float_bytes,
+        "plain int8": (plain_work / "model.tflite").read_bytes(),
+        "search winner": (search_work / "model.tflite").read_bytes(),
+    }
     x1 = data.evaluation[0][:1]
     lat = {name: [] for name in variants}
     for _ in range(5):
         for name, fb in variants.items():
             lat[name].append(float(np.percentile(TFLiteModel(fb, threads=1).latencies_ms(x1, args.runs), 50)))
     p50 = {name: statistics.median(v) for name, v in lat.items()}
-    acc = {"float TFLite": plain["baseline_tflite"].get("accuracy", plain["baseline"]["accuracy"]),
-           "plain int8": plain["candidate"]["accuracy"], "search winner": found["candidate"]["accuracy"]}
+    acc = {
+        "float TFLite": plain["baseline_tflite"].get("accuracy", plain["baseline"]["accuracy"]),
+        "plain int8": plain["candidate"]["accuracy"],
+        "search winner": found["candidate"]["accuracy"],
+    }
     keras_acc = plain["baseline"]["accuracy"]
 
-    print(f"\n### Constructed case: BN after ReLU on raw-pixel 16x16 digits; Keras top-1 {keras_acc:.4f}; gate: drop <= 1 point\n")
+    print(
+        f"\n### Constructed case: BN after ReLU on raw-pixel 16x16 digits; Keras top-1 {keras_acc:.4f}; gate: drop <= 1 point\n"
+    )
     print("| variant | chain | top-1 | drop vs Keras (pt) | gate | size (B) | size vs float | p50 (ms) | speedup vs float |")
     print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     chains = {"float TFLite": "(no optimization)", "plain int8": "quantize(mode=int8)", "search winner": found["search"]["chain"]}
     for name, fb in variants.items():
         drop = (keras_acc - acc[name]) * 100
-        print(f"| {name} | `{chains[name]}` | {acc[name]:.4f} | {drop:+.2f} | {'pass' if drop <= 1.0 + 1e-9 else 'FAIL'} | "
-              f"{len(fb):,} | {len(fb) / len(float_bytes):.3f}x | {p50[name]:.4f} | {p50['float TFLite'] / p50[name]:.2f}x |")
+        print(
+            f"| {name} | `{chains[name]}` | {acc[name]:.4f} | {drop:+.2f} | {'pass' if drop <= 1.0 + 1e-9 else 'FAIL'} | "
+            f"{len(fb):,} | {len(fb) / len(float_bytes):.3f}x | {p50[name]:.4f} | {p50['float TFLite'] / p50[name]:.2f}x |"
+        )
     print(f"\nwinner vs plain int8 latency: {p50['search winner'] / p50['plain int8']:.2f}x")
-    print(f"\nsearch: {len(found['search']['trials'])} trials, stopped: {found['search']['stopped_because']}; {found['search']['why']}\n")
+    print(
+        f"\nsearch: {len(found['search']['trials'])} trials, stopped: {found['search']['stopped_because']}; {found['search']['why']}\n"
+    )
     for trial in found["search"]["trials"]:
         accuracy = trial["metrics"].get("accuracy")
-        print(f"- trial {trial['index']} ({trial['origin']}): `{trial['chain']}`: {trial['status']}"
-              + (f", top-1 {accuracy:.4f}" if accuracy is not None else ""))
+        print(
+            f"- trial {trial['index']} ({trial['origin']}): `{trial['chain']}`: {trial['status']}"
+            + (f", top-1 {accuracy:.4f}" if accuracy is not None else "")
+        )
     print()
     print("| measure | plain int8 stage run (s) | search stage run (s) | ratio (target <= 10x) |")
     print("| --- | ---: | ---: | ---: |")
     ratio = statistics.median(search_s) / statistics.median(plain_s)
-    print(f"| wall time, median of {args.rounds} alternating rounds | {statistics.median(plain_s):.1f} | "
-          f"{statistics.median(search_s):.1f} | {ratio:.2f}x |")
+    print(
+        f"| wall time, median of {args.rounds} alternating rounds | {statistics.median(plain_s):.1f} | "
+        f"{statistics.median(search_s):.1f} | {ratio:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def bare_script(model, calib, ev, latency_runs: int) -> dict:
         conv = tf.lite.TFLiteConverter.from_keras_model(model)
         if int8:
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
-            conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(200))
+            conv.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(200))
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints; the stage hides it too
             return conv.convert()
@@ -49,7 +49,7 @@ def bare_script(model, calib, ev, latency_runs: int) -> dict:
         it.allocate_tensors()
         preds = []
         for s in range(0, len(ev[0]), 64):
-            chunk = ev[0][s:s + 64]
+            chunk = ev[0][s : s + 64]
             if len(chunk) != 64:
                 it.resize_tensor_input(inp["index"], [len(chunk), 8, 8, 1])
                 it.allocate_tensors()
@@ -97,7 +97,8 @@ def main() -> None:
     manifest.write_text(
         f"model: {tmp / 'digits.keras'}\ndata: {{calibration: {tmp / 'calib.npz'}, evaluation: {tmp / 'eval.npz'}}}\n"
         "chain:\n  - quantize: {mode: int8}\nevaluation: {per_step: [], latency_runs: 100, threads: 2}\n"
-        "gates:\n  - {metric: accuracy, max_drop: 0.01}\nregister: {name: bench-digits, alias: bench}\n")
+        "gates:\n  - {metric: accuracy, max_drop: 0.01}\nregister: {name: bench-digits, alias: bench}\n"
+    )
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     import json
 

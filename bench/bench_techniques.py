@@ -24,8 +24,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ["float", "dynamic", "float16", "int8", "int8 per-tensor", "int16x8", "dynamic (litert)", "int8 (litert)",
-         "int8 per-tensor (litert)", "qat", "prune+int8"]
+MODES = [
+    "float",
+    "dynamic",
+    "float16",
+    "int8",
+    "int8 per-tensor",
+    "int16x8",
+    "dynamic (litert)",
+    "int8 (litert)",
+    "int8 per-tensor (litert)",
+    "qat",
+    "prune+int8",
+]
 
 
 def models(data, epochs: int, size: int):
@@ -54,7 +65,9 @@ def models(data, epochs: int, size: int):
 
     # unroll=True: a Keras 3 LSTM that is not unrolled converts to TensorList ops that need TF
     # Select (the stage names them: tf.TensorListReserve); unrolled, it is plain builtin ops.
-    lstm = keras.Sequential([keras.Input((8, 8)), keras.layers.LSTM(64, unroll=True), keras.layers.Dense(10, activation="softmax")])
+    lstm = keras.Sequential(
+        [keras.Input((8, 8)), keras.layers.LSTM(64, unroll=True), keras.layers.Dense(10, activation="softmax")]
+    )
     lstm.compile("adam", "sparse_categorical_crossentropy")
     lstm.fit(rows(data.train[0]), data.train[1], epochs=epochs * 5, batch_size=32, verbose=0)
     out["LSTM (8 rows x 8)"] = (lstm, rows)
@@ -70,19 +83,17 @@ def main() -> None:
     from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
-    from pipeline_stage.engine.convert import convert
-    from pipeline_stage.contract.data import Dataset
-    from pipeline_stage.demo import digits_data
-    from pipeline_stage.engine.litert_runtime import TFLiteModel
-    from pipeline_stage.contract.report import SourceRef
-    from pipeline_stage.engine.source_model import SourceModel
-    from pipeline_stage.contract.steps import ConversionSettings
-
     import gzip
     import tempfile
 
+    from pipeline_stage.contract.data import Dataset
+    from pipeline_stage.contract.report import SourceRef
+    from pipeline_stage.contract.steps import ConversionSettings, StepContext
+    from pipeline_stage.demo import digits_data
+    from pipeline_stage.engine.convert import convert
     from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-    from pipeline_stage.contract.steps import StepContext
+    from pipeline_stage.engine.litert_runtime import TFLiteModel
+    from pipeline_stage.engine.source_model import SourceModel
     from pipeline_stage_plugins.prune import Prune, PruneParams
     from pipeline_stage_plugins.strip_ops import StripOps, StripParams
 
@@ -99,10 +110,12 @@ def main() -> None:
         for mode in MODES:
             work = Path(tempfile.mkdtemp(prefix="bench-"))
             quant = mode.split()[0].replace("prune+", "")
-            settings = ConversionSettings(quantization=None if quant == "float" else quant,
-                                          engine="litert" if "litert" in mode else "converter",
-                                          per_channel="per-tensor" not in mode,
-                                          representative_data="calibration" if quant in ("int8", "int16x8", "qat") else None)
+            settings = ConversionSettings(
+                quantization=None if quant == "float" else quant,
+                engine="litert" if "litert" in mode else "converter",
+                per_channel="per-tensor" not in mode,
+                representative_data="calibration" if quant in ("int8", "int16x8", "qat") else None,
+            )
             keras_model = model
             try:
                 if quant == "qat":
@@ -111,8 +124,9 @@ def main() -> None:
                 if mode.startswith("prune"):
                     ctx = StepContext(workdir=work, load_data=lambda name: train, log=lambda m: None, conversion=settings)
                     keras_model = Prune(PruneParams(target_sparsity=0.5, epochs=2)).apply(model, ctx)
-                fb = convert(src, settings, keras_model=keras_model, representative=calib, training=train,
-                             log_path=work / "convert.log")
+                fb = convert(
+                    src, settings, keras_model=keras_model, representative=calib, training=train, log_path=work / "convert.log"
+                )
             except Exception as exc:  # a mode that does not work on this model is a row, not a crash
                 rows[mode] = str(exc).splitlines()[0][:90]
                 continue
@@ -134,16 +148,20 @@ def main() -> None:
             rows[mode] = (size, gz, acc, float(np.median(rounds[mode])), bare)
         f_size, f_gz, _, f_lat, f_bare = rows["float"]
         print(f"\n### {title}: {params:,} parameters, Keras top-1 {keras_acc:.4f}\n")
-        print("| mode | size (B) | size vs float | bytes/param | names dropped: size vs float | names dropped: bytes/param "
-              "| gzip vs float gzip | top-1 | drop vs Keras (pt) | p50 (ms) | speedup vs float |")
+        print(
+            "| mode | size (B) | size vs float | bytes/param | names dropped: size vs float | names dropped: bytes/param "
+            "| gzip vs float gzip | top-1 | drop vs Keras (pt) | p50 (ms) | speedup vs float |"
+        )
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for mode, row in rows.items():
             if isinstance(row, str):
                 print(f"| {mode} | - | - | - | - | - | - | - | - | - | failed: {row} |")
                 continue
             size, gz, acc, lat, bare = row
-            print(f"| {mode} | {size:,} | {size / f_size:.3f}x | {size / params:.2f} | {bare / f_bare:.3f}x | {bare / params:.2f} "
-                  f"| {gz / f_gz:.3f}x | {acc:.4f} | {(keras_acc - acc) * 100:+.2f} | {lat:.4f} | {f_lat / lat:.2f}x |")
+            print(
+                f"| {mode} | {size:,} | {size / f_size:.3f}x | {size / params:.2f} | {bare / f_bare:.3f}x | {bare / params:.2f} "
+                f"| {gz / f_gz:.3f}x | {acc:.4f} | {(keras_acc - acc) * 100:+.2f} | {lat:.4f} | {f_lat / lat:.2f}x |"
+            )
     for title, info, total, params in breakdowns:
         kinds: dict[str, list[int]] = {}
         from pipeline_stage_plugins.analyze import DTYPE_BYTES
@@ -158,7 +176,10 @@ def main() -> None:
             entry[1] += 1
         quant = info.quantization_param_bytes()
         names = info.tensor_name_bytes()
-        kinds["quantization parameters (float32 scale + int64 zero point, per channel or per tensor)"] = [quant, sum(1 for t in info.tensors if t.quant_bytes)]
+        kinds["quantization parameters (float32 scale + int64 zero point, per channel or per tensor)"] = [
+            quant,
+            sum(1 for t in info.tensors if t.quant_bytes),
+        ]
         kinds["tensor names"] = [names, len(info.tensors)]
         counted = sum(v[0] for v in kinds.values())
         print(f"\n### {title}: where the {total:,} bytes go ({params:,} parameters)\n")
@@ -166,7 +187,9 @@ def main() -> None:
         print("| --- | ---: | ---: | ---: |")
         for kind, (nbytes, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
             print(f"| {kind} | {nbytes:,} | {nbytes / total:.1%} | {count} |")
-        print(f"| graph, shapes, op codes, metadata, alignment (the rest) | {total - counted:,} | {(total - counted) / total:.1%} | - |")
+        print(
+            f"| graph, shapes, op codes, metadata, alignment (the rest) | {total - counted:,} | {(total - counted) / total:.1%} | - |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ class StageGroup(click.Group):
                 traceback.print_exc()
             from pipeline_stage.mlflow_io.tracking import redact
 
-            _fail(f"unexpected failure: {type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
-                  "\n  (set PIPELINE_STAGE_DEBUG=1 for the traceback)", 1)
+            _fail(
+                f"unexpected failure: {type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
+                "\n  (set PIPELINE_STAGE_DEBUG=1 for the traceback)",
+                1,
+            )
 
 
 def _fail(message: str, code: int) -> None:
@@ -80,8 +83,10 @@ def validate(manifest: str, model_uri: str | None) -> None:
         click.echo(f"  {i + 1}. {step.name} [{step.phase.value}] {params}")
     search = loaded.manifest.search
     if search is not None:
-        click.echo(f"  search: {search.strategy}, objective {', '.join(search.objective)}, "
-                   f"up to {search.budget.trials} trials / {search.budget.seconds:g} s")
+        click.echo(
+            f"  search: {search.strategy}, objective {', '.join(search.objective)}, "
+            f"up to {search.budget.trials} trials / {search.budget.seconds:g} s"
+        )
         for k, chain in enumerate(loaded.candidates):
             click.echo(f"    candidate {k + 1}: {' -> '.join(s.name for s in chain)}")
 
@@ -90,17 +95,36 @@ def validate(manifest: str, model_uri: str | None) -> None:
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--model-uri", help="Source model; overrides the manifest's `model:`.")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the JSON report here (and a Markdown one next to it).")
-@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the optimized .tflite here.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep intermediate files here (default: a temporary folder, removed afterwards).")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the JSON report here (and a Markdown one next to it).",
+)
+@click.option(
+    "--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the optimized .tflite here."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep intermediate files here (default: a temporary folder, removed afterwards).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
-@click.option("--new-version", is_flag=True,
-              help="Register a new version even if a passing one exists for the same source version and chain.")
-def run(manifest: str, model_uri: str | None, tracking_uri: str | None, report_path: Path | None,
-        output_path: Path | None, workdir: Path | None, quiet: bool, new_version: bool) -> None:
+@click.option(
+    "--new-version",
+    is_flag=True,
+    help="Register a new version even if a passing one exists for the same source version and chain.",
+)
+def run(
+    manifest: str,
+    model_uri: str | None,
+    tracking_uri: str | None,
+    report_path: Path | None,
+    output_path: Path | None,
+    workdir: Path | None,
+    quiet: bool,
+    new_version: bool,
+) -> None:
     """Run the stage described by MANIFEST.
 
     Loads the model, runs the chain, converts once, evaluates candidate vs baseline, applies the
@@ -108,13 +132,19 @@ def run(manifest: str, model_uri: str | None, tracking_uri: str | None, report_p
     A re-run on the same source version and chain reuses the version it registered before.
     """
     from pipeline_stage.manifest import load_manifest
-    from pipeline_stage.run.stage import RunOptions, run_stage
     from pipeline_stage.mlflow_io.tracking import resolve_tracking_uri
+    from pipeline_stage.run.stage import RunOptions, run_stage
 
     host = _host()
     loaded = load_manifest(manifest, host, model_uri=model_uri)
-    options = RunOptions(tracking_uri=resolve_tracking_uri(tracking_uri), report_path=report_path,
-                         output_path=output_path, workdir=workdir, quiet=quiet, new_version=new_version)
+    options = RunOptions(
+        tracking_uri=resolve_tracking_uri(tracking_uri),
+        report_path=report_path,
+        output_path=output_path,
+        workdir=workdir,
+        quiet=quiet,
+        new_version=new_version,
+    )
     _conclude(run_stage(loaded, host, options), options.tracking_uri)
 
 
@@ -168,7 +198,9 @@ def schema(of_report: bool) -> None:
     if of_report:
         from pipeline_stage.contract.report import Report
 
-        click.echo(json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", **Report.model_json_schema()}, indent=2))
+        click.echo(
+            json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", **Report.model_json_schema()}, indent=2)
+        )
         return
     from pipeline_stage.manifest import manifest_json_schema
 
@@ -177,12 +209,23 @@ def schema(of_report: bool) -> None:
 
 @cli.command()
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("demo-report.json"),
-              show_default=True, help="Where to write the JSON report.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("demo-report.json"),
+    show_default=True,
+    help="Where to write the JSON report.",
+)
 @click.option("--epochs", default=None, type=int, help="Training epochs (default: 12 for int8, 8 for search).")
-@click.option("--case", type=click.Choice(["int8", "search"]), default="int8", show_default=True,
-              help="int8: the digits CNN and digits-int8.yaml. search: the BatchNorm-after-ReLU CNN whose plain int8 "
-                   "collapses, and search-auto.yaml, which finds a chain that passes.")
+@click.option(
+    "--case",
+    type=click.Choice(["int8", "search"]),
+    default="int8",
+    show_default=True,
+    help="int8: the digits CNN and digits-int8.yaml. search: the BatchNorm-after-ReLU CNN whose plain int8 "
+    "collapses, and search-auto.yaml, which finds a chain that passes.",
+)
 def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: str) -> None:
     """Train a small model on offline digits, log it to MLflow, and run an example manifest on it.
 
@@ -191,8 +234,8 @@ def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: 
     """
     from pipeline_stage import demo as demo_mod
     from pipeline_stage.manifest import load_manifest
-    from pipeline_stage.run.stage import RunOptions, run_stage
     from pipeline_stage.mlflow_io.tracking import configure, preflight, resolve_tracking_uri
+    from pipeline_stage.run.stage import RunOptions, run_stage
 
     host = _host()
     manifest = demo_mod.example_manifest("search-auto.yaml" if case == "search" else demo_mod.EXAMPLE_MANIFEST)
@@ -213,7 +256,9 @@ def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: 
         click.echo(f"[demo] training a small CNN on sklearn digits ({len(data.train[0])} images, {epochs} epochs) ...", err=True)
         model = demo_mod.train_digits_cnn(data, epochs=epochs)
         source = demo_mod.log_source_model(model, data)
-    click.echo(f"[demo] logged {source['uri']} (version {source['version']}, held-out accuracy {source['accuracy']:.4f})", err=True)
+    click.echo(
+        f"[demo] logged {source['uri']} (version {source['version']}, held-out accuracy {source['accuracy']:.4f})", err=True
+    )
     loaded = load_manifest(manifest, host, model_uri=source["uri"])
     click.echo(f"[demo] running {manifest} ...", err=True)
     _conclude(run_stage(loaded, host, RunOptions(tracking_uri=uri, report_path=report_path)), uri)

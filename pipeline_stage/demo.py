@@ -44,14 +44,17 @@ def train_digits_cnn(data: DigitsData, *, epochs: int = 12, seed: int = 0):
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((8, 8, 1), name="image"),
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(10, activation="softmax", name="probabilities"),
-    ], name="digits_cnn")
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1), name="image"),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax", name="probabilities"),
+        ],
+        name="digits_cnn",
+    )
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(*data.train, epochs=epochs, batch_size=32, verbose=0)
     return model
@@ -91,8 +94,12 @@ def train_bn_after_relu_cnn(data: DigitsData, *, epochs: int = 8, seed: int = 0)
     size = data.train[0].shape[1]
     layers: list = [keras.Input((size, size, 1), name="image")]
     for filters in (16, 32):
-        layers += [keras.layers.Conv2D(filters, 3, padding="same"), keras.layers.ReLU(),
-                   keras.layers.BatchNormalization(momentum=0.9), keras.layers.MaxPooling2D()]
+        layers += [
+            keras.layers.Conv2D(filters, 3, padding="same"),
+            keras.layers.ReLU(),
+            keras.layers.BatchNormalization(momentum=0.9),
+            keras.layers.MaxPooling2D(),
+        ]
     layers += [keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax", name="probabilities")]
     model = keras.Sequential(layers, name="digits_bn_after_relu")
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -100,8 +107,14 @@ def train_bn_after_relu_cnn(data: DigitsData, *, epochs: int = 8, seed: int = 0)
     return model
 
 
-def log_source_model(model, data: DigitsData, *, name: str = DEMO_MODEL_NAME, alias: str | None = DEMO_ALIAS,
-                     experiment: str = "pipeline-stage-demo") -> dict[str, Any]:
+def log_source_model(
+    model,
+    data: DigitsData,
+    *,
+    name: str = DEMO_MODEL_NAME,
+    alias: str | None = DEMO_ALIAS,
+    experiment: str = "pipeline-stage-demo",
+) -> dict[str, Any]:
     """Log `model` and its data (data/{train,calib,eval}.npz) to one run; register and alias it."""
     import mlflow
     from mlflow.models import infer_signature
@@ -123,8 +136,13 @@ def log_source_model(model, data: DigitsData, *, name: str = DEMO_MODEL_NAME, al
         client = mlflow.MlflowClient()
         if alias:
             client.set_registered_model_alias(name, alias, version)
-    return {"run_id": run.info.run_id, "name": name, "version": version, "accuracy": acc,
-            "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"}
+    return {
+        "run_id": run.info.run_id,
+        "name": name,
+        "version": version,
+        "accuracy": acc,
+        "uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}",
+    }
 
 
 def example_manifest(name: str = EXAMPLE_MANIFEST) -> Path:
@@ -132,12 +150,16 @@ def example_manifest(name: str = EXAMPLE_MANIFEST) -> Path:
     candidates = []
     if os.environ.get("PIPELINE_STAGE_EXAMPLES"):
         candidates.append(Path(os.environ["PIPELINE_STAGE_EXAMPLES"]) / name)
-    candidates += [Path(__file__).resolve().parents[1] / "manifests" / "examples" / name,
-                   Path.cwd() / "manifests" / "examples" / name]
+    candidates += [
+        Path(__file__).resolve().parents[1] / "manifests" / "examples" / name,
+        Path.cwd() / "manifests" / "examples" / name,
+    ]
     for path in candidates:
         if path.is_file():
             return path
     from pipeline_stage.contract.errors import InputError
 
-    raise InputError(f"example manifest `{name}` not found (looked in: {', '.join(str(c.parent) for c in candidates)})",
-                     hint="run from the source checkout or set PIPELINE_STAGE_EXAMPLES to manifests/examples")
+    raise InputError(
+        f"example manifest `{name}` not found (looked in: {', '.join(str(c.parent) for c in candidates)})",
+        hint="run from the source checkout or set PIPELINE_STAGE_EXAMPLES to manifests/examples",
+    )

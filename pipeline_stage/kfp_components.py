@@ -9,7 +9,6 @@ MLflow credentials come from the environment (``MLFLOW_TRACKING_TOKEN`` or
 ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, set from a Kubernetes secret), never from parameters.
 """
 
-
 import os
 from typing import List, NamedTuple
 
@@ -44,8 +43,9 @@ def optimize_tflite(
 
     from pipeline_stage.kfp_support import optimize
 
-    result = optimize(manifest, model_uri, tracking_uri, tflite.path, report.path, tflite.metadata, metrics.log_metric,
-                      report_html.path)
+    result = optimize(
+        manifest, model_uri, tracking_uri, tflite.path, report.path, tflite.metadata, metrics.log_metric, report_html.path
+    )
     outputs = namedtuple("OptimizeOutputs", ["passed", "model_version", "registered_model"])
     return outputs(result["passed"], result["model_version"], result["registered_model"])
 
@@ -67,8 +67,9 @@ def promote(name: str, version: str, alias: str, tracking_uri: str = "") -> str:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def pick_and_promote(names: List[str], versions: List[str], passed: List[bool], objective: str, alias: str,
-                     tracking_uri: str = "") -> str:
+def pick_and_promote(
+    names: List[str], versions: List[str], passed: List[bool], objective: str, alias: str, tracking_uri: str = ""
+) -> str:
     """Promote the passing candidate with the lowest `objective` metric (e.g. size_bytes)."""
     from pipeline_stage.kfp_support import pick_best
 
@@ -98,21 +99,24 @@ def train_digits(tracking_uri: str = "", epochs: int = 8, registered_model: str 
 
 
 @dsl.pipeline(name="train-optimize-promote")
-def train_optimize_promote(manifest: str, alias: str = "production-edge", tracking_uri: str = "", epochs: int = 8,
-                           source_model: str = "digits-cnn"):
+def train_optimize_promote(
+    manifest: str, alias: str = "production-edge", tracking_uri: str = "", epochs: int = 8, source_model: str = "digits-cnn"
+):
     """Train, optimize with the stage, and promote only if every gate passed."""
     train = train_digits(tracking_uri=tracking_uri, epochs=epochs, registered_model=source_model)
     train.set_caching_options(False)
     opt = optimize_tflite(manifest=manifest, model_uri=train.output, tracking_uri=tracking_uri)
     verdict = gate_verdict(passed=opt.outputs["passed"])
     with dsl.If(verdict.output == True):  # noqa: E712 - a KFP condition, not Python
-        promote(name=opt.outputs["registered_model"], version=opt.outputs["model_version"], alias=alias,
-                tracking_uri=tracking_uri)
+        promote(
+            name=opt.outputs["registered_model"], version=opt.outputs["model_version"], alias=alias, tracking_uri=tracking_uri
+        )
 
 
 @dsl.pipeline(name="fan-out-optimize")
-def fan_out_optimize(model_uri: str, manifests: List[str], objective: str = "size_bytes",
-                     alias: str = "production-edge", tracking_uri: str = ""):
+def fan_out_optimize(
+    model_uri: str, manifests: List[str], objective: str = "size_bytes", alias: str = "production-edge", tracking_uri: str = ""
+):
     """Try several manifests in parallel on one model version; promote the best passing one.
 
     Each branch pins the model URI to a version first (uncached), so the optimize task's cache key
@@ -124,10 +128,14 @@ def fan_out_optimize(model_uri: str, manifests: List[str], objective: str = "siz
         source = resolve_model(model_uri=model_uri, tracking_uri=tracking_uri)
         source.set_caching_options(False)
         opt = optimize_tflite(manifest=manifest, model_uri=source.output, tracking_uri=tracking_uri)
-    pick = pick_and_promote(names=dsl.Collected(opt.outputs["registered_model"]),
-                            versions=dsl.Collected(opt.outputs["model_version"]),
-                            passed=dsl.Collected(opt.outputs["passed"]),
-                            objective=objective, alias=alias, tracking_uri=tracking_uri)
+    pick = pick_and_promote(
+        names=dsl.Collected(opt.outputs["registered_model"]),
+        versions=dsl.Collected(opt.outputs["model_version"]),
+        passed=dsl.Collected(opt.outputs["passed"]),
+        objective=objective,
+        alias=alias,
+        tracking_uri=tracking_uri,
+    )
     pick.set_caching_options(False)
 
 

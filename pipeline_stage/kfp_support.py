@@ -9,22 +9,31 @@ from pathlib import Path
 from typing import Any
 
 
-def optimize(manifest: str, model_uri: str, tracking_uri: str, tflite_path: str, report_path: str,
-             tflite_metadata: dict, log_metric, html_path: str | None = None) -> dict[str, Any]:
+def optimize(
+    manifest: str,
+    model_uri: str,
+    tracking_uri: str,
+    tflite_path: str,
+    report_path: str,
+    tflite_metadata: dict,
+    log_metric,
+    html_path: str | None = None,
+) -> dict[str, Any]:
     """Run the stage for a component; a failed gate is a result (passed=False), not a task failure.
 
     Bad input (exit 2) and failures (exit 1) raise, so the task fails with the stage's message.
     """
-    from pipeline_stage.manifest import parse_manifest
     from pipeline_stage.host.plugin_host import get_host
-    from pipeline_stage.run.stage import RunOptions, run_stage
+    from pipeline_stage.manifest import parse_manifest
     from pipeline_stage.mlflow_io.tracking import resolve_tracking_uri
+    from pipeline_stage.run.stage import RunOptions, run_stage
 
     host = get_host()
     loaded = parse_manifest(manifest, host, path="<manifest parameter>", model_uri=model_uri or None)
     work = Path(tempfile.mkdtemp(prefix="stage-"))
-    options = RunOptions(tracking_uri=resolve_tracking_uri(tracking_uri or None), report_path=work / "report.json",
-                         output_path=Path(tflite_path))
+    options = RunOptions(
+        tracking_uri=resolve_tracking_uri(tracking_uri or None), report_path=work / "report.json", output_path=Path(tflite_path)
+    )
     report = run_stage(loaded, host, options)
     for name, value in (report.candidate or {}).items():
         log_metric(name, value)
@@ -34,17 +43,25 @@ def optimize(manifest: str, model_uri: str, tracking_uri: str, tflite_path: str,
         log_metric(f"gate.{gate.metric}.{gate.rule}", 1.0 if gate.passed else 0.0)
     log_metric("passed", 1.0 if report.passed else 0.0)
     registered = report.registered
-    tflite_metadata.update({
-        "passed": report.passed, "chain_digest": report.manifest.chain_digest,
-        "registered_name": registered.name if registered else "", "registered_version": registered.version if registered else "",
-        "registered_uri": registered.uri if registered else "", "mlflow_run_id": report.run_id or "",
-        "source_uri": report.source.uri,
-    })
+    tflite_metadata.update(
+        {
+            "passed": report.passed,
+            "chain_digest": report.manifest.chain_digest,
+            "registered_name": registered.name if registered else "",
+            "registered_version": registered.version if registered else "",
+            "registered_uri": registered.uri if registered else "",
+            "mlflow_run_id": report.run_id or "",
+            "source_uri": report.source.uri,
+        }
+    )
     shutil.copyfile(work / "report.md", report_path)
     if html_path:
         shutil.copyfile(work / "report.html", html_path)
-    return {"passed": report.passed, "model_version": registered.version if registered else "",
-            "registered_model": registered.name if registered else ""}
+    return {
+        "passed": report.passed,
+        "model_version": registered.version if registered else "",
+        "registered_model": registered.name if registered else "",
+    }
 
 
 def _client(tracking_uri: str):
@@ -75,8 +92,7 @@ def promote(name: str, version: str, alias: str, tracking_uri: str) -> str:
     return f"models:/{name}@{alias}"
 
 
-def pick_best(names: list[str], versions: list[str], passed: list[bool], objective: str, alias: str,
-              tracking_uri: str) -> str:
+def pick_best(names: list[str], versions: list[str], passed: list[bool], objective: str, alias: str, tracking_uri: str) -> str:
     """Among the passing candidates, the one with the lowest `metric.<objective>` tag; promote it."""
     client = _client(tracking_uri)
     best = None
@@ -92,6 +108,8 @@ def pick_best(names: list[str], versions: list[str], passed: list[bool], objecti
     if best is None:
         raise RuntimeError(f"no candidate passed its gates ({len(versions)} tried): nothing promoted")
     if len(sources) > 1:
-        raise RuntimeError(f"candidates come from different source versions {sorted(sources)} (the alias moved "
-                           "during the fan-out): nothing promoted; run the pipeline again")
+        raise RuntimeError(
+            f"candidates come from different source versions {sorted(sources)} (the alias moved "
+            "during the fan-out): nothing promoted; run the pipeline again"
+        )
     return promote(best[1], best[2], alias, tracking_uri)

@@ -31,20 +31,23 @@ class Analyze(Step):
 
     def apply(self, model_bytes, ctx):
         info = read_flatbuffer(model_bytes)
-        weights = [(t.name, t.dtype, int(np.prod(t.shape)) * DTYPE_BYTES.get(t.dtype, 4))
-                   for t in info.tensors if t.is_constant]
+        weights = [(t.name, t.dtype, int(np.prod(t.shape)) * DTYPE_BYTES.get(t.dtype, 4)) for t in info.tensors if t.is_constant]
         by_dtype: dict[str, int] = {}
         for _, dtype, size in weights:
             by_dtype[dtype] = by_dtype.get(dtype, 0) + size
-        ctx.notes.update({
-            "op_histogram": dict(info.ops.most_common()),
-            "weight_bytes_by_dtype": by_dtype,
-            # where the bytes go besides the weights: per-channel quantization parameters and names
-            "quantization_param_bytes": info.quantization_param_bytes(),
-            "tensor_name_bytes": info.tensor_name_bytes(),
-            "largest_weights": [{"tensor": n[:80], "dtype": d, "bytes": b} for n, d, b in sorted(weights, key=lambda w: -w[2])[:5]],
-            "model_bytes": len(model_bytes),
-        })
+        ctx.notes.update(
+            {
+                "op_histogram": dict(info.ops.most_common()),
+                "weight_bytes_by_dtype": by_dtype,
+                # where the bytes go besides the weights: per-channel quantization parameters and names
+                "quantization_param_bytes": info.quantization_param_bytes(),
+                "tensor_name_bytes": info.tensor_name_bytes(),
+                "largest_weights": [
+                    {"tensor": n[:80], "dtype": d, "bytes": b} for n, d, b in sorted(weights, key=lambda w: -w[2])[:5]
+                ],
+                "model_bytes": len(model_bytes),
+            }
+        )
         if self.params.per_layer:
             ctx.notes["per_layer"] = self._per_layer(ctx)
         return model_bytes
@@ -60,7 +63,8 @@ class Analyze(Step):
         out = io.StringIO()
         with captured_output(Path(ctx.workdir) / "analyze.log"):
             debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter, debug_dataset=lambda: ([x[i:i + 1]] for i in range(len(x))))
+                converter=converter, debug_dataset=lambda: ([x[i : i + 1]] for i in range(len(x)))
+            )
             debugger.run()
             debugger.layer_statistics_dump(out)
         rows = list(csv.DictReader(io.StringIO(out.getvalue())))
@@ -72,9 +76,16 @@ class Analyze(Step):
         path = Path(ctx.workdir) / "layer_stats.csv"
         path.write_text(out.getvalue())
         ctx.artifacts["layer_stats.csv"] = path
-        return [{"op": r["op_name"], "tensor": r["tensor_name"], "rmse/scale": round(r["rmse/scale"], 4),
-                 "max_abs_error": float(r["max_abs_error"]), "scale": float(r["scale"])}
-                for r in rows[: self.params.top]]
+        return [
+            {
+                "op": r["op_name"],
+                "tensor": r["tensor_name"],
+                "rmse/scale": round(r["rmse/scale"], 4),
+                "max_abs_error": float(r["max_abs_error"]),
+                "scale": float(r["scale"]),
+            }
+            for r in rows[: self.params.top]
+        ]
 
 
 @hookimpl

@@ -21,15 +21,18 @@ class NpzLoader(DataLoader):
             # allow_pickle=False: object arrays would unpickle untrusted bytes.
             with np.load(path, allow_pickle=False) as archive:
                 if "x" not in archive.files:
-                    raise InputError(f"data `{source}` has no array `x` (arrays: {', '.join(archive.files) or 'none'})",
-                                     hint="save features as `x` and labels as `y`: np.savez(path, x=..., y=...)")
+                    raise InputError(
+                        f"data `{source}` has no array `x` (arrays: {', '.join(archive.files) or 'none'})",
+                        hint="save features as `x` and labels as `y`: np.savez(path, x=..., y=...)",
+                    )
                 x = archive["x"]
                 y = archive["y"] if "y" in archive.files else None
         except InputError:
             raise
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise InputError(f"data `{source}` is not a readable .npz archive: {exc}",
-                             hint="write it with numpy.savez(path, x=..., y=...)") from None
+            raise InputError(
+                f"data `{source}` is not a readable .npz archive: {exc}", hint="write it with numpy.savez(path, x=..., y=...)"
+            ) from None
         return Dataset(x=x, y=y, source=source)
 
 

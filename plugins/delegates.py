@@ -20,27 +20,143 @@ from pipeline_stage import Metric, Params, Phase, Step, TFLiteModel, add_metadat
 
 PLAN_METADATA = "pipeline_stage.delegate_plan"
 
-_COMMON = {"ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "LOGISTIC",
-           "MAX_POOL_2D", "MEAN", "MUL", "PAD", "RELU", "RELU6", "RESHAPE", "RESIZE_BILINEAR", "SOFTMAX", "SUB", "TANH"}
+_COMMON = {
+    "ADD",
+    "AVERAGE_POOL_2D",
+    "CONCATENATION",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "FULLY_CONNECTED",
+    "LOGISTIC",
+    "MAX_POOL_2D",
+    "MEAN",
+    "MUL",
+    "PAD",
+    "RELU",
+    "RELU6",
+    "RESHAPE",
+    "RESIZE_BILINEAR",
+    "SOFTMAX",
+    "SUB",
+    "TANH",
+}
 # XNNPACK (delegate README: float32, fp16 weights, and signed int8 operators)
-XNNPACK = _COMMON | {"ABS", "BATCH_MATMUL", "CEIL", "DEQUANTIZE", "DIV", "ELU", "FLOOR", "HARD_SWISH", "LEAKY_RELU",
-                     "MAXIMUM", "MINIMUM", "NEG", "PRELU", "QUANTIZE", "RESIZE_NEAREST_NEIGHBOR", "ROUND", "RSQRT",
-                     "SLICE", "SPLIT", "SQRT", "SQUARE", "SQUARED_DIFFERENCE", "STRIDED_SLICE", "TRANSPOSE",
-                     "TRANSPOSE_CONV", "GELU", "EXP", "LOG"}
+XNNPACK = _COMMON | {
+    "ABS",
+    "BATCH_MATMUL",
+    "CEIL",
+    "DEQUANTIZE",
+    "DIV",
+    "ELU",
+    "FLOOR",
+    "HARD_SWISH",
+    "LEAKY_RELU",
+    "MAXIMUM",
+    "MINIMUM",
+    "NEG",
+    "PRELU",
+    "QUANTIZE",
+    "RESIZE_NEAREST_NEIGHBOR",
+    "ROUND",
+    "RSQRT",
+    "SLICE",
+    "SPLIT",
+    "SQRT",
+    "SQUARE",
+    "SQUARED_DIFFERENCE",
+    "STRIDED_SLICE",
+    "TRANSPOSE",
+    "TRANSPOSE_CONV",
+    "GELU",
+    "EXP",
+    "LOG",
+}
 # GPU delegate (OpenCL/OpenGL/Metal builtin op list); it dequantizes int8 weights itself
-GPU = _COMMON | {"ABS", "BATCH_MATMUL", "CAST", "COS", "DEQUANTIZE", "DIV", "ELU", "EXP", "FLOOR", "FLOOR_DIV",
-                 "HARD_SWISH", "LEAKY_RELU", "LOG", "MAXIMUM", "MINIMUM", "NEG", "POW", "PRELU", "QUANTIZE",
-                 "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SIN", "SLICE", "SPLIT", "SPLIT_V", "SQRT", "SQUARE",
-                 "SQUARED_DIFFERENCE", "STRIDED_SLICE", "TRANSPOSE", "TRANSPOSE_CONV", "SPACE_TO_DEPTH",
-                 "DEPTH_TO_SPACE", "REDUCE_MAX", "REDUCE_MIN", "SUM"}
+GPU = _COMMON | {
+    "ABS",
+    "BATCH_MATMUL",
+    "CAST",
+    "COS",
+    "DEQUANTIZE",
+    "DIV",
+    "ELU",
+    "EXP",
+    "FLOOR",
+    "FLOOR_DIV",
+    "HARD_SWISH",
+    "LEAKY_RELU",
+    "LOG",
+    "MAXIMUM",
+    "MINIMUM",
+    "NEG",
+    "POW",
+    "PRELU",
+    "QUANTIZE",
+    "RESIZE_NEAREST_NEIGHBOR",
+    "RSQRT",
+    "SIN",
+    "SLICE",
+    "SPLIT",
+    "SPLIT_V",
+    "SQRT",
+    "SQUARE",
+    "SQUARED_DIFFERENCE",
+    "STRIDED_SLICE",
+    "TRANSPOSE",
+    "TRANSPOSE_CONV",
+    "SPACE_TO_DEPTH",
+    "DEPTH_TO_SPACE",
+    "REDUCE_MAX",
+    "REDUCE_MIN",
+    "SUM",
+}
 # NNAPI (Android NN API 1.2 operations mapped by the NNAPI delegate)
-NNAPI = _COMMON | {"DEQUANTIZE", "QUANTIZE", "DIV", "STRIDED_SLICE", "TRANSPOSE", "SQUEEZE", "L2_NORMALIZATION",
-                   "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "PRELU", "MAXIMUM", "MINIMUM", "HARD_SWISH", "ABS", "EXP",
-                   "LOG", "RSQRT", "SQRT", "SLICE", "SPLIT", "TRANSPOSE_CONV", "LEAKY_RELU", "RESIZE_NEAREST_NEIGHBOR"}
+NNAPI = _COMMON | {
+    "DEQUANTIZE",
+    "QUANTIZE",
+    "DIV",
+    "STRIDED_SLICE",
+    "TRANSPOSE",
+    "SQUEEZE",
+    "L2_NORMALIZATION",
+    "SPACE_TO_DEPTH",
+    "DEPTH_TO_SPACE",
+    "PRELU",
+    "MAXIMUM",
+    "MINIMUM",
+    "HARD_SWISH",
+    "ABS",
+    "EXP",
+    "LOG",
+    "RSQRT",
+    "SQRT",
+    "SLICE",
+    "SPLIT",
+    "TRANSPOSE_CONV",
+    "LEAKY_RELU",
+    "RESIZE_NEAREST_NEIGHBOR",
+}
 # Edge TPU / NPU-style: int8-only operators, static shapes (Coral's supported-ops table)
-EDGETPU = _COMMON | {"L2_NORMALIZATION", "PACK", "SPLIT", "SQUEEZE", "STRIDED_SLICE", "TRANSPOSE_CONV",
-                     "RESIZE_NEAREST_NEIGHBOR", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "QUANTIZE", "DEQUANTIZE",
-                     "HARD_SWISH", "PRELU", "LEAKY_RELU", "SLICE", "TRANSPOSE", "MAXIMUM", "MINIMUM"}
+EDGETPU = _COMMON | {
+    "L2_NORMALIZATION",
+    "PACK",
+    "SPLIT",
+    "SQUEEZE",
+    "STRIDED_SLICE",
+    "TRANSPOSE_CONV",
+    "RESIZE_NEAREST_NEIGHBOR",
+    "SPACE_TO_DEPTH",
+    "DEPTH_TO_SPACE",
+    "QUANTIZE",
+    "DEQUANTIZE",
+    "HARD_SWISH",
+    "PRELU",
+    "LEAKY_RELU",
+    "SLICE",
+    "TRANSPOSE",
+    "MAXIMUM",
+    "MINIMUM",
+}
 RULES = {"xnnpack": XNNPACK, "gpu": GPU, "nnapi": NNAPI, "edgetpu": EDGETPU}
 INTEGER = {"INT8", "UINT8", "INT32"}  # int32 for biases and shape operands
 Target = Literal["xnnpack", "gpu", "nnapi", "edgetpu"]
@@ -68,8 +184,12 @@ def delegate_plan(model_bytes: bytes, targets: list[str]) -> dict:
     for target in targets:
         reasons = Counter(r for r in (_blocker(target, n) for n in nodes) if r)
         left = sum(reasons.values())
-        plan[target] = {"coverage": round((len(nodes) - left) / len(nodes), 4) if nodes else 0.0,
-                        "nodes": len(nodes), "on_cpu": left, "blockers": dict(reasons.most_common())}
+        plan[target] = {
+            "coverage": round((len(nodes) - left) / len(nodes), 4) if nodes else 0.0,
+            "nodes": len(nodes),
+            "on_cpu": left,
+            "blockers": dict(reasons.most_common()),
+        }
     return plan
 
 
@@ -81,8 +201,10 @@ def _p50(model_bytes: bytes, xnnpack: bool, runs: int) -> float:
 
 
 class DelegatesParams(Params):
-    targets: list[Target] = Field(default_factory=lambda: ["xnnpack", "gpu"],
-                                  description="Delegates to plan for: xnnpack, gpu, nnapi, edgetpu (int8-only NPU rules).")
+    targets: list[Target] = Field(
+        default_factory=lambda: ["xnnpack", "gpu"],
+        description="Delegates to plan for: xnnpack, gpu, nnapi, edgetpu (int8-only NPU rules).",
+    )
     benchmark: bool = Field(True, description="Measure CPU latency with and without XNNPACK (1 thread, batch 1).")
     runs: int = Field(100, ge=5, le=100000, description="Invocations per benchmark side.")
     embed: bool = Field(True, description=f"Embed the plan in the .tflite as metadata `{PLAN_METADATA}`.")
@@ -100,14 +222,20 @@ class Delegates(Step):
         plan = {"targets": delegate_plan(model_bytes, list(p.targets))}
         if p.benchmark:
             without, with_x = _p50(model_bytes, False, p.runs), _p50(model_bytes, True, p.runs)
-            plan["xnnpack_benchmark"] = {"p50_ms_without": round(without, 5), "p50_ms_with": round(with_x, 5),
-                                         "speedup": round(without / with_x, 3) if with_x > 0 else None}
+            plan["xnnpack_benchmark"] = {
+                "p50_ms_without": round(without, 5),
+                "p50_ms_with": round(with_x, 5),
+                "speedup": round(without / with_x, 3) if with_x > 0 else None,
+            }
         findings = []
         for target, info in plan["targets"].items():
             ctx.tags[f"delegate.{target}.coverage"] = f"{info['coverage']:.4g}"
             if info["on_cpu"]:
-                findings.append(f"{target}: {info['on_cpu']} of {info['nodes']} nodes stay on the CPU ("
-                                + "; ".join(f"{r} x{n}" for r, n in info["blockers"].items()) + ")")
+                findings.append(
+                    f"{target}: {info['on_cpu']} of {info['nodes']} nodes stay on the CPU ("
+                    + "; ".join(f"{r} x{n}" for r, n in info["blockers"].items())
+                    + ")"
+                )
         plan["findings"] = findings
         ctx.notes.update(plan)
         if p.embed:

@@ -31,20 +31,46 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from pipeline_stage import Chain, InputError, ModelFacts, Params, Phase, SearchMove, Step, hookimpl, layer_graph, rebuild, step_params
+from pipeline_stage import (
+    Chain,
+    InputError,
+    ModelFacts,
+    Params,
+    Phase,
+    SearchMove,
+    Step,
+    hookimpl,
+    layer_graph,
+    rebuild,
+    step_params,
+)
 
 LINEAR = ("Conv2D", "Dense", "DepthwiseConv2D")
 OUTPUT = "<model output>"
-SHIFT_TRANSPARENT = ("MaxPooling2D", "AveragePooling2D", "Dropout", "Flatten", "GlobalAveragePooling2D",
-                     "GlobalMaxPooling2D", "SpatialDropout2D")
+SHIFT_TRANSPARENT = (
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "Dropout",
+    "Flatten",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+    "SpatialDropout2D",
+)
 
 
 class FuseParams(Params):
     batchnorm: bool = Field(True, description="Fold BatchNormalization layers into neighbouring linear layers.")
-    equalize: bool = Field(False, description="Cross-layer equalization of consecutive linear layers with a ReLU/LeakyReLU "
-                                              "between them (after BN folding), for models without BN.")
-    tolerance: float = Field(1e-3, gt=0, description="Largest allowed output difference (max abs) between the "
-                                                      "model before and after; larger means a bug, and the step fails.")
+    equalize: bool = Field(
+        False,
+        description="Cross-layer equalization of consecutive linear layers with a ReLU/LeakyReLU "
+        "between them (after BN folding), for models without BN.",
+    )
+    tolerance: float = Field(
+        1e-3,
+        gt=0,
+        description="Largest allowed output difference (max abs) between the "
+        "model before and after; larger means a bug, and the step fails.",
+    )
 
 
 def _np(v: Any) -> np.ndarray:
@@ -81,10 +107,14 @@ class Fuse(Step):
     Params = FuseParams
 
     def apply(self, model, ctx):
-
-        bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
-        notes: dict[str, Any] = {"batchnorm_layers": len(bns), "folded_into_previous": [], "scale_backward_shift_forward": [],
-                                 "scale_backward_shift_kept": [], "left_alone": []}
+        bns = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+        notes: dict[str, Any] = {
+            "batchnorm_layers": len(bns),
+            "folded_into_previous": [],
+            "scale_backward_shift_forward": [],
+            "scale_backward_shift_kept": [],
+            "left_alone": [],
+        }
         ctx.notes.update(notes)
         if not (self.params.batchnorm and bns) and not self.params.equalize:
             return model
@@ -119,8 +149,12 @@ class Fuse(Step):
             s, t = self._scale_shift(bn)
             prev = self._inbound(bn.name)
             prev_layer = model.get_layer(prev) if prev in weights else None
-            if prev_layer is not None and type(prev_layer).__name__ in LINEAR and _act_name(prev_layer) == "linear" \
-                    and self._users(prev) == [bn.name]:
+            if (
+                prev_layer is not None
+                and type(prev_layer).__name__ in LINEAR
+                and _act_name(prev_layer) == "linear"
+                and self._users(prev) == [bn.name]
+            ):
                 kernel, bias = kernel_bias(prev_layer)
                 set_kernel_bias(prev_layer, self._scale_out(prev_layer, kernel, s), bias * s + t)
                 self._dropped.add(bn.name)
@@ -128,8 +162,12 @@ class Fuse(Step):
                 continue
             producer, act = self._producer(prev, bn.name)
             if producer is None:
-                notes["left_alone"].append({"layer": bn.name, "reason": "not after a linear layer (or a ReLU/LeakyReLU on one) "
-                                                                         "whose output only it uses"})
+                notes["left_alone"].append(
+                    {
+                        "layer": bn.name,
+                        "reason": "not after a linear layer (or a ReLU/LeakyReLU on one) whose output only it uses",
+                    }
+                )
                 continue
             if act not in ("relu", "leaky_relu"):
                 notes["left_alone"].append({"layer": bn.name, "reason": f"activation `{act}` is not positively homogeneous"})
@@ -208,8 +246,13 @@ class Fuse(Step):
         act = _act_name(layer)
         lin_name = self._inbound(prev)
         linear = self._layer(lin_name)
-        if act is not None and linear is not None and type(linear).__name__ in LINEAR and _act_name(linear) == "linear" \
-                and self._users(lin_name) == [prev]:
+        if (
+            act is not None
+            and linear is not None
+            and type(linear).__name__ in LINEAR
+            and _act_name(linear) == "linear"
+            and self._users(lin_name) == [prev]
+        ):
             return linear, act
         return None, None
 
@@ -219,8 +262,15 @@ class Fuse(Step):
         while True:
             users = self._users(cur)
             if len(users) != 1 or users[0] == OUTPUT:
-                return None, ("no linear layer after it to take the shift" if users == [OUTPUT] or not users
-                              else f"its output feeds {len(users)} places"), 1
+                return (
+                    None,
+                    (
+                        "no linear layer after it to take the shift"
+                        if users == [OUTPUT] or not users
+                        else f"its output feeds {len(users)} places"
+                    ),
+                    1,
+                )
             layer = self._layer(users[0])
             cls = type(layer).__name__
             if cls in SHIFT_TRANSPARENT:
@@ -240,7 +290,9 @@ class Fuse(Step):
 
     def _chain(self, graph) -> list | None:
         """The kept layers in order when they form a single chain, else None."""
-        kept = [spec["name"] for spec in graph["layers"] if spec["class_name"] != "InputLayer" and spec["name"] not in self._dropped]
+        kept = [
+            spec["name"] for spec in graph["layers"] if spec["class_name"] != "InputLayer" and spec["name"] not in self._dropped
+        ]
         for name in kept:
             if self._inbound(name) is None or len([u for u in self._users(name) if u != OUTPUT]) > 1:
                 return None
@@ -256,15 +308,28 @@ class Fuse(Step):
                 continue
             act = _act_name(first)
             j = i + 1
-            if act == "linear" and j < len(kept) and _act_name(kept[j]) in ("relu", "leaky_relu") and type(kept[j]).__name__ not in LINEAR:
+            if (
+                act == "linear"
+                and j < len(kept)
+                and _act_name(kept[j]) in ("relu", "leaky_relu")
+                and type(kept[j]).__name__ not in LINEAR
+            ):
                 act, j = _act_name(kept[j]), j + 1
             if act not in ("relu", "leaky_relu"):
                 continue
             tile = 1
-            while j < len(kept) and type(kept[j]).__name__ in SHIFT_TRANSPARENT and type(kept[j]).__name__ != "GlobalAveragePooling2D":
+            while (
+                j < len(kept)
+                and type(kept[j]).__name__ in SHIFT_TRANSPARENT
+                and type(kept[j]).__name__ != "GlobalAveragePooling2D"
+            ):
                 tile = _flatten_tile(kept[j]) if type(kept[j]).__name__ == "Flatten" else tile
                 j += 1
-            if j < len(kept) and type(kept[j]).__name__ in ("Conv2D", "Dense") and (tile == 1 or type(kept[j]).__name__ == "Dense"):
+            if (
+                j < len(kept)
+                and type(kept[j]).__name__ in ("Conv2D", "Dense")
+                and (tile == 1 or type(kept[j]).__name__ == "Dense")
+            ):
                 pairs.append((first, kept[j], tile))
         report = []
         for first, second, tile in pairs:
@@ -276,7 +341,11 @@ class Fuse(Step):
                 r1 = np.abs(k1).reshape(-1, channels).max(axis=0)
                 # Input channel c of the second layer: axis -2 of a conv kernel; rows c, c+C, ... of a Dense
                 # kernel after flatten (channels-last flatten order).
-                rows = np.abs(k2).reshape(-1, channels, k2.shape[-1]) if tile > 1 else np.moveaxis(np.abs(k2), -2, 0).reshape(channels, -1).T[None]
+                rows = (
+                    np.abs(k2).reshape(-1, channels, k2.shape[-1])
+                    if tile > 1
+                    else np.moveaxis(np.abs(k2), -2, 0).reshape(channels, -1).T[None]
+                )
                 r2 = rows.max(axis=(0, 2)) if tile > 1 else rows[0].max(axis=0)
                 if spread_before is None:
                     spread_before = float(r1.max() / max(r1.min(), 1e-12))
@@ -289,8 +358,13 @@ class Fuse(Step):
                     k2 = np.moveaxis(np.moveaxis(k2, -2, -1) * scale, -1, -2)
                 set_kernel_bias(second, k2, b2)
             r1 = np.abs(kernel_bias(first)[0]).reshape(-1, channels).max(axis=0)
-            report.append({"layers": [first.name, second.name], "channel_range_spread_before": round(spread_before, 3),
-                           "channel_range_spread_after": round(float(r1.max() / max(r1.min(), 1e-12)), 3)})
+            report.append(
+                {
+                    "layers": [first.name, second.name],
+                    "channel_range_spread_before": round(spread_before, 3),
+                    "channel_range_spread_after": round(float(r1.max() / max(r1.min(), 1e-12)), 3),
+                }
+            )
         return report
 
     @staticmethod
@@ -324,8 +398,10 @@ class Fuse(Step):
         diff = float(np.max(np.abs(before.predict(x, verbose=0) - after.predict(x, verbose=0))))
         ctx.notes["max_abs_output_difference"] = diff
         if diff > self.params.tolerance:
-            raise InputError(f"fuse changed the model's outputs by {diff:.3g} (tolerance {self.params.tolerance})",
-                             hint="report this model to the pipeline-stage maintainers; drop `fuse` meanwhile")
+            raise InputError(
+                f"fuse changed the model's outputs by {diff:.3g} (tolerance {self.params.tolerance})",
+                hint="report this model to the pipeline-stage maintainers; drop `fuse` meanwhile",
+            )
 
 
 @hookimpl

@@ -19,12 +19,15 @@ from pipeline_stage import Params, Phase, Step, hookimpl, load_weights_into, run
 class PruneParams(Params):
     target_sparsity: float = Field(0.5, gt=0, lt=1, description="Fraction of weights set to zero in each pruned layer.")
     schedule: Literal["polynomial", "constant"] = Field(
-        "polynomial", description="polynomial: sparsity ramps from 0 to the target over 80% of fine-tuning; constant: the target from the start.")
+        "polynomial",
+        description="polynomial: sparsity ramps from 0 to the target over 80% of fine-tuning; constant: the target from the start.",
+    )
     epochs: int = Field(4, ge=1, le=1000, description="Fine-tuning epochs on the manifest's `training` data.")
     batch_size: int = Field(32, ge=1, le=65536, description="Fine-tuning batch size.")
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate for fine-tuning.")
     layer_types: list[Literal["Conv2D", "Dense", "DepthwiseConv2D", "Conv1D", "SeparableConv2D"]] = Field(
-        default_factory=lambda: ["Conv2D", "Dense"], description="Keras layer types whose kernels are pruned.")
+        default_factory=lambda: ["Conv2D", "Dense"], description="Keras layer types whose kernels are pruned."
+    )
     seed: int = Field(0, description="Random seed of the fine-tuning (same seed, same result).")
 
 
@@ -48,12 +51,21 @@ class Prune(Step):
         train = ctx.load_data("training")
         train.save(folder / "train.npz")
         params = self.params.model_dump(mode="json")
-        result = run_tf_keras_task({"task": "prune", "training": str(folder / "train.npz"), "params": params,
-                           "seed": self.params.seed}, model, folder, log=ctx.log)
+        result = run_tf_keras_task(
+            {"task": "prune", "training": str(folder / "train.npz"), "params": params, "seed": self.params.seed},
+            model,
+            folder,
+            log=ctx.log,
+        )
         pruned = load_weights_into(model, folder / "weights_out.npz")
         ctx.conversion.sparsity = True  # the converter stores the zeros sparsely where that runs (see convert.sparse_storage)
-        ctx.notes.update({"weight_sparsity": round(result["sparsity"], 4), "per_layer_sparsity": result["per_layer_sparsity"],
-                          "fine_tune_seconds": result["seconds"]})
+        ctx.notes.update(
+            {
+                "weight_sparsity": round(result["sparsity"], 4),
+                "per_layer_sparsity": result["per_layer_sparsity"],
+                "fine_tune_seconds": result["seconds"],
+            }
+        )
         ctx.tags["pipeline_stage.prune.sparsity"] = f"{result['sparsity']:.4f}"
         return pruned
 

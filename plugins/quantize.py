@@ -37,27 +37,41 @@ class QuantizeParams(Params):
         ),
     )
     engine: Literal["converter", "litert"] = Field(
-        "converter", description=(
+        "converter",
+        description=(
             "converter: quantize during TFLite conversion; litert: convert to float, then quantize with the "
-            "LiteRT Quantizer (litert-quantizer; Google's recommended route). Modes dynamic, int8, int16x8."))
+            "LiteRT Quantizer (litert-quantizer; Google's recommended route). Modes dynamic, int8, int16x8."
+        ),
+    )
     io: Literal["float", "int8", "int16"] = Field(
         "float",
         description="Input/output tensor type: `float` keeps float I/O; `int8` (mode int8) or `int16` (mode int16x8) makes I/O integer too.",
     )
     calibration_samples: int = Field(200, ge=1, le=100000, description="Representative samples used for calibration.")
     calibration_data: Literal["calibration", "training"] = Field(
-        "calibration", description="Which manifest data set calibrates the activation ranges.")
-    per_channel: bool = Field(True, description=(
-        "Weight scales per output channel (true, the converter's default) or one per tensor (false): "
-        "per-channel stores a float32 scale and an int64 zero point for every channel of every weight "
-        "and bias tensor, which is a quarter of an int8 MobileNetV2 at alpha 0.35; per-tensor drops it "
-        "and may cost accuracy where channel ranges differ (check with a gate; `fuse: {equalize: true}` "
-        "evens them on chain models). Modes dynamic, int8, int16x8."))
-    keep_float_ops: list[str] = Field(default_factory=list, description=(
-        "Selective quantization (mode int8): op types kept in float, e.g. [MUL, ADD]; the converter's "
-        "quantization debugger denylists them."))
-    keep_float_nodes: list[str] = Field(default_factory=list, description=(
-        "Selective quantization (mode int8): nodes kept in float, by output tensor name (see `analyze`)."))
+        "calibration", description="Which manifest data set calibrates the activation ranges."
+    )
+    per_channel: bool = Field(
+        True,
+        description=(
+            "Weight scales per output channel (true, the converter's default) or one per tensor (false): "
+            "per-channel stores a float32 scale and an int64 zero point for every channel of every weight "
+            "and bias tensor, which is a quarter of an int8 MobileNetV2 at alpha 0.35; per-tensor drops it "
+            "and may cost accuracy where channel ranges differ (check with a gate; `fuse: {equalize: true}` "
+            "evens them on chain models). Modes dynamic, int8, int16x8."
+        ),
+    )
+    keep_float_ops: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Selective quantization (mode int8): op types kept in float, e.g. [MUL, ADD]; the converter's "
+            "quantization debugger denylists them."
+        ),
+    )
+    keep_float_nodes: list[str] = Field(
+        default_factory=list,
+        description=("Selective quantization (mode int8): nodes kept in float, by output tensor name (see `analyze`)."),
+    )
     qat_epochs: int = Field(2, ge=1, le=1000, description="mode qat: fine-tuning epochs on the `training` data.")
     qat_learning_rate: float = Field(1e-4, gt=0, lt=1, description="mode qat: Adam learning rate.")
     qat_batch_size: int = Field(32, ge=1, le=65536, description="mode qat: fine-tuning batch size.")
@@ -70,7 +84,9 @@ class QuantizeParams(Params):
             if self.mode not in ("dynamic", "int8", "int16x8"):
                 raise ValueError(f"engine litert offers modes dynamic, int8 and int16x8, not `{self.mode}`; use engine converter")
         if self.io not in allowed:
-            raise ValueError(f"io `{self.io}` does not fit mode `{self.mode}` with engine `{self.engine}`; use one of {sorted(allowed)}")
+            raise ValueError(
+                f"io `{self.io}` does not fit mode `{self.mode}` with engine `{self.engine}`; use one of {sorted(allowed)}"
+            )
         if not self.per_channel and self.mode not in ("dynamic", "int8", "int16x8"):
             raise ValueError(f"per_channel: false applies to post-training modes dynamic, int8 and int16x8, not `{self.mode}`")
         if (self.keep_float_ops or self.keep_float_nodes) and self.mode != "int8":
@@ -100,8 +116,12 @@ class Quantize(Step):
         settings.engine = p.engine
         if p.mode == "qat":
             settings.training_data = "training"
-            settings.fine_tune = {"epochs": p.qat_epochs, "learning_rate": p.qat_learning_rate,
-                                  "batch_size": p.qat_batch_size, "seed": p.seed}
+            settings.fine_tune = {
+                "epochs": p.qat_epochs,
+                "learning_rate": p.qat_learning_rate,
+                "batch_size": p.qat_batch_size,
+                "seed": p.seed,
+            }
         if p.mode in ("int8", "int16x8", "qat"):
             settings.representative_data = p.calibration_data
             settings.calibration_samples = p.calibration_samples

@@ -25,15 +25,23 @@ DEBUG_METADATA = ("CONVERSION_METADATA",)
 
 
 class StripParams(Params):
-    outputs: list[str] | None = Field(None, description="Signature outputs to keep (e.g. [probabilities]); the ops "
-                                                          "and weights that only fed the others are removed. Default: all.")
+    outputs: list[str] | None = Field(
+        None,
+        description="Signature outputs to keep (e.g. [probabilities]); the ops "
+        "and weights that only fed the others are removed. Default: all.",
+    )
     signatures: list[str] | None = Field(None, description="Signatures to keep (default: all).")
-    drop_metadata: list[str] = Field(default_factory=lambda: list(DEBUG_METADATA),
-                                     description="Metadata entries to remove (conversion metadata by default).")
-    drop_names: bool = Field(False, description=(
-        "Clear tensor and subgraph names and the model description (LiteRT's strip_strings, but the "
-        "signatures stay: they carry their own input/output names, so signature runners keep working). "
-        "Saves about 5% of an int8 MobileNetV2; tools that show tensor names then show none."))
+    drop_metadata: list[str] = Field(
+        default_factory=lambda: list(DEBUG_METADATA), description="Metadata entries to remove (conversion metadata by default)."
+    )
+    drop_names: bool = Field(
+        False,
+        description=(
+            "Clear tensor and subgraph names and the model description (LiteRT's strip_strings, but the "
+            "signatures stay: they carry their own input/output names, so signature runners keep working). "
+            "Saves about 5% of an int8 MobileNetV2; tools that show tensor names then show none."
+        ),
+    )
 
 
 class StripOps(Step):
@@ -45,7 +53,6 @@ class StripOps(Step):
 
     def apply(self, model_bytes, ctx):
         import numpy as np
-
 
         p = self.params
         model = load_flatbuffer(model_bytes)
@@ -60,13 +67,17 @@ class StripOps(Step):
         removed_outputs: list[str] = []
         if p.outputs is not None:
             if len(sigs) != 1:
-                raise InputError(f"strip_ops: `outputs` needs exactly one signature, the model has {len(sigs)}",
-                                 hint="pick one with `signatures: [serving_default]`")
+                raise InputError(
+                    f"strip_ops: `outputs` needs exactly one signature, the model has {len(sigs)}",
+                    hint="pick one with `signatures: [serving_default]`",
+                )
             sig = sigs[0]
             names = [flatbuffer_text(o.name) for o in sig.outputs]
             missing = sorted(set(p.outputs) - set(names))
             if missing:
-                raise InputError(f"strip_ops: no output {missing} in signature `{flatbuffer_text(sig.signatureKey)}` (outputs: {names})")
+                raise InputError(
+                    f"strip_ops: no output {missing} in signature `{flatbuffer_text(sig.signatureKey)}` (outputs: {names})"
+                )
             removed_outputs = [n for n in names if n not in p.outputs]
             sig.outputs = [o for o in sig.outputs if flatbuffer_text(o.name) in p.outputs]
             graph = model.subgraphs[sig.subgraphIndex]
@@ -81,17 +92,29 @@ class StripOps(Step):
         out = dump_flatbuffer(model)
 
         # what the remaining operators use: (name, version) is what a selective build registers
-        used = {(op_code_name(model.operatorCodes[o.opcodeIndex]), int(model.operatorCodes[o.opcodeIndex].version))
-                for g in model.subgraphs for o in (g.operators or [])}
-        ops = {"builtin_ops": [{"op": op, "version": v} for op, v in sorted(used) if not op.startswith("CUSTOM")],
-               "custom_ops": sorted(op.split(":", 1)[1] for op, _ in used if op.startswith("CUSTOM:"))}
+        used = {
+            (op_code_name(model.operatorCodes[o.opcodeIndex]), int(model.operatorCodes[o.opcodeIndex].version))
+            for g in model.subgraphs
+            for o in (g.operators or [])
+        }
+        ops = {
+            "builtin_ops": [{"op": op, "version": v} for op, v in sorted(used) if not op.startswith("CUSTOM")],
+            "custom_ops": sorted(op.split(":", 1)[1] for op, _ in used if op.startswith("CUSTOM:")),
+        }
         path = Path(ctx.workdir) / "ops.json"
         path.write_text(json.dumps(ops, indent=2))
         ctx.artifacts["ops.json"] = path
-        ctx.notes.update({"ops": ops, "removed_outputs": removed_outputs, "dropped_metadata": dropped_metadata,
-                          "dropped_name_bytes": names_bytes,
-                          "bytes_before": len(model_bytes), "bytes_after": len(out),
-                          "bytes_saved": len(model_bytes) - len(out)})
+        ctx.notes.update(
+            {
+                "ops": ops,
+                "removed_outputs": removed_outputs,
+                "dropped_metadata": dropped_metadata,
+                "dropped_name_bytes": names_bytes,
+                "bytes_before": len(model_bytes),
+                "bytes_after": len(out),
+                "bytes_saved": len(model_bytes) - len(out),
+            }
+        )
         return out
 
     @staticmethod

@@ -33,10 +33,23 @@ def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess
     log = open(root / "server.log", "ab")
     # Its own session, so the uvicorn workers die with it (killpg below).
     proc = subprocess.Popen(
-        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            MLFLOW,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
@@ -147,8 +160,9 @@ def write_manifest(tmp_path: Path, text: str, name: str = "manifest.yaml") -> Pa
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `pipeline-stage` executable."""
     exe = str(Path(sys.executable).with_name("pipeline-stage"))
-    return subprocess.run([exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout
+    )
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -42,22 +42,26 @@ class Recorder:
 
     def __init__(self):
         self.calls: list[tuple[str, object]] = []
+        self.seen: dict[str, object] = {}  # the last objects each hook received
 
     @hookimpl
     def before_step(self, step, index):
         self.calls.append(("before_step", (step.name, index)))
 
     @hookimpl
-    def after_step(self, step, record):
+    def after_step(self, step, record, context):
         self.calls.append(("after_step", (step.name, sorted(record.metrics))))
+        self.seen["after_step"] = (record, context)
 
     @hookimpl
     def after_gates(self, results, passed):
         self.calls.append(("after_gates", passed))
+        self.seen["after_gates"] = results
 
     @hookimpl
     def after_register(self, registered):
-        self.calls.append(("after_register", registered["uri"]))
+        self.calls.append(("after_register", registered["uri"]))  # dict-style reads still work
+        self.seen["after_register"] = registered
 
     @hookimpl
     def on_stage_error(self, error):

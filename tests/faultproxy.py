@@ -77,7 +77,11 @@ class FaultProxy:
                             self.connection.close()
                             proxy.log.append((self.command, path, -1))
                             return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection", "transfer-encoding")}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "content-length", "connection", "transfer-encoding")
+                }
                 resp = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=60)
                 self.send_response(resp.status_code)
                 for key, value in resp.headers.items():

@@ -17,7 +17,8 @@ ENV = {**os.environ, "CONTAINERS_CONF": str(REPO / "scripts" / "containers.conf"
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 and not os.environ.get("CI"),
-    reason="building images here needs root (apt-get, debootstrap); CI runs as root")
+    reason="building images here needs root (apt-get, debootstrap); CI runs as root",
+)
 
 
 def podman(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -26,8 +27,9 @@ def podman(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def image():
-    result = subprocess.run(["bash", str(REPO / "scripts" / "build-image.sh"), TAG], capture_output=True, text=True,
-                            env=ENV, timeout=1800)
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build-image.sh"), TAG], capture_output=True, text=True, env=ENV, timeout=1800
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(result.stdout.strip().splitlines()[-1])  # "built ... in N s; size M MB"
     return TAG
@@ -40,10 +42,17 @@ def test_image_lists_plugins_as_non_root(image):
     assert steps["quantize"]["distribution"] == "pipeline-stage 0.1.0"
     who = podman("run", "--rm", "--entrypoint", "id", image)
     assert "uid=1000(stage)" in who.stdout
-    checks = podman("run", "--rm", "--entrypoint", "sh", image, "-c",
-                    "for p in /wheels /root/.cache/pip /home/stage/.cache/pip /var/lib/apt/lists/deb* "
-                    "/opt/venv/lib/python3.11/site-packages/tensorflow/include; do test -e $p && echo left:$p; done; "
-                    "command -v gcc cc make || true; test -x /opt/venv/bin/pip && echo pip-ok")
+    checks = podman(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        "for p in /wheels /root/.cache/pip /home/stage/.cache/pip /var/lib/apt/lists/deb* "
+        "/opt/venv/lib/python3.11/site-packages/tensorflow/include; do test -e $p && echo left:$p; done; "
+        "command -v gcc cc make || true; test -x /opt/venv/bin/pip && echo pip-ok",
+    )
     assert checks.stdout.strip() == "pip-ok", checks.stdout  # no build tools, caches or wheelhouse left
 
 
@@ -55,9 +64,23 @@ def test_stage_runs_in_the_container_against_the_host_server(image, digits_sourc
         "model: models:/digits-cnn@champion\n"
         "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
         "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-        "register: {name: digits-from-container, alias: edge}\n")
-    result = podman("run", "--rm", "--network", "host", "-e", f"MLFLOW_TRACKING_URI={mlflow_server}",
-                    "-v", f"{work}:/work", image, "run", "/work/m.yaml", "--report", "/work/report.json")
+        "register: {name: digits-from-container, alias: edge}\n"
+    )
+    result = podman(
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "-e",
+        f"MLFLOW_TRACKING_URI={mlflow_server}",
+        "-v",
+        f"{work}:/work",
+        image,
+        "run",
+        "/work/m.yaml",
+        "--report",
+        "/work/report.json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "registered: models:/digits-from-container/1" in result.stdout
     version = mlflow.MlflowClient().get_model_version_by_alias("digits-from-container", "edge")
@@ -67,11 +90,25 @@ def test_stage_runs_in_the_container_against_the_host_server(image, digits_sourc
 
 def test_two_line_derived_image_adds_an_in_house_plugin(image, tmp_path):
     wheels = tmp_path / "ctx"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(REPO / "tests" / "plugin_pkg")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(REPO / "tests" / "plugin_pkg"),
+        ],
+        check=True,
+    )
     (wheels / "Dockerfile").write_text(
         f"FROM {image}\n"
-        "RUN --mount=type=bind,source=.,target=/plugin pip install --no-index --find-links /plugin pipeline-stage-stamp\n")
+        "RUN --mount=type=bind,source=.,target=/plugin pip install --no-index --find-links /plugin pipeline-stage-stamp\n"
+    )
     build = podman("build", "-q", "-t", "localhost/pipeline-stage-with-stamp:test", str(wheels))
     assert build.returncode == 0, build.stderr
     result = podman("run", "--rm", "localhost/pipeline-stage-with-stamp:test", "plugins", "--json")

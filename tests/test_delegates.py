@@ -12,16 +12,20 @@ from pipeline_stage.engine.flatbuffer import read
 from tests.conftest import write_manifest
 from tests.helpers import invoke, read_report
 
-BASE = ("model: models:/digits-cnn@champion\n"
-        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-        "chain:\n  - quantize: {mode: int8}\n  - delegates: {targets: [xnnpack, gpu, nnapi, edgetpu], runs: 50}\n")
+BASE = (
+    "model: models:/digits-cnn@champion\n"
+    "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+    "chain:\n  - quantize: {mode: int8}\n  - delegates: {targets: [xnnpack, gpu, nnapi, edgetpu], runs: 50}\n"
+)
 
 
 def test_plan_is_embedded_tagged_and_explains_what_stays_on_cpu(digits_source, tmp_path):
-    text = BASE + ("gates:\n  - {metric: delegate_coverage.xnnpack, min: 0.5}\n"
-                   "register: {name: digits-delegates, alias: planned}\n")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
-                    "--output", str(tmp_path / "m.tflite"))
+    text = BASE + (
+        "gates:\n  - {metric: delegate_coverage.xnnpack, min: 0.5}\nregister: {name: digits-delegates, alias: planned}\n"
+    )
+    result = invoke(
+        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
+    )
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     notes = report["steps"][1]["notes"]
@@ -50,11 +54,14 @@ def test_a_gate_can_require_a_target(digits_source, tmp_path):
 
 
 def test_analyze_reports_ops_sizes_and_per_layer_error(digits_source, tmp_path):
-    text = ("model: models:/digits-cnn@champion\n"
-            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            "chain:\n  - quantize: {mode: int8}\n  - analyze: {samples: 20, top: 3}\n")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
-                    "--output", str(tmp_path / "m.tflite"))
+    text = (
+        "model: models:/digits-cnn@champion\n"
+        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - quantize: {mode: int8}\n  - analyze: {samples: 20, top: 3}\n"
+    )
+    result = invoke(
+        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
+    )
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     notes = report["steps"][1]["notes"]

@@ -16,8 +16,14 @@ def test_demo_uses_a_local_store_and_registers_an_int8_model(tmp_path):
     result = subprocess.run([exe, "demo", "--epochs", "8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for needle in ("accuracy", "size_bytes", "latency_p50_ms", "registered: models:/digits-cnn-tflite/1",
-                   "mlflow ui --backend-store-uri sqlite:///mlflow.db", "pass"):
+    for needle in (
+        "accuracy",
+        "size_bytes",
+        "latency_p50_ms",
+        "registered: models:/digits-cnn-tflite/1",
+        "mlflow ui --backend-store-uri sqlite:///mlflow.db",
+        "pass",
+    ):
         assert needle in out, out
     assert (tmp_path / "mlflow.db").is_file()
     report = json.loads((tmp_path / "demo-report.json").read_text())

@@ -18,8 +18,16 @@ DATA = """data:
 """
 
 
-def manifest(tmp_path: Path, chain: str, *, gates: str = "  - {metric: accuracy, max_drop: 0.02}\n",
-             register: str = "", model: str = "models:/digits-cnn@champion", extra: str = "", name="m.yaml") -> Path:
+def manifest(
+    tmp_path: Path,
+    chain: str,
+    *,
+    gates: str = "  - {metric: accuracy, max_drop: 0.02}\n",
+    register: str = "",
+    model: str = "models:/digits-cnn@champion",
+    extra: str = "",
+    name="m.yaml",
+) -> Path:
     text = f"model: {model}\n{DATA}chain:\n{chain}gates:\n{gates}{register}{extra}"
     return write_manifest(tmp_path, text, name)
 
@@ -148,9 +156,12 @@ def test_int8_io_makes_input_and_output_int8(digits_source, tmp_path, digits_dat
 
 
 def test_failed_gate_exits_3_and_registers_nothing(digits_source, tmp_path):
-    path = manifest(tmp_path, "  - quantize: {mode: dynamic}\n",
-                    gates="  - {metric: size_bytes, max_ratio: 0.01}\n",
-                    register="register: {name: digits-gated, alias: prod}\n")
+    path = manifest(
+        tmp_path,
+        "  - quantize: {mode: dynamic}\n",
+        gates="  - {metric: size_bytes, max_ratio: 0.01}\n",
+        register="register: {name: digits-gated, alias: prod}\n",
+    )
     result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 3, result.output
     assert "gate failed: size_bytes max_ratio" in result.output
@@ -166,8 +177,13 @@ def test_on_failure_register_tags_failed_and_never_moves_alias(digits_source, tm
     reg = "register: {name: digits-onfail, alias: prod, on_failure: register}\n"
     good = manifest(tmp_path, "  - quantize: {mode: dynamic}\n", register=reg, name="good.yaml")
     assert invoke("run", str(good)).exit_code == 0
-    bad = manifest(tmp_path, "  - quantize: {mode: dynamic}\n", register=reg, name="bad.yaml",
-                   gates="  - {metric: size_bytes, max_ratio: 0.01}\n")
+    bad = manifest(
+        tmp_path,
+        "  - quantize: {mode: dynamic}\n",
+        register=reg,
+        name="bad.yaml",
+        gates="  - {metric: size_bytes, max_ratio: 0.01}\n",
+    )
     result = invoke("run", str(bad), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 3
     client = mlflow.MlflowClient()
@@ -188,8 +204,10 @@ def test_model_uri_override_by_version_run_and_local_path(digits_source, digits_
     local = tmp_path / "digits.keras"
     digits_model.save(local)
     data_dir = mlflow.artifacts.download_artifacts(run_id=digits_source["run_id"], artifact_path="data", dst_path=str(tmp_path))
-    text = (f"model: {local}\ndata: {{evaluation: {data_dir}/eval.npz}}\nchain:\n  - quantize: {{mode: float16}}\n"
-            "gates:\n  - {metric: accuracy, max_drop: 0.01}\n")
+    text = (
+        f"model: {local}\ndata: {{evaluation: {data_dir}/eval.npz}}\nchain:\n  - quantize: {{mode: float16}}\n"
+        "gates:\n  - {metric: accuracy, max_drop: 0.01}\n"
+    )
     result = invoke("run", str(write_manifest(tmp_path, text, "local.yaml")), "--report", str(tmp_path / "l.json"))
     assert result.exit_code == 0, result.output
     assert read_report(tmp_path / "l.json")["candidate"]["accuracy"] > 0.9
@@ -211,12 +229,16 @@ def test_selective_int8_keeps_named_ops_in_float(digits_source, tmp_path):
 @pytest.mark.parametrize("engine", ["converter", "litert"])
 def test_per_tensor_int8_has_one_scale_per_weight_tensor(int8_run, digits_source, tmp_path, engine):
     """per_channel: false -> every int8 kernel carries one scale (the default carries one per channel)."""
+
     def kernel_scales(model_bytes: bytes) -> list[int]:
         return [t.scales for t in read_flatbuffer(model_bytes).tensors if t.is_constant and t.dtype == "INT8"]
 
     # the converter: the example manifest (which also drops tensor names); the LiteRT Quantizer inline
-    path = EXAMPLES / "digits-int8-smallest.yaml" if engine == "converter" else \
-        manifest(tmp_path, "  - quantize: {mode: int8, per_channel: false, engine: litert}\n")
+    path = (
+        EXAMPLES / "digits-int8-smallest.yaml"
+        if engine == "converter"
+        else manifest(tmp_path, "  - quantize: {mode: int8, per_channel: false, engine: litert}\n")
+    )
     result = invoke("run", str(path), "--output", str(tmp_path / "pt.tflite"), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     per_tensor = (tmp_path / "pt.tflite").read_bytes()

@@ -14,13 +14,14 @@ from tests.faultproxy import FaultProxy, Rule
 from tests.figures import add
 from tests.helpers import invoke, read_report, versions_of
 
-
 NAME = "digits-faults"
-TEXT = ("model: models:/digits-cnn@champion\n"
-        "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-        "chain:\n  - quantize: {mode: dynamic}\n"
-        "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-        f"register: {{name: {NAME}, alias: prod}}\n")
+TEXT = (
+    "model: models:/digits-cnn@champion\n"
+    "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+    "chain:\n  - quantize: {mode: dynamic}\n"
+    "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
+    f"register: {{name: {NAME}, alias: prod}}\n"
+)
 
 
 @pytest.fixture

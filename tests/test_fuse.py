@@ -31,26 +31,34 @@ def bn_after_relu_source(mlflow_server, digits_data):
 
     keras.utils.set_random_seed(1)
     bn = lambda: keras.layers.BatchNormalization(momentum=0.9)  # noqa: E731 - converges on 1200 images
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu"), bn(),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, padding="valid"), keras.layers.ReLU(), bn(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(32), bn(),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            bn(),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, padding="valid"),
+            keras.layers.ReLU(),
+            bn(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32),
+            bn(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(*digits_data.train, epochs=12, batch_size=32, verbose=0)
     return log_source_model(model, digits_data, name="digits-bn-after-relu", alias="champion"), model
 
 
 def test_fuse_then_int8_through_the_stage(bn_after_relu_source, tmp_path):
-    text = ("model: models:/digits-bn-after-relu@champion\n"
-            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            "chain:\n  - fuse: {}\n  - quantize: {mode: int8}\n"
-            "evaluation: {per_step: [accuracy, size_bytes]}\n"
-            "gates:\n  - {metric: accuracy, max_drop: 0.01}\n")
+    text = (
+        "model: models:/digits-bn-after-relu@champion\n"
+        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - fuse: {}\n  - quantize: {mode: int8}\n"
+        "evaluation: {per_step: [accuracy, size_bytes]}\n"
+        "gates:\n  - {metric: accuracy, max_drop: 0.01}\n"
+    )
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
@@ -76,12 +84,22 @@ def test_bn_cases_that_cannot_fold_exactly_are_left_and_explained():
                 layer.set_weights([np.linspace(0.5, 2, n), np.linspace(-1, 1, n), np.linspace(0, 1, n), np.linspace(1, 3, n)])
         return m
 
-    relu6 = model(keras.layers.Conv2D(4, 3), keras.layers.ReLU(max_value=6), keras.layers.BatchNormalization(),
-                  keras.layers.Flatten(), keras.layers.Dense(2))
-    same = model(keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.BatchNormalization(),
-                 keras.layers.Conv2D(4, 3, padding="same"))
-    negative = model(keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.BatchNormalization(),
-                     keras.layers.Flatten(), keras.layers.Dense(2))
+    relu6 = model(
+        keras.layers.Conv2D(4, 3),
+        keras.layers.ReLU(max_value=6),
+        keras.layers.BatchNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(2),
+    )
+    same = model(
+        keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.BatchNormalization(), keras.layers.Conv2D(4, 3, padding="same")
+    )
+    negative = model(
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(2),
+    )
     negative.layers[1].set_weights([np.array([1.0, -1.0, 1.0, 1.0]), np.zeros(4), np.zeros(4), np.ones(4)])
     reasons = {}
     for name, m in (("relu6", relu6), ("negative", negative)):
@@ -108,10 +126,20 @@ def test_fold_into_previous_and_through_pooling_is_exact():
     import keras
 
     keras.utils.set_random_seed(3)
-    m = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(6, 3, use_bias=False), keras.layers.BatchNormalization(),
-                          keras.layers.LeakyReLU(0.1), keras.layers.BatchNormalization(), keras.layers.AveragePooling2D(2),
-                          keras.layers.Dropout(0.3), keras.layers.Conv2D(5, 1), keras.layers.GlobalAveragePooling2D(),
-                          keras.layers.Dense(3)])
+    m = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(6, 3, use_bias=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.LeakyReLU(0.1),
+            keras.layers.BatchNormalization(),
+            keras.layers.AveragePooling2D(2),
+            keras.layers.Dropout(0.3),
+            keras.layers.Conv2D(5, 1),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
     for layer in m.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.set_weights([np.linspace(0.5, 2, 6), np.linspace(-1, 1, 6), np.linspace(-0.3, 0.4, 6), np.linspace(0.5, 3, 6)])
@@ -122,25 +150,35 @@ def test_fold_into_previous_and_through_pooling_is_exact():
     assert np.max(np.abs(m.predict(x, verbose=0) - fused.predict(x, verbose=0))) < 1e-4
 
 
-COLLAPSE = ("model: models:/digits-bn-raw@champion\n"
-            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            "chain:\n%s"
-            "evaluation: {metrics: [accuracy, size_bytes]}\n"
-            "gates:\n  - {metric: accuracy, max_drop: 0.01}\n")
+COLLAPSE = (
+    "model: models:/digits-bn-raw@champion\n"
+    "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+    "chain:\n%s"
+    "evaluation: {metrics: [accuracy, size_bytes]}\n"
+    "gates:\n  - {metric: accuracy, max_drop: 0.01}\n"
+)
 
 
 def test_fuse_rescues_int8_where_plain_int8_collapses(collapse_source, tmp_path):
     """The issue's case: BN after ReLU on real data; plain int8 fails the gate, fuse + int8 passes."""
-    plain = invoke("run", str(write_manifest(tmp_path, COLLAPSE % "  - quantize: {mode: int8}\n", "plain.yaml")),
-                   "--report", str(tmp_path / "plain.json"))
+    plain = invoke(
+        "run",
+        str(write_manifest(tmp_path, COLLAPSE % "  - quantize: {mode: int8}\n", "plain.yaml")),
+        "--report",
+        str(tmp_path / "plain.json"),
+    )
     assert plain.exit_code == 3, plain.output
     plain_report = read_report(tmp_path / "plain.json")
     keras_acc = plain_report["baseline"]["accuracy"]
     assert keras_acc > 0.95
     assert plain_report["candidate"]["accuracy"] < keras_acc - 0.1  # collapses, not a rounding loss
 
-    fused = invoke("run", str(write_manifest(tmp_path, COLLAPSE % "  - fuse: {}\n  - quantize: {mode: int8}\n", "fused.yaml")),
-                   "--report", str(tmp_path / "fused.json"))
+    fused = invoke(
+        "run",
+        str(write_manifest(tmp_path, COLLAPSE % "  - fuse: {}\n  - quantize: {mode: int8}\n", "fused.yaml")),
+        "--report",
+        str(tmp_path / "fused.json"),
+    )
     assert fused.exit_code == 0, fused.output
     report = read_report(tmp_path / "fused.json")
     assert report["candidate"]["accuracy"] >= keras_acc - 0.01
@@ -148,15 +186,25 @@ def test_fuse_rescues_int8_where_plain_int8_collapses(collapse_source, tmp_path)
     # The first BN's next conv pads with zeros: its scale moves backward, its shift stays as an add.
     assert [n["layer"] for n in notes["scale_backward_shift_kept"]] and notes["scale_backward_shift_forward"]
     assert notes["max_abs_output_difference"] < 1e-3
-    assert report["conversion"]["flatbuffer"]["weight_dtypes"] and "INT8" in str(report["conversion"]["flatbuffer"]["activation_dtypes"])
+    assert report["conversion"]["flatbuffer"]["weight_dtypes"] and "INT8" in str(
+        report["conversion"]["flatbuffer"]["activation_dtypes"]
+    )
 
 
 def test_cross_layer_equalization_is_exact_and_balances_channels():
     import keras
 
     keras.utils.set_random_seed(5)
-    m = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(6, 3, activation="relu"), keras.layers.MaxPooling2D(),
-                          keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(), keras.layers.Dense(3)])
+    m = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(6, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
     k, b = m.layers[0].get_weights()
     m.layers[0].set_weights([k * np.array([100.0, 0.01, 1, 5, 0.2, 1]), b])  # channel ranges 10,000x apart
     fused, notes = _fuse(m, equalize=True)

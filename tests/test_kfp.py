@@ -41,7 +41,8 @@ def test_compiled_yaml_is_up_to_date(tmp_path):
     for name in COMPILED:
         checked_in = REPO / "manifests" / "kfp" / name
         assert checked_in.read_text() == (tmp_path / name).read_text(), (
-            f"{checked_in} is stale: run `python -m pipeline_stage.kfp_components manifests/kfp`")
+            f"{checked_in} is stale: run `python -m pipeline_stage.kfp_components manifests/kfp`"
+        )
 
 
 def test_component_interface():
@@ -50,8 +51,14 @@ def test_component_interface():
     spec = optimize_tflite.component_spec
     assert set(spec.inputs) == {"manifest", "model_uri", "tracking_uri", "stage_version"}
     assert {n: o.type for n, o in spec.outputs.items()} == {
-        "tflite": "system.Model@0.0.1", "metrics": "system.Metrics@0.0.1", "report": "system.Markdown@0.0.1",
-        "report_html": "system.HTML@0.0.1", "passed": "Boolean", "model_version": "String", "registered_model": "String"}
+        "tflite": "system.Model@0.0.1",
+        "metrics": "system.Metrics@0.0.1",
+        "report": "system.Markdown@0.0.1",
+        "report_html": "system.HTML@0.0.1",
+        "passed": "Boolean",
+        "model_version": "String",
+        "registered_model": "String",
+    }
     from pipeline_stage import __version__
 
     assert spec.inputs["stage_version"].default == __version__
@@ -84,15 +91,17 @@ def test_failed_gate_is_an_output_not_a_crash(kfp_local, digits_source):
 def test_train_optimize_promote_pipeline(kfp_local, mlflow_server):
     from pipeline_stage.kfp_components import train_optimize_promote
 
-    train_optimize_promote(manifest=manifest_text("digits-kfp-p1"), alias="production-edge", epochs=6,
-                           source_model="digits-kfp-source")
+    train_optimize_promote(
+        manifest=manifest_text("digits-kfp-p1"), alias="production-edge", epochs=6, source_model="digits-kfp-source"
+    )
     client = mlflow.MlflowClient()
     promoted = client.get_model_version_by_alias("digits-kfp-p1", "production-edge")
     assert promoted.version == "1" and promoted.tags["pipeline_stage.passed"] == "true"
     assert promoted.tags["source.name"] == "digits-kfp-source"
     # a failing manifest: the If branch is skipped and no alias exists
-    train_optimize_promote(manifest=manifest_text("digits-kfp-p1-fail", max_ratio=0.01), epochs=6,
-                           source_model="digits-kfp-source")
+    train_optimize_promote(
+        manifest=manifest_text("digits-kfp-p1-fail", max_ratio=0.01), epochs=6, source_model="digits-kfp-source"
+    )
     assert client.search_model_versions("name='digits-kfp-p1-fail'") == []
 
 

@@ -25,7 +25,10 @@ EXPECTED = {
     "bad-enum.yaml": (4, ["chain[0].quantize.mode", "'int3'", "'int8'"]),
     "unknown-param.yaml": (4, ["chain[0].quantize.mdoe", "unknown field for step `quantize`", "did you mean `mode`?"]),
     "unknown-top-field.yaml": (4, ["`gate`", "unknown field", "did you mean `gates`?"]),
-    "out-of-phase-order.yaml": (4, ["`identity_model` (phase model) comes after `quantize` (phase convert)", "model -> convert -> tflite"]),
+    "out-of-phase-order.yaml": (
+        4,
+        ["`identity_model` (phase model) comes after `quantize` (phase convert)", "model -> convert -> tflite"],
+    ),
     "tflite-before-convert.yaml": (4, ["`quantize` (phase convert) comes after `stamp` (phase tflite)"]),
     "missing-calibration-data.yaml": (2, ["data.calibration", "required by quantize"]),
     "missing-evaluation-data.yaml": (None, ["data.evaluation", "required by the metrics and gates"]),
@@ -57,7 +60,10 @@ EXPECTED = {
     "gate-without-metric.yaml": (5, ["gates[0].metric", "Field required"]),
     "relative-drop-above-one.yaml": (6, ["gates[0].max_relative_drop", "less than or equal to 1"]),
     "ratio-zero.yaml": (5, ["gates[0].max_ratio", "greater than 0"]),
-    "unknown-conversion-option.yaml": (5, ["conversion.allow_flex", "unknown field", "known fields: allow_select_tf_ops, allow_custom_ops"]),
+    "unknown-conversion-option.yaml": (
+        5,
+        ["conversion.allow_flex", "unknown field", "known fields: allow_select_tf_ops, allow_custom_ops"],
+    ),
     "bad-runs-uri.yaml": (1, ["`model`", "runs:/<run_id>/<artifact path>"]),
     "empty-model.yaml": (1, ["`model`", "empty"]),
     "python-tag.yaml": (1, ["invalid YAML", "python/object/apply"]),
@@ -72,7 +78,10 @@ EXPECTED = {
     "search-candidate-bad-step.yaml": (9, ["`search.candidates[0][1]`", "unknown step `quantise`", "did you mean `quantize`"]),
     "prune-without-training-data.yaml": (2, ["`data.training`", "required by prune"]),
     "qat-with-litert-engine.yaml": (3, ["chain[0].quantize", "engine litert offers modes dynamic, int8 and int16x8, not `qat`"]),
-    "per-tensor-float16.yaml": (3, ["chain[0].quantize", "per_channel: false applies to post-training modes dynamic, int8 and int16x8, not `float16`"]),
+    "per-tensor-float16.yaml": (
+        3,
+        ["chain[0].quantize", "per_channel: false applies to post-training modes dynamic, int8 and int16x8, not `float16`"],
+    ),
 }
 
 

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline_stage.contract.errors import ManifestError
-from pipeline_stage.manifest import parse_manifest
 from pipeline_stage.host.plugin_host import build_host
+from pipeline_stage.manifest import parse_manifest
 from tests.conftest import EXAMPLES
 from tests.figures import add
 from tests.helpers import invoke
@@ -17,14 +17,42 @@ from tests.helpers import invoke
 REGISTRY = build_host(load_entry_points=False)
 EXAMPLE = (EXAMPLES / "digits-int8.yaml").read_text()
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                    st.text(max_size=20), st.sampled_from(["quantize", "int8", "accuracy", "models:/a@b", "runs:/x/y",
-                                                            "max_drop", "size_bytes", "register", "chain"]))
-keys = st.one_of(st.text(max_size=12), st.sampled_from(["model", "data", "chain", "gates", "register", "evaluation",
-                                                         "quantize", "mode", "io", "metric", "max_drop", "name",
-                                                         "alias", "calibration", "evaluation", "per_step"]))
-documents = st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_size=5),
-                                                              st.dictionaries(keys, children, max_size=6)), max_leaves=30)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.sampled_from(["quantize", "int8", "accuracy", "models:/a@b", "runs:/x/y", "max_drop", "size_bytes", "register", "chain"]),
+)
+keys = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "model",
+            "data",
+            "chain",
+            "gates",
+            "register",
+            "evaluation",
+            "quantize",
+            "mode",
+            "io",
+            "metric",
+            "max_drop",
+            "name",
+            "alias",
+            "calibration",
+            "evaluation",
+            "per_step",
+        ]
+    ),
+)
+documents = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=5), st.dictionaries(keys, children, max_size=6)),
+    max_leaves=30,
+)
 
 
 def _check(text: str) -> None:

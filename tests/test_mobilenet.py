@@ -35,12 +35,15 @@ def mnv2(mlflow_server, digits_data):
 
 
 def test_mobilenet_fuse_int8_and_delegates(mnv2, tmp_path):
-    text = ("model: models:/digits-mnv2@champion\n"
-            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            "chain:\n  - fuse: {}\n  - quantize: {mode: int8}\n  - delegates: {targets: [xnnpack, gpu, edgetpu], runs: 20}\n"
-            "gates:\n  - {metric: accuracy, max_drop: 0.02}\n")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
-                    "--output", str(tmp_path / "m.tflite"))
+    text = (
+        "model: models:/digits-mnv2@champion\n"
+        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - fuse: {}\n  - quantize: {mode: int8}\n  - delegates: {targets: [xnnpack, gpu, edgetpu], runs: 20}\n"
+        "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
+    )
+    result = invoke(
+        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
+    )
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     assert report["baseline"]["accuracy"] > 0.5  # it learned something in 4 epochs
@@ -70,14 +73,17 @@ def test_litert_quantizer_output_survives_tflite_steps(mnv2, tmp_path):
     """Over 256 KB of weights the LiteRT Quantizer stores buffers after the flatbuffer (offset/size);
     the steps that rewrite the file (strip_ops, delegates' metadata) must carry them across. The
     per-tensor per-channel contrast is measured here too, on a model where it matters."""
-    text = ("model: models:/digits-mnv2@champion\n"
-            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            "chain:\n  - quantize: {mode: int8, engine: litert, per_channel: false}\n"
-            "  - strip_ops: {drop_names: true}\n  - delegates: {targets: [xnnpack], runs: 5}\n"
-            "evaluation: {metrics: [accuracy, size_bytes]}\n"
-            "gates:\n  - {metric: accuracy, max_drop: 0.05}\n  - {metric: size_bytes, max_ratio: 0.3}\n")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
-                    "--output", str(tmp_path / "m.tflite"))
+    text = (
+        "model: models:/digits-mnv2@champion\n"
+        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - quantize: {mode: int8, engine: litert, per_channel: false}\n"
+        "  - strip_ops: {drop_names: true}\n  - delegates: {targets: [xnnpack], runs: 5}\n"
+        "evaluation: {metrics: [accuracy, size_bytes]}\n"
+        "gates:\n  - {metric: accuracy, max_drop: 0.05}\n  - {metric: size_bytes, max_ratio: 0.3}\n"
+    )
+    result = invoke(
+        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
+    )
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     model_bytes = (tmp_path / "m.tflite").read_bytes()
@@ -91,7 +97,9 @@ def test_litert_quantizer_output_survives_tflite_steps(mnv2, tmp_path):
     _, _, data = mnv2
     runner = Interpreter(model_content=model_bytes).get_signature_runner()
     name = next(iter(runner.get_input_details()))
-    hits = [int(np.argmax(next(iter(runner(**{name: x[None]}).values()))) == y)
-            for x, y in zip(data.evaluation[0][:200], data.evaluation[1][:200])]
+    hits = [
+        int(np.argmax(next(iter(runner(**{name: x[None]}).values()))) == y)
+        for x, y in zip(data.evaluation[0][:200], data.evaluation[1][:200])
+    ]
     assert abs(np.mean(hits) - report["candidate"]["accuracy"]) < 0.05
     assert report["candidate"]["size_bytes"] == len(model_bytes) < 0.3 * report["baseline"]["size_bytes"]

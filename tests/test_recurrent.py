@@ -20,17 +20,20 @@ def lstm_sources(mlflow_server, digits_data):
     out = {}
     for unroll in (False, True):
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((8, 8)), keras.layers.LSTM(32, unroll=unroll),
-                                  keras.layers.Dense(10, activation="softmax")])
+        model = keras.Sequential(
+            [keras.Input((8, 8)), keras.layers.LSTM(32, unroll=unroll), keras.layers.Dense(10, activation="softmax")]
+        )
         model.compile(keras.optimizers.Adam(5e-3), "sparse_categorical_crossentropy")
         model.fit(*rows.train, epochs=10, batch_size=32, verbose=0)
         out[unroll] = log_source_model(model, rows, name=f"digits-lstm-{'unrolled' if unroll else 'loop'}")
     return out
 
 
-TEXT = ("model: models:/{name}@champion\n"
-        "data: {{calibration: 'runs:/${{source.run_id}}/data/calib.npz', evaluation: 'runs:/${{source.run_id}}/data/eval.npz'}}\n"
-        "chain:\n  - quantize: {{mode: {mode}}}\ngates:\n  - {{metric: accuracy, max_drop: 0.02}}\n")
+TEXT = (
+    "model: models:/{name}@champion\n"
+    "data: {{calibration: 'runs:/${{source.run_id}}/data/calib.npz', evaluation: 'runs:/${{source.run_id}}/data/eval.npz'}}\n"
+    "chain:\n  - quantize: {{mode: {mode}}}\ngates:\n  - {{metric: accuracy, max_drop: 0.02}}\n"
+)
 
 
 def test_lstm_loop_is_refused_with_the_op_named(lstm_sources, tmp_path):

@@ -16,13 +16,14 @@ from tests.figures import add
 from tests.helpers import invoke, read_report, versions_of
 
 
-
 def _text(name: str, mode: str, *, alias: str = "edge", priority: int = 0, max_ratio: float = 0.9) -> str:
-    return ("model: models:/digits-cnn@champion\n"
-            "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            f"chain:\n  - quantize: {{mode: {mode}}}\n"
-            f"gates:\n  - {{metric: accuracy, max_drop: 0.02}}\n  - {{metric: size_bytes, max_ratio: {max_ratio}}}\n"
-            f"register: {{name: {name}, alias: {alias}, priority: {priority}}}\n")
+    return (
+        "model: models:/digits-cnn@champion\n"
+        "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        f"chain:\n  - quantize: {{mode: {mode}}}\n"
+        f"gates:\n  - {{metric: accuracy, max_drop: 0.02}}\n  - {{metric: size_bytes, max_ratio: {max_ratio}}}\n"
+        f"register: {{name: {name}, alias: {alias}, priority: {priority}}}\n"
+    )
 
 
 def test_rerun_reuses_the_version_and_new_version_flag_forces_one(digits_source, tmp_path):
@@ -56,9 +57,13 @@ def test_concurrent_stages_keep_every_version_and_the_alias_follows_the_rule(dig
     exe = str(Path(sys.executable).with_name("pipeline-stage"))
 
     def run(path):
-        return subprocess.run([exe, "run", str(path), "-q", "--report", str(path.with_suffix(".json"))],
-                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
-                              timeout=600)
+        return subprocess.run(
+            [exe, "run", str(path), "-q", "--report", str(path.with_suffix(".json"))],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+            timeout=600,
+        )
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(run, paths))

@@ -21,8 +21,14 @@ REGISTER = "register: {name: digits-bad-input, alias: should-not-move}\n"
 GATES = "gates:\n  - {metric: accuracy, max_drop: 0.05}\n"
 
 
-def _manifest(tmp_path, *, model="models:/digits-cnn@champion", evaluation="runs:/${source.run_id}/data/eval.npz",
-              chain="  - quantize: {mode: dynamic}\n", name="m.yaml") -> Path:
+def _manifest(
+    tmp_path,
+    *,
+    model="models:/digits-cnn@champion",
+    evaluation="runs:/${source.run_id}/data/eval.npz",
+    chain="  - quantize: {mode: dynamic}\n",
+    name="m.yaml",
+) -> Path:
     text = f"model: {model}\ndata:\n  evaluation: {evaluation}\nchain:\n{chain}{GATES}{REGISTER}"
     return write_manifest(tmp_path, text, name)
 
@@ -34,8 +40,8 @@ def test_plugins(monkeypatch):
 
     recorder = Recorder()
     plugin_host._host = build_host(
-        load_entry_points=False,
-        extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp"), (recorder, "recorder")])
+        load_entry_points=False, extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp"), (recorder, "recorder")]
+    )
     return recorder
 
 
@@ -55,15 +61,23 @@ def test_bad_inputs_at_run_time_exit_2_and_register_nothing(digits_source, digit
         "missing run": (dict(model="runs:/0123456789abcdef0123456789abcdef/model"), "does not exist"),
         "missing artifact": (dict(evaluation="runs:/${source.run_id}/data/missing.npz"), "cannot download"),
         "missing local file": (dict(evaluation=str(tmp_path / "nope.npz")), "does not exist"),
-        "wrong shape": (dict(evaluation=_bad_data(tmp_path, "shape.npz", x=np.zeros((4, 28, 28, 1), np.float32), y=np.zeros(4))),
-                        "shape (28, 28, 1), but the model takes (8, 8, 1)"),
+        "wrong shape": (
+            dict(evaluation=_bad_data(tmp_path, "shape.npz", x=np.zeros((4, 28, 28, 1), np.float32), y=np.zeros(4))),
+            "shape (28, 28, 1), but the model takes (8, 8, 1)",
+        ),
         "no labels": (dict(evaluation=_bad_data(tmp_path, "nolabels.npz", x=x[:10])), "no labels `y`"),
         "mismatched rows": (dict(evaluation=_bad_data(tmp_path, "rows.npz", x=x[:10], y=y[:7])), "`x` has 10 rows but `y` has 7"),
-        "empty": (dict(evaluation=_bad_data(tmp_path, "empty.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0))), "no samples"),
+        "empty": (
+            dict(evaluation=_bad_data(tmp_path, "empty.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0))),
+            "no samples",
+        ),
         "no x": (dict(evaluation=_bad_data(tmp_path, "nox.npz", features=x[:10], y=y[:10])), "has no array `x`"),
         "corrupt": (dict(evaluation=corrupt), "not a readable .npz"),
         "wrong format": (dict(evaluation=write_manifest(tmp_path, "a,b\n", "data.csv")), "no data loader reads `.csv`"),
-        "string features": (dict(evaluation=_bad_data(tmp_path, "str.npz", x=np.array([["a"]] * 3), y=np.zeros(3))), "expected a numeric array"),
+        "string features": (
+            dict(evaluation=_bad_data(tmp_path, "str.npz", x=np.array([["a"]] * 3), y=np.zeros(3))),
+            "expected a numeric array",
+        ),
     }
     for label, (kwargs, needle) in cases.items():
         kwargs = {k: str(v) for k, v in kwargs.items()}
@@ -86,7 +100,7 @@ def test_unreachable_tracking_server_exits_1_in_bounded_time(tmp_path):
     assert time.monotonic() - start < 30
 
 
-def test_crashing_plugin_names_step_and_distribution_and_fails_the_run(digits_source, tmp_path, test_plugins):
+def test_hook_on_stage_error_and_a_crashing_plugin_names_step_and_distribution(digits_source, tmp_path, test_plugins):
     path = _manifest(tmp_path, chain="  - quantize: {mode: dynamic}\n  - explode: {}\n")
     result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 1, result.output
@@ -98,11 +112,13 @@ def test_crashing_plugin_names_step_and_distribution_and_fails_the_run(digits_so
     assert versions_of("digits-bad-input") == []
 
 
-def test_observers_and_a_chain_across_all_phases(digits_source, tmp_path, test_plugins):
+def test_hooks_before_step_after_step_after_gates_after_register_across_all_phases(digits_source, tmp_path, test_plugins):
     chain = "  - identity_model: {}\n  - quantize: {mode: float16}\n  - stamp: {value: build-42}\n"
-    text = ("model: models:/digits-cnn@champion\ndata:\n  evaluation: runs:/${source.run_id}/data/eval.npz\n"
-            f"chain:\n{chain}evaluation:\n  per_step: [accuracy, size_bytes]\n{GATES}"
-            "register: {name: digits-all-phases, alias: ok}\n")
+    text = (
+        "model: models:/digits-cnn@champion\ndata:\n  evaluation: runs:/${source.run_id}/data/eval.npz\n"
+        f"chain:\n{chain}evaluation:\n  per_step: [accuracy, size_bytes]\n{GATES}"
+        "register: {name: digits-all-phases, alias: ok}\n"
+    )
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
@@ -114,6 +130,14 @@ def test_observers_and_a_chain_across_all_phases(digits_source, tmp_path, test_p
     assert steps[2]["notes"] == {"stamped": "build_stamp"}
     names = [c[0] for c in test_plugins.calls]
     assert names == ["before_step", "after_step"] * 3 + ["after_gates", "after_register"]
+    # observers get typed, read-only records and a read-only context
+    record, context = test_plugins.seen["after_step"]
+    assert type(record).__name__ == "StepRecord" and record.name == "stamp" and context.run_id == report["run_id"]
+    with pytest.raises(Exception):
+        record.metrics = {}
+    with pytest.raises(Exception):
+        context.quiet = True
+    assert test_plugins.seen["after_register"].uri == report["registered"]["uri"]
     reg = report["registered"]
     tags = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"]).tags
     assert tags["stamp.build_stamp"] == "build-42"

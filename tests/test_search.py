@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
+from pipeline_stage import SearchMove, edited, hookimpl, step_params
 from tests.conftest import EXAMPLES, write_manifest
 from tests.helpers import invoke, read_report, versions_of
 
@@ -59,25 +60,31 @@ def test_search_is_deterministic(auto_run, tmp_path):
     second = read_report(tmp_path / "r.json")
 
     def outline(report):
-        return [(t["origin"], t["chain"], t["status"], t["metrics"].get("accuracy"), t["metrics"].get("size_bytes"))
-                for t in report["search"]["trials"]]
+        return [
+            (t["origin"], t["chain"], t["status"], t["metrics"].get("accuracy"), t["metrics"].get("size_bytes"))
+            for t in report["search"]["trials"]
+        ]
 
     assert outline(second) == outline(first)
     assert second["search"]["chain"] == first["search"]["chain"]
 
 
-SEARCH = ("model: models:/digits-bn-raw@champion\n"
-          "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-          "chain:\n  - quantize: {mode: int8}\n"
-          "evaluation: {metrics: [accuracy, size_bytes, latency_p50_ms]}\n"
-          "gates:\n%s"
-          "search:\n%s"
-          "register: {name: search-tests, alias: best}\n")
+SEARCH = (
+    "model: models:/digits-bn-raw@champion\n"
+    "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+    "chain:\n  - quantize: {mode: int8}\n"
+    "evaluation: {metrics: [accuracy, size_bytes, latency_p50_ms]}\n"
+    "gates:\n%s"
+    "search:\n%s"
+    "register: {name: search-tests, alias: best}\n"
+)
 
 
 def test_auto_keeps_the_worst_ops_in_float_when_fuse_is_not_allowed(collapse_source, tmp_path):
-    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n",
-                     "  strategy: auto\n  moves: [keep_float_nodes]\n  budget: {trials: 10}\n")
+    text = SEARCH % (
+        "  - {metric: accuracy, max_drop: 0.01}\n",
+        "  strategy: auto\n  moves: [keep_float_nodes]\n  budget: {trials: 10}\n",
+    )
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
@@ -95,9 +102,11 @@ def test_auto_keeps_the_worst_ops_in_float_when_fuse_is_not_allowed(collapse_sou
 
 
 def test_when_nothing_passes_nothing_is_promoted_and_the_closest_is_reported(collapse_source, tmp_path):
-    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n  - {metric: size_bytes, max_ratio: 0.05}\n",
-                     "  strategy: candidates\n  candidates:\n    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
-                     "    - [{quantize: {mode: dynamic}}]\n")
+    text = SEARCH % (
+        "  - {metric: accuracy, max_drop: 0.01}\n  - {metric: size_bytes, max_ratio: 0.05}\n",
+        "  strategy: candidates\n  candidates:\n    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
+        "    - [{quantize: {mode: dynamic}}]\n",
+    )
     before = len(versions_of("search-tests"))
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 3, result.output
@@ -112,11 +121,13 @@ def test_when_nothing_passes_nothing_is_promoted_and_the_closest_is_reported(col
 
 
 def test_candidates_run_cheapest_first_and_the_objective_picks(collapse_source, tmp_path):
-    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.02}\n",
-                     "  strategy: candidates\n  objective: [size_bytes]\n  candidates:\n"
-                     "    - [{prune: {target_sparsity: 0.3, epochs: 1}}, {fuse: {}}, {quantize: {mode: int8}}]\n"
-                     "    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
-                     "    - [{quantize: {mode: float16}}]\n")
+    text = SEARCH % (
+        "  - {metric: accuracy, max_drop: 0.02}\n",
+        "  strategy: candidates\n  objective: [size_bytes]\n  candidates:\n"
+        "    - [{prune: {target_sparsity: 0.3, epochs: 1}}, {fuse: {}}, {quantize: {mode: int8}}]\n"
+        "    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
+        "    - [{quantize: {mode: float16}}]\n",
+    )
     text = text.replace("data: {", "data: {training: 'runs:/${source.run_id}/data/train.npz', ")
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
@@ -158,11 +169,13 @@ def test_html_report_renders_with_its_plots_in_headless_chromium(auto_run, tmp_p
 
 
 def test_a_trial_that_errors_is_recorded_and_the_search_goes_on(collapse_source, tmp_path):
-    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n",
-                     "  strategy: candidates\n  objective: [size_bytes]\n  stop_at_first_pass: true\n  parallel: 2\n  candidates:\n"
-                     "    - [{quantize: {mode: int8, engine: litert, keep_float_ops: [NOT_AN_OP]}}]\n"
-                     "    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
-                     "    - [{fuse: {}}, {quantize: {mode: float16}}]\n")
+    text = SEARCH % (
+        "  - {metric: accuracy, max_drop: 0.01}\n",
+        "  strategy: candidates\n  objective: [size_bytes]\n  stop_at_first_pass: true\n  parallel: 2\n  candidates:\n"
+        "    - [{quantize: {mode: int8, engine: litert, keep_float_ops: [NOT_AN_OP]}}]\n"
+        "    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
+        "    - [{fuse: {}}, {quantize: {mode: float16}}]\n",
+    )
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     search = read_report(tmp_path / "r.json")["search"]
@@ -184,3 +197,39 @@ def test_the_trial_budget_stops_the_search(collapse_source, tmp_path):
     search = read_report(tmp_path / "r.json")["search"]
     assert [t["origin"] for t in search["trials"]] == ["as written"]
     assert search["stopped_because"] == "budget.trials" and search["closest"] == 1
+
+
+class Float16Instead(SearchMove):
+    """A third-party plugin's search move: quantize to float16 where the chain asks for int8."""
+
+    name = "float16_instead"
+    kind = "alternative"
+    requirement = "`quantize: {mode: int8}`"
+
+    def applies(self, chain):
+        return (step_params(chain, "quantize") or {}).get("mode", "int8") == "int8"
+
+    def propose(self, chain, facts):
+        return [("float16 instead (fake plugin)", edited(chain, "quantize", mode="float16"))]
+
+
+class FakeMoves:
+    @hookimpl
+    def register_search_moves(self, register):
+        register(Float16Instead)
+
+
+def test_hook_register_search_moves_a_plugin_move_is_used_by_auto(collapse_source, tmp_path):
+    from pipeline_stage.host import plugin_host
+    from pipeline_stage.host.plugin_host import build_host
+
+    plugin_host._host = build_host(load_entry_points=False, extra_plugins=[(FakeMoves(), "fake-moves")])
+    text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n", "  strategy: auto\n  moves: [float16_instead]\n")
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    trials = report["search"]["trials"]
+    assert [t["origin"] for t in trials] == ["as written", "float16 instead (fake plugin)"]
+    assert trials[0]["status"] == "failed" and trials[1]["status"] == "passed"
+    assert report["search"]["winner"] == 2 and "float16" in report["search"]["chain"]
+    assert report["conversion"]["settings"]["quantization"] == "float16"

@@ -42,12 +42,15 @@ def aux_head_source(mlflow_server, digits_data):
 
 
 def test_strip_aux_head_and_write_ops_json(aux_head_source, tmp_path):
-    text = ("model: models:/digits-aux-head@champion\n"
-            "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-            "chain:\n  - strip_ops: {outputs: [probabilities], drop_names: true}\n"
-            "gates:\n  - {metric: accuracy, max_drop: 0.001}\n  - {metric: size_bytes, max_ratio: 0.5}\n")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"),
-                    "--output", str(tmp_path / "m.tflite"))
+    text = (
+        "model: models:/digits-aux-head@champion\n"
+        "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - strip_ops: {outputs: [probabilities], drop_names: true}\n"
+        "gates:\n  - {metric: accuracy, max_drop: 0.001}\n  - {metric: size_bytes, max_ratio: 0.5}\n"
+    )
+    result = invoke(
+        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
+    )
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     notes = report["steps"][0]["notes"]
@@ -61,14 +64,16 @@ def test_strip_aux_head_and_write_ops_json(aux_head_source, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
     assert Interpreter(model_content=(tmp_path / "m.tflite").read_bytes()).get_signature_list() == {
-        "serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}}
-    ops = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=report["run_id"], artifact_path="steps/0-strip_ops/ops.json")).read_text())
+        "serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}
+    }
+    ops = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=report["run_id"], artifact_path="steps/0-strip_ops/ops.json")).read_text()
+    )
     assert {o["op"] for o in ops["builtin_ops"]} == set(info.ops) and ops["custom_ops"] == []
 
 
 def test_unknown_output_is_a_clear_error(aux_head_source, tmp_path):
-    text = ("model: models:/digits-aux-head@champion\nchain:\n  - strip_ops: {outputs: [logits]}\n")
+    text = "model: models:/digits-aux-head@champion\nchain:\n  - strip_ops: {outputs: [logits]}\n"
     result = invoke("run", str(write_manifest(tmp_path, text)))
     assert result.exit_code == 2
     assert "no output ['logits'] in signature `serving_default` (outputs: ['aux', 'probabilities'])" in result.stderr

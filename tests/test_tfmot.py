@@ -78,23 +78,45 @@ def test_every_bridgeable_layer_deserializes_in_tf_keras(tmp_path):
 
     from pipeline_stage.engine.tfmot_bridge import BRIDGEABLE, tf_keras_config
 
-    args = {"Conv1D": (4, 3), "Conv2D": (4, 3), "DepthwiseConv2D": (3,), "SeparableConv2D": (4, 3), "Dense": (4,),
-            "Activation": ("relu",), "Reshape": ((4,),), "Rescaling": (1 / 255,), "Embedding": (10, 4),
-            "Permute": ((2, 1),), "Dropout": (0.1,), "AveragePooling1D": (2,), "AveragePooling2D": (2,),
-            "MaxPooling1D": (2,), "MaxPooling2D": (2,)}
-    configs = {name: tf_keras_config(name, name, getattr(keras.layers, name)(*args.get(name, ())).get_config())
-               for name in sorted(BRIDGEABLE - {"InputLayer"})}
+    args = {
+        "Conv1D": (4, 3),
+        "Conv2D": (4, 3),
+        "DepthwiseConv2D": (3,),
+        "SeparableConv2D": (4, 3),
+        "Dense": (4,),
+        "Activation": ("relu",),
+        "Reshape": ((4,),),
+        "Rescaling": (1 / 255,),
+        "Embedding": (10, 4),
+        "Permute": ((2, 1),),
+        "Dropout": (0.1,),
+        "AveragePooling1D": (2,),
+        "AveragePooling2D": (2,),
+        "MaxPooling1D": (2,),
+        "MaxPooling2D": (2,),
+    }
+    configs = {
+        name: tf_keras_config(name, name, getattr(keras.layers, name)(*args.get(name, ())).get_config())
+        for name in sorted(BRIDGEABLE - {"InputLayer"})
+    }
     (tmp_path / "configs.json").write_text(json.dumps(configs, default=str))
-    script = ("import json, sys, tf_keras\n"
-              "failed = []\n"
-              "for name, cfg in json.load(open(sys.argv[1])).items():\n"
-              "    try:\n"
-              "        tf_keras.layers.deserialize({'class_name': name, 'config': cfg})\n"
-              "    except Exception as exc:\n"
-              "        failed.append(f'{name}: {str(exc).splitlines()[-1]}')\n"
-              "print(json.dumps(failed))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "configs.json")], capture_output=True, text=True,
-                          env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}, timeout=300)
+    script = (
+        "import json, sys, tf_keras\n"
+        "failed = []\n"
+        "for name, cfg in json.load(open(sys.argv[1])).items():\n"
+        "    try:\n"
+        "        tf_keras.layers.deserialize({'class_name': name, 'config': cfg})\n"
+        "    except Exception as exc:\n"
+        "        failed.append(f'{name}: {str(exc).splitlines()[-1]}')\n"
+        "print(json.dumps(failed))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "configs.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert len(configs) == len(BRIDGEABLE) - 1
@@ -104,20 +126,35 @@ def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
     """The bridge carries LayerNormalization; tfmot's QAT registry does not: a clear error naming it."""
     import keras
 
-    from pipeline_stage.engine.convert import convert
     from pipeline_stage.contract.data import Dataset
     from pipeline_stage.contract.report import SourceRef
-    from pipeline_stage.engine.source_model import SourceModel
     from pipeline_stage.contract.steps import ConversionSettings
+    from pipeline_stage.engine.convert import convert
+    from pipeline_stage.engine.source_model import SourceModel
 
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.LayerNormalization(),
-                              keras.layers.Dense(10, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     data = Dataset(digits_data.train[0][:64], digits_data.train[1][:64], "training")
-    settings = ConversionSettings(quantization="qat", representative_data="calibration", training_data="training",
-                                  fine_tune={"epochs": 1, "learning_rate": 1e-4, "batch_size": 32, "seed": 0})
+    settings = ConversionSettings(
+        quantization="qat",
+        representative_data="calibration",
+        training_data="training",
+        fine_tune={"epochs": 1, "learning_rate": 1e-4, "batch_size": 32, "seed": 0},
+    )
     with pytest.raises(InputError) as caught:
-        convert(SourceModel(info=SourceRef(uri="test"), path=None, keras_model=model), settings,
-                representative=data, training=data, log_path=tmp_path / "convert.log")
+        convert(
+            SourceModel(info=SourceRef(uri="test"), path=None, keras_model=model),
+            settings,
+            representative=data,
+            training=data,
+            log_path=tmp_path / "convert.log",
+        )
     assert "tfmot cannot make this model quantization-aware" in str(caught.value) and "LayerNormalization" in str(caught.value)
     assert "mode: int8" in caught.value.hint and "fuse" not in caught.value.hint  # no BN here: fuse would not help
 
@@ -148,15 +185,20 @@ def test_pruned_int8_weights_are_sparse_in_the_flatbuffer(prune_run):
 
     _, _, tmp = prune_run
     interp = Interpreter(model_content=(tmp / "work" / "model.tflite").read_bytes())
-    kernels = [interp.get_tensor(t["index"]) for t in interp.get_tensor_details()
-               if t["dtype"] == np.int8 and len(t["shape"]) in (2, 4) and t["shape"][0] > 1 and "conv2d" in t["name"].lower()]
+    kernels = [
+        interp.get_tensor(t["index"])
+        for t in interp.get_tensor_details()
+        if t["dtype"] == np.int8 and len(t["shape"]) in (2, 4) and t["shape"][0] > 1 and "conv2d" in t["name"].lower()
+    ]
     assert kernels
     zeros = sum(int(np.sum(k == 0)) for k in kernels) / sum(k.size for k in kernels)
     assert zeros >= 0.45
 
 
 def test_qat_fine_tunes_and_converts_to_int8(digits_source, tmp_path):
-    result = invoke("run", str(EXAMPLES / "digits-qat.yaml"), "--report", str(tmp_path / "r.json"), "--workdir", str(tmp_path / "w"))
+    result = invoke(
+        "run", str(EXAMPLES / "digits-qat.yaml"), "--report", str(tmp_path / "r.json"), "--workdir", str(tmp_path / "w")
+    )
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     assert report["conversion"]["settings"]["quantization"] == "qat"
@@ -169,8 +211,14 @@ def test_qat_fine_tunes_and_converts_to_int8(digits_source, tmp_path):
 
 
 def test_litert_quantizer_engine_writes_int8(digits_source, tmp_path):
-    result = invoke("run", str(EXAMPLES / "digits-litert-quantizer.yaml"), "--report", str(tmp_path / "r.json"),
-                    "--workdir", str(tmp_path / "w"))
+    result = invoke(
+        "run",
+        str(EXAMPLES / "digits-litert-quantizer.yaml"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--workdir",
+        str(tmp_path / "w"),
+    )
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     model_bytes = (tmp_path / "w" / "model.tflite").read_bytes()

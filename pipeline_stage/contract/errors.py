@@ -34,8 +34,9 @@ class InputError(StageError):
 class ManifestError(InputError):
     """The manifest is wrong; the message names the file, the line and the field."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None, hint: str | None = None):
+    def __init__(
+        self, message: str, *, path: str | None = None, line: int | None = None, field: str | None = None, hint: str | None = None
+    ):
         where = path or "<manifest>"
         if line is not None:
             where = f"{where}:{line}"

@@ -21,7 +21,9 @@ class Gate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: str = Field(description="A registered metric, e.g. accuracy, size_bytes, latency_p50_ms.")
-    max_drop: float | None = Field(None, ge=0, description="Largest allowed drop vs the baseline (an increase for lower-is-better metrics).")
+    max_drop: float | None = Field(
+        None, ge=0, description="Largest allowed drop vs the baseline (an increase for lower-is-better metrics)."
+    )
     max_relative_drop: float | None = Field(None, ge=0, le=1, description="Largest allowed drop as a fraction of the baseline.")
     min: float | None = Field(None, description="Smallest allowed candidate value.")
     max: float | None = Field(None, description="Largest allowed candidate value.")
@@ -32,7 +34,9 @@ class Gate(BaseModel):
         given = [r for r in GATE_RULES if getattr(self, r) is not None]
         if len(given) != 1:
             found = ", ".join(given) if given else "none"
-            raise ValueError(f"a gate takes exactly one rule of {', '.join(GATE_RULES)} (found: {found}); write one gate per rule")
+            raise ValueError(
+                f"a gate takes exactly one rule of {', '.join(GATE_RULES)} (found: {found}); write one gate per rule"
+            )
         return self
 
     @property
@@ -42,8 +46,6 @@ class Gate(BaseModel):
     @property
     def threshold(self) -> float:
         return float(getattr(self, self.rule))
-
-
 
 
 def evaluate_gate(gate: Gate, candidate: float | None, baseline: float | None, higher_is_better: bool) -> GateResult:
@@ -71,12 +73,20 @@ def evaluate_gate(gate: Gate, candidate: float | None, baseline: float | None, h
         passed = compared is not None and compared <= threshold
     else:  # pragma: no cover - the manifest model admits only the rules above
         raise ValueError(rule)
-    return GateResult(metric=gate.metric, rule=rule, threshold=threshold, value=candidate, baseline=baseline,
-                      compared=compared, passed=bool(passed))
+    return GateResult(
+        metric=gate.metric,
+        rule=rule,
+        threshold=threshold,
+        value=candidate,
+        baseline=baseline,
+        compared=compared,
+        passed=bool(passed),
+    )
 
 
-def evaluate_gates(gates: list[Gate], candidate: dict[str, float], baseline: dict[str, float],
-                   higher_is_better: dict[str, bool]) -> tuple[list[GateResult], bool]:
+def evaluate_gates(
+    gates: list[Gate], candidate: dict[str, float], baseline: dict[str, float], higher_is_better: dict[str, bool]
+) -> tuple[list[GateResult], bool]:
     """Every gate's verdict, and whether all passed."""
     results = [evaluate_gate(g, candidate.get(g.metric), baseline.get(g.metric), higher_is_better[g.metric]) for g in gates]
     return results, all(r.passed for r in results)

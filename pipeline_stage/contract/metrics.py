@@ -16,8 +16,16 @@ class Evaluation:
     .tflite bytes and latencies. Metrics read what they need; nothing is computed that no metric
     asked for. The runner supplies how to predict and how to time the model."""
 
-    def __init__(self, *, model_bytes: bytes, x: np.ndarray | None, labels: np.ndarray | None,
-                 predict: Callable[[np.ndarray], np.ndarray], latencies: Callable[[], np.ndarray], latency_runs: int = 100):
+    def __init__(
+        self,
+        *,
+        model_bytes: bytes,
+        x: np.ndarray | None,
+        labels: np.ndarray | None,
+        predict: Callable[[np.ndarray], np.ndarray],
+        latencies: Callable[[], np.ndarray],
+        latency_runs: int = 100,
+    ):
         self.model_bytes = model_bytes
         self.x = x
         self.labels = labels
@@ -29,8 +37,10 @@ class Evaluation:
     @cached_property
     def predictions(self) -> np.ndarray:
         if self.x is None:
-            raise InputError("a metric needs predictions but no `evaluation` data was given",
-                             hint="add `data: {evaluation: <URI>}` to the manifest")
+            raise InputError(
+                "a metric needs predictions but no `evaluation` data was given",
+                hint="add `data: {evaluation: <URI>}` to the manifest",
+            )
         start = time.perf_counter()
         out = self._predict(self.x)
         self.seconds["predict"] = time.perf_counter() - start

@@ -167,7 +167,9 @@ class Report(BaseModel):
     tracking_uri: str
     package_version: str
     run_id: str | None = None
-    baseline: dict[str, float] = Field(default_factory=dict, description="Prediction metrics of the source model, flatbuffer metrics of its float conversion.")
+    baseline: dict[str, float] = Field(
+        default_factory=dict, description="Prediction metrics of the source model, flatbuffer metrics of its float conversion."
+    )
     baseline_tflite: dict[str, float] = Field(default_factory=dict, description="Every metric of the float TFLite conversion.")
     baseline_flatbuffer: dict[str, Any] = Field(default_factory=dict)
     baseline_seconds: float | None = None

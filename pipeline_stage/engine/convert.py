@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline_stage.engine.tf_env import captured_output, import_tf
 from pipeline_stage.contract.errors import InputError
 from pipeline_stage.contract.steps import ConversionSettings
+from pipeline_stage.engine.tf_env import captured_output, import_tf
 
 if TYPE_CHECKING:
     from pipeline_stage.contract.data import Dataset
@@ -34,8 +34,13 @@ def sparse_storage(settings: ConversionSettings) -> bool:
     return settings.sparsity and settings.quantization in (None, "float16")
 
 
-def build_converter(source: "SourceModel | None", settings: ConversionSettings, *, keras_model: Any = None,
-                    representative: "Dataset | None" = None):
+def build_converter(
+    source: "SourceModel | None",
+    settings: ConversionSettings,
+    *,
+    keras_model: Any = None,
+    representative: "Dataset | None" = None,
+):
     """A TFLiteConverter set up as `settings` ask (analysis steps reuse it, e.g. the quantization debugger)."""
     tf = import_tf()
     model = keras_model if keras_model is not None else source.keras_model
@@ -53,11 +58,14 @@ def build_converter(source: "SourceModel | None", settings: ConversionSettings, 
 
         def representative_dataset():
             for i in range(len(samples)):
-                yield [samples[i:i + 1]]
+                yield [samples[i : i + 1]]
 
         converter.representative_dataset = representative_dataset
-        ops = tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if mode == "int8" else \
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        ops = (
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+            if mode == "int8"
+            else tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        )
         converter.target_spec.supported_ops = [ops]
     elif mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
@@ -83,23 +91,36 @@ def _selective(converter, settings: ConversionSettings, representative: "Dataset
     tf = import_tf()
     samples = representative.x[: settings.calibration_samples].astype(np.float32)
     options = tf.lite.experimental.QuantizationDebugOptions(
-        denylisted_ops=settings.keep_float_ops or None, denylisted_nodes=settings.keep_float_nodes or None,
-        fully_quantize=settings.inference_input_type != "float32")
+        denylisted_ops=settings.keep_float_ops or None,
+        denylisted_nodes=settings.keep_float_nodes or None,
+        fully_quantize=settings.inference_input_type != "float32",
+    )
     debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=lambda: ([samples[i:i + 1]] for i in range(min(len(samples), 50))),
-        debug_options=options)
+        converter=converter,
+        debug_dataset=lambda: ([samples[i : i + 1]] for i in range(min(len(samples), 50))),
+        debug_options=options,
+    )
     return bytes(debugger.get_nondebug_quantized_model())
 
 
-def _qat(source: "SourceModel", settings: ConversionSettings, keras_model: Any, representative: "Dataset | None",
-         training: "Dataset | None", log_path: Path, log) -> bytes:
+def _qat(
+    source: "SourceModel",
+    settings: ConversionSettings,
+    keras_model: Any,
+    representative: "Dataset | None",
+    training: "Dataset | None",
+    log_path: Path,
+    log,
+) -> bytes:
     """Quantization-aware fine-tuning with tfmot in the tf_keras child, converted to int8 there."""
     from pipeline_stage.engine.tfmot_bridge import run_task
 
     model = keras_model if keras_model is not None else source.keras_model
     if model is None:
-        raise InputError("quantize mode qat fine-tunes a Keras model, but the source is a SavedModel",
-                         hint="log the model with mlflow.tensorflow.log_model, or use mode int8")
+        raise InputError(
+            "quantize mode qat fine-tunes a Keras model, but the source is a SavedModel",
+            hint="log the model with mlflow.tensorflow.log_model, or use mode int8",
+        )
     if training is None or representative is None:
         raise InputError("quantize mode qat needs `training` and calibration data", hint="add them under `data:`")
     folder = log_path.parent / "qat"
@@ -109,16 +130,33 @@ def _qat(source: "SourceModel", settings: ConversionSettings, keras_model: Any, 
     # The child converts the quantization-aware model with build_converter, as full int8 with these settings.
     int8 = dataclasses.replace(settings, quantization="int8", engine="converter", fine_tune={}, training_data=None)
     conversion = {k: v for k, v in dataclasses.asdict(int8).items() if k != "set_by"}
-    run_task({"task": "qat", "training": str(folder / "train.npz"), "calibration": str(folder / "calib.npz"),
-              "params": settings.fine_tune, "conversion": conversion, "seed": settings.fine_tune.get("seed", 0)},
-             model, folder, log=log)
+    run_task(
+        {
+            "task": "qat",
+            "training": str(folder / "train.npz"),
+            "calibration": str(folder / "calib.npz"),
+            "params": settings.fine_tune,
+            "conversion": conversion,
+            "seed": settings.fine_tune.get("seed", 0),
+        },
+        model,
+        folder,
+        log=log,
+    )
     log_path.write_text((folder / "worker.log").read_text(errors="replace"))  # the conversion's log, as for the others
     return (folder / "model.tflite").read_bytes()
 
 
-def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model: Any = None,
-            representative: "Dataset | None" = None, training: "Dataset | None" = None,
-            log_path: Path | None = None, log=lambda msg: None) -> bytes:
+def convert(
+    source: "SourceModel",
+    settings: ConversionSettings,
+    *,
+    keras_model: Any = None,
+    representative: "Dataset | None" = None,
+    training: "Dataset | None" = None,
+    log_path: Path | None = None,
+    log=lambda msg: None,
+) -> bytes:
     """Convert the (possibly transformed) model once, as `settings` ask.
 
     :param keras_model: the model after the `model` phase (defaults to the source's Keras model).
@@ -133,9 +171,15 @@ def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model:
     if settings.engine == "litert" and settings.quantization is not None:
         from pipeline_stage.engine.litert_quantize import quantize
 
-        float_settings = dataclasses.replace(settings, quantization=None, engine="converter", keep_float_ops=[],
-                                             keep_float_nodes=[], inference_input_type="float32",
-                                             inference_output_type="float32")
+        float_settings = dataclasses.replace(
+            settings,
+            quantization=None,
+            engine="converter",
+            keep_float_ops=[],
+            keep_float_nodes=[],
+            inference_input_type="float32",
+            inference_output_type="float32",
+        )
         float_bytes = convert(source, float_settings, keras_model=keras_model, log_path=log_path)
         try:
             if log_path is None:
@@ -145,8 +189,10 @@ def convert(source: "SourceModel", settings: ConversionSettings, *, keras_model:
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"the LiteRT Quantizer failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                             hint="try engine converter for this model") from None
+            raise InputError(
+                f"the LiteRT Quantizer failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                hint="try engine converter for this model",
+            ) from None
     converter = build_converter(source, settings, keras_model=keras_model, representative=representative)
     own_log = log_path is None
     if own_log:

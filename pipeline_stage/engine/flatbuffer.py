@@ -106,9 +106,15 @@ def read(model_bytes: bytes) -> ModelInfo:
             signature = t.shapeSignature if t.shapeSignature is not None and len(t.shapeSignature) else t.shape
             shape = tuple(int(d) for d in (signature if signature is not None else ()))
             q = t.quantization
-            quant = 0 if q is None else sum(8 * len(v) if k == "zeroPoint" else 4 * len(v)
-                                            for k, v in (("scale", q.scale), ("zeroPoint", q.zeroPoint), ("min", q.min), ("max", q.max))
-                                            if v is not None)
+            quant = (
+                0
+                if q is None
+                else sum(
+                    8 * len(v) if k == "zeroPoint" else 4 * len(v)
+                    for k, v in (("scale", q.scale), ("zeroPoint", q.zeroPoint), ("min", q.min), ("max", q.max))
+                    if v is not None
+                )
+            )
             scales = 0 if q is None or q.scale is None else len(q.scale)
             local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer), quant, scales))
         tensors.extend(local)

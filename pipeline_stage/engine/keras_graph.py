@@ -33,15 +33,18 @@ def layer_graph(model, *, purpose: str) -> dict[str, Any]:
     sequential = type(model).__name__ == "Sequential"
     previous = None
     if sequential:
-        graph["layers"].append({"name": "input", "class_name": "InputLayer",
-                                "config": {"batch_shape": list(model.inputs[0].shape)}, "inbound": []})
+        graph["layers"].append(
+            {"name": "input", "class_name": "InputLayer", "config": {"batch_shape": list(model.inputs[0].shape)}, "inbound": []}
+        )
         previous = "input"
     for entry in config.get("layers", []):
         cls, cfg = entry["class_name"], entry["config"]
         name = cfg.get("name") or entry.get("name")
         if cls in ("Sequential", "Functional", "Model"):
-            raise InputError(f"layer `{name}` is a nested model; {purpose} needs a flat model",
-                             hint="flatten the model before logging it (build one functional model of layers)")
+            raise InputError(
+                f"layer `{name}` is a nested model; {purpose} needs a flat model",
+                hint="flatten the model before logging it (build one functional model of layers)",
+            )
         if sequential:
             if cls == "InputLayer":
                 continue
@@ -49,8 +52,10 @@ def layer_graph(model, *, purpose: str) -> dict[str, Any]:
         else:
             nodes = entry.get("inbound_nodes", [])
             if len(nodes) > 1:
-                raise InputError(f"layer `{name}` is shared (called {len(nodes)} times); {purpose} needs each layer called once",
-                                 hint="give each call its own layer")
+                raise InputError(
+                    f"layer `{name}` is shared (called {len(nodes)} times); {purpose} needs each layer called once",
+                    hint="give each call its own layer",
+                )
             inbound = [h[0] for h in _keras_tensors(nodes)]
         graph["layers"].append({"name": name, "class_name": cls, "config": cfg, "inbound": inbound})
         previous = name

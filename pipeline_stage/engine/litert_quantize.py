@@ -32,12 +32,15 @@ def _recipe(mode: str, per_channel: bool):
     granularity = qtyping.QuantGranularity.CHANNELWISE if per_channel else qtyping.QuantGranularity.TENSORWISE
     manager = recipe_manager.RecipeManager()
     if mode == "dynamic":
-        manager.add_dynamic_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=8,
-                                   granularity=granularity)
+        manager.add_dynamic_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=8, granularity=granularity)
     else:
-        manager.add_static_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED,
-                                  activation_num_bits=16 if mode == "int16x8" else 8, weight_num_bits=8,
-                                  weight_granularity=granularity)
+        manager.add_static_config(
+            regex=".*",
+            operation_name=TFLOperationName.ALL_SUPPORTED,
+            activation_num_bits=16 if mode == "int16x8" else 8,
+            weight_num_bits=8,
+            weight_granularity=granularity,
+        )
     return manager.get_quantization_recipe()
 
 
@@ -55,18 +58,23 @@ def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "
     known = {op.value for op in TFLOperationName}
     for op in settings.keep_float_ops:
         if op not in known:
-            raise InputError(f"keep_float_ops: `{op}` is not an op the LiteRT Quantizer knows",
-                             hint=f"use TFLite op names such as {', '.join(sorted(known - {'*'})[:8])}")
+            raise InputError(
+                f"keep_float_ops: `{op}` is not an op the LiteRT Quantizer knows",
+                hint=f"use TFLite op names such as {', '.join(sorted(known - {'*'})[:8])}",
+            )
         qt.update_quantization_recipe(regex=".*", operation_name=TFLOperationName(op), algorithm_key="no_quantize")
     # The recipes quantize the graph's inputs and outputs too (int8 I/O); `io: float`, the default,
     # keeps them float as the converter engine does: QUANTIZE/DEQUANTIZE at the edges.
-    for op, io_type in ((TFLOperationName.INPUT, settings.inference_input_type),
-                        (TFLOperationName.OUTPUT, settings.inference_output_type)):
+    for op, io_type in (
+        (TFLOperationName.INPUT, settings.inference_input_type),
+        (TFLOperationName.OUTPUT, settings.inference_output_type),
+    ):
         if io_type == "float32":
             qt.update_quantization_recipe(regex=".*", operation_name=op, algorithm_key="no_quantize")
     for node in settings.keep_float_nodes:
-        qt.update_quantization_recipe(regex=re.escape(node), operation_name=TFLOperationName.ALL_SUPPORTED,
-                                      algorithm_key="no_quantize")
+        qt.update_quantization_recipe(
+            regex=re.escape(node), operation_name=TFLOperationName.ALL_SUPPORTED, algorithm_key="no_quantize"
+        )
     calibration = None
     if qt.need_calibration:
         if representative is None:
@@ -75,9 +83,11 @@ def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "
         key = next(iter(signatures))
         inputs = signatures[key]["inputs"]
         if len(inputs) != 1:
-            raise InputError(f"engine litert calibrates single-input models; signature `{key}` has inputs {inputs}",
-                             hint="use engine converter")
+            raise InputError(
+                f"engine litert calibrates single-input models; signature `{key}` has inputs {inputs}",
+                hint="use engine converter",
+            )
         samples = representative.x[: settings.calibration_samples].astype(np.float32)
-        calibration = qt.calibrate({key: [{inputs[0]: samples[i:i + 1]} for i in range(len(samples))]}, num_threads=1)
+        calibration = qt.calibrate({key: [{inputs[0]: samples[i : i + 1]} for i in range(len(samples))]}, num_threads=1)
     result = qt.quantize(calibration, enable_progress_report=False)
     return bytes(result.quantized_model)

@@ -66,7 +66,7 @@ class TFLiteModel:
         batch = batch_size if self.dynamic_batch else 1
         outputs = []
         for start in range(0, len(x), batch):
-            chunk = x[start:start + batch]
+            chunk = x[start : start + batch]
             self._ensure_batch(len(chunk))
             self.interpreter.set_tensor(self.input["index"], _quantize(chunk, self.input))
             self.interpreter.invoke()

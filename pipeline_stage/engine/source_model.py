@@ -56,7 +56,7 @@ class SourceModel:
             fn, (name, _) = self._serving_fn(), self._input_spec()
             chunks = []
             for start in range(0, len(x), batch_size):
-                res = fn(**{name: tf.constant(x[start:start + batch_size])})
+                res = fn(**{name: tf.constant(x[start : start + batch_size])})
                 chunks.append(next(iter(res.values())).numpy())
             out = np.concatenate(chunks)
         return np.asarray(first_output(out))
@@ -81,16 +81,20 @@ def find_model_file(root: Path) -> tuple[str, Path]:
     if root.is_file():
         if root.suffix in (".keras", ".h5"):
             return "keras", root
-        raise InputError(f"model file `{root.name}` is not a .keras or .h5 file",
-                         hint="log the model with mlflow.tensorflow.log_model, or give a SavedModel folder")
+        raise InputError(
+            f"model file `{root.name}` is not a .keras or .h5 file",
+            hint="log the model with mlflow.tensorflow.log_model, or give a SavedModel folder",
+        )
     candidates = sorted(root.rglob("*.keras")) + sorted(root.rglob("*.h5"))
     if candidates:
         return "keras", candidates[0]
     saved = sorted(p.parent for p in root.rglob("saved_model.pb"))
     if saved:
         return "saved_model", saved[0]
-    raise InputError(f"no Keras model (.keras/.h5) or SavedModel (saved_model.pb) found in `{root}`",
-                     hint="log the model with mlflow.tensorflow.log_model(model, name='model')")
+    raise InputError(
+        f"no Keras model (.keras/.h5) or SavedModel (saved_model.pb) found in `{root}`",
+        hint="log the model with mlflow.tensorflow.log_model(model, name='model')",
+    )
 
 
 def load_local(path: Path, info: SourceRef, *, safe_mode: bool = True, custom_objects: dict | None = None) -> SourceModel:
@@ -104,24 +108,33 @@ def load_local(path: Path, info: SourceRef, *, safe_mode: bool = True, custom_ob
     import keras
 
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
-        raise InputError(f"model `{info.uri}` could not be loaded ({path.name}): the file is corrupt, not a .keras zip archive",
-                         hint="log the model again (mlflow.tensorflow.log_model)")
+        raise InputError(
+            f"model `{info.uri}` could not be loaded ({path.name}): the file is corrupt, not a .keras zip archive",
+            hint="log the model again (mlflow.tensorflow.log_model)",
+        )
     try:
         model = keras.saving.load_model(str(path), compile=False, safe_mode=safe_mode, custom_objects=custom_objects or None)
     except (TypeError, ValueError) as exc:
         text = str(exc)
         if "safe_mode" in text or "Lambda" in text:
-            raise InputError(f"model `{info.uri}` contains code (a Lambda layer) that loading would execute",
-                             hint="replace the Lambda with a registered custom layer, or, for a model you trust, "
-                                  "set `allow_unsafe_deserialization: true` in the manifest") from None
+            raise InputError(
+                f"model `{info.uri}` contains code (a Lambda layer) that loading would execute",
+                hint="replace the Lambda with a registered custom layer, or, for a model you trust, "
+                "set `allow_unsafe_deserialization: true` in the manifest",
+            ) from None
         if "custom" in text.lower() or "Could not locate" in text or "Unknown layer" in text:
             names = sorted(set(re.findall(r"class[_ ]name[\"']?:? ?[\"']?([\w>.]+)", text)))[:3]
-            raise InputError(f"model `{info.uri}` uses a custom layer or object Keras cannot find"
-                             + (f" ({', '.join(names)})" if names else "") + f": {first_line(exc)[:200]}",
-                             hint="install a plugin that implements the `register_keras_objects(register)` hook and "
-                                  "calls register('package>ClassName', TheClass)") from None
+            raise InputError(
+                f"model `{info.uri}` uses a custom layer or object Keras cannot find"
+                + (f" ({', '.join(names)})" if names else "")
+                + f": {first_line(exc)[:200]}",
+                hint="install a plugin that implements the `register_keras_objects(register)` hook and "
+                "calls register('package>ClassName', TheClass)",
+            ) from None
         raise InputError(f"model `{info.uri}` could not be loaded: {first_line(exc)}") from None
     except Exception as exc:  # a corrupt archive surfaces as zipfile/OSError/h5py errors
-        raise InputError(f"model `{info.uri}` could not be loaded ({path.name}): {type(exc).__name__}: {first_line(exc)}",
-                         hint="the artifact may be corrupt: log the model again") from None
+        raise InputError(
+            f"model `{info.uri}` could not be loaded ({path.name}): {type(exc).__name__}: {first_line(exc)}",
+            hint="the artifact may be corrupt: log the model again",
+        ) from None
     return SourceModel(info=info, path=path, keras_model=model)

@@ -25,13 +25,40 @@ from pipeline_stage.contract.errors import InputError, PluginError
 from pipeline_stage.engine.keras_graph import assign_weights, layer_graph, weights_by_name
 
 # Layers tf_keras has under the same name with a compatible config and weight order.
-BRIDGEABLE = frozenset({
-    "InputLayer", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense", "BatchNormalization",
-    "ReLU", "LeakyReLU", "Activation", "Softmax", "MaxPooling1D", "MaxPooling2D", "AveragePooling1D",
-    "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
-    "Dropout", "Reshape", "ZeroPadding2D", "Add", "Multiply", "Concatenate", "Rescaling", "LayerNormalization",
-    "Embedding", "Permute", "UpSampling2D",
-})
+BRIDGEABLE = frozenset(
+    {
+        "InputLayer",
+        "Conv1D",
+        "Conv2D",
+        "DepthwiseConv2D",
+        "SeparableConv2D",
+        "Dense",
+        "BatchNormalization",
+        "ReLU",
+        "LeakyReLU",
+        "Activation",
+        "Softmax",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalMaxPooling2D",
+        "Flatten",
+        "Dropout",
+        "Reshape",
+        "ZeroPadding2D",
+        "Add",
+        "Multiply",
+        "Concatenate",
+        "Rescaling",
+        "LayerNormalization",
+        "Embedding",
+        "Permute",
+        "UpSampling2D",
+    }
+)
 # Keras 3 config keys tf_keras does not know; they carry no meaning for a float model of these layers.
 KERAS3_ONLY_KEYS = ("quantization_config", "lora_rank", "lora_alpha", "lora_enabled", "synchronized")
 # Keras 3 options tf_keras lacks: dropped when off (tf_keras then computes the same), refused when on.
@@ -46,13 +73,18 @@ def tf_keras_config(name: str, class_name: str, config: dict[str, Any]) -> dict[
     :raises InputError: for a layer class the bridge does not carry, or a Keras 3 option it lacks.
     """
     if class_name not in BRIDGEABLE:
-        raise InputError(f"layer `{name}` ({class_name}) has no tf_keras counterpart, so prune/qat cannot use this model",
-                         hint=f"use standard Keras layers ({', '.join(sorted(BRIDGEABLE)[:8])}, ...) or drop prune/qat")
+        raise InputError(
+            f"layer `{name}` ({class_name}) has no tf_keras counterpart, so prune/qat cannot use this model",
+            hint=f"use standard Keras layers ({', '.join(sorted(BRIDGEABLE)[:8])}, ...) or drop prune/qat",
+        )
     out = {k: v for k, v in config.items() if k not in KERAS3_ONLY_KEYS}
     for option in KERAS3_ONLY_OPTIONS:
         if out.pop(option, None):
-            raise InputError(f"layer `{name}` ({class_name}) uses `{option}`, which tf_keras does not have, "
-                             "so prune/qat cannot use this model", hint="drop prune/qat, or train without that option")
+            raise InputError(
+                f"layer `{name}` ({class_name}) uses `{option}`, which tf_keras does not have, "
+                "so prune/qat cannot use this model",
+                hint="drop prune/qat, or train without that option",
+            )
     for keras3_key, tf_keras_key in RENAMED_KEYS.get(class_name, {}).items():
         if keras3_key in out:
             out[tf_keras_key] = out.pop(keras3_key)
@@ -97,8 +129,9 @@ def load_weights_into(model, weights_path: Path):
     return clone
 
 
-def run_task(task: dict[str, Any], model, workdir: Path, *, log: Callable[[str], None] = print,
-             timeout_s: float = 3600) -> dict[str, Any]:
+def run_task(
+    task: dict[str, Any], model, workdir: Path, *, log: Callable[[str], None] = print, timeout_s: float = 3600
+) -> dict[str, Any]:
     """Run `task` (see legacy_worker) on `model` in a tf_keras child; return its result.json.
 
     The child's progress lines (one per epoch) are passed to `log` as they come.

@@ -59,8 +59,9 @@ def _compile(model, params, x, y):
     import tf_keras
 
     if y is None:
-        raise TaskInputError("fine-tuning needs labels: the training data has no `y`",
-                             hint="give `data: {training: ...}` an .npz with `x` and `y`")
+        raise TaskInputError(
+            "fine-tuning needs labels: the training data has no `y`", hint="give `data: {training: ...}` an .npz with `x` and `y`"
+        )
     loss = params.get("loss", "auto")
     if loss == "auto":
         out = np.asarray(model.predict(x[:16], verbose=0))
@@ -69,8 +70,11 @@ def _compile(model, params, x, y):
             loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
         else:
             loss = "mse"
-    model.compile(optimizer=tf_keras.optimizers.Adam(params.get("learning_rate", 1e-4)), loss=loss,
-                  metrics=["accuracy"] if not isinstance(loss, str) else [])
+    model.compile(
+        optimizer=tf_keras.optimizers.Adam(params.get("learning_rate", 1e-4)),
+        loss=loss,
+        metrics=["accuracy"] if not isinstance(loss, str) else [],
+    )
 
 
 class _Progress:
@@ -105,8 +109,13 @@ def prune(folder: Path, task: dict) -> dict:
     if p["schedule"] == "constant":
         schedule = sparsity.ConstantSparsity(p["target_sparsity"], begin_step=0, frequency=max(1, steps_per_epoch // 4))
     else:
-        schedule = sparsity.PolynomialDecay(initial_sparsity=0.0, final_sparsity=p["target_sparsity"], begin_step=0,
-                                            end_step=max(1, int(end_step * 0.8)), frequency=max(1, steps_per_epoch // 4))
+        schedule = sparsity.PolynomialDecay(
+            initial_sparsity=0.0,
+            final_sparsity=p["target_sparsity"],
+            begin_step=0,
+            end_step=max(1, int(end_step * 0.8)),
+            frequency=max(1, steps_per_epoch // 4),
+        )
     prunable = set(p.get("layer_types") or ["Conv2D", "Dense", "DepthwiseConv2D", "Conv1D", "SeparableConv2D"])
 
     def wrap(layer):
@@ -121,9 +130,15 @@ def prune(folder: Path, task: dict) -> dict:
     pruned.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, callbacks=callbacks, shuffle=True)
     stripped = sparsity.strip_pruning(pruned)
     np.savez(folder / "weights_out.npz", **weights_by_name(stripped.layers))
-    kernels = {l.name: l.get_weights()[0] for l in stripped.layers if type(l).__name__ in prunable and l.get_weights()}
-    return {"sparsity": _sparsity(list(kernels.values())),
-            "per_layer_sparsity": {name: round(_sparsity([k]), 4) for name, k in kernels.items()}}
+    kernels = {
+        layer.name: layer.get_weights()[0]
+        for layer in stripped.layers
+        if type(layer).__name__ in prunable and layer.get_weights()
+    }
+    return {
+        "sparsity": _sparsity(list(kernels.values())),
+        "per_layer_sparsity": {name: round(_sparsity([k]), 4) for name, k in kernels.items()},
+    }
 
 
 def qat(folder: Path, task: dict) -> dict:
@@ -141,15 +156,17 @@ def qat(folder: Path, task: dict) -> dict:
             hint += ", or run `fuse` first so no BatchNormalization follows an activation"
         raise TaskInputError(f"tfmot cannot make this model quantization-aware: {first}", hint=hint) from None
     _compile(q_model, p, x, y)
-    q_model.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, shuffle=True,
-                callbacks=[_Progress("qat", p["epochs"])])
-    from pipeline_stage.engine.convert import build_converter
+    q_model.fit(
+        x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, shuffle=True, callbacks=[_Progress("qat", p["epochs"])]
+    )
     from pipeline_stage.contract.data import Dataset
     from pipeline_stage.contract.steps import ConversionSettings
+    from pipeline_stage.engine.convert import build_converter
 
     cx, _ = _data(task["calibration"])
-    converter = build_converter(None, ConversionSettings(**task["conversion"]), keras_model=q_model,
-                                representative=Dataset(cx, None, "calibration"))
+    converter = build_converter(
+        None, ConversionSettings(**task["conversion"]), keras_model=q_model, representative=Dataset(cx, None, "calibration")
+    )
     print("qat: converting the quantization-aware model to int8", file=sys.__stdout__, flush=True)
     (folder / "model.tflite").write_bytes(converter.convert())
     return {}

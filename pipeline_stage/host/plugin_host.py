@@ -129,8 +129,7 @@ def load_entry_point_plugins(pm: pluggy.PluginManager, distributions: dict[str, 
             plugin = ep.load()
         except Exception as exc:  # a broken plugin must name itself, whatever it raised
             raise PluginLoadError(
-                f"plugin `{ep.name}` ({ep.value}) from distribution `{dist}` failed to import: "
-                f"{type(exc).__name__}: {exc}",
+                f"plugin `{ep.name}` ({ep.value}) from distribution `{dist}` failed to import: {type(exc).__name__}: {exc}",
                 hint=f"fix or uninstall `{dist_name}`, or set PIPELINE_STAGE_DISABLE_PLUGINS={ep.name}",
             ) from exc
         pm.register(plugin, name=ep.name)
@@ -150,13 +149,17 @@ def _object_registrar(table: dict[str, Any]):
         def register(name: str, obj: Any) -> None:
             who = f"plugin `{plugin}` (distribution `{dist}`)"
             if not isinstance(name, str) or not name:
-                raise PluginLoadError(f"{who} registered a Keras object without a name",
-                                      hint="call register('package>ClassName', TheClass)")
+                raise PluginLoadError(
+                    f"{who} registered a Keras object without a name", hint="call register('package>ClassName', TheClass)"
+                )
             if name in table and table[name] is not obj:
-                raise PluginLoadError(f"{who} registers Keras object `{name}`, but that name is already taken by {owners[name]}",
-                                      hint="rename one of them, or disable one with PIPELINE_STAGE_DISABLE_PLUGINS")
+                raise PluginLoadError(
+                    f"{who} registers Keras object `{name}`, but that name is already taken by {owners[name]}",
+                    hint="rename one of them, or disable one with PIPELINE_STAGE_DISABLE_PLUGINS",
+                )
             table[name] = obj
             owners[name] = who
+
         return register
 
     return for_plugin
@@ -207,8 +210,7 @@ def _collect(host: PluginHost, hook_name: str, registrar) -> None:
             raise
         except Exception as exc:
             raise PluginLoadError(
-                f"plugin `{impl.plugin_name}` (distribution `{dist}`) failed in {hook_name}: "
-                f"{type(exc).__name__}: {exc}"
+                f"plugin `{impl.plugin_name}` (distribution `{dist}`) failed in {hook_name}: {type(exc).__name__}: {exc}"
             ) from exc
 
 
@@ -236,9 +238,11 @@ def build_host(*, load_entry_points: bool = True, extra_plugins: Iterable[tuple[
         # pluggy names the plugin object (`exc.plugin`), not its registration name
         name = pm.get_name(exc.plugin) or ""
         dist = distributions.get(name, name or "?")
-        raise PluginLoadError(f"plugin `{name}` (distribution `{dist}`): {exc}",
-                              hint="check the hook's name against `pipeline_stage.contract.hookspecs` "
-                                   "(`pipeline-stage plugins` lists the hooks each plugin implements)") from exc
+        raise PluginLoadError(
+            f"plugin `{name}` (distribution `{dist}`): {exc}",
+            hint="check the hook's name against `pipeline_stage.contract.hookspecs` "
+            "(`pipeline-stage plugins` lists the hooks each plugin implements)",
+        ) from exc
     host = PluginHost(pm=pm, distributions=distributions)
     _collect(host, "register_steps", _class_registrar("step", Step, host.steps))
     _collect(host, "register_metrics", _class_registrar("metric", Metric, host.metrics))
@@ -267,13 +271,15 @@ def describe(host: PluginHost) -> dict[str, Any]:
         out = []
         for pname, fld in cls.Params.model_fields.items():
             prop = schema.get("properties", {}).get(pname, {})
-            out.append({
-                "name": pname,
-                "type": _type_name(prop),
-                "default": None if fld.is_required() else _jsonable(fld.get_default(call_default_factory=True)),
-                "required": fld.is_required(),
-                "doc": fld.description or "",
-            })
+            out.append(
+                {
+                    "name": pname,
+                    "type": _type_name(prop),
+                    "default": None if fld.is_required() else _jsonable(fld.get_default(call_default_factory=True)),
+                    "required": fld.is_required(),
+                    "doc": fld.description or "",
+                }
+            )
         return out
 
     return {
@@ -289,8 +295,14 @@ def describe(host: PluginHost) -> dict[str, Any]:
             for name, p in sorted(host.steps.items())
         ],
         "metrics": [
-            {"name": name, "higher_is_better": p.cls.higher_is_better, "unit": p.cls.unit,
-             "summary": p.cls.summary(), "plugin": p.plugin, "distribution": p.distribution}
+            {
+                "name": name,
+                "higher_is_better": p.cls.higher_is_better,
+                "unit": p.cls.unit,
+                "summary": p.cls.summary(),
+                "plugin": p.plugin,
+                "distribution": p.distribution,
+            }
             for name, p in sorted(host.metrics.items())
         ],
         "data_loaders": [
@@ -298,13 +310,23 @@ def describe(host: PluginHost) -> dict[str, Any]:
             for name, p in sorted(host.loaders.items())
         ],
         "search_moves": [
-            {"name": name, "kind": p.cls.kind, "cost": p.cls.cost, "summary": p.cls.summary(),
-             "requirement": p.cls.requirement, "plugin": p.plugin, "distribution": p.distribution}
+            {
+                "name": name,
+                "kind": p.cls.kind,
+                "cost": p.cls.cost,
+                "summary": p.cls.summary(),
+                "requirement": p.cls.requirement,
+                "plugin": p.plugin,
+                "distribution": p.distribution,
+            }
             for name, p in host.moves.items()
         ],
         "plugins": [
-            {"name": name, "distribution": host.distributions.get(name, name),
-             "hooks": sorted(h.name for h in (host.pm.get_hookcallers(plugin) or []))}
+            {
+                "name": name,
+                "distribution": host.distributions.get(name, name),
+                "hooks": sorted(h.name for h in (host.pm.get_hookcallers(plugin) or [])),
+            }
             for name, plugin in sorted(host.pm.list_name_plugin(), key=lambda kv: kv[0])
         ],
     }

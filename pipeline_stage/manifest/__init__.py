@@ -20,5 +20,17 @@ from pipeline_stage.manifest.loader import (
 )
 from pipeline_stage.manifest.schema import DATA_SETS, Manifest, SearchSpec, check_model_uri
 
-__all__ = ["DATA_SETS", "GATE_RULES", "Gate", "LoadedManifest", "Manifest", "SearchSpec", "check_model_uri",
-           "load_manifest", "manifest_json_schema", "parse_chain_item", "parse_manifest", "parse_steps"]
+__all__ = [
+    "DATA_SETS",
+    "GATE_RULES",
+    "Gate",
+    "LoadedManifest",
+    "Manifest",
+    "SearchSpec",
+    "check_model_uri",
+    "load_manifest",
+    "manifest_json_schema",
+    "parse_chain_item",
+    "parse_manifest",
+    "parse_steps",
+]

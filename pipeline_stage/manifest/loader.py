@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,11 @@ class LoadedManifest:
         if self.manifest.search is not None:  # a search may register another chain: its whole spec counts
             search = self.manifest.search.model_dump(mode="json", exclude={"candidates"})
             search["moves"] = self.moves  # what it may do, whether written or by default
-            chain = {"chain": chain, "search": search,
-                     "candidates": [[[s.name, s.params.model_dump(mode="json")] for s in c] for c in self.candidates]}
+            chain = {
+                "chain": chain,
+                "search": search,
+                "candidates": [[[s.name, s.params.model_dump(mode="json")] for s in c] for c in self.candidates],
+            }
         return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
 
     def required_data(self, host: PluginHost) -> set[str]:
@@ -76,8 +80,9 @@ def _did_you_mean(word: str, options: list[str]) -> str | None:
     return f"did you mean `{close[0]}`?" if close else None
 
 
-def _pydantic_error(exc: ValidationError, model: type[BaseModel], path: str, lines: dict, prefix: tuple = (),
-                    what: str = "") -> ManifestError:
+def _pydantic_error(
+    exc: ValidationError, model: type[BaseModel], path: str, lines: dict, prefix: tuple = (), what: str = ""
+) -> ManifestError:
     err = exc.errors()[0]
     loc = prefix + tuple(err["loc"])
     field = fmt_loc(loc)
@@ -122,20 +127,26 @@ def load_manifest(path: str | Path, host: PluginHost, *, model_uri: str | None =
     return parse_manifest(text, host, path=path, model_uri=model_uri)
 
 
-
 def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", model_uri: str | None = None) -> LoadedManifest:
     """Validate manifest text (see :func:`load_manifest`)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is not None and expanded_size(root, {}) > MAX_NODES:
-            raise ManifestError(f"the document expands to more than {MAX_NODES:,} values (YAML aliases)", path=path,
-                                hint="write the manifest out without nested anchors and aliases")
+            raise ManifestError(
+                f"the document expands to more than {MAX_NODES:,} values (YAML aliases)",
+                path=path,
+                hint="write the manifest out without nested anchors and aliases",
+            )
         raw = yaml.load(text, Loader=NoDuplicatesLoader)  # a SafeLoader: no Python objects from YAML
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ManifestError(f"invalid YAML: {problem}", path=path, line=mark.line + 1 if mark else None,
-                            hint="check indentation, colons and quotes on that line") from None
+        raise ManifestError(
+            f"invalid YAML: {problem}",
+            path=path,
+            line=mark.line + 1 if mark else None,
+            hint="check indentation, colons and quotes on that line",
+        ) from None
     except RecursionError:
         raise ManifestError("invalid YAML: nested too deeply", path=path) from None
     lines = line_map(text)
@@ -157,38 +168,59 @@ def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", mod
             raise ManifestError(str(exc), path=path, field="--model-uri") from None
         manifest.model = model_uri
     if manifest.model is None:
-        raise ManifestError("no model given", path=path, field="model",
-                            hint="set `model: models:/<name>@<alias>` in the manifest or pass --model-uri")
+        raise ManifestError(
+            "no model given",
+            path=path,
+            field="model",
+            hint="set `model: models:/<name>@<alias>` in the manifest or pass --model-uri",
+        )
 
     steps = parse_steps(manifest.chain, host, path=path, lines=lines, loc=("chain",))
     known_metrics = sorted(host.metrics)
 
     def check_metric(name: str, loc: tuple) -> None:
         if name not in host.metrics:
-            raise ManifestError(f"unknown metric `{name}`; installed metrics: {', '.join(known_metrics)}", path=path,
-                                line=line_for(lines, loc), field=fmt_loc(loc), hint=_did_you_mean(name, known_metrics))
+            raise ManifestError(
+                f"unknown metric `{name}`; installed metrics: {', '.join(known_metrics)}",
+                path=path,
+                line=line_for(lines, loc),
+                field=fmt_loc(loc),
+                hint=_did_you_mean(name, known_metrics),
+            )
 
     candidates: list[list[Step]] = []
     moves: list[str] = []
     if manifest.search is not None:
         search = manifest.search
         if search.strategy == "candidates" and not search.candidates:
-            raise ManifestError("strategy `candidates` needs at least one chain under `search.candidates`", path=path,
-                                line=line_for(lines, ("search", "strategy")), field="search.candidates",
-                                hint="add `candidates: [[{fuse: {}}, {quantize: {mode: int8}}], ...]`, or use strategy auto")
+            raise ManifestError(
+                "strategy `candidates` needs at least one chain under `search.candidates`",
+                path=path,
+                line=line_for(lines, ("search", "strategy")),
+                field="search.candidates",
+                hint="add `candidates: [[{fuse: {}}, {quantize: {mode: int8}}], ...]`, or use strategy auto",
+            )
         moves = _search_moves(search.moves, host, path=path, lines=lines)
         if search.strategy == "auto":
             as_written = [(name, dict(params or {})) for name, params in map(parse_chain_item, manifest.chain)]
             usable = [host.moves[n].cls for n in moves if host.moves[n].cls().applies(as_written)]
             if not usable:
                 needs = "; ".join(f"`{n}` needs {host.moves[n].cls.requirement or 'another chain'}" for n in moves)
-                raise ManifestError(f"strategy `auto` has no search move for this chain ({needs or 'no moves installed'})",
-                                    path=path, line=line_for(lines, ("search", "strategy")), field="search.strategy",
-                                    hint="change the chain so that a move applies (e.g. `- quantize: {mode: int8}`), "
-                                         "or use strategy candidates")
+                raise ManifestError(
+                    f"strategy `auto` has no search move for this chain ({needs or 'no moves installed'})",
+                    path=path,
+                    line=line_for(lines, ("search", "strategy")),
+                    field="search.strategy",
+                    hint="change the chain so that a move applies (e.g. `- quantize: {mode: int8}`), or use strategy candidates",
+                )
             if not manifest.gates:
-                raise ManifestError("strategy `auto` searches until the gates pass, but there are no gates", path=path,
-                                    line=line_for(lines, ("search",)), field="gates", hint="add e.g. `- {metric: accuracy, max_drop: 0.01}`")
+                raise ManifestError(
+                    "strategy `auto` searches until the gates pass, but there are no gates",
+                    path=path,
+                    line=line_for(lines, ("search",)),
+                    field="gates",
+                    hint="add e.g. `- {metric: accuracy, max_drop: 0.01}`",
+                )
         for k, chain in enumerate(search.candidates):
             candidates.append(parse_steps(chain, host, path=path, lines=lines, loc=("search", "candidates", k)))
         for j, name in enumerate(search.objective):
@@ -200,21 +232,35 @@ def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", mod
     for j, gate in enumerate(manifest.gates):
         check_metric(gate.metric, ("gates", j, "metric"))
 
-    loaded = LoadedManifest(path=path, manifest=manifest, steps=steps, raw=raw, text=text, lines=lines, candidates=candidates,
-                            moves=moves if manifest.search is not None else [])
+    loaded = LoadedManifest(
+        path=path,
+        manifest=manifest,
+        steps=steps,
+        raw=raw,
+        text=text,
+        lines=lines,
+        candidates=candidates,
+        moves=moves if manifest.search is not None else [],
+    )
     for data_set in sorted(loaded.required_data(host)):
         if getattr(manifest.data, data_set) is None:
             users = [s.name for s in steps if data_set in s.required_data()] or ["the metrics and gates"]
             raise ManifestError(
-                f"`{data_set}` data is required by {', '.join(users)} but not given", path=path,
-                line=line_for(lines, ("data",)), field=f"data.{data_set}",
+                f"`{data_set}` data is required by {', '.join(users)} but not given",
+                path=path,
+                line=line_for(lines, ("data",)),
+                field=f"data.{data_set}",
                 hint=f"add `data: {{{data_set}: <URI of an .npz with arrays x and y>}}`",
             )
     if manifest.registration is not None and manifest.registration.alias and not manifest.gates:
         # Moving an alias with no gate would promote anything; require the author to say so.
-        raise ManifestError("`register.alias` is set but there are no gates to decide when to move it",
-                            path=path, line=line_for(lines, ("register", "alias")), field="register.alias",
-                            hint="add at least one gate, e.g. `- {metric: accuracy, max_drop: 0.01}`")
+        raise ManifestError(
+            "`register.alias` is set but there are no gates to decide when to move it",
+            path=path,
+            line=line_for(lines, ("register", "alias")),
+            field="register.alias",
+            hint="add at least one gate, e.g. `- {metric: accuracy, max_drop: 0.01}`",
+        )
     return loaded
 
 
@@ -226,9 +272,13 @@ def _search_moves(names: list[str] | None, host: PluginHost, *, path: str, lines
     for j, name in enumerate(names):
         if name not in host.moves:
             loc = ("search", "moves", j)
-            raise ManifestError(f"unknown search move `{name}`; installed moves: {', '.join(known) or 'none'}", path=path,
-                                line=line_for(lines, loc), field=fmt_loc(loc),
-                                hint=_did_you_mean(name, known) or "install the plugin that provides it (`pipeline-stage plugins` lists them)")
+            raise ManifestError(
+                f"unknown search move `{name}`; installed moves: {', '.join(known) or 'none'}",
+                path=path,
+                line=line_for(lines, loc),
+                field=fmt_loc(loc),
+                hint=_did_you_mean(name, known) or "install the plugin that provides it (`pipeline-stage plugins` lists them)",
+            )
     return list(names)
 
 
@@ -246,30 +296,43 @@ def parse_steps(items: list[Any], host: PluginHost, *, path: str, lines: dict, l
         provided = host.steps.get(name)
         if provided is None:
             hint = _did_you_mean(name, known)
-            raise ManifestError(f"unknown step `{name}`; installed steps: {', '.join(known)}", path=path,
-                                line=line_for(lines, item_loc), field=fmt_loc(item_loc),
-                                hint=hint or "install the plugin that provides it (`pipeline-stage plugins` lists what is installed)")
+            raise ManifestError(
+                f"unknown step `{name}`; installed steps: {', '.join(known)}",
+                path=path,
+                line=line_for(lines, item_loc),
+                field=fmt_loc(item_loc),
+                hint=hint or "install the plugin that provides it (`pipeline-stage plugins` lists what is installed)",
+            )
         cls = provided.cls
         if params is not None and not isinstance(params, dict):
-            raise ManifestError(f"params of step `{name}` must be a mapping, found {type(params).__name__}",
-                                path=path, line=line_for(lines, item_loc + (name,)), field=fmt_loc(item_loc + (name,)))
+            raise ManifestError(
+                f"params of step `{name}` must be a mapping, found {type(params).__name__}",
+                path=path,
+                line=line_for(lines, item_loc + (name,)),
+                field=fmt_loc(item_loc + (name,)),
+            )
         try:
             step_params = cls.Params.model_validate(params or {})
         except ValidationError as exc:
-            raise _pydantic_error(exc, cls.Params, path, lines, prefix=item_loc + (name,),
-                                  what=f" for step `{name}`") from None
+            raise _pydantic_error(exc, cls.Params, path, lines, prefix=item_loc + (name,), what=f" for step `{name}`") from None
         try:
             steps.append(cls(step_params))
         except Exception as exc:
-            raise ManifestError(f"step `{name}` rejected its params: {exc}", path=path,
-                                line=line_for(lines, item_loc + (name,)), field=fmt_loc(item_loc + (name,))) from None
+            raise ManifestError(
+                f"step `{name}` rejected its params: {exc}",
+                path=path,
+                line=line_for(lines, item_loc + (name,)),
+                field=fmt_loc(item_loc + (name,)),
+            ) from None
 
     for i in range(1, len(steps)):
         prev, cur = steps[i - 1], steps[i]
         if cur.phase.order < prev.phase.order:
             raise ManifestError(
                 f"step `{cur.name}` (phase {cur.phase.value}) comes after `{prev.name}` (phase {prev.phase.value})",
-                path=path, line=line_for(lines, loc + (i,)), field=f"{where}[{i}]",
+                path=path,
+                line=line_for(lines, loc + (i,)),
+                field=f"{where}[{i}]",
                 hint=f"order the chain by phase: {' -> '.join(p.value for p in Phase)}; move `{cur.name}` before `{prev.name}`",
             )
     return steps
@@ -284,17 +347,22 @@ def manifest_json_schema(host: PluginHost) -> dict[str, Any]:
         defs = params_schema.pop("$defs", {})
         schema.setdefault("$defs", {}).update(defs)
         params_schema.setdefault("description", provided.cls.summary())
-        items.append({
-            "type": "object",
-            "title": name,
-            "description": f"[{provided.cls.phase.value}] {provided.cls.summary()}",
-            "properties": {name: {"anyOf": [params_schema, {"type": "null"}]}},
-            "required": [name],
-            "additionalProperties": False,
-        })
+        items.append(
+            {
+                "type": "object",
+                "title": name,
+                "description": f"[{provided.cls.phase.value}] {provided.cls.summary()}",
+                "properties": {name: {"anyOf": [params_schema, {"type": "null"}]}},
+                "required": [name],
+                "additionalProperties": False,
+            }
+        )
         items.append({"const": name, "title": name})
-    schema["properties"]["chain"] = {"type": "array", "description": schema["properties"]["chain"].get("description", ""),
-                                     "items": {"anyOf": items}}
+    schema["properties"]["chain"] = {
+        "type": "array",
+        "description": schema["properties"]["chain"].get("description", ""),
+        "items": {"anyOf": items},
+    }
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "pipeline-stage manifest"
     return schema

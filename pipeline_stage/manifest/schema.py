@@ -37,7 +37,7 @@ class EvaluationSpec(_Strict):
     metrics: list[str] | None = Field(
         None,
         description="Metrics computed for baseline and candidate; gated metrics are always added. Default: "
-                    "accuracy (when evaluation data is given), size_bytes, latency_p50_ms.",
+        "accuracy (when evaluation data is given), size_bytes, latency_p50_ms.",
     )
     per_step: list[str] = Field(
         default_factory=lambda: ["size_bytes"],
@@ -45,7 +45,9 @@ class EvaluationSpec(_Strict):
     )
     max_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many samples.")
     batch_size: int = Field(64, ge=1, le=4096, description="Batch size for accuracy evaluation.")
-    threads: int | None = Field(None, ge=1, le=256, description="Interpreter threads for accuracy evaluation (default: all cores).")
+    threads: int | None = Field(
+        None, ge=1, le=256, description="Interpreter threads for accuracy evaluation (default: all cores)."
+    )
     latency_runs: int = Field(100, ge=5, le=100000, description="Invocations for latency (batch 1, 1 thread, XNNPACK).")
 
 
@@ -55,17 +57,23 @@ class RegisterSpec(_Strict):
     name: str = Field(pattern=MODEL_NAME_RE, description="Registered model name (created if missing).")
     alias: str | None = Field(None, pattern=ALIAS_RE, description="Alias moved to the new version only when every gate passes.")
     on_failure: Literal["skip", "register"] = Field(
-        "skip", description="On a failed gate: `skip` registers nothing; `register` registers the version tagged as failed, never aliased."
+        "skip",
+        description="On a failed gate: `skip` registers nothing; `register` registers the version tagged as failed, never aliased.",
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags for the new version.")
-    priority: int = Field(0, description="Rank of this chain for the alias: the alias goes to the newest passing version "
-                                         "of the highest-priority chain registered for it (so concurrent stages agree).")
+    priority: int = Field(
+        0,
+        description="Rank of this chain for the alias: the alias goes to the newest passing version "
+        "of the highest-priority chain registered for it (so concurrent stages agree).",
+    )
 
 
 class ConversionSpec(_Strict):
     """Converter options that are the manifest author's call, not a step's."""
 
-    allow_select_tf_ops: bool = Field(False, description="Let ops without a TFLite builtin run as TF Select ops (needs the Flex delegate at run time).")
+    allow_select_tf_ops: bool = Field(
+        False, description="Let ops without a TFLite builtin run as TF Select ops (needs the Flex delegate at run time)."
+    )
     allow_custom_ops: bool = Field(False, description="Keep unknown ops as custom ops (the runtime must provide them).")
 
 
@@ -79,19 +87,39 @@ class SearchBudget(_Strict):
 class SearchSpec(_Strict):
     """Accuracy-aware search: when the chain as written may fail its gates, try alternatives."""
 
-    strategy: Literal["candidates", "auto"] = Field(description=(
-        "candidates: try the chain and the listed alternative chains (cheapest first); auto: start from the chain "
-        "and apply the search moves the installed plugins register (`pipeline-stage plugins` lists them)."))
-    objective: list[str] = Field(default_factory=lambda: ["latency_p50_ms", "size_bytes"], min_length=1, description=(
-        "Metrics that rank passing trials, most important first (each in its own good direction); one name or a list."))
-    candidates: list[list[Any]] = Field(default_factory=list, description="strategy candidates: alternative chains, each a list of steps.")
-    stop_at_first_pass: bool = Field(False, description="candidates: stop at the first passing chain in cost order instead of trying all.")
-    moves: list[str] | None = Field(None, description="auto: the search moves it may make, by name (default: every installed move).")
+    strategy: Literal["candidates", "auto"] = Field(
+        description=(
+            "candidates: try the chain and the listed alternative chains (cheapest first); auto: start from the chain "
+            "and apply the search moves the installed plugins register (`pipeline-stage plugins` lists them)."
+        )
+    )
+    objective: list[str] = Field(
+        default_factory=lambda: ["latency_p50_ms", "size_bytes"],
+        min_length=1,
+        description=(
+            "Metrics that rank passing trials, most important first (each in its own good direction); one name or a list."
+        ),
+    )
+    candidates: list[list[Any]] = Field(
+        default_factory=list, description="strategy candidates: alternative chains, each a list of steps."
+    )
+    stop_at_first_pass: bool = Field(
+        False, description="candidates: stop at the first passing chain in cost order instead of trying all."
+    )
+    moves: list[str] | None = Field(
+        None, description="auto: the search moves it may make, by name (default: every installed move)."
+    )
     max_float_nodes: int = Field(8, ge=1, le=1000, description="auto: most nodes kept in float (the keep_float_nodes move).")
     budget: SearchBudget = Field(default_factory=SearchBudget)
     parallel: int | None = Field(None, ge=1, le=256, description="Trials run at once (default: the machine's cores).")
-    tie_tolerance: float = Field(0.05, ge=0, lt=1, description=(
-        "Objective values within this relative distance count as equal (timings are noisy), so the next objective decides."))
+    tie_tolerance: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description=(
+            "Objective values within this relative distance count as equal (timings are noisy), so the next objective decides."
+        ),
+    )
     seed: int = Field(0, description="Seed for every trial's fine-tuning steps; the same inputs and seed give the same search.")
 
     @field_validator("objective", mode="before")
@@ -103,18 +131,26 @@ class SearchSpec(_Strict):
 class Manifest(_Strict):
     """A pipeline-stage manifest."""
 
-    model: str | None = Field(None, description="models:/name@alias, models:/name/N, runs:/<id>/path, or a local .keras/SavedModel path. `--model-uri` overrides it.")
+    model: str | None = Field(
+        None,
+        description="models:/name@alias, models:/name/N, runs:/<id>/path, or a local .keras/SavedModel path. `--model-uri` overrides it.",
+    )
     data: DataSpec = Field(default_factory=DataSpec)
     chain: list[Any] = Field(description="Ordered steps; each item is `step_name: {params}` (or just `step_name`).")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     gates: list[Gate] = Field(default_factory=list)
     # `register` is a BaseModel attribute name, hence the alias.
-    registration: RegisterSpec | None = Field(None, alias="register", description="Where the result is registered; omit to only evaluate.")
+    registration: RegisterSpec | None = Field(
+        None, alias="register", description="Where the result is registered; omit to only evaluate."
+    )
     conversion: ConversionSpec = Field(default_factory=ConversionSpec)
-    search: SearchSpec | None = Field(None, description="Search for a chain that passes the gates (see the README's Search section).")
+    search: SearchSpec | None = Field(
+        None, description="Search for a chain that passes the gates (see the README's Search section)."
+    )
     experiment: str = Field("pipeline-stage", min_length=1, description="MLflow experiment of the stage's runs.")
     allow_unsafe_deserialization: bool = Field(
-        False, description="Load Keras models with safe_mode off (runs Lambda layers' code). Only for models you trust.")
+        False, description="Load Keras models with safe_mode off (runs Lambda layers' code). Only for models you trust."
+    )
 
     @field_validator("model")
     @classmethod
@@ -124,17 +160,18 @@ class Manifest(_Strict):
         return value
 
 
-
 def check_model_uri(uri: str) -> None:
     """Raise ValueError for a model URI that can never resolve."""
     if uri.startswith("models:/"):
-        rest = uri[len("models:/"):]
-        if not (re.fullmatch(r"[^/@]+@[A-Za-z_][\w\-]*", rest) or re.fullmatch(r"[^/@]+/(\d+|latest)", rest)
-                or re.fullmatch(r"m-[0-9a-f]+", rest)):
+        rest = uri[len("models:/") :]
+        if not (
+            re.fullmatch(r"[^/@]+@[A-Za-z_][\w\-]*", rest)
+            or re.fullmatch(r"[^/@]+/(\d+|latest)", rest)
+            or re.fullmatch(r"m-[0-9a-f]+", rest)
+        ):
             raise ValueError(f"`{uri}` is not a model registry URI: use models:/<name>@<alias> or models:/<name>/<version>")
     elif uri.startswith("runs:/"):
         if not re.fullmatch(r"runs:/[0-9a-zA-Z_\-]+/.+", uri) and not re.fullmatch(r"runs:/[0-9a-zA-Z_\-]+/?", uri):
             raise ValueError(f"`{uri}` is not a run URI: use runs:/<run_id>/<artifact path>")
     elif not uri.strip():
         raise ValueError("the model URI is empty")
-

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+
 def line_map(text: str) -> dict[tuple, int]:
     """Map every key path of the YAML document to its (1-based) line."""
     lines: dict[tuple, int] = {}
@@ -41,8 +42,7 @@ def _construct_mapping(loader: NoDuplicatesLoader, node: yaml.MappingNode, deep:
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key `{key}`", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key `{key}`", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -66,7 +66,6 @@ def line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
     return lines.get(())
 
 
-
 MAX_NODES = 100_000  # after expanding YAML aliases; a real manifest has a few hundred
 
 
@@ -81,5 +80,3 @@ def expanded_size(node: Any, memo: dict[int, int]) -> int:
         else:
             memo[key] = 1
     return memo[key]
-
-

@@ -38,8 +38,11 @@ def find_reusable(client, name: str, identity: dict[str, str]) -> Any:
     """
     for mv in sorted(all_versions(client, name), key=lambda v: int(v.version)):
         tags = mv.tags or {}
-        if mv.status == "READY" and tags.get("pipeline_stage.passed") == "true" and \
-                all(tags.get(k) == v for k, v in identity.items()):
+        if (
+            mv.status == "READY"
+            and tags.get("pipeline_stage.passed") == "true"
+            and all(tags.get(k) == v for k, v in identity.items())
+        ):
             return mv
     return None
 
@@ -47,8 +50,13 @@ def find_reusable(client, name: str, identity: dict[str, str]) -> Any:
 def alias_winner(versions: list, alias: str) -> Any:
     """The rule: among READY versions that passed and asked for `alias`, the newest of the
     highest `register.priority`. Failed versions never win."""
-    eligible = [v for v in versions if v.status == "READY" and (v.tags or {}).get("pipeline_stage.passed") == "true"
-                and (v.tags or {}).get("pipeline_stage.alias") == alias]
+    eligible = [
+        v
+        for v in versions
+        if v.status == "READY"
+        and (v.tags or {}).get("pipeline_stage.passed") == "true"
+        and (v.tags or {}).get("pipeline_stage.alias") == alias
+    ]
     if not eligible:
         return None
     return max(eligible, key=lambda v: (int((v.tags or {}).get("pipeline_stage.priority", "0")), int(v.version)))
@@ -71,8 +79,9 @@ def settle_alias(client, name: str, alias: str, attempts: int = 10) -> str | Non
     return chosen
 
 
-def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.ndarray | None,
-                     tags: dict[str, str], alias: str | None) -> Registered:
+def register_version(
+    run: StageRun, *, name: str, tflite_path: Path, sample: np.ndarray | None, tags: dict[str, str], alias: str | None
+) -> Registered:
     """Log the .tflite as a pyfunc model, register it as a new version of `name`, then settle `alias`.
 
     The version is complete (artifacts, tags) before the alias moves; if anything fails after the
@@ -95,8 +104,11 @@ def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.
         artifacts={"tflite": str(tflite_path)},
         code_paths=[str(RUNTIME_CODE)],
         signature=signature,
-        pip_requirements=[f"ai-edge-litert=={dist_version('ai-edge-litert')}", f"numpy=={np.__version__}",
-                          f"mlflow=={mlflow.__version__}"],
+        pip_requirements=[
+            f"ai-edge-litert=={dist_version('ai-edge-litert')}",
+            f"numpy=={np.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
     )
     client = run.client
     mv = None
@@ -111,9 +123,13 @@ def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.
             except mlflow.exceptions.MlflowException as exc:  # another stage created it meanwhile
                 if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                     raise
-        mv = client.create_model_version(name=name, source=info.model_uri, run_id=run.run_id,
-                                         tags={k: tag_value(v) for k, v in tags.items()},
-                                         model_id=getattr(info, "model_id", None))
+        mv = client.create_model_version(
+            name=name,
+            source=info.model_uri,
+            run_id=run.run_id,
+            tags={k: tag_value(v) for k, v in tags.items()},
+            model_id=getattr(info, "model_id", None),
+        )
         deadline = time.monotonic() + 300
         while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -139,9 +155,17 @@ def register_version(run: StageRun, *, name: str, tflite_path: Path, sample: np.
         if isinstance(exc, StageError):
             raise
         raise TrackingError(f"registering `{name}` failed: {redact(str(exc))[:300]}") from exc
-    return Registered(name=name, version=str(mv.version), alias=alias if holder == str(mv.version) else None,
-                      alias_holder=holder, uri=f"models:/{name}/{mv.version}", reused=False,
-                      run_id=run.run_id, model_uri=info.model_uri, tflite_uri=f"runs:/{run.run_id}/{TFLITE_ARTIFACT}")
+    return Registered(
+        name=name,
+        version=str(mv.version),
+        alias=alias if holder == str(mv.version) else None,
+        alias_holder=holder,
+        uri=f"models:/{name}/{mv.version}",
+        reused=False,
+        run_id=run.run_id,
+        model_uri=info.model_uri,
+        tflite_uri=f"runs:/{run.run_id}/{TFLITE_ARTIFACT}",
+    )
 
 
 def _alias_holder(client, name: str, alias: str) -> str | None:
@@ -156,10 +180,17 @@ def _alias_holder(client, name: str, alias: str) -> str | None:
 def reuse_version(client, mv, alias: str | None) -> Registered:
     """Report an earlier identical version as this run's result (and settle the alias)."""
     holder = settle_alias(client, mv.name, alias) if alias else None
-    return Registered(name=mv.name, version=str(mv.version), alias=alias if holder == str(mv.version) else None,
-                      alias_holder=holder, uri=f"models:/{mv.name}/{mv.version}", reused=True,
-                      run_id=(mv.tags or {}).get("pipeline_stage.run_id"), model_uri=mv.source,
-                      tflite_uri=(mv.tags or {}).get("tflite_artifact"))
+    return Registered(
+        name=mv.name,
+        version=str(mv.version),
+        alias=alias if holder == str(mv.version) else None,
+        alias_holder=holder,
+        uri=f"models:/{mv.name}/{mv.version}",
+        reused=True,
+        run_id=(mv.tags or {}).get("pipeline_stage.run_id"),
+        model_uri=mv.source,
+        tflite_uri=(mv.tags or {}).get("tflite_artifact"),
+    )
 
 
 def version_tags(report: Report, registration: Any, step_tags: dict[str, str], manifest_sha256: str) -> dict[str, str]:
@@ -167,13 +198,17 @@ def version_tags(report: Report, registration: Any, step_tags: dict[str, str], m
     asked for, and the manifest's own tags last."""
     from pipeline_stage.version import __version__
 
-    tags: dict[str, Any] = {**report.source.tags(), "pipeline_stage.chain_digest": report.manifest.chain_digest,
-                            "pipeline_stage.manifest_sha256": manifest_sha256,
-                            "pipeline_stage.version": __version__, "pipeline_stage.run_id": report.run_id,
-                            "pipeline_stage.passed": str(report.passed).lower(),
-                            "pipeline_stage.chain": " -> ".join(s.name for s in report.steps) or "(none)",
-                            "tflite_artifact": f"runs:/{report.run_id}/{TFLITE_ARTIFACT}",
-                            "pipeline_stage.priority": str(registration.priority)}
+    tags: dict[str, Any] = {
+        **report.source.tags(),
+        "pipeline_stage.chain_digest": report.manifest.chain_digest,
+        "pipeline_stage.manifest_sha256": manifest_sha256,
+        "pipeline_stage.version": __version__,
+        "pipeline_stage.run_id": report.run_id,
+        "pipeline_stage.passed": str(report.passed).lower(),
+        "pipeline_stage.chain": " -> ".join(s.name for s in report.steps) or "(none)",
+        "tflite_artifact": f"runs:/{report.run_id}/{TFLITE_ARTIFACT}",
+        "pipeline_stage.priority": str(registration.priority),
+    }
     if registration.alias:
         tags["pipeline_stage.alias"] = registration.alias
     for name, value in (report.candidate or {}).items():
@@ -187,8 +222,16 @@ def version_tags(report: Report, registration: Any, step_tags: dict[str, str], m
     return {k: tag_value(v) for k, v in tags.items()}
 
 
-def publish(run: StageRun, report: Report, registration: Any, *, tags: dict[str, str], tflite_path: Path,
-            sample: np.ndarray | None, new_version: bool) -> Registered:
+def publish(
+    run: StageRun,
+    report: Report,
+    registration: Any,
+    *,
+    tags: dict[str, str],
+    tflite_path: Path,
+    sample: np.ndarray | None,
+    new_version: bool,
+) -> Registered:
     """Register the run's .tflite (or, for a passing retry of the same chain on the same source
     version, reuse the version registered before); the alias only when every gate passed."""
     earlier = None
@@ -198,5 +241,11 @@ def publish(run: StageRun, report: Report, registration: Any, *, tags: dict[str,
         earlier = find_reusable(run.client, registration.name, identity)
     if earlier is not None:
         return reuse_version(run.client, earlier, registration.alias)
-    return register_version(run, name=registration.name, tflite_path=tflite_path, sample=sample,
-                            tags=tags, alias=registration.alias if report.passed else None)
+    return register_version(
+        run,
+        name=registration.name,
+        tflite_path=tflite_path,
+        sample=sample,
+        tags=tags,
+        alias=registration.alias if report.passed else None,
+    )

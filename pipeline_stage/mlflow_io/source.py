@@ -17,7 +17,7 @@ def resolve(uri: str, client) -> SourceRef:
     found: dict[str, str | None] = {}
     try:
         if uri.startswith("models:/"):
-            rest = uri[len("models:/"):]
+            rest = uri[len("models:/") :]
             if "@" in rest:
                 name, alias = rest.split("@", 1)
                 mv = client.get_model_version_by_alias(name, alias)
@@ -35,14 +35,16 @@ def resolve(uri: str, client) -> SourceRef:
                     mv = client.get_model_version(name, version)
             found = {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id}
         elif uri.startswith("runs:/"):
-            run_id = uri[len("runs:/"):].split("/", 1)[0]
+            run_id = uri[len("runs:/") :].split("/", 1)[0]
             client.get_run(run_id)
             found = {"run_id": run_id}
     except MlflowException as exc:
         code = getattr(exc, "error_code", "")
         if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise InputError(f"model `{uri}` does not exist in the tracking server: {first_line(exc)}",
-                             hint="check the name, version or alias (`mlflow models` / the MLflow UI list them)") from None
+            raise InputError(
+                f"model `{uri}` does not exist in the tracking server: {first_line(exc)}",
+                hint="check the name, version or alias (`mlflow models` / the MLflow UI list them)",
+            ) from None
         raise TrackingError(f"could not resolve model `{uri}`: {first_line(exc)}") from exc
     return SourceRef(uri=uri, **found)
 
@@ -52,7 +54,10 @@ def download(uri: str, dst: Path) -> Path:
     local = Path(uri)
     if not uri.startswith(("models:/", "runs:/")) and "://" not in uri:
         if not local.exists():
-            raise InputError(f"model path `{uri}` does not exist", hint="give a models:/ or runs:/ URI, or an existing .keras file or SavedModel folder")
+            raise InputError(
+                f"model path `{uri}` does not exist",
+                hint="give a models:/ or runs:/ URI, or an existing .keras file or SavedModel folder",
+            )
         return local
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -84,8 +89,10 @@ def download_data(uri: str, dst: Path, field: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except MlflowException as exc:
-        raise InputError(f"`{field}`: cannot download `{redact(uri)}`: {str(exc).splitlines()[0]}",
-                         hint="check the run id and artifact path (the MLflow UI lists a run's artifacts)") from None
+        raise InputError(
+            f"`{field}`: cannot download `{redact(uri)}`: {str(exc).splitlines()[0]}",
+            hint="check the run id and artifact path (the MLflow UI lists a run's artifacts)",
+        ) from None
     except OSError as exc:
         raise InputError(f"`{field}`: cannot download `{redact(uri)}`: {exc}") from None
     if not local.resolve().is_relative_to(dst.resolve()):

@@ -54,7 +54,7 @@ def retrying(fn, *, attempts: int = 5, delay: float = 0.5):
         except Exception:
             if attempt + 1 == attempts:
                 raise
-            time.sleep(delay * 2 ** attempt)
+            time.sleep(delay * 2**attempt)
 
 
 class StageRun:
@@ -75,7 +75,7 @@ class StageRun:
     def log_params(self, params: dict[str, str]) -> None:
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.mlflow.log_params(dict(items[i:i + 100]))
+            self.mlflow.log_params(dict(items[i : i + 100]))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
@@ -91,20 +91,36 @@ class StageRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
 
-    def child_run(self, name: str, *, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str],
-                  artifacts: list[Path], failed: bool = False) -> str:
+    def child_run(
+        self,
+        name: str,
+        *,
+        params: dict[str, str],
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        artifacts: list[Path],
+        failed: bool = False,
+    ) -> str:
         """A finished nested run under this one (a search trial); returns its id. Tag and param values
         are bounded here, as MLflow requires (tag_value, param_value)."""
         from mlflow.entities import Metric, Param, RunTag
 
         experiment_id = self.run.info.experiment_id
         tags = {k: tag_value(v) for k, v in tags.items()}
-        child = retrying(lambda: self.client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, **tags}))
+        child = retrying(
+            lambda: self.client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, **tags})
+        )
         run_id = child.info.run_id
         now = int(time.time() * 1000)
         clean = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
-        retrying(lambda: self.client.log_batch(run_id, metrics=clean, params=[Param(k, param_value(v)) for k, v in params.items()],
-                                               tags=[RunTag("mlflow.runName", name)]))
+        retrying(
+            lambda: self.client.log_batch(
+                run_id,
+                metrics=clean,
+                params=[Param(k, param_value(v)) for k, v in params.items()],
+                tags=[RunTag("mlflow.runName", name)],
+            )
+        )
         for path in artifacts:
             if path.is_dir():
                 retrying(lambda p=path: self.client.log_artifacts(run_id, str(p)))

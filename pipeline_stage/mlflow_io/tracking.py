@@ -13,8 +13,11 @@ from pipeline_stage.contract.errors import TrackingError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow's own HTTP retries default to 7 with exponential backoff (minutes); a pipeline step
 # should fail in bounded time instead. Operators can still raise these through the environment.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 
 
 def redact(text: str) -> str:
@@ -52,7 +55,7 @@ def preflight(uri: str, *, attempts: int = 3, timeout: float = 5.0) -> None:
     """Fail fast (bounded time) with the URI in the message when the server does not answer."""
     if not uri.startswith(("http://", "https://")):
         if uri.startswith("sqlite:///"):
-            parent = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+            parent = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
             if not parent.is_dir():
                 raise TrackingError(f"tracking store `{redact(uri)}`: folder {parent} does not exist")
         return
@@ -69,7 +72,7 @@ def preflight(uri: str, *, attempts: int = 3, timeout: float = 5.0) -> None:
         except requests.RequestException as exc:
             last = type(exc).__name__
         if attempt + 1 < attempts:
-            time.sleep(min(2 ** attempt, 4))
+            time.sleep(min(2**attempt, 4))
     raise TrackingError(
         f"MLflow tracking server {redact(uri)} is unreachable ({last} after {attempts} attempts)",
         hint="start the server or fix --tracking-uri / MLFLOW_TRACKING_URI",

@@ -86,7 +86,14 @@ def _tradeoff_plot(points: list[dict[str, Any]], x_name: str, x_label: str) -> s
     if len(usable) < 2:
         return None
     fig, ax = _axes(5.2, 3.8)
-    colors = {"baseline": "#57606a", "winner": "#1a7f37", "passed": "#0969da", "failed": "#cf222e", "closest": "#bf8700", "error": "#8c959f"}
+    colors = {
+        "baseline": "#57606a",
+        "winner": "#1a7f37",
+        "passed": "#0969da",
+        "failed": "#cf222e",
+        "closest": "#bf8700",
+        "error": "#8c959f",
+    }
     xy = [(p["metrics"][x_name], p["metrics"]["accuracy"]) for p in usable]
     trials = [i for i, p in enumerate(usable) if p["kind"] != "baseline"]
     front = [trials[k] for k in pareto([xy[i] for i in trials])] if trials else []
@@ -95,13 +102,20 @@ def _tradeoff_plot(points: list[dict[str, Any]], x_name: str, x_label: str) -> s
     for i, p in enumerate(usable):
         marker = "*" if p["kind"] == "winner" else "s" if p["kind"] == "baseline" else "o"
         size = 220 if p["kind"] == "winner" else 60
-        ax.scatter([xy[i][0]], [xy[i][1]], s=size, marker=marker, color=colors.get(p["kind"], "#0969da"), zorder=3,
-                   label=p["label"] if p["kind"] in ("winner", "baseline", "closest") else None)
+        ax.scatter(
+            [xy[i][0]],
+            [xy[i][1]],
+            s=size,
+            marker=marker,
+            color=colors.get(p["kind"], "#0969da"),
+            zorder=3,
+            label=p["label"] if p["kind"] in ("winner", "baseline", "closest") else None,
+        )
         if "index" in p:
             ax.annotate(str(p["index"]), xy[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(x_label)
     ax.set_ylabel("top-1 accuracy")
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
 
@@ -118,7 +132,7 @@ def _latency_plot(points: list[dict[str, Any]]) -> str | None:
     ax.set_yticks(range(len(values)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("latency p50 (ms, batch 1, 1 thread, XNNPACK)")
-    ax.grid(axis="x", alpha=.3)
+    ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
@@ -132,7 +146,7 @@ def _layer_error_plot(rows: list[dict[str, Any]] | None) -> str | None:
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("quantization error (RMSE / int8 step) — higher hurts more")
-    ax.grid(axis="x", alpha=.3)
+    ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
 
@@ -140,8 +154,12 @@ def _table(headers: list[str], rows: list[list[Any]], classes: list[str] | None 
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"]
     for k, row in enumerate(rows):
         cls = f' class="{classes[k]}"' if classes and classes[k] else ""
-        cells = "".join(f'<td class="num">{html.escape(fmt(c))}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
-                        else f"<td>{html.escape(str(c))}</td>" for c in row)
+        cells = "".join(
+            f'<td class="num">{html.escape(fmt(c))}</td>'
+            if isinstance(c, (int, float)) and not isinstance(c, bool)
+            else f"<td>{html.escape(str(c))}</td>"
+            for c in row
+        )
         out.append(f"<tr{cls}>{cells}</tr>")
     return "".join(out) + "</table>"
 
@@ -150,60 +168,117 @@ def to_html(report: Report) -> str:
     """The whole report as one HTML page with nothing external to fetch."""
     passed = report.passed
     e = html.escape
-    parts = [f"<h1>pipeline-stage report <span class='verdict {'pass' if passed else 'fail'}'>{'PASSED' if passed else 'FAILED'}</span></h1>",
-             "<ul>",
-             f"<li>manifest: <code>{e(str(report.manifest.path))}</code> (chain digest <code>{e(report.manifest.chain_digest)}</code>)</li>",
-             f"<li>source model: <code>{e(str(report.source.uri))}</code></li>"]
+    parts = [
+        f"<h1>pipeline-stage report <span class='verdict {'pass' if passed else 'fail'}'>{'PASSED' if passed else 'FAILED'}</span></h1>",
+        "<ul>",
+        f"<li>manifest: <code>{e(str(report.manifest.path))}</code> (chain digest <code>{e(report.manifest.chain_digest)}</code>)</li>",
+        f"<li>source model: <code>{e(str(report.source.uri))}</code></li>",
+    ]
     reg = report.registered
-    parts.append(f"<li>registered: <code>{e(reg.uri)}</code>" + (f" with alias <code>@{e(reg.alias)}</code>" if reg.alias else " (no alias)") + "</li>"
-                 if reg else "<li>registered: nothing</li>")
+    parts.append(
+        f"<li>registered: <code>{e(reg.uri)}</code>"
+        + (f" with alias <code>@{e(reg.alias)}</code>" if reg.alias else " (no alias)")
+        + "</li>"
+        if reg
+        else "<li>registered: nothing</li>"
+    )
     parts.append(f"<li>MLflow run: <code>{e(str(report.run_id))}</code></li></ul>")
 
-    rows = [[name, report.baseline.get(name), value, (value / report.baseline[name]) if report.baseline.get(name) else "-"]
-            for name, value in (report.candidate or {}).items()]
+    rows = [
+        [name, report.baseline.get(name), value, (value / report.baseline[name]) if report.baseline.get(name) else "-"]
+        for name, value in (report.candidate or {}).items()
+    ]
     parts += ["<h2>Baseline vs candidate</h2>", _table(["metric", "baseline", "candidate", "ratio"], rows)]
     if report.gates:
-        parts += ["<h2>Gates</h2>", _table(["metric", "rule", "value", "compared", "verdict"],
-                                          [[g.metric, rule_text(g), g.value, g.compared if g.compared is not None else "-",
-                                            g.verdict if g.passed else "FAIL"] for g in report.gates],
-                                          ["" if g.passed else "closest" for g in report.gates])]
+        parts += [
+            "<h2>Gates</h2>",
+            _table(
+                ["metric", "rule", "value", "compared", "verdict"],
+                [
+                    [
+                        g.metric,
+                        rule_text(g),
+                        g.value,
+                        g.compared if g.compared is not None else "-",
+                        g.verdict if g.passed else "FAIL",
+                    ]
+                    for g in report.gates
+                ],
+                ["" if g.passed else "closest" for g in report.gates],
+            ),
+        ]
 
     search = report.search
     if search:
-        parts += ["<h2>Search</h2>", f"<p>{e(search.why)}. Strategy <code>{e(search.strategy)}</code>, objective "
-                  f"<code>{e(', '.join(search.objective))}</code>, {len(search.trials)} trials in {search.seconds:.1f} s "
-                  f"({search.parallel} at a time), stopped: {e(search.stopped_because)}.</p>"]
+        parts += [
+            "<h2>Search</h2>",
+            f"<p>{e(search.why)}. Strategy <code>{e(search.strategy)}</code>, objective "
+            f"<code>{e(', '.join(search.objective))}</code>, {len(search.trials)} trials in {search.seconds:.1f} s "
+            f"({search.parallel} at a time), stopped: {e(search.stopped_because)}.</p>",
+        ]
         names = sorted({k for t in search.trials for k in t.metrics})
         rows, classes = [], []
         for t in search.trials:
-            rows.append([t.index, t.origin, t.chain, t.status if not t.error else f"error: {t.error}",
-                         *[t.metrics.get(n, "-") for n in names], ", ".join(t.failed_gates) or "-", t.seconds])
+            rows.append(
+                [
+                    t.index,
+                    t.origin,
+                    t.chain,
+                    t.status if not t.error else f"error: {t.error}",
+                    *[t.metrics.get(n, "-") for n in names],
+                    ", ".join(t.failed_gates) or "-",
+                    t.seconds,
+                ]
+            )
             classes.append("winner" if t.index == search.winner else "closest" if t.index == search.closest else "")
         parts.append(_table(["#", "why tried", "chain", "verdict", *names, "failed gates", "seconds"], rows, classes))
 
     points = _points(report)
-    plots = [("accuracy vs size", _tradeoff_plot(points, "size_bytes", "size (bytes)")),
-             ("accuracy vs latency", _tradeoff_plot(points, "latency_p50_ms", "latency p50 (ms)")),
-             ("latency per variant", _latency_plot(points)),
-             ("per-layer quantization error: the chain as written (search trial 1)",
-              _layer_error_plot(search.as_written_per_layer if search else None)),
-             ("per-layer quantization error: the candidate (analyze)", _layer_error_plot(per_layer_errors(report.steps)))]
+    plots = [
+        ("accuracy vs size", _tradeoff_plot(points, "size_bytes", "size (bytes)")),
+        ("accuracy vs latency", _tradeoff_plot(points, "latency_p50_ms", "latency p50 (ms)")),
+        ("latency per variant", _latency_plot(points)),
+        (
+            "per-layer quantization error: the chain as written (search trial 1)",
+            _layer_error_plot(search.as_written_per_layer if search else None),
+        ),
+        ("per-layer quantization error: the candidate (analyze)", _layer_error_plot(per_layer_errors(report.steps))),
+    ]
     shown = [(title, uri) for title, uri in plots if uri]
     if shown:
         parts.append("<h2>Plots</h2>")
-        parts += [f"<figure><img class='plot' alt='{e(title)}' src='{uri}'><figcaption>{e(title)}</figcaption></figure>"
-                  for title, uri in shown]
+        parts += [
+            f"<figure><img class='plot' alt='{e(title)}' src='{uri}'><figcaption>{e(title)}</figcaption></figure>"
+            for title, uri in shown
+        ]
 
     if report.steps:
-        rows = [[i + 1, s.name, s.phase, ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-",
-                 ", ".join(f"{k}={fmt(v)}" for k, v in s.metrics.items()) or "-", s.seconds]
-                for i, s in enumerate(report.steps)]
+        rows = [
+            [
+                i + 1,
+                s.name,
+                s.phase,
+                ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-",
+                ", ".join(f"{k}={fmt(v)}" for k, v in s.metrics.items()) or "-",
+                s.seconds,
+            ]
+            for i, s in enumerate(report.steps)
+        ]
         parts += ["<h2>Steps</h2>", _table(["#", "step", "phase", "params", "metrics after", "seconds"], rows)]
     conv = report.conversion
     if conv:
-        parts += ["<h2>Conversion</h2>", _table(["", "ops"], [
-            ["float baseline", ", ".join(f"{k}×{v}" for k, v in report.baseline_flatbuffer.get("ops", {}).items())],
-            ["optimized", ", ".join(f"{k}×{v}" for k, v in conv.flatbuffer["ops"].items())]])]
+        parts += [
+            "<h2>Conversion</h2>",
+            _table(
+                ["", "ops"],
+                [
+                    ["float baseline", ", ".join(f"{k}×{v}" for k, v in report.baseline_flatbuffer.get("ops", {}).items())],
+                    ["optimized", ", ".join(f"{k}×{v}" for k, v in conv.flatbuffer["ops"].items())],
+                ],
+            ),
+        ]
     body = "\n".join(parts)
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pipeline-stage report</title>"
-            f"<style>{CSS}</style><script>{CHECK_SCRIPT}</script></head><body>{body}</body></html>\n")
+    return (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pipeline-stage report</title>"
+        f"<style>{CSS}</style><script>{CHECK_SCRIPT}</script></head><body>{body}</body></html>\n"
+    )

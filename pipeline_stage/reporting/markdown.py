@@ -34,8 +34,10 @@ def rule_text(g: GateResult) -> str:
 
 def to_markdown(report: Report) -> str:
     lines = [f"# pipeline-stage report: {'PASSED' if report.passed else 'FAILED'}", ""]
-    lines += [f"- manifest: `{report.manifest.path}` (chain digest `{report.manifest.chain_digest}`)",
-              f"- source model: `{report.source.uri}`"]
+    lines += [
+        f"- manifest: `{report.manifest.path}` (chain digest `{report.manifest.chain_digest}`)",
+        f"- source model: `{report.source.uri}`",
+    ]
     r = report.registered
     if r:
         lines.append(f"- registered: `{r.uri}`" + (f" with alias `@{r.alias}`" if r.alias else " (no alias)"))
@@ -49,21 +51,39 @@ def to_markdown(report: Report) -> str:
     if report.gates:
         lines += ["", "## Gates", "", "| metric | rule | value | compared | verdict |", "| --- | --- | ---: | ---: | --- |"]
         for g in report.gates:
-            lines.append(f"| {g.metric} | {rule_text(g)} | {fmt(g.value)} | {fmt(g.compared)} | {g.verdict if g.passed else '**FAIL**'} |")
+            lines.append(
+                f"| {g.metric} | {rule_text(g)} | {fmt(g.value)} | {fmt(g.compared)} | {g.verdict if g.passed else '**FAIL**'} |"
+            )
     search = report.search
     if search:
         names = sorted({k for t in search.trials for k in t.metrics})
-        lines += ["", "## Search", "", f"{search.why}.", "",
-                  f"Strategy `{search.strategy}`, objective `{', '.join(search.objective)}`, {len(search.trials)} trials "
-                  f"in {search.seconds:.1f} s ({search.parallel} at a time), stopped: {search.stopped_because}.", "",
-                  "| # | why tried | chain | verdict | " + " | ".join(names) + " | failed gates |",
-                  "| ---: | --- | --- | --- | " + " | ".join("---:" for _ in names) + " | --- |"]
+        lines += [
+            "",
+            "## Search",
+            "",
+            f"{search.why}.",
+            "",
+            f"Strategy `{search.strategy}`, objective `{', '.join(search.objective)}`, {len(search.trials)} trials "
+            f"in {search.seconds:.1f} s ({search.parallel} at a time), stopped: {search.stopped_because}.",
+            "",
+            "| # | why tried | chain | verdict | " + " | ".join(names) + " | failed gates |",
+            "| ---: | --- | --- | --- | " + " | ".join("---:" for _ in names) + " | --- |",
+        ]
         for t in search.trials:
             mark = " **(winner)**" if t.index == search.winner else " (closest)" if t.index == search.closest else ""
             verdict = t.status + mark if not t.error else f"error: {t.error}"
-            lines.append(f"| {t.index} | {t.origin} | `{t.chain}` | {verdict} | "
-                         + " | ".join(fmt(t.metrics.get(n)) for n in names) + f" | {', '.join(t.failed_gates) or '-'} |")
-    lines += ["", "## Steps", "", "| # | step | phase | params | metrics after | seconds |", "| ---: | --- | --- | --- | --- | ---: |"]
+            lines.append(
+                f"| {t.index} | {t.origin} | `{t.chain}` | {verdict} | "
+                + " | ".join(fmt(t.metrics.get(n)) for n in names)
+                + f" | {', '.join(t.failed_gates) or '-'} |"
+            )
+    lines += [
+        "",
+        "## Steps",
+        "",
+        "| # | step | phase | params | metrics after | seconds |",
+        "| ---: | --- | --- | --- | --- | ---: |",
+    ]
     for i, s in enumerate(report.steps):
         params = ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-"
         metrics = ", ".join(f"{k}={fmt(v)}" for k, v in s.metrics.items()) or "-"
@@ -71,9 +91,15 @@ def to_markdown(report: Report) -> str:
     conv = report.conversion
     if conv:
         before = report.baseline_flatbuffer.get("ops", {})
-        lines += ["", "## Conversion", "", f"- settings: `{conv.settings}`", f"- seconds: {conv.seconds:.2f}",
-                  f"- ops (float baseline): {', '.join(f'{k}×{v}' for k, v in before.items())}",
-                  f"- ops (optimized): {', '.join(f'{k}×{v}' for k, v in conv.flatbuffer['ops'].items())}",
-                  f"- weight tensor types: {conv.flatbuffer['weight_dtypes']}",
-                  f"- activation tensor types: {conv.flatbuffer['activation_dtypes']}"]
+        lines += [
+            "",
+            "## Conversion",
+            "",
+            f"- settings: `{conv.settings}`",
+            f"- seconds: {conv.seconds:.2f}",
+            f"- ops (float baseline): {', '.join(f'{k}×{v}' for k, v in before.items())}",
+            f"- ops (optimized): {', '.join(f'{k}×{v}' for k, v in conv.flatbuffer['ops'].items())}",
+            f"- weight tensor types: {conv.flatbuffer['weight_dtypes']}",
+            f"- activation tensor types: {conv.flatbuffer['activation_dtypes']}",
+        ]
     return "\n".join(lines) + "\n"

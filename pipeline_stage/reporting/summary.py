@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline_stage.contract.report import Report
-from pipeline_stage.reporting.markdown import fmt, rule_text
 from pipeline_stage.mlflow_io.tracking import redact
+from pipeline_stage.reporting.markdown import fmt, rule_text
 
 
 def ui_hint(report: Report, tracking_uri: str) -> str:

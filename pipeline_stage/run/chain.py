@@ -20,9 +20,9 @@ import numpy as np
 
 from pipeline_stage.contract.data import Dataset
 from pipeline_stage.contract.errors import InputError, PluginError, StageError
+from pipeline_stage.contract.metrics import Evaluation
 from pipeline_stage.contract.report import ConversionRecord, ObserverContext, StepRecord
 from pipeline_stage.contract.steps import ConversionSettings, Phase, Step, StepContext
-from pipeline_stage.contract.metrics import Evaluation
 from pipeline_stage.engine.evaluate import check_input_shape, default_threads, latencies_ms
 from pipeline_stage.engine.source_model import SourceModel, first_output
 from pipeline_stage.host.plugin_host import PluginHost
@@ -66,8 +66,16 @@ class ChainResult:
 class ChainRunner:
     """Runs chains of `loaded`'s steps on one loaded source model (see the module docstring)."""
 
-    def __init__(self, loaded: LoadedManifest, host: PluginHost, source: SourceModel, workdir: Path, *,
-                 progress: Progress, context: ObserverContext):
+    def __init__(
+        self,
+        loaded: LoadedManifest,
+        host: PluginHost,
+        source: SourceModel,
+        workdir: Path,
+        *,
+        progress: Progress,
+        context: ObserverContext,
+    ):
         self.loaded, self.m, self.host, self.source = loaded, loaded.manifest, host, source
         self.workdir, self.progress, self.context = workdir, progress, context
         self.metric_names = loaded.metric_names()
@@ -80,8 +88,10 @@ class ChainRunner:
         if SOURCE_RUN_PLACEHOLDER in uri:
             run_id = self.source.info.run_id
             if not run_id:
-                raise InputError(f"`data.{name}` uses {SOURCE_RUN_PLACEHOLDER} but the source model `{self.m.model}` has no run",
-                                 hint="give the data's full URI")
+                raise InputError(
+                    f"`data.{name}` uses {SOURCE_RUN_PLACEHOLDER} but the source model `{self.m.model}` has no run",
+                    hint="give the data's full URI",
+                )
             uri = uri.replace(SOURCE_RUN_PLACEHOLDER, run_id)
         if "://" not in uri and not uri.startswith(("runs:/", "models:/")):
             path = Path(uri)
@@ -95,8 +105,9 @@ class ChainRunner:
         if name in self._data:
             return self._data[name]
         if name not in DATA_SETS or getattr(self.m.data, name) is None:
-            raise InputError(f"`data.{name}` is needed but not given in {self.loaded.path}",
-                             hint=f"add `data: {{{name}: <URI>}}`")
+            raise InputError(
+                f"`data.{name}` is needed but not given in {self.loaded.path}", hint=f"add `data: {{{name}: <URI>}}`"
+            )
         uri = self.data_uri(name)
         local = Path(uri)
         if "://" in uri or uri.startswith(("runs:/", "models:/")):
@@ -108,8 +119,10 @@ class ChainRunner:
         provided = self.host.loader_for(local.suffix)
         if provided is None:
             known = sorted(s for p in self.host.loaders.values() for s in p.cls.suffixes)
-            raise InputError(f"`data.{name}`: no data loader reads `{local.suffix or local.name}` files (known: {', '.join(known)})",
-                             hint="convert the data to .npz with arrays x and y, or install a plugin with a loader")
+            raise InputError(
+                f"`data.{name}`: no data loader reads `{local.suffix or local.name}` files (known: {', '.join(known)})",
+                hint="convert the data to .npz with arrays x and y, or install a plugin with a loader",
+            )
         dataset = provided.cls().load(local, source=f"data.{name}")
         dataset.check(needs_labels=name in ("evaluation", "training"))
         check_input_shape(f"data.{name}", dataset.x, self.source.input_shape)
@@ -140,8 +153,9 @@ class ChainRunner:
     def prediction_metrics(self, names: list[str]) -> list[str]:
         return [n for n in names if self.host.metrics[n].cls.uses == "predictions"]
 
-    def measure(self, names: list[str], *, model_bytes: bytes | None,
-                predict: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    def measure(
+        self, names: list[str], *, model_bytes: bytes | None, predict: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> dict[str, float]:
         """Compute metrics for one model: predictions from `predict` when given, else from the .tflite."""
         ev_data = self.evaluation_data
         threads = self.m.evaluation.threads or default_threads()
@@ -152,10 +166,17 @@ class ChainRunner:
 
             def predict(x):
                 return TFLiteModel(model_bytes, threads=threads).predict(x.astype(np.float32), batch_size=batch)
+
         x = None if ev_data is None else ev_data.x
         runs = self.m.evaluation.latency_runs
-        evaluation = Evaluation(model_bytes=model_bytes or b"", x=x, labels=None if ev_data is None else ev_data.y,
-                                predict=predict, latencies=lambda: latencies_ms(model_bytes, x, runs), latency_runs=runs)
+        evaluation = Evaluation(
+            model_bytes=model_bytes or b"",
+            x=x,
+            labels=None if ev_data is None else ev_data.y,
+            predict=predict,
+            latencies=lambda: latencies_ms(model_bytes, x, runs),
+            latency_runs=runs,
+        )
         out: dict[str, float] = {}
         for name in names:
             provided = self.host.metrics[name]
@@ -167,13 +188,16 @@ class ChainRunner:
                     f"metric `{name}` needs to run the model, but it contains TF Select ops ({', '.join(flex)}) "
                     "that the LiteRT interpreter cannot run",
                     hint="measure only what needs no interpreter (`evaluation: {metrics: [size_bytes], per_step: []}`) "
-                         "and gate on that, or replace the ops")
+                    "and gate on that, or replace the ops",
+                )
             try:
                 out[name] = float(metric.compute(evaluation))
             except StageError:
                 raise
             except Exception as exc:
-                raise PluginError(f"metric `{name}` (distribution `{provided.distribution}`) failed: {type(exc).__name__}: {exc}") from exc
+                raise PluginError(
+                    f"metric `{name}` (distribution `{provided.distribution}`) failed: {type(exc).__name__}: {exc}"
+                ) from exc
         return out
 
     def baseline(self) -> Baseline:
@@ -182,19 +206,28 @@ class ChainRunner:
 
         t0 = time.perf_counter()
         ev = self.evaluation_data
-        self.progress("baseline")("float conversion, then " + (f"evaluation on {len(ev)} samples" if ev is not None else "measurements"))
+        self.progress("baseline")(
+            "float conversion, then " + (f"evaluation on {len(ev)} samples" if ev is not None else "measurements")
+        )
         float_bytes = self.convert(self._settings(), self.source.keras_model, log_name="convert-baseline.log")
         tflite_metrics = self.measure(self.metric_names, model_bytes=float_bytes)
         metrics = dict(tflite_metrics)
-        metrics.update(self.measure(self.prediction_metrics(self.metric_names), model_bytes=None,
-                                    predict=lambda x: self.source.predict(x, batch_size=self.m.evaluation.batch_size)))
-        return Baseline(float_bytes, metrics, tflite_metrics, read_flatbuffer(float_bytes).summary(),
-                        round(time.perf_counter() - t0, 3))
+        metrics.update(
+            self.measure(
+                self.prediction_metrics(self.metric_names),
+                model_bytes=None,
+                predict=lambda x: self.source.predict(x, batch_size=self.m.evaluation.batch_size),
+            )
+        )
+        return Baseline(
+            float_bytes, metrics, tflite_metrics, read_flatbuffer(float_bytes).summary(), round(time.perf_counter() - t0, 3)
+        )
 
     # -- the chain --------------------------------------------------------------------------
     def _settings(self) -> ConversionSettings:
-        return ConversionSettings(allow_select_tf_ops=self.m.conversion.allow_select_tf_ops,
-                                  allow_custom_ops=self.m.conversion.allow_custom_ops)
+        return ConversionSettings(
+            allow_select_tf_ops=self.m.conversion.allow_select_tf_ops, allow_custom_ops=self.m.conversion.allow_custom_ops
+        )
 
     def convert(self, settings: ConversionSettings, keras_model: Any, *, log_name: str = "convert.log") -> bytes:
         """The one conversion of a chain (or the baseline's), with the data its settings name."""
@@ -203,10 +236,19 @@ class ChainRunner:
         representative = self.load_data(settings.representative_data) if settings.representative_data else None
         training = self.load_data(settings.training_data) if settings.training_data else None
         if representative is not None:
-            self.progress("convert")(f"{settings.quantization} ({settings.engine}): calibrating on "
-                                     f"{min(len(representative), settings.calibration_samples)} samples")
-        return convert(self.source, settings, keras_model=keras_model, representative=representative, training=training,
-                       log_path=self.workdir / log_name, log=self.progress("convert"))
+            self.progress("convert")(
+                f"{settings.quantization} ({settings.engine}): calibrating on "
+                f"{min(len(representative), settings.calibration_samples)} samples"
+            )
+        return convert(
+            self.source,
+            settings,
+            keras_model=keras_model,
+            representative=representative,
+            training=training,
+            log_path=self.workdir / log_name,
+            log=self.progress("convert"),
+        )
 
     def _apply(self, step: Step, index: int, subject: Any, ctx: StepContext) -> Any:
         try:
@@ -215,7 +257,9 @@ class ChainRunner:
             raise
         except Exception as exc:
             dist = self.host.steps[step.name].distribution
-            raise PluginError(f"step {index + 1} `{step.name}` (distribution `{dist}`) failed: {type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"step {index + 1} `{step.name}` (distribution `{dist}`) failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def run_chain(self, steps: list[Step], sink: RunSink, *, float_bytes: bytes | None = None) -> ChainResult:
         """Run one chain on the source model: model steps, the one conversion, tflite steps.
@@ -246,25 +290,38 @@ class ChainRunner:
                 sink.log_artifact(self.workdir / "convert.log")
             conversion = ConversionRecord(
                 settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "set_by"},
-                seconds=round(time.perf_counter() - t, 3), flatbuffer=read_flatbuffer(out).summary())
+                seconds=round(time.perf_counter() - t, 3),
+                flatbuffer=read_flatbuffer(out).summary(),
+            )
             return out
 
         for i, step in enumerate(steps):
             if step.phase is Phase.TFLITE and model_bytes is None:
                 model_bytes = do_convert()
             hook.before_step(step=step, index=i, context=self.context)
-            ctx = StepContext(workdir=self.workdir, load_data=self.load_data, log=self.progress(step.name),
-                              model=keras_model, conversion=settings)
+            ctx = StepContext(
+                workdir=self.workdir,
+                load_data=self.load_data,
+                log=self.progress(step.name),
+                model=keras_model,
+                conversion=settings,
+            )
             t = time.perf_counter()
             if step.phase is Phase.MODEL:
                 if keras_model is None:
-                    raise InputError(f"step `{step.name}` works on Keras models, but `{m.model}` is a SavedModel",
-                                     hint="log the model as Keras (mlflow.tensorflow.log_model) or drop the step")
+                    raise InputError(
+                        f"step `{step.name}` works on Keras models, but `{m.model}` is a SavedModel",
+                        hint="log the model as Keras (mlflow.tensorflow.log_model) or drop the step",
+                    )
                 keras_model = self._apply(step, i, keras_model, ctx)
                 model_now = keras_model
-                metrics = self.measure(self.prediction_metrics(per_step), model_bytes=None,
-                                       predict=lambda x: np.asarray(first_output(
-                                           model_now.predict(x, batch_size=m.evaluation.batch_size, verbose=0))))
+                metrics = self.measure(
+                    self.prediction_metrics(per_step),
+                    model_bytes=None,
+                    predict=lambda x: np.asarray(
+                        first_output(model_now.predict(x, batch_size=m.evaluation.batch_size, verbose=0))
+                    ),
+                )
             elif step.phase is Phase.CONVERT:
                 self._apply(step, i, settings, ctx)
                 metrics = {}
@@ -277,8 +334,14 @@ class ChainRunner:
                     raise PluginError(f"step `{step.name}` returned {type(model_bytes).__name__}, expected the .tflite bytes")
                 model_bytes = bytes(model_bytes)
                 metrics = self.measure(per_step, model_bytes=model_bytes)
-            record = StepRecord(name=step.name, phase=step.phase.value, params=step.params.model_dump(mode="json"),
-                                metrics=metrics, seconds=round(time.perf_counter() - t, 3), notes=ctx.notes)
+            record = StepRecord(
+                name=step.name,
+                phase=step.phase.value,
+                params=step.params.model_dump(mode="json"),
+                metrics=metrics,
+                seconds=round(time.perf_counter() - t, 3),
+                notes=ctx.notes,
+            )
             records.append(record)
             tags.update(ctx.tags)
             for path in ctx.artifacts.values():

@@ -70,10 +70,18 @@ class Trial:
         return TrialView(chain=copy.deepcopy(self.chain), steps=self.steps, passed=self.passed)
 
     def record(self) -> TrialRecord:
-        return TrialRecord(index=self.index, origin=self.origin, chain=chain_text(self.chain), status=self.status,
-                           metrics=self.metrics, shortfall=None if self.shortfall == float("inf") else round(self.shortfall, 6),
-                           failed_gates=[g.label for g in self.gates if not g.passed], seconds=round(self.seconds, 3),
-                           error=self.error, run_id=self.run_id)
+        return TrialRecord(
+            index=self.index,
+            origin=self.origin,
+            chain=chain_text(self.chain),
+            status=self.status,
+            metrics=self.metrics,
+            shortfall=None if self.shortfall == float("inf") else round(self.shortfall, 6),
+            failed_gates=[g.label for g in self.gates if not g.passed],
+            seconds=round(self.seconds, 3),
+            error=self.error,
+            run_id=self.run_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -118,15 +126,23 @@ class Search:
     def _manifest(self, chain: Chain) -> str:
         m = self.runner.m
         evaluation = m.evaluation.model_dump(mode="json")
-        evaluation.update(metrics=self.metric_names, max_samples=None,
-                          threads=max(1, (m.evaluation.threads or os.cpu_count() or 1) // self.parallel))
+        evaluation.update(
+            metrics=self.metric_names,
+            max_samples=None,
+            threads=max(1, (m.evaluation.threads or os.cpu_count() or 1) // self.parallel),
+        )
         seeded = []
         for name, params in chain:  # fine-tuning steps take the search's seed unless the chain sets one
             fields = self.host.steps[name].cls.Params.model_fields if name in self.host.steps else {}
             seeded.append({name: {**params, "seed": self.spec.seed} if "seed" in fields and "seed" not in params else params})
-        doc = {"model": self.source_path, "data": self.data_paths, "chain": seeded,
-               "evaluation": evaluation, "conversion": m.conversion.model_dump(mode="json"),
-               "allow_unsafe_deserialization": m.allow_unsafe_deserialization}
+        doc = {
+            "model": self.source_path,
+            "data": self.data_paths,
+            "chain": seeded,
+            "evaluation": evaluation,
+            "conversion": m.conversion.model_dump(mode="json"),
+            "allow_unsafe_deserialization": m.allow_unsafe_deserialization,
+        }
         return yaml.safe_dump(doc, sort_keys=False)
 
     def _budget_left(self) -> int:
@@ -143,7 +159,9 @@ class Search:
         batch = batch[: self._budget_left()]
         trials = []
         for origin, chain in batch:
-            trial = Trial(index=len(self.trials) + 1, origin=origin, chain=chain, folder=self.root / f"trial-{len(self.trials) + 1:03d}")
+            trial = Trial(
+                index=len(self.trials) + 1, origin=origin, chain=chain, folder=self.root / f"trial-{len(self.trials) + 1:03d}"
+            )
             self.trials.append(trial)
             trials.append(trial)
         with ThreadPoolExecutor(max_workers=self.parallel) as pool:
@@ -154,16 +172,26 @@ class Search:
 
     def _run_one(self, trial: Trial) -> None:
         trial.folder.mkdir(parents=True, exist_ok=True)
-        spec = {"index": trial.index, "manifest": self._manifest(trial.chain), "source": self.source_path,
-                "metrics": self.metric_names}
+        spec = {
+            "index": trial.index,
+            "manifest": self._manifest(trial.chain),
+            "source": self.source_path,
+            "metrics": self.metric_names,
+        }
         (trial.folder / "trial.json").write_text(json.dumps(spec))
         remaining = self.spec.budget.seconds - (time.perf_counter() - self.started)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": str(self.spec.seed)}
         t = time.perf_counter()
         with open(trial.folder / "trial.log", "w") as log:
             try:
-                subprocess.run([sys.executable, "-m", "pipeline_stage.run.trial", str(trial.folder)], stdout=log, stderr=log,
-                               env=env, timeout=max(60.0, remaining + 60.0), check=False)
+                subprocess.run(
+                    [sys.executable, "-m", "pipeline_stage.run.trial", str(trial.folder)],
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    timeout=max(60.0, remaining + 60.0),
+                    check=False,
+                )
             except subprocess.TimeoutExpired:
                 trial.status, trial.error = "error", "ran past the search's time budget"
         trial.seconds = time.perf_counter() - t
@@ -182,18 +210,29 @@ class Search:
     def _log_trial(self, trial: Trial) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in trial.metrics.items())
         verdict = trial.status.upper() if trial.status != "error" else f"ERROR: {trial.error}"
-        self.log(f"trial {trial.index}/{self.spec.budget.trials} [{trial.origin}] {chain_text(trial.chain)}: "
-                 f"{shown} {verdict} ({trial.seconds:.1f} s)")
-        tags = {"pipeline_stage.trial": str(trial.index), "pipeline_stage.trial.origin": trial.origin,
-                "pipeline_stage.trial.chain": chain_text(trial.chain), "pipeline_stage.trial.status": trial.status}
+        self.log(
+            f"trial {trial.index}/{self.spec.budget.trials} [{trial.origin}] {chain_text(trial.chain)}: "
+            f"{shown} {verdict} ({trial.seconds:.1f} s)"
+        )
+        tags = {
+            "pipeline_stage.trial": str(trial.index),
+            "pipeline_stage.trial.origin": trial.origin,
+            "pipeline_stage.trial.chain": chain_text(trial.chain),
+            "pipeline_stage.trial.status": trial.status,
+        }
         if trial.error:
             tags["pipeline_stage.trial.error"] = trial.error
         for g in trial.gates:
             tags[f"gate.{g.metric}.{g.rule}"] = g.verdict
         params = {"chain": chain_text(trial.chain), "origin": trial.origin}
-        trial.run_id = self.tracking.child_run(f"trial-{trial.index:03d}", params=params, metrics={**trial.metrics, "seconds": trial.seconds},
-                                               tags=tags, artifacts=[trial.folder / "artifacts", trial.folder / "trial.log"],
-                                               failed=trial.status == "error")
+        trial.run_id = self.tracking.child_run(
+            f"trial-{trial.index:03d}",
+            params=params,
+            metrics={**trial.metrics, "seconds": trial.seconds},
+            tags=tags,
+            artifacts=[trial.folder / "artifacts", trial.folder / "trial.log"],
+            failed=trial.status == "error",
+        )
 
     def _rank(self, trials: list[Trial]) -> list[Trial]:
         return ranking.rank(trials, self.spec.objective, self.higher, self.spec.tie_tolerance)
@@ -205,13 +244,14 @@ class Search:
     def _candidates(self) -> None:
         loaded, spec = self.runner.loaded, self.spec
         chains = [("as written", loaded.steps, self._base_chain())] + [
-            (f"candidate {k + 1}", steps, _as_written(spec.candidates[k])) for k, steps in enumerate(loaded.candidates)]
+            (f"candidate {k + 1}", steps, _as_written(spec.candidates[k])) for k, steps in enumerate(loaded.candidates)
+        ]
         chains = [c for c in chains if c[1] or c[0] != "as written"]
         order = sorted(range(len(chains)), key=lambda k: (sum(step.expected_cost() for step in chains[k][1]), k))
         queue = [(chains[k][0], chains[k][2]) for k in order]
         step = self.parallel if self.spec.stop_at_first_pass else len(queue)
         for start in range(0, len(queue), step):
-            done = self.run_batch(queue[start:start + step])
+            done = self.run_batch(queue[start : start + step])
             if self.spec.stop_at_first_pass and any(t.passed for t in done):
                 self.stopped_because = "passed"
                 return
@@ -228,7 +268,9 @@ class Search:
         base = self._base_chain()
         alternatives, refiners = self._moves("alternative"), self._moves("refine")
         model = self.runner.source.keras_model
-        facts = ModelFacts(layer_classes=frozenset(type(layer).__name__ for layer in model.layers) if model is not None else frozenset())
+        facts = ModelFacts(
+            layer_classes=frozenset(type(layer).__name__ for layer in model.layers) if model is not None else frozenset()
+        )
 
         def instrumented(chain: Chain) -> Chain:
             for move in refiners:
@@ -266,7 +308,7 @@ class Search:
         remaining = [o for o in options if o not in kept]
         limit = move.limit(self.spec, options)
         while remaining and len(kept) < limit and self._budget_left():
-            batch_options, remaining = remaining[: self.parallel], remaining[self.parallel:]
+            batch_options, remaining = remaining[: self.parallel], remaining[self.parallel :]
             done = self.run_batch([(f"{move.label}: {o}", move.apply(current.chain, kept + [o])) for o in batch_options])
             if any(t.passed for t in done):
                 return self._rank([t for t in done if t.passed])[0]
@@ -281,8 +323,10 @@ class Search:
     def run(self) -> SearchOutcome:
         self.started = time.perf_counter()
         self._prepare()
-        self.log(f"strategy {self.spec.strategy}, up to {self.spec.budget.trials} trials / {self.spec.budget.seconds:g} s, "
-                 f"{self.parallel} at a time")
+        self.log(
+            f"strategy {self.spec.strategy}, up to {self.spec.budget.trials} trials / {self.spec.budget.seconds:g} s, "
+            f"{self.parallel} at a time"
+        )
         if self.spec.strategy == "candidates":
             self._candidates()
         else:
@@ -295,31 +339,51 @@ class Search:
         why = self._why(winner, passing)
         self.log(why)
         summary = SearchSummary(
-            strategy=self.spec.strategy, objective=self.spec.objective, parallel=self.parallel,
-            budget=self.spec.budget.model_dump(), stopped_because=self.stopped_because,
-            seconds=round(time.perf_counter() - self.started, 3), winner=winner.index if passing else None,
-            closest=None if passing else winner.index, why=why, chain=chain_text(winner.chain),
+            strategy=self.spec.strategy,
+            objective=self.spec.objective,
+            parallel=self.parallel,
+            budget=self.spec.budget.model_dump(),
+            stopped_because=self.stopped_because,
+            seconds=round(time.perf_counter() - self.started, 3),
+            winner=winner.index if passing else None,
+            closest=None if passing else winner.index,
+            why=why,
+            chain=chain_text(winner.chain),
             trials=[t.record() for t in self.trials],
-            as_written_per_layer=per_layer_errors(list(self.trials[0].steps))[:20] if self.trials else [])
+            as_written_per_layer=per_layer_errors(list(self.trials[0].steps))[:20] if self.trials else [],
+        )
         artifacts = winner.folder / "artifacts" / "steps"
         if artifacts.exists():
             for path in sorted(artifacts.rglob("*")):
                 if path.is_file():
                     self.tracking.log_artifact(path, str(Path("steps") / path.parent.relative_to(artifacts)))
         conversion = winner.result.get("conversion")
-        result = ChainResult((winner.folder / "model.tflite").read_bytes(), list(winner.steps),
-                             ConversionRecord(**conversion) if conversion else None, winner.result.get("tags", {}))
+        result = ChainResult(
+            (winner.folder / "model.tflite").read_bytes(),
+            list(winner.steps),
+            ConversionRecord(**conversion) if conversion else None,
+            winner.result.get("tags", {}),
+        )
         return SearchOutcome(result, summary, winner.index)
 
     def _why(self, winner: Trial, passing: list[Trial]) -> str:
         if not passing:
-            return (f"no trial passes every gate; trial {winner.index} is the closest (shortfall {winner.shortfall:.3g}); "
-                    "it is reported, not promoted")
-        why = (f"trial {winner.index} passes every gate and ranks first of {len(passing)} passing by "
-               f"{', '.join(self.spec.objective)}")
+            return (
+                f"no trial passes every gate; trial {winner.index} is the closest (shortfall {winner.shortfall:.3g}); "
+                "it is reported, not promoted"
+            )
+        why = (
+            f"trial {winner.index} passes every gate and ranks first of {len(passing)} passing by "
+            f"{', '.join(self.spec.objective)}"
+        )
         if len(passing) > 1:
             runner_up = passing[1]
-            why += f" (next: trial {runner_up.index}, " + ", ".join(
-                f"{n} {runner_up.metrics.get(n, float('nan')):.4g} vs {winner.metrics.get(n, float('nan')):.4g}"
-                for n in self.spec.objective) + ")"
+            why += (
+                f" (next: trial {runner_up.index}, "
+                + ", ".join(
+                    f"{n} {runner_up.metrics.get(n, float('nan')):.4g} vs {winner.metrics.get(n, float('nan')):.4g}"
+                    for n in self.spec.objective
+                )
+                + ")"
+            )
         return why

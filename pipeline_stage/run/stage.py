@@ -59,18 +59,34 @@ class Stage:
 
         info = source_mod.resolve(m.model, mlflow.MlflowClient())
         sha256 = hashlib.sha256(self.loaded.text.encode()).hexdigest()
-        report = Report(manifest=ManifestRef(path=self.loaded.path, chain_digest=self.loaded.chain_digest, sha256=sha256),
-                        source=info, tracking_uri=redact(options.tracking_uri), package_version=__version__)
-        run = StageRun(m.experiment, tags={"pipeline_stage.chain_digest": self.loaded.chain_digest,
-                                           "pipeline_stage.version": __version__, **{k: redact(v) for k, v in info.tags().items()}})
+        report = Report(
+            manifest=ManifestRef(path=self.loaded.path, chain_digest=self.loaded.chain_digest, sha256=sha256),
+            source=info,
+            tracking_uri=redact(options.tracking_uri),
+            package_version=__version__,
+        )
+        run = StageRun(
+            m.experiment,
+            tags={
+                "pipeline_stage.chain_digest": self.loaded.chain_digest,
+                "pipeline_stage.version": __version__,
+                **{k: redact(v) for k, v in info.tags().items()},
+            },
+        )
         report.run_id = run.run_id
-        context = ObserverContext(manifest_path=self.loaded.path, chain_digest=self.loaded.chain_digest,
-                                  steps=tuple(self.loaded.steps), run_id=run.run_id, quiet=options.quiet)
+        context = ObserverContext(
+            manifest_path=self.loaded.path,
+            chain_digest=self.loaded.chain_digest,
+            steps=tuple(self.loaded.steps),
+            run_id=run.run_id,
+            quiet=options.quiet,
+        )
         try:
             run.log_params(flatten({"manifest": dict(self.loaded.raw), "model": m.model}))
             run.log_text(self.loaded.text, "manifest.yaml")
-            source = source_mod.load(info, workdir, safe_mode=not m.allow_unsafe_deserialization,
-                                     custom_objects=self.host.keras_objects)
+            source = source_mod.load(
+                info, workdir, safe_mode=not m.allow_unsafe_deserialization, custom_objects=self.host.keras_objects
+            )
             runner = ChainRunner(self.loaded, self.host, source, workdir, progress=self.progress, context=context)
             runner.load_all_data()
             work_started = time.perf_counter()
@@ -113,7 +129,7 @@ class Stage:
 
             outcome = Search(runner, self.host, baseline, run).run()
             result, report.search = outcome.result, outcome.summary
-            tags = {**result.tags, "pipeline_stage.search.trial": str(outcome.winner)}
+            tags = {**result.tags, "pipeline_stage.search.trial": str(outcome.chosen)}
         else:
             result = runner.run_chain(self.loaded.steps, run, float_bytes=baseline.float_bytes)
             tags = dict(result.tags)
@@ -125,13 +141,22 @@ class Stage:
         self.progress("evaluate")(f"candidate: {', '.join(names)}")
         report.candidate = runner.measure(names, model_bytes=result.model_bytes)
         run.log_metrics(report.candidate)
-        report.gates, report.passed = evaluate_gates(self.m.gates, report.candidate, report.baseline,
-                                                     runner.higher_is_better(names))
+        report.gates, report.passed = evaluate_gates(
+            self.m.gates, report.candidate, report.baseline, runner.higher_is_better(names)
+        )
         self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
         return tags
 
-    def _register(self, report: Report, run, runner: ChainRunner, workdir: Path, step_tags: dict[str, str],
-                  sha256: str, context: ObserverContext) -> None:
+    def _register(
+        self,
+        report: Report,
+        run,
+        runner: ChainRunner,
+        workdir: Path,
+        step_tags: dict[str, str],
+        sha256: str,
+        context: ObserverContext,
+    ) -> None:
         from pipeline_stage.mlflow_io.model_registry import TFLITE_ARTIFACT, publish, version_tags
 
         tflite_path = workdir / "model.tflite"
@@ -141,9 +166,15 @@ class Stage:
             report.registered = None
             return
         ev = runner.evaluation_data
-        report.registered = publish(run, report, reg, tags=version_tags(report, reg, step_tags, sha256),
-                                    tflite_path=tflite_path, sample=ev.x[:4] if ev is not None else None,
-                                    new_version=self.options.new_version)
+        report.registered = publish(
+            run,
+            report,
+            reg,
+            tags=version_tags(report, reg, step_tags, sha256),
+            tflite_path=tflite_path,
+            sample=ev.x[:4] if ev is not None else None,
+            new_version=self.options.new_version,
+        )
         self.host.hook.after_register(registered=report.registered, context=context)
 
     def _write_local_report(self, report: Report, rendered: dict[str, str] | None = None) -> None:

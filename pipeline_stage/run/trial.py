@@ -54,16 +54,25 @@ def run_trial(folder: Path) -> dict[str, Any]:
     loaded = parse_manifest(spec["manifest"], host, path=f"<search trial {spec['index']}>")
     workdir = folder / "work"
     workdir.mkdir(parents=True, exist_ok=True)
-    source = load_local(Path(spec["source"]), SourceRef(uri=spec["source"]),
-                        safe_mode=not loaded.manifest.allow_unsafe_deserialization, custom_objects=host.keras_objects)
-    context = ObserverContext(manifest_path=loaded.path, chain_digest=loaded.chain_digest, steps=tuple(loaded.steps),
-                              run_id=None, quiet=True)
+    source = load_local(
+        Path(spec["source"]),
+        SourceRef(uri=spec["source"]),
+        safe_mode=not loaded.manifest.allow_unsafe_deserialization,
+        custom_objects=host.keras_objects,
+    )
+    context = ObserverContext(
+        manifest_path=loaded.path, chain_digest=loaded.chain_digest, steps=tuple(loaded.steps), run_id=None, quiet=True
+    )
     runner = ChainRunner(loaded, host, source, workdir, progress=Progress(quiet=True), context=context)
     result = runner.run_chain(loaded.steps, TrialLog(folder))
     (folder / "model.tflite").write_bytes(result.model_bytes)
     metrics = runner.measure(spec["metrics"], model_bytes=result.model_bytes)
-    return {"metrics": metrics, "steps": [r.model_dump() for r in result.records],
-            "conversion": result.conversion.model_dump() if result.conversion else None, "tags": result.tags}
+    return {
+        "metrics": metrics,
+        "steps": [r.model_dump() for r in result.records],
+        "conversion": result.conversion.model_dump() if result.conversion else None,
+        "tags": result.tags,
+    }
 
 
 def main(folder: str) -> int:

@@ -2,8 +2,7 @@
 
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, hookimpl
-from pipeline_stage import add_metadata
+from pipeline_stage import Params, Phase, Step, add_metadata, hookimpl
 
 
 class StampParams(Params):
