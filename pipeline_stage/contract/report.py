@@ -56,7 +56,8 @@ class GateResult(Record):
         return f"{self.verdict} (value {_g(self.value)}, threshold {self.threshold:g})"
 
     def failure_text(self) -> str:
-        return f"{self.label} (value {_g(self.value)})"
+        """``accuracy max_drop 0.01 (value 0.96)``: a failed gate in the exit-3 message."""
+        return f"{self.metric} {self.rule} {self.threshold} (value {_g(self.value)})"
 
 
 def _g(value: float | None) -> str:
