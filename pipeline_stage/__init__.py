@@ -6,28 +6,49 @@ to it)::
 
     from pipeline_stage import hookimpl, Step, Phase, Params
 
-The engine helpers at the end (flatbuffer editing, the LiteRT interpreter, the converter, the
-tf_keras bridge) are loaded on first use, so importing this module stays light.
+Every name is loaded on first use, so importing the package (which every submodule import does,
+`pipeline-stage --help` included) costs nothing; the engine helpers at the end load TensorFlow or
+LiteRT only when they are called.
 """
 
-from pipeline_stage.contract.data import DataLoader, Dataset
-from pipeline_stage.contract.errors import (
-    InputError,
-    ManifestError,
-    PluginError,
-    PluginLoadError,
-    StageError,
-    TrackingError,
-)
-from pipeline_stage.contract.hookspecs import hookimpl
-from pipeline_stage.contract.metrics import Evaluation, Metric
-from pipeline_stage.contract.moves import Chain, ModelFacts, SearchMove, TrialView, chain_text, edited, step_params
-from pipeline_stage.contract.report import GateResult, ObserverContext, Registered, Report, StepRecord
-from pipeline_stage.contract.steps import ConversionSettings, Params, Phase, Step, StepContext
+from typing import TYPE_CHECKING
+
 from pipeline_stage.version import __version__
 
-# name -> (module, attribute): engine helpers a plugin may use, imported on first access.
-_LAZY = {
+# name -> (module, attribute)
+_PUBLIC = {
+    # plugin hooks and the contract
+    "hookimpl": ("pipeline_stage.contract.hookspecs", "hookimpl"),
+    "Step": ("pipeline_stage.contract.steps", "Step"),
+    "Params": ("pipeline_stage.contract.steps", "Params"),
+    "Phase": ("pipeline_stage.contract.steps", "Phase"),
+    "StepContext": ("pipeline_stage.contract.steps", "StepContext"),
+    "ConversionSettings": ("pipeline_stage.contract.steps", "ConversionSettings"),
+    "Metric": ("pipeline_stage.contract.metrics", "Metric"),
+    "Evaluation": ("pipeline_stage.contract.metrics", "Evaluation"),
+    "DataLoader": ("pipeline_stage.contract.data", "DataLoader"),
+    "Dataset": ("pipeline_stage.contract.data", "Dataset"),
+    "SearchMove": ("pipeline_stage.contract.moves", "SearchMove"),
+    "Chain": ("pipeline_stage.contract.moves", "Chain"),
+    "ModelFacts": ("pipeline_stage.contract.moves", "ModelFacts"),
+    "TrialView": ("pipeline_stage.contract.moves", "TrialView"),
+    "chain_text": ("pipeline_stage.contract.moves", "chain_text"),
+    "step_params": ("pipeline_stage.contract.moves", "step_params"),
+    "edited": ("pipeline_stage.contract.moves", "edited"),
+    # what observers receive
+    "ObserverContext": ("pipeline_stage.contract.report", "ObserverContext"),
+    "StepRecord": ("pipeline_stage.contract.report", "StepRecord"),
+    "GateResult": ("pipeline_stage.contract.report", "GateResult"),
+    "Registered": ("pipeline_stage.contract.report", "Registered"),
+    "Report": ("pipeline_stage.contract.report", "Report"),
+    # errors
+    "StageError": ("pipeline_stage.contract.errors", "StageError"),
+    "InputError": ("pipeline_stage.contract.errors", "InputError"),
+    "ManifestError": ("pipeline_stage.contract.errors", "ManifestError"),
+    "PluginError": ("pipeline_stage.contract.errors", "PluginError"),
+    "PluginLoadError": ("pipeline_stage.contract.errors", "PluginLoadError"),
+    "TrackingError": ("pipeline_stage.contract.errors", "TrackingError"),
+    # engine helpers a plugin may use
     "read_flatbuffer": ("pipeline_stage.engine.flatbuffer", "read"),
     "load_flatbuffer": ("pipeline_stage.engine.flatbuffer", "load_model"),
     "dump_flatbuffer": ("pipeline_stage.engine.flatbuffer", "dump_model"),
@@ -44,51 +65,44 @@ _LAZY = {
     "load_weights_into": ("pipeline_stage.engine.tfmot_bridge", "load_weights_into"),
 }
 
+__all__ = ["__version__", *_PUBLIC]
+
 
 def __getattr__(name: str):
-    if name in _LAZY:
+    if name in _PUBLIC:
         import importlib
 
-        module, attr = _LAZY[name]
+        module, attr = _PUBLIC[name]
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'pipeline_stage' has no attribute {name!r}")
 
 
-__all__ = [
-    "__version__",
-    # plugin hooks and the contract
-    "hookimpl",
-    "Step",
-    "Params",
-    "Phase",
-    "StepContext",
-    "ConversionSettings",
-    "Metric",
-    "Evaluation",
-    "DataLoader",
-    "Dataset",
-    "SearchMove",
-    "Chain",
-    "ModelFacts",
-    "TrialView",
-    "chain_text",
-    "step_params",
-    "edited",
-    # what observers receive
-    "ObserverContext",
-    "StepRecord",
-    "GateResult",
-    "Registered",
-    "Report",
-    # errors
-    "StageError",
-    "InputError",
-    "ManifestError",
-    "PluginError",
-    "PluginLoadError",
-    "TrackingError",
-    # engine helpers
-    *_LAZY,
-]
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eagerly
+    from pipeline_stage.contract.data import DataLoader, Dataset  # noqa: F401
+    from pipeline_stage.contract.errors import (  # noqa: F401
+        InputError,
+        ManifestError,
+        PluginError,
+        PluginLoadError,
+        StageError,
+        TrackingError,
+    )
+    from pipeline_stage.contract.hookspecs import hookimpl  # noqa: F401
+    from pipeline_stage.contract.metrics import Evaluation, Metric  # noqa: F401
+    from pipeline_stage.contract.moves import (  # noqa: F401
+        Chain,
+        ModelFacts,
+        SearchMove,
+        TrialView,
+        chain_text,
+        edited,
+        step_params,
+    )
+    from pipeline_stage.contract.report import GateResult, ObserverContext, Registered, Report, StepRecord  # noqa: F401
+    from pipeline_stage.contract.steps import ConversionSettings, Params, Phase, Step, StepContext  # noqa: F401
