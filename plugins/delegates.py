@@ -80,11 +80,9 @@ def delegate_plan(model_bytes: bytes, targets: list[str]) -> dict:
     return plan
 
 
-def _p50(model_bytes: bytes, xnnpack: bool, runs: int) -> float:
+def _p50(model_bytes: bytes, sample: np.ndarray, xnnpack: bool, runs: int) -> float:
     model = TFLiteModel(model_bytes, threads=1, xnnpack=xnnpack)
-    shape = [1, *[d if d > 0 else 1 for d in model.input_shape]]
-    sample = np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
-    return float(np.percentile(model.latencies_ms(sample, runs), 50))
+    return float(np.percentile(model.latencies_ms(np.asarray(sample[:1], dtype=np.float32), runs), 50))
 
 
 class DelegatesParams(Params):
@@ -108,7 +106,8 @@ class Delegates(Step):
         p = self.params
         plan = {"targets": delegate_plan(model_bytes, list(p.targets))}
         if p.benchmark:
-            without, with_x = _p50(model_bytes, False, p.runs), _p50(model_bytes, True, p.runs)
+            sample = ctx.samples()  # a real input: the evaluation (or calibration) data
+            without, with_x = _p50(model_bytes, sample, False, p.runs), _p50(model_bytes, sample, True, p.runs)
             plan["xnnpack_benchmark"] = {
                 "p50_ms_without": round(without, 5),
                 "p50_ms_with": round(with_x, 5),

@@ -1,4 +1,5 @@
-"""Built-in metrics: top-1 accuracy, model size (raw and gzip), and single-thread latency."""
+"""Built-in metrics: top-1 accuracy (labels), fidelity to the baseline's outputs (no labels needed:
+SQNR, cosine, top-1 agreement), model size (raw and gzip), and single-thread latency."""
 
 from __future__ import annotations
 
@@ -24,6 +25,60 @@ class Accuracy(Metric):
         if labels.ndim > 1 and labels.shape[-1] > 1:  # one-hot labels
             labels = labels.argmax(axis=-1)
         return float(np.mean(predicted == labels.reshape(labels.shape[0])))
+
+
+def _comparable(evaluation) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate's outputs and the baseline's on the same inputs, one row per sample."""
+    candidate = np.asarray(evaluation.predictions, dtype=np.float32)
+    reference = np.asarray(evaluation.reference, dtype=np.float32)
+    if candidate.shape != reference.shape:
+        raise ValueError(f"outputs of shape {candidate.shape} cannot be compared with the baseline's {reference.shape}")
+    return candidate.reshape(len(candidate), -1), reference.reshape(len(reference), -1)
+
+
+class FidelitySqnr(Metric):
+    """Signal-to-quantization-noise ratio of the outputs vs the baseline's on the same inputs, in dB
+    (10·log10(sum ref² / sum (ref - candidate)²)); no labels needed. 20 dB: an error a tenth of the signal."""
+
+    name = "fidelity_sqnr_db"
+    higher_is_better = True
+    unit = "dB"
+
+    def compute(self, evaluation) -> float:
+        from litert_quantizer.utils.validation_utils import signal_to_noise_ratio
+
+        candidate, reference = _comparable(evaluation)
+        # LiteRT Quantizer's SNR is a power ratio, mean(ref²) / (mse + 1e-9): identical outputs give a
+        # large finite number rather than infinity.
+        return float(10.0 * np.log10(max(signal_to_noise_ratio(candidate, reference), 1e-12)))
+
+
+class FidelityCosine(Metric):
+    """Cosine similarity of the outputs with the baseline's on the same inputs (1 = same direction);
+    no labels needed."""
+
+    name = "fidelity_cosine"
+    higher_is_better = True
+
+    def compute(self, evaluation) -> float:
+        from litert_quantizer.utils.validation_utils import cosine_similarity
+
+        candidate, reference = _comparable(evaluation)
+        return float(cosine_similarity(candidate, reference))
+
+
+class Top1Agreement(Metric):
+    """Share of samples whose top-1 class (argmax) matches the baseline's: classification outputs;
+    no labels needed."""
+
+    name = "top1_agreement"
+    higher_is_better = True
+
+    def compute(self, evaluation) -> float:
+        candidate, reference = _comparable(evaluation)
+        if candidate.shape[1] < 2:
+            raise ValueError("top1_agreement needs a classification output (one score per class)")
+        return float(np.mean(candidate.argmax(axis=1) == reference.argmax(axis=1)))
 
 
 class SizeBytes(Metric):
@@ -69,6 +124,9 @@ class LatencyP50(Metric):
 @hookimpl
 def register_metrics(register):
     register(Accuracy)
+    register(FidelitySqnr)
+    register(FidelityCosine)
+    register(Top1Agreement)
     register(SizeBytes)
     register(GzipSizeBytes)
     register(LatencyP50)

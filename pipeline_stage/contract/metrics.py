@@ -13,8 +13,9 @@ from pipeline_stage.contract.errors import InputError
 
 class Evaluation:
     """One model under measurement, as metrics see it: lazily computed predictions, labels, the
-    .tflite bytes and latencies. Metrics read what they need; nothing is computed that no metric
-    asked for. The runner supplies how to predict and how to time the model."""
+    baseline's outputs on the same inputs (``reference``), the .tflite bytes and latencies (timed on
+    a real input sample). Metrics read what they need; nothing is computed that no metric asked
+    for. The runner supplies how to predict, how to time the model, and the reference."""
 
     def __init__(
         self,
@@ -24,6 +25,7 @@ class Evaluation:
         labels: np.ndarray | None,
         predict: Callable[[np.ndarray], np.ndarray],
         latencies: Callable[[], np.ndarray],
+        reference: Callable[[], np.ndarray] | None = None,
         latency_runs: int = 100,
     ):
         self.model_bytes = model_bytes
@@ -31,6 +33,7 @@ class Evaluation:
         self.labels = labels
         self._predict = predict
         self._latencies = latencies
+        self._reference = reference
         self.latency_runs = latency_runs
         self.seconds: dict[str, float] = {}
 
@@ -45,6 +48,17 @@ class Evaluation:
         out = self._predict(self.x)
         self.seconds["predict"] = time.perf_counter() - start
         return out
+
+    @cached_property
+    def reference(self) -> np.ndarray:
+        """The baseline's outputs on the same inputs (the source model's): what fidelity metrics
+        compare the candidate with, no labels needed."""
+        if self.x is None or self._reference is None:
+            raise InputError(
+                "a fidelity metric compares outputs on the evaluation data, but no `evaluation` data was given",
+                hint="add `data: {evaluation: <URI of an .npz with x>}` (labels are not needed)",
+            )
+        return np.asarray(self._reference())
 
     @cached_property
     def latencies_ms(self) -> np.ndarray:

@@ -129,6 +129,9 @@ class StepContext:
     tags: dict[str, str] = field(default_factory=dict)  # added to the registered version
     artifacts: dict[str, Any] = field(default_factory=dict)  # name -> path, logged to the run
     log: Callable[[str], None] = print
+    # Real input samples (the evaluation data, else calibration or training data) to run or time
+    # the model on; never zeros or random arrays, which a quantized model may not survive.
+    samples: "Callable[[], Any] | None" = None
     model: Any = None  # for `tflite` steps: the Keras model that was converted (None for a SavedModel)
     # The one conversion's settings: `model` steps may add to them (prune asks for sparse storage),
     # `tflite` steps read how the model was converted.

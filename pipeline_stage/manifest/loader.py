@@ -54,19 +54,25 @@ class LoadedManifest:
         return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
 
     def required_data(self, host: PluginHost) -> set[str]:
+        """The data sets the steps need, and `evaluation` for metrics computed on predictions."""
         needed: set[str] = set()
         for step in [*self.steps, *(s for chain in self.candidates for s in chain)]:
             needed |= step.required_data()
         for name in self.metric_names() + list(self.manifest.evaluation.per_step):
             provided = host.metrics.get(name)
-            if provided is not None and provided.cls.needs_labels:
+            if provided is not None and (provided.cls.needs_labels or provided.cls.uses == "predictions"):
                 needed.add("evaluation")
         return needed
 
-    def metric_names(self) -> list[str]:
+    def metric_names(self, *, labels: bool = True) -> list[str]:
+        """The metrics measured for baseline and candidate: the manifest's list (default: accuracy when
+        the evaluation data has labels, fidelity to the baseline when there is evaluation data, size,
+        and latency when there is any data to time the model on), plus every gated and objective metric."""
         names = self.manifest.evaluation.metrics
         if names is None:
-            names = (["accuracy"] if self.manifest.data.evaluation else []) + ["size_bytes", "latency_p50_ms"]
+            data = self.manifest.data
+            names = (["accuracy"] if data.evaluation and labels else []) + (["fidelity_sqnr_db"] if data.evaluation else [])
+            names += ["size_bytes"] + (["latency_p50_ms"] if data.evaluation or data.calibration or data.training else [])
         names = list(names)
         extra = [g.metric for g in self.manifest.gates] + (self.manifest.search.objective if self.manifest.search else [])
         for name in extra:
@@ -252,6 +258,7 @@ def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", mod
                 field=f"data.{data_set}",
                 hint=f"add `data: {{{data_set}: <URI of an .npz with arrays x and y>}}`",
             )
+    _check_inputs_for_metrics(loaded, host)
     if manifest.registration is not None and manifest.registration.alias and not manifest.gates:
         # Moving an alias with no gate would promote anything; require the author to say so.
         raise ManifestError(
@@ -262,6 +269,51 @@ def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", mod
             hint="add at least one gate, e.g. `- {metric: accuracy, max_drop: 0.01}`",
         )
     return loaded
+
+
+def _check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost) -> None:
+    """Metrics that run the model need real inputs (never zeros: a quantized model can crash on
+    them); metrics that need labels need a `y` in local evaluation data (remote data is checked
+    when it is downloaded)."""
+    m, path, lines = loaded.manifest, loaded.path, loaded.lines
+    # labels=False: a default list asks for accuracy only when the data turns out to have labels
+    names = loaded.metric_names(labels=False) + list(m.evaluation.per_step)
+    if not (m.data.evaluation or m.data.calibration or m.data.training):
+        runs = [n for n in names if host.metrics[n].cls.runs_model]
+        if runs:
+            raise ManifestError(
+                f"metric `{runs[0]}` runs the model on real inputs, but the manifest gives no data",
+                path=path,
+                line=line_for(lines, ("evaluation",)) or line_for(lines, ()),
+                field="data",
+                hint="add `data: {evaluation: <URI>}` (or calibration data), or measure only `size_bytes`",
+            )
+    needing = [n for n in names if host.metrics[n].cls.needs_labels]
+    local = _local_data_path(m.data.evaluation, path)
+    if needing and local is not None and local.exists() and host.loader_for(local.suffix) is not None:
+        try:
+            dataset = host.loader_for(local.suffix).cls().load(local, source="data.evaluation")
+        except Exception:
+            return  # unreadable data is reported, with its reason, when the run loads it
+        if dataset.y is None:
+            raise ManifestError(
+                f"`{local}` has no labels `y`, but {', '.join(f'`{n}`' for n in needing)} need them",
+                path=path,
+                line=line_for(lines, ("data", "evaluation")),
+                field="data.evaluation",
+                hint="add an array `y` to the data, or gate without labels, e.g. `- {metric: fidelity_sqnr_db, min: 20}` "
+                "(and `evaluation: {metrics: [fidelity_sqnr_db, size_bytes, latency_p50_ms]}`)",
+            )
+
+
+def _local_data_path(uri: str | None, manifest_path: str) -> Path | None:
+    """A data URI that names a local file, resolved as the run resolves it; None for remote URIs."""
+    if not uri or "://" in uri or uri.startswith(("runs:/", "models:/")) or "${" in uri:
+        return None
+    local = Path(uri)
+    if not local.is_absolute() and manifest_path != "<manifest>" and not manifest_path.startswith("<"):
+        local = Path(manifest_path).resolve().parent / local
+    return local
 
 
 def _search_moves(names: list[str] | None, host: PluginHost, *, path: str, lines: dict) -> list[str]:

@@ -27,7 +27,9 @@ class DataSpec(_Strict):
     """Where the data comes from: any URI MLflow can download (runs:/, models:/, paths, stores)."""
 
     calibration: str | None = Field(None, description="Representative inputs for int8 calibration (`x`).")
-    evaluation: str | None = Field(None, description="Labelled held-out data for metrics and gates (`x`, `y`).")
+    evaluation: str | None = Field(
+        None, description="Held-out data for metrics and gates (`x`; labels `y` for metrics such as accuracy)."
+    )
     training: str | None = Field(None, description="Labelled data for fine-tuning steps (`x`, `y`).")
 
 

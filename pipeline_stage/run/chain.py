@@ -78,8 +78,8 @@ class ChainRunner:
     ):
         self.loaded, self.m, self.host, self.source = loaded, loaded.manifest, host, source
         self.workdir, self.progress, self.context = workdir, progress, context
-        self.metric_names = loaded.metric_names()
         self._data: dict[str, Dataset] = {}
+        self._reference: np.ndarray | None = None
 
     # -- data -------------------------------------------------------------------------------
     def data_uri(self, name: str) -> str:
@@ -124,7 +124,14 @@ class ChainRunner:
                 hint="convert the data to .npz with arrays x and y, or install a plugin with a loader",
             )
         dataset = provided.cls().load(local, source=f"data.{name}")
-        dataset.check(needs_labels=name in ("evaluation", "training"))
+        dataset.check(needs_labels=name == "training")
+        if name == "evaluation" and dataset.y is None:
+            needing = [n for n in self._measured_names() if self.host.metrics[n].cls.needs_labels]
+            if needing:
+                raise InputError(
+                    f"data `data.evaluation` has no labels `y`, but {', '.join(f'`{n}`' for n in needing)} need them",
+                    hint="add an array `y` to the data, or gate without labels, e.g. `- {metric: fidelity_sqnr_db, min: 20}`",
+                )
         check_input_shape(f"data.{name}", dataset.x, self.source.input_shape)
         if name == "evaluation" and self.m.evaluation.max_samples:
             dataset = dataset.take(self.m.evaluation.max_samples)
@@ -145,6 +152,40 @@ class ChainRunner:
     @property
     def evaluation_data(self) -> Dataset | None:
         return self.load_data("evaluation") if self.m.data.evaluation else None
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The metrics measured for baseline and candidate (accuracy by default only when the
+        evaluation data has labels)."""
+        ev = self.evaluation_data
+        return self.loaded.metric_names(labels=ev is not None and ev.y is not None)
+
+    def _measured_names(self) -> list[str]:
+        # labels=False: a default list asks for accuracy only when there are labels to compute it on
+        return self.loaded.metric_names(labels=False) + list(self.m.evaluation.per_step)
+
+    def sample_inputs(self) -> np.ndarray:
+        """Real inputs to time and probe a model with: the evaluation data, else the calibration or
+        training data (never zeros or random arrays, which a quantized model may not survive)."""
+        for name in ("evaluation", "calibration", "training"):
+            if getattr(self.m.data, name):
+                return self.load_data(name).x
+        raise InputError(
+            "measuring the model needs real inputs, but the manifest gives no data",
+            hint="add `data: {evaluation: <URI>}` (or calibration data)",
+        )
+
+    def reference_outputs(self) -> np.ndarray:
+        """The source model's outputs on the evaluation data, computed once: the baseline that
+        fidelity metrics compare every candidate (and every search trial) with."""
+        if self._reference is None:
+            ev = self.load_data("evaluation")
+            self._reference = np.asarray(self.source.predict(ev.x, batch_size=self.m.evaluation.batch_size))
+        return self._reference
+
+    def use_reference(self, outputs: np.ndarray) -> None:
+        """Take the baseline's outputs computed elsewhere (a search trial gets its parent's)."""
+        self._reference = np.asarray(outputs)
 
     # -- measuring --------------------------------------------------------------------------
     def higher_is_better(self, names: list[str]) -> dict[str, bool]:
@@ -174,7 +215,8 @@ class ChainRunner:
             x=x,
             labels=None if ev_data is None else ev_data.y,
             predict=predict,
-            latencies=lambda: latencies_ms(model_bytes, x, runs),
+            latencies=lambda: latencies_ms(model_bytes, self.sample_inputs(), runs),
+            reference=self.reference_outputs if ev_data is not None else None,
             latency_runs=runs,
         )
         out: dict[str, float] = {}
@@ -216,7 +258,7 @@ class ChainRunner:
             self.measure(
                 self.prediction_metrics(self.metric_names),
                 model_bytes=None,
-                predict=lambda x: self.source.predict(x, batch_size=self.m.evaluation.batch_size),
+                predict=lambda x: self.reference_outputs(),  # the source model's outputs on the evaluation data
             )
         )
         return Baseline(
@@ -302,6 +344,7 @@ class ChainRunner:
             ctx = StepContext(
                 workdir=self.workdir,
                 load_data=self.load_data,
+                samples=self.sample_inputs,
                 log=self.progress(step.name),
                 model=keras_model,
                 conversion=settings,

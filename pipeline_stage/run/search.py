@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pipeline_stage.contract.errors import PluginError
@@ -122,6 +123,11 @@ class Search:
         self.data_paths = {name: ds.save(shared / f"{name}.npz") for name, ds in sorted(self.runner.datasets.items())}
         src = self.runner.source
         self.source_path = str(src.saved_model_dir if src.saved_model_dir is not None else src.path)
+        # The baseline's outputs, computed once for the search: every trial's fidelity is against them.
+        self.reference_path = None
+        if self.runner.evaluation_data is not None:
+            self.reference_path = str(shared / "reference.npy")
+            np.save(self.reference_path, self.runner.reference_outputs())
 
     def _manifest(self, chain: Chain) -> str:
         m = self.runner.m
@@ -177,6 +183,7 @@ class Search:
             "manifest": self._manifest(trial.chain),
             "source": self.source_path,
             "metrics": self.metric_names,
+            "reference": self.reference_path,
         }
         (trial.folder / "trial.json").write_text(json.dumps(spec))
         remaining = self.spec.budget.seconds - (time.perf_counter() - self.started)

@@ -64,6 +64,10 @@ def run_trial(folder: Path) -> dict[str, Any]:
         manifest_path=loaded.path, chain_digest=loaded.chain_digest, steps=tuple(loaded.steps), run_id=None, quiet=True
     )
     runner = ChainRunner(loaded, host, source, workdir, progress=Progress(quiet=True), context=context)
+    if spec.get("reference"):
+        import numpy as np
+
+        runner.use_reference(np.load(spec["reference"]))
     result = runner.run_chain(loaded.steps, TrialLog(folder))
     (folder / "model.tflite").write_bytes(result.model_bytes)
     metrics = runner.measure(spec["metrics"], model_bytes=result.model_bytes)
