@@ -160,6 +160,8 @@ class OtherEngine(SearchMove):
         return q is not None and q.mode == "int8"
 
     def propose(self, chain: Chain, facts: ModelFacts) -> list[tuple[str, Chain]]:
+        if facts.source_kind == "tflite":
+            return []  # a .tflite source has only the LiteRT Quantizer
         other = "litert" if _quantize(chain).engine == "converter" else "converter"
         return [(f"engine {other}", edited(chain, "quantize", engine=other))]
 

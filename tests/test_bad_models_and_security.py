@@ -121,7 +121,9 @@ def test_unconvertible_ops_are_named_and_select_ops_can_be_allowed(tmp_path, mlf
     # allowed: the flatbuffer carries a Flex op; the LiteRT interpreter cannot run it, so the stage
     # says so for metrics that need a run, and measures what it can
     allowed = text + "conversion: {allow_select_tf_ops: true}\n"
-    cannot_run = invoke("run", str(write_manifest(tmp_path, allowed, "flex.yaml")))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(size=(8, 4, 4)).astype(np.float32))
+    with_data = allowed + f"data: {{evaluation: {tmp_path / 'x.npz'}}}\n"
+    cannot_run = invoke("run", str(write_manifest(tmp_path, with_data, "flex.yaml")))
     assert cannot_run.exit_code == 2 and "contains TF Select ops (FlexMatrixInverse)" in cannot_run.stderr, cannot_run.output
     sized = write_manifest(tmp_path, allowed + "evaluation: {metrics: [size_bytes], per_step: []}\n", "ok.yaml")
     result = invoke("run", str(sized), "--report", str(tmp_path / "r.json"))

@@ -68,7 +68,8 @@ def edited(chain: Chain, step: str, **params: Any) -> Chain:
 class ModelFacts:
     """What a move may know of the source model without loading a framework."""
 
-    layer_classes: frozenset[str] = frozenset()  # Keras layer class names; empty for a SavedModel
+    layer_classes: frozenset[str] = frozenset()  # Keras layer class names; empty for a SavedModel or .tflite
+    source_kind: str = "keras"  # keras | saved_model | tflite
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,26 @@ def _qat(
     return (folder / "model.tflite").read_bytes()
 
 
+def _from_tflite(model_bytes: bytes, settings: ConversionSettings, representative: "Dataset | None", log_path) -> bytes:
+    """A float .tflite source: it is its own conversion; quantizing it is the LiteRT Quantizer's job
+    (the converter needs the TensorFlow model)."""
+    if settings.quantization is None:
+        return model_bytes
+    if settings.quantization == "qat" or settings.engine != "litert":
+        what = "quantization-aware training" if settings.quantization == "qat" else "the converter engine"
+        raise InputError(
+            f"the source is a .tflite file: {what} needs the TensorFlow model it was converted from",
+            hint="quantize it with the LiteRT Quantizer: `quantize: {mode: int8, engine: litert}` (modes dynamic, int8, "
+            "int16x8), or give the Keras / SavedModel model",
+        )
+    from pipeline_stage.engine.litert_quantize import quantize
+
+    if log_path is None:
+        return quantize(model_bytes, settings, representative)
+    with captured_output(log_path):
+        return quantize(model_bytes, settings, representative)
+
+
 def convert(
     source: "SourceModel",
     settings: ConversionSettings,
@@ -165,6 +185,8 @@ def convert(
     :param log_path: where the converter's own output goes (a temporary file when None).
     :param log: progress lines of long work (qat epochs).
     """
+    if source.tflite_bytes is not None and keras_model is None:
+        return _from_tflite(source.tflite_bytes, settings, representative, log_path)
     if settings.quantization == "qat":
         path = log_path if log_path is not None else Path(tempfile.mkdtemp(prefix="qat-")) / "convert.log"
         return _qat(source, settings, keras_model, representative, training, path, log)

@@ -6,6 +6,7 @@ Loading a model is engine work (TensorFlow/Keras); finding and downloading it is
 
 from __future__ import annotations
 
+import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -20,21 +21,39 @@ from pipeline_stage.contract.report import SourceRef
 
 @dataclass
 class SourceModel:
-    """A loaded model: a Keras model, or a SavedModel directory (convert and tflite steps only)."""
+    """A loaded model: a Keras model, a SavedModel directory (convert and tflite steps only), or a
+    float .tflite (tflite steps, and quantization with the LiteRT Quantizer)."""
 
     info: SourceRef
     path: Path
     keras_model: Any = None
     saved_model_dir: Path | None = None
+    tflite_bytes: bytes | None = None
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> str:
+        """keras | saved_model | tflite"""
+        if self.keras_model is not None:
+            return "keras"
+        return "tflite" if self.tflite_bytes is not None else "saved_model"
 
     @property
     def input_shape(self) -> tuple:
         if self.keras_model is not None:
             shape = self.keras_model.inputs[0].shape
+        elif self.tflite_bytes is not None:
+            return self._tflite().input_shape
         else:
             shape = self._input_spec()[1].shape
         return tuple(-1 if d is None else int(d) for d in shape[1:])
+
+    def _tflite(self):
+        from pipeline_stage.engine.litert_runtime import TFLiteModel
+
+        if "tflite" not in self.cache:
+            self.cache["tflite"] = TFLiteModel(self.tflite_bytes, threads=os.cpu_count() or 1)
+        return self.cache["tflite"]
 
     def _serving_fn(self):
         from pipeline_stage.engine.tf_env import import_tf
@@ -49,6 +68,8 @@ class SourceModel:
     def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         if self.keras_model is not None:
             out = self.keras_model.predict(x, batch_size=batch_size, verbose=0)
+        elif self.tflite_bytes is not None:
+            out = self._tflite().predict(np.asarray(x, dtype=np.float32), batch_size=batch_size)
         else:
             from pipeline_stage.engine.tf_env import import_tf
 
@@ -77,12 +98,15 @@ def first_line(exc: BaseException) -> str:
 
 
 def find_model_file(root: Path) -> tuple[str, Path]:
-    """Find what to load in a downloaded artifact: ('keras', file) or ('saved_model', dir)."""
+    """Find what to load in a downloaded artifact: ('keras', file), ('saved_model', dir) or
+    ('tflite', file); a folder (a logged model, a registered pyfunc of this stage) is searched."""
     if root.is_file():
         if root.suffix in (".keras", ".h5"):
             return "keras", root
+        if root.suffix == ".tflite":
+            return "tflite", root
         raise InputError(
-            f"model file `{root.name}` is not a .keras or .h5 file",
+            f"model file `{root.name}` is not a .keras, .h5 or .tflite file",
             hint="log the model with mlflow.tensorflow.log_model, or give a SavedModel folder",
         )
     candidates = sorted(root.rglob("*.keras")) + sorted(root.rglob("*.h5"))
@@ -91,8 +115,11 @@ def find_model_file(root: Path) -> tuple[str, Path]:
     saved = sorted(p.parent for p in root.rglob("saved_model.pb"))
     if saved:
         return "saved_model", saved[0]
+    flatbuffers = sorted(root.rglob("*.tflite"))
+    if flatbuffers:
+        return "tflite", flatbuffers[0]
     raise InputError(
-        f"no Keras model (.keras/.h5) or SavedModel (saved_model.pb) found in `{root}`",
+        f"no Keras model (.keras/.h5), SavedModel (saved_model.pb) or .tflite found in `{root}`",
         hint="log the model with mlflow.tensorflow.log_model(model, name='model')",
     )
 
@@ -100,6 +127,8 @@ def find_model_file(root: Path) -> tuple[str, Path]:
 def load_local(path: Path, info: SourceRef, *, safe_mode: bool = True, custom_objects: dict | None = None) -> SourceModel:
     """Load the model found under `path` (Keras with ``safe_mode`` unless the manifest allows otherwise)."""
     kind, path = find_model_file(path)
+    if kind == "tflite":
+        return SourceModel(info=info, path=path, tflite_bytes=_float_tflite(path, info))
     from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
@@ -138,3 +167,21 @@ def load_local(path: Path, info: SourceRef, *, safe_mode: bool = True, custom_ob
             hint="the artifact may be corrupt: log the model again",
         ) from None
     return SourceModel(info=info, path=path, keras_model=model)
+
+
+def _float_tflite(path: Path, info: SourceRef) -> bytes:
+    """The bytes of a .tflite source, refused when it is not a float model the stage can optimize."""
+    from pipeline_stage.engine.flatbuffer import read
+
+    data = path.read_bytes()
+    try:
+        model = read(data)
+    except Exception as exc:  # not a flatbuffer at all
+        raise InputError(f"model `{info.uri}` ({path.name}) is not a readable .tflite flatbuffer: {first_line(exc)}") from None
+    integer = sorted(d for d in model.activation_dtypes() if d in ("INT8", "UINT8", "INT16"))
+    if integer:
+        raise InputError(
+            f"model `{info.uri}` ({path.name}) is already quantized ({', '.join(integer)} activations)",
+            hint="give the float .tflite it was made from (or the Keras / SavedModel model)",
+        )
+    return data

@@ -138,6 +138,20 @@ class ChainRunner:
         self._data[name] = dataset
         return dataset
 
+    def _not_keras(self, step: Step) -> InputError:
+        what = "a .tflite file" if self.source.kind == "tflite" else "a SavedModel"
+        return InputError(
+            f"step `{step.name}` works on Keras models, but `{self.m.model}` is {what}",
+            hint="drop the step, or give the Keras model (mlflow.tensorflow.log_model) it came from",
+        )
+
+    def check_chain(self, steps: list[Step]) -> None:
+        """Refuse, before any work, a chain whose `model` steps the source cannot take."""
+        if self.source.keras_model is None:
+            for step in steps:
+                if step.phase is Phase.MODEL:
+                    raise self._not_keras(step)
+
     def load_all_data(self) -> None:
         """Load every data set the chain, the metrics or the manifest name: bad data fails here,
         before any conversion work."""
@@ -352,10 +366,7 @@ class ChainRunner:
             t = time.perf_counter()
             if step.phase is Phase.MODEL:
                 if keras_model is None:
-                    raise InputError(
-                        f"step `{step.name}` works on Keras models, but `{m.model}` is a SavedModel",
-                        hint="log the model as Keras (mlflow.tensorflow.log_model) or drop the step",
-                    )
+                    raise self._not_keras(step)
                 keras_model = self._apply(step, i, keras_model, ctx)
                 model_now = keras_model
                 metrics = self.measure(

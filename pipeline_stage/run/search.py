@@ -276,7 +276,8 @@ class Search:
         alternatives, refiners = self._moves("alternative"), self._moves("refine")
         model = self.runner.source.keras_model
         facts = ModelFacts(
-            layer_classes=frozenset(type(layer).__name__ for layer in model.layers) if model is not None else frozenset()
+            layer_classes=frozenset(type(layer).__name__ for layer in model.layers) if model is not None else frozenset(),
+            source_kind=self.runner.source.kind,
         )
 
         def instrumented(chain: Chain) -> Chain:

@@ -88,6 +88,8 @@ class Stage:
                 info, workdir, safe_mode=not m.allow_unsafe_deserialization, custom_objects=self.host.keras_objects
             )
             runner = ChainRunner(self.loaded, self.host, source, workdir, progress=self.progress, context=context)
+            if m.search is None:
+                runner.check_chain(self.loaded.steps)
             runner.load_all_data()
             work_started = time.perf_counter()
             step_tags = self._execute(report, run, runner, context)

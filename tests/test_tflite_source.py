@@ -1,0 +1,81 @@
+"""A float .tflite as the source (what vendors and other exporters hand over): quantized with the
+LiteRT Quantizer, tflite-phase steps run on it, model-phase steps and the converter engine are
+refused with a fix, and one stage's registered version is the next stage's source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
+from tests.conftest import write_manifest
+from tests.helpers import invoke, read_report
+
+
+@pytest.fixture(scope="module")
+def float_tflite(digits_model, digits_data, tmp_path_factory) -> dict[str, Path]:
+    import tensorflow as tf
+
+    folder = tmp_path_factory.mktemp("tflite-source")
+    path = folder / "digits-float.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(digits_model).convert())
+    np.savez(folder / "calib.npz", x=digits_data.calibration[0], y=digits_data.calibration[1])
+    np.savez(folder / "eval.npz", x=digits_data.evaluation[0], y=digits_data.evaluation[1])
+    return {"model": path, "calib": folder / "calib.npz", "eval": folder / "eval.npz"}
+
+
+def _manifest(tmp_path: Path, src: dict[str, Path], chain: str, *, model: str | None = None, extra: str = "") -> Path:
+    text = (
+        f"model: {model or src['model']}\ndata: {{calibration: {src['calib']}, evaluation: {src['eval']}}}\n"
+        f"chain:\n{chain}gates:\n  - {{metric: accuracy, max_drop: 0.02}}\n{extra}"
+    )
+    return write_manifest(tmp_path, text)
+
+
+def test_a_float_tflite_is_quantized_by_the_litert_quantizer_and_chained(float_tflite, mlflow_server, tmp_path):
+    path = _manifest(
+        tmp_path,
+        float_tflite,
+        "  - quantize: {mode: int8, engine: litert}\n  - analyze: {}\n",
+        extra="register: {name: digits-from-tflite, alias: chained}\n",
+    )
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    # the baseline is the .tflite itself, not a conversion of anything
+    assert report["baseline_tflite"]["size_bytes"] == float_tflite["model"].stat().st_size
+    assert report["baseline"]["accuracy"] == report["baseline_tflite"]["accuracy"]
+    assert read_flatbuffer((tmp_path / "m.tflite").read_bytes()).constant_dtypes()["INT8"] > 0
+    assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.02
+    # the registered version is a source for the next stage (a tflite-phase chain on it)
+    uri = report["registered"]["uri"]
+    nxt = _manifest(tmp_path, float_tflite, "  - delegates: {targets: [xnnpack], benchmark: false}\n", model=uri)
+    nxt.rename(tmp_path / "next.yaml")
+    again = invoke("run", str(tmp_path / "next.yaml"), "--report", str(tmp_path / "n.json"))
+    # that version is int8 already: a stage refuses to re-optimize a quantized model, and says so
+    assert again.exit_code == 2 and "already quantized" in again.stderr, again.output
+
+
+def test_a_tflite_source_refuses_model_steps_and_the_converter_engine(float_tflite, mlflow_server, tmp_path):
+    fuse = invoke("run", str(_manifest(tmp_path, float_tflite, "  - fuse: {}\n  - quantize: {mode: int8, engine: litert}\n")))
+    assert fuse.exit_code == 2 and "step `fuse` works on Keras models" in fuse.stderr and "is a .tflite file" in fuse.stderr
+    assert "fix: " in fuse.stderr and "[baseline]" not in fuse.stderr  # refused before any work
+    converter = invoke("run", str(_manifest(tmp_path, float_tflite, "  - quantize: {mode: int8}\n")))
+    assert converter.exit_code == 2 and "the source is a .tflite file" in converter.stderr
+    assert "engine: litert" in converter.stderr
+
+
+def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_server, tmp_path):
+    """Stages chain: a float16 stage registers a version, the next stage quantizes that version."""
+    first = _manifest(tmp_path, float_tflite, "  - strip_ops: {}\n", extra="register: {name: digits-float-stage}\n")
+    result = invoke("run", str(first), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    uri = read_report(tmp_path / "r.json")["registered"]["uri"]
+    second = _manifest(tmp_path, float_tflite, "  - quantize: {mode: dynamic, engine: litert}\n", model=uri)
+    second.rename(tmp_path / "second.yaml")
+    result = invoke("run", str(tmp_path / "second.yaml"), "--report", str(tmp_path / "s.json"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "s.json")
+    assert report["source"]["uri"] == uri and report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
