@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from pipeline_stage.engine.source_model import SourceModel
 
 
-def _converter(tf, model: Any, saved_model_dir=None):
+def _converter(tf, model: Any, saved_model_dir=None, signature: str = "serving_default"):
     if saved_model_dir is not None:
-        return tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+        return tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir), signature_keys=[signature])
     return tf.lite.TFLiteConverter.from_keras_model(model)
 
 
@@ -44,7 +44,9 @@ def build_converter(
     """A TFLiteConverter set up as `settings` ask (analysis steps reuse it, e.g. the quantization debugger)."""
     tf = import_tf()
     model = keras_model if keras_model is not None else source.keras_model
-    converter = _converter(tf, model, None if model is not None else source.saved_model_dir)
+    converter = _converter(
+        tf, model, None if model is not None else source.saved_model_dir, source.signature if source else "serving_default"
+    )
 
     mode = settings.quantization
     if mode is not None:

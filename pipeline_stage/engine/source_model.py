@@ -29,6 +29,7 @@ class SourceModel:
     keras_model: Any = None
     saved_model_dir: Path | None = None
     tflite_bytes: bytes | None = None
+    signature: str = "serving_default"  # the SavedModel signature that is the model
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -59,7 +60,13 @@ class SourceModel:
         from pipeline_stage.engine.tf_env import import_tf
 
         if "serving_fn" not in self.cache:
-            self.cache["serving_fn"] = import_tf().saved_model.load(str(self.saved_model_dir)).signatures["serving_default"]
+            signatures = import_tf().saved_model.load(str(self.saved_model_dir)).signatures
+            if self.signature not in signatures:
+                raise InputError(
+                    f"model `{self.info.uri}` has no signature `{self.signature}` (signatures: {', '.join(sorted(signatures))})",
+                    hint="set `signature:` in the manifest to one of them",
+                )
+            self.cache["serving_fn"] = signatures[self.signature]
         return self.cache["serving_fn"]
 
     def _input_spec(self):
@@ -124,16 +131,31 @@ def find_model_file(root: Path) -> tuple[str, Path]:
     )
 
 
-def load_local(path: Path, info: SourceRef, *, safe_mode: bool = True, custom_objects: dict | None = None) -> SourceModel:
-    """Load the model found under `path` (Keras with ``safe_mode`` unless the manifest allows otherwise)."""
+def load_local(
+    path: Path,
+    info: SourceRef,
+    *,
+    safe_mode: bool = True,
+    custom_objects: dict | None = None,
+    signature: str = "serving_default",
+) -> SourceModel:
+    """Load the model found under `path` (Keras with ``safe_mode`` unless the manifest allows
+    otherwise; for a SavedModel, the `signature` that is the model)."""
     kind, path = find_model_file(path)
+    if signature != "serving_default" and kind != "saved_model":
+        raise InputError(
+            f"`signature: {signature}` selects a SavedModel signature, but `{info.uri}` is a {kind} model",
+            hint="remove `signature:` from the manifest",
+        )
     if kind == "tflite":
         return SourceModel(info=info, path=path, tflite_bytes=_float_tflite(path, info))
     from pipeline_stage.engine.tf_env import import_tf
 
     import_tf()
     if kind == "saved_model":
-        return SourceModel(info=info, path=path, saved_model_dir=path)
+        source = SourceModel(info=info, path=path, saved_model_dir=path, signature=signature)
+        source._serving_fn()  # a missing signature fails here, before any work
+        return source
     import keras
 
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):

@@ -51,6 +51,8 @@ class LoadedManifest:
                 "search": search,
                 "candidates": [[[s.name, s.params.model_dump(mode="json")] for s in c] for c in self.candidates],
             }
+        if self.manifest.signature != "serving_default":  # another signature is another model
+            chain = {"chain": chain, "signature": self.manifest.signature}
         return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
 
     def required_data(self, host: PluginHost) -> set[str]:

@@ -137,6 +137,11 @@ class Manifest(_Strict):
         None,
         description="models:/name@alias, models:/name/N, runs:/<id>/path, or a local .keras/SavedModel path. `--model-uri` overrides it.",
     )
+    signature: str = Field(
+        "serving_default",
+        min_length=1,
+        description="For a SavedModel source: the signature to optimize (its inputs and outputs are the model's).",
+    )
     data: DataSpec = Field(default_factory=DataSpec)
     chain: list[Any] = Field(description="Ordered steps; each item is `step_name: {params}` (or just `step_name`).")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)

@@ -73,9 +73,17 @@ def download(uri: str, dst: Path) -> Path:
         raise InputError(f"model `{uri}` could not be downloaded: {exc}") from None
 
 
-def load(info: SourceRef, workdir: Path, *, safe_mode: bool = True, custom_objects: dict | None = None) -> SourceModel:
+def load(
+    info: SourceRef,
+    workdir: Path,
+    *,
+    safe_mode: bool = True,
+    custom_objects: dict | None = None,
+    signature: str = "serving_default",
+) -> SourceModel:
     """Download and load the source model."""
-    return load_local(download(info.uri, workdir / "source-model"), info, safe_mode=safe_mode, custom_objects=custom_objects)
+    root = download(info.uri, workdir / "source-model")
+    return load_local(root, info, safe_mode=safe_mode, custom_objects=custom_objects, signature=signature)
 
 
 def download_data(uri: str, dst: Path, field: str) -> Path:

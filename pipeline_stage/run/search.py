@@ -148,6 +148,7 @@ class Search:
             "evaluation": evaluation,
             "conversion": m.conversion.model_dump(mode="json"),
             "allow_unsafe_deserialization": m.allow_unsafe_deserialization,
+            "signature": m.signature,
         }
         return yaml.safe_dump(doc, sort_keys=False)
 

@@ -85,7 +85,11 @@ class Stage:
             run.log_params(flatten({"manifest": dict(self.loaded.raw), "model": m.model}))
             run.log_text(self.loaded.text, "manifest.yaml")
             source = source_mod.load(
-                info, workdir, safe_mode=not m.allow_unsafe_deserialization, custom_objects=self.host.keras_objects
+                info,
+                workdir,
+                safe_mode=not m.allow_unsafe_deserialization,
+                custom_objects=self.host.keras_objects,
+                signature=m.signature,
             )
             runner = ChainRunner(self.loaded, self.host, source, workdir, progress=self.progress, context=context)
             if m.search is None:

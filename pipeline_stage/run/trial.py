@@ -59,6 +59,7 @@ def run_trial(folder: Path) -> dict[str, Any]:
         SourceRef(uri=spec["source"]),
         safe_mode=not loaded.manifest.allow_unsafe_deserialization,
         custom_objects=host.keras_objects,
+        signature=loaded.manifest.signature,
     )
     context = ObserverContext(
         manifest_path=loaded.path, chain_digest=loaded.chain_digest, steps=tuple(loaded.steps), run_id=None, quiet=True

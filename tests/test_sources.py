@@ -1,4 +1,4 @@
-"""A float .tflite as the source (what vendors and other exporters hand over): quantized with the
+"""Sources beyond a Keras model: a SavedModel signature of choice, and a float .tflite as the source (what vendors and other exporters hand over): quantized with the
 LiteRT Quantizer, tflite-phase steps run on it, model-phase steps and the converter engine are
 refused with a fix, and one stage's registered version is the next stage's source."""
 
@@ -79,3 +79,41 @@ def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_s
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "s.json")
     assert report["source"]["uri"] == uri and report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
+
+
+def test_a_savedmodel_signature_of_choice(mlflow_server, tmp_path):
+    """A tf.Module with two signatures: `signature: double` optimizes that one (checked on the
+    .tflite's outputs with the LiteRT interpreter); an unknown signature is refused, naming them."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    weights = np.arange(8, dtype=np.float32).reshape(4, 2) / 8.0
+
+    class Model(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(weights)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def serve(self, x):
+            return {"y": tf.matmul(x, self.w)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def double(self, x):
+            return {"y": 2.0 * tf.matmul(x, self.w)}
+
+    module = Model()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve, "double": module.double})
+    x = np.random.default_rng(0).uniform(size=(32, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    text = (
+        f"model: {tmp_path / 'sm'}\nsignature: double\ndata: {{evaluation: {tmp_path / 'x.npz'}}}\n"
+        "chain: []\ngates:\n  - {metric: fidelity_sqnr_db, min: 60}\n"
+    )
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 0, result.output
+    runner = Interpreter(model_path=str(tmp_path / "m.tflite")).get_signature_runner()
+    name = next(iter(runner.get_input_details()))
+    out = next(iter(runner(**{name: x}).values()))
+    np.testing.assert_allclose(out, 2.0 * x @ weights, rtol=1e-5)
+    missing = invoke("run", str(write_manifest(tmp_path, text.replace("double", "triple"), "bad.yaml")))
+    assert missing.exit_code == 2 and "has no signature `triple` (signatures: double, serving_default)" in missing.stderr
