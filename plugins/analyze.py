@@ -56,6 +56,8 @@ class Analyze(Step):
         settings = ctx.conversion
         if ctx.model is None or settings is None or settings.quantization != "int8":
             return "only for full-int8 conversions of Keras models"
+        if len(ctx.model.inputs) > 1:
+            return "only for single-input models (the quantization debugger's dataset takes one input here)"
         tf = import_tensorflow()
         representative = ctx.load_data(settings.representative_data)
         x = ctx.load_data("evaluation").x[: self.params.samples].astype(np.float32)

@@ -11,7 +11,8 @@ from pipeline_stage import DataLoader, Dataset, InputError, hookimpl
 
 
 class NpzLoader(DataLoader):
-    """`.npz` with `x` (features, first axis = samples) and optional `y` (labels)."""
+    """`.npz`: one array per model input (`x` for the only input; first axis = samples) and optional
+    labels `y` (one output) or `y.<output>`."""
 
     name = "npz"
     suffixes = (".npz",)
@@ -20,20 +21,16 @@ class NpzLoader(DataLoader):
         try:
             # allow_pickle=False: object arrays would unpickle untrusted bytes.
             with np.load(path, allow_pickle=False) as archive:
-                if "x" not in archive.files:
-                    raise InputError(
-                        f"data `{source}` has no array `x` (arrays: {', '.join(archive.files) or 'none'})",
-                        hint="save features as `x` and labels as `y`: np.savez(path, x=..., y=...)",
-                    )
-                x = archive["x"]
-                y = archive["y"] if "y" in archive.files else None
+                arrays = {name: archive[name] for name in archive.files}
         except InputError:
             raise
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
             raise InputError(
                 f"data `{source}` is not a readable .npz archive: {exc}", hint="write it with numpy.savez(path, x=..., y=...)"
             ) from None
-        return Dataset(x=x, y=y, source=source)
+        if not arrays:
+            raise InputError(f"data `{source}` holds no arrays", hint="write it with numpy.savez(path, x=..., y=...)")
+        return Dataset(arrays=arrays, source=source)
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Built-in metrics: top-1 accuracy (labels), fidelity to the baseline's outputs (no labels needed:
+"""Built-in metrics: top-1 accuracy, MAE and RMSE (labels), fidelity to the baseline's outputs (no labels needed:
 SQNR, cosine, top-1 agreement), model size (raw and gzip), and single-thread latency."""
 
 from __future__ import annotations
@@ -16,15 +16,54 @@ class Accuracy(Metric):
     needs_labels = True
 
     def compute(self, evaluation) -> float:
+        if evaluation.labels is None:
+            raise ValueError("no labels for this output (`y.<output>`)")
         preds = np.asarray(evaluation.predictions)
         labels = np.asarray(evaluation.labels)
+        if np.issubdtype(labels.dtype, np.floating) and not np.all(labels == np.round(labels)):
+            raise ValueError("a regression output (its labels are not class ids): use mae or rmse")
         if preds.ndim > 1 and preds.shape[-1] > 1:
             predicted = preds.reshape(preds.shape[0], -1).argmax(axis=-1)
+        elif labels.ndim == 1 and labels.size and labels.max() > 1:
+            raise ValueError(f"the labels have {int(labels.max()) + 1} classes but this output gives one score")
         else:
             predicted = (preds.reshape(preds.shape[0]) > 0.5).astype(np.int64)
         if labels.ndim > 1 and labels.shape[-1] > 1:  # one-hot labels
             labels = labels.argmax(axis=-1)
         return float(np.mean(predicted == labels.reshape(labels.shape[0])))
+
+
+def _errors(evaluation) -> np.ndarray:
+    """Prediction minus label, per value, for a regression output."""
+    if evaluation.labels is None:
+        raise ValueError("no labels for this output (`y.<output>`)")
+    preds = np.asarray(evaluation.predictions, dtype=np.float64)
+    labels = np.asarray(evaluation.labels, dtype=np.float64)
+    if preds.size != labels.size:
+        raise ValueError(f"labels of shape {labels.shape} do not fit outputs of shape {preds.shape}")
+    return preds.reshape(-1) - labels.reshape(-1)
+
+
+class MeanAbsoluteError(Metric):
+    """Mean absolute error against the labels (regression outputs)."""
+
+    name = "mae"
+    higher_is_better = False
+    needs_labels = True
+
+    def compute(self, evaluation) -> float:
+        return float(np.mean(np.abs(_errors(evaluation))))
+
+
+class RootMeanSquaredError(Metric):
+    """Root mean squared error against the labels (regression outputs)."""
+
+    name = "rmse"
+    higher_is_better = False
+    needs_labels = True
+
+    def compute(self, evaluation) -> float:
+        return float(np.sqrt(np.mean(_errors(evaluation) ** 2)))
 
 
 def _comparable(evaluation) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +76,9 @@ def _comparable(evaluation) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FidelitySqnr(Metric):
-    """Signal-to-quantization-noise ratio of the outputs vs the baseline's on the same inputs, in dB
-    (10·log10(sum ref² / sum (ref - candidate)²)); no labels needed. 20 dB: an error a tenth of the signal."""
+    """Outputs' signal-to-noise ratio vs the baseline's on the same inputs, in dB; no labels needed.
+
+    10·log10(sum ref² / sum (ref - candidate)²): 20 dB is an error a tenth of the signal."""
 
     name = "fidelity_sqnr_db"
     higher_is_better = True
@@ -54,8 +94,7 @@ class FidelitySqnr(Metric):
 
 
 class FidelityCosine(Metric):
-    """Cosine similarity of the outputs with the baseline's on the same inputs (1 = same direction);
-    no labels needed."""
+    """Cosine similarity of the outputs with the baseline's on the same inputs (1: same); no labels needed."""
 
     name = "fidelity_cosine"
     higher_is_better = True
@@ -68,8 +107,7 @@ class FidelityCosine(Metric):
 
 
 class Top1Agreement(Metric):
-    """Share of samples whose top-1 class (argmax) matches the baseline's: classification outputs;
-    no labels needed."""
+    """Share of samples whose top-1 class matches the baseline's (classification outputs; no labels needed)."""
 
     name = "top1_agreement"
     higher_is_better = True
@@ -124,6 +162,8 @@ class LatencyP50(Metric):
 @hookimpl
 def register_metrics(register):
     register(Accuracy)
+    register(MeanAbsoluteError)
+    register(RootMeanSquaredError)
     register(FidelitySqnr)
     register(FidelityCosine)
     register(Top1Agreement)

@@ -166,6 +166,32 @@ class OtherEngine(SearchMove):
         return [(f"engine {other}", edited(chain, "quantize", engine=other))]
 
 
+class OtherModes(SearchMove):
+    """Quantize with another mode (dynamic, float16, int16x8) when full int8 cannot pass."""
+
+    name = "modes"
+    kind = "alternative"
+    cost = 3.0  # a fallback: tried only when cheaper moves and refining found nothing
+    requirement = "`quantize: {mode: int8}` in the chain"
+
+    def applies(self, chain: Chain) -> bool:
+        q = _quantize(chain)
+        return q is not None and q.mode == "int8"
+
+    def propose(self, chain: Chain, facts: ModelFacts) -> list[tuple[str, Chain]]:
+        written = step_params(chain, "quantize")
+        out = []
+        for mode in ("dynamic", "float16", "int16x8"):
+            if mode == "float16" and facts.source_kind == "tflite":
+                continue  # float16 is the converter's, which needs the TensorFlow model
+            # what only full int8 takes (selective float, integer I/O) goes; float16 is per-tensor
+            # by nature and the converter's alone
+            drop = {"keep_float_ops", "keep_float_nodes", "io"} | ({"per_channel", "engine"} if mode == "float16" else set())
+            params = {k: v for k, v in written.items() if k not in drop}
+            out.append((f"mode {mode}", edited([(n, p if n != "quantize" else params) for n, p in chain], "quantize", mode=mode)))
+        return out
+
+
 class _KeepFloat(SearchMove):
     """Shared by the two selective-quantization moves: they refine a full-int8 converter chain,
     ranked by the per-layer quantization error that `analyze` measures in the first round."""
@@ -231,5 +257,6 @@ class KeepFloatNodes(_KeepFloat):
 @hookimpl
 def register_search_moves(register):
     register(OtherEngine)
+    register(OtherModes)
     register(KeepFloatOps)
     register(KeepFloatNodes)

@@ -71,7 +71,7 @@ def test_bad_inputs_at_run_time_exit_2_and_register_nothing(digits_source, digit
             dict(evaluation=_bad_data(tmp_path, "empty.npz", x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0))),
             "no samples",
         ),
-        "no x": (dict(evaluation=_bad_data(tmp_path, "nox.npz", features=x[:10], y=y[:10])), "has no array `x`"),
+        "no x": (dict(evaluation=_bad_data(tmp_path, "nox.npz", features=x[:10], y=y[:10])), "has no array for model input"),
         "corrupt": (dict(evaluation=corrupt), "not a readable .npz"),
         "wrong format": (dict(evaluation=write_manifest(tmp_path, "a,b\n", "data.csv")), "no data loader reads `.csv`"),
         "string features": (

@@ -7,7 +7,6 @@ registered for the file's suffix (``register_data_loaders``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,39 +14,119 @@ import numpy as np
 
 from pipeline_stage.contract.errors import InputError
 
+LABEL = "y"  # `y` labels the only output; `y.<output>` labels one output of several
 
-@dataclass(frozen=True)
+
 class Dataset:
-    """Features ``x`` (first axis: samples) and optional labels ``y``."""
+    """Arrays by name, first axis the samples: one per model input (named after the input; `x` means
+    the only input) and optional labels, `y` (one output) or `y.<output>`.
 
-    x: np.ndarray
-    y: np.ndarray | None
-    source: str
+    ``Dataset(x=..., y=..., source=...)`` still builds the single-input case.
+    """
 
+    def __init__(
+        self,
+        x: np.ndarray | None = None,
+        y: np.ndarray | None = None,
+        source: str = "",
+        *,
+        arrays: dict[str, np.ndarray] | None = None,
+    ):
+        named = dict(arrays or {})
+        if x is not None:
+            named["x"] = x
+        if y is not None:
+            named[LABEL] = y
+        self.arrays: dict[str, np.ndarray] = named
+        self.source = source
+
+    # -- inputs ----------------------------------------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        return [k for k in self.arrays if not _is_label(k)]
+
+    @property
+    def x(self) -> np.ndarray:
+        """The only input: the array `x`, or the one array that is not a label."""
+        if "x" in self.arrays:
+            return self.arrays["x"]
+        names = self.feature_names
+        if len(names) != 1:
+            raise InputError(f"data `{self.source}` has several inputs ({', '.join(names)}); the model reads them by name")
+        return self.arrays[names[0]]
+
+    def inputs(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays for the model's inputs, by input name (`x` stands for the only input)."""
+        if len(names) == 1 and "x" in self.arrays and names[0] not in self.arrays:
+            return {names[0]: self.arrays["x"]}
+        missing = [n for n in names if n not in self.arrays]
+        if missing:
+            raise InputError(
+                f"data `{self.source}` has no array for model input {', '.join(f'`{n}`' for n in missing)} "
+                f"(arrays: {', '.join(self.arrays)})",
+                hint="save one array per model input, named after the input: np.savez(path, "
+                + ", ".join(f"{n}=..." for n in names)
+                + ")",
+            )
+        return {n: self.arrays[n] for n in names}
+
+    # -- labels ----------------------------------------------------------------------------------
+    @property
+    def y(self) -> np.ndarray | None:
+        """The labels of the only output (`y`), or None."""
+        return self.arrays.get(LABEL)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(_is_label(k) for k in self.arrays)
+
+    def labels(self, outputs: list[str]) -> dict[str, np.ndarray]:
+        """Labels by output name: `y.<output>`; `y` labels the only output, or, with several, each
+        output that has no label of its own (a metric uses it where it fits: accuracy where the
+        output scores the label's classes)."""
+        out = {o: self.arrays[f"{LABEL}.{o}"] for o in outputs if f"{LABEL}.{o}" in self.arrays}
+        if LABEL in self.arrays:
+            out.update({o: self.arrays[LABEL] for o in outputs if o not in out})
+        return out
+
+    # -- the rest --------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        first = next(iter(self.arrays.values()))
+        return int(first.shape[0]) if first.ndim else 0
 
     def take(self, n: int) -> "Dataset":
-        return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.source)
+        return Dataset(arrays={k: v[:n] for k, v in self.arrays.items()}, source=self.source)
 
     def save(self, path) -> str:
-        """Write as .npz (`x`, and `y` when there are labels), the format child processes read back."""
-        np.savez(path, x=self.x, **({"y": self.y} if self.y is not None else {}))
+        """Write as .npz (every array under its name), the format child processes read back."""
+        np.savez(path, **self.arrays)
         return str(path)
 
     def check(self, *, needs_labels: bool) -> None:
         """Raise InputError for an empty or mismatched data set."""
-        if self.x.ndim == 0 or len(self) == 0:
-            raise InputError(f"data `{self.source}` has no samples", hint="write at least one row to `x`")
-        if needs_labels and self.y is None:
-            raise InputError(f"data `{self.source}` has no labels `y`", hint="add an array `y` with one label per row of `x`")
-        if self.y is not None and self.y.shape[0] != self.x.shape[0]:
+        if not self.feature_names:
             raise InputError(
-                f"data `{self.source}`: `x` has {self.x.shape[0]} rows but `y` has {self.y.shape[0]}",
-                hint="give `x` and `y` the same number of rows",
+                f"data `{self.source}` has no input array", hint="save the features as `x` (or one array per model input)"
             )
-        if not np.issubdtype(self.x.dtype, np.number):
-            raise InputError(f"data `{self.source}`: `x` has dtype {self.x.dtype}, expected a numeric array")
+        if any(a.ndim == 0 for a in self.arrays.values()) or len(self) == 0:
+            raise InputError(f"data `{self.source}` has no samples", hint="write at least one row to `x`")
+        if needs_labels and not self.has_labels:
+            raise InputError(f"data `{self.source}` has no labels `y`", hint="add an array `y` with one label per row of `x`")
+        rows = {k: int(a.shape[0]) for k, a in self.arrays.items()}
+        if len(set(rows.values())) > 1:
+            first = min(rows.items(), key=lambda kv: kv[0] != "x")  # `x` first, when there is one
+            other = next((k, n) for k, n in rows.items() if n != first[1])
+            raise InputError(
+                f"data `{self.source}`: `{first[0]}` has {first[1]} rows but `{other[0]}` has {other[1]}",
+                hint="give every array the same number of rows",
+            )
+        for name in self.feature_names:
+            if not np.issubdtype(self.arrays[name].dtype, np.number):
+                raise InputError(f"data `{self.source}`: `{name}` has dtype {self.arrays[name].dtype}, expected a numeric array")
+
+
+def _is_label(name: str) -> bool:
+    return name == LABEL or name.startswith(LABEL + ".")
 
 
 class DataLoader:

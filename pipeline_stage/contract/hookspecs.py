@@ -60,7 +60,9 @@ def register_metrics(register: Callable[[type], None]) -> None:
         evaluation data's ``y``; the manifest must then give evaluation data), ``runs_model`` (it
         invokes the model; False for size-like metrics), ``uses`` (``predictions``: computable on
         the Keras model too, so also after ``model``-phase steps; ``flatbuffer``: needs the
-        .tflite), and ``compute(evaluation) -> float``.
+        .tflite), and ``compute(evaluation) -> float`` (raise ``ValueError`` for an output the metric
+        does not apply to). Metrics on predictions are also computed per model output, as
+        ``<metric>.<output>``; on a multi-output model the plain name is the worst output.
     :return: nothing; results are collected through ``register``.
     """
 

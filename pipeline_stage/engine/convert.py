@@ -56,13 +56,7 @@ def build_converter(
     if mode in ("int8", "int16x8"):
         if representative is None:
             raise InputError(f"quantization `{mode}` needs representative data", hint="add `data: {calibration: <URI>}`")
-        samples = representative.x[: settings.calibration_samples].astype(np.float32)
-
-        def representative_dataset():
-            for i in range(len(samples)):
-                yield [samples[i : i + 1]]
-
-        converter.representative_dataset = representative_dataset
+        converter.representative_dataset = _calibration(source, model, representative, settings.calibration_samples)
         ops = (
             tf.lite.OpsSet.TFLITE_BUILTINS_INT8
             if mode == "int8"
@@ -85,6 +79,26 @@ def build_converter(
     if settings.inference_output_type != "float32":
         converter.inference_output_type = dtypes[settings.inference_output_type]
     return converter
+
+
+def _input_names(source: "SourceModel | None", model: Any) -> list[str]:
+    if model is not None:
+        return [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model.inputs)]
+    return source.input_names
+
+
+def _calibration(source: "SourceModel | None", model: Any, data: "Dataset", limit: int):
+    """The converter's representative dataset: one sample at a time, a list for a single-input
+    model (as TF's examples), a dict by input name for several inputs."""
+    names = _input_names(source, model)
+    arrays = {k: v[:limit].astype(np.float32) for k, v in data.inputs(names).items()}
+    n = len(next(iter(arrays.values())))
+
+    def samples():
+        for i in range(n):
+            yield [arrays[names[0]][i : i + 1]] if len(names) == 1 else {k: v[i : i + 1] for k, v in arrays.items()}
+
+    return samples
 
 
 def _selective(converter, settings: ConversionSettings, representative: "Dataset") -> bytes:

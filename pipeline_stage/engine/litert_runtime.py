@@ -39,44 +39,90 @@ def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
     return (y.astype(np.float32) - zero_point) * scale
 
 
+def _named_details(interpreter) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Input and output tensor details by signature name (the first signature), in signature order;
+    by tensor name for a model without signatures."""
+    signatures = interpreter.get_signature_list()
+    if signatures:
+        key = next(iter(signatures))
+        runner = interpreter.get_signature_runner(key)
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        order = signatures[key]
+        return {n: ins[n] for n in order["inputs"]}, {n: outs[n] for n in _by_position(order["outputs"])}
+    return ({d["name"]: d for d in interpreter.get_input_details()}, {d["name"]: d for d in interpreter.get_output_details()})
+
+
+def _by_position(names: list[str]) -> list[str]:
+    """`output_0, output_1, ...` (how a converter names the outputs of a list-output model) in
+    numeric order; other names as they come."""
+    if all(n.startswith("output_") and n[7:].isdigit() for n in names):
+        return sorted(names, key=lambda n: int(n[7:]))
+    return list(names)
+
+
 class TFLiteModel:
-    """A .tflite model behind the LiteRT interpreter, quantizing inputs and dequantizing outputs."""
+    """A .tflite model behind the LiteRT interpreter, quantizing inputs and dequantizing outputs.
+
+    Inputs and outputs have the names of the model's signature; ``predict`` runs the first input to
+    the first output, ``predict_outputs`` takes every input by name and returns every output.
+    """
 
     def __init__(self, model_bytes: bytes, threads: int = 1, xnnpack: bool = True):
         self.model_bytes = model_bytes
         self.interpreter = _interpreter(model_bytes, threads, xnnpack)
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self.dynamic_batch = int(self.input["shape_signature"][0]) == -1
+        self._inputs, self._outputs = _named_details(self.interpreter)
+        self.input_names, self.output_names = list(self._inputs), list(self._outputs)
+        self.input = next(iter(self._inputs.values()))
+        self.output = next(iter(self._outputs.values()))
+        self.dynamic_batch = all(int(d["shape_signature"][0]) == -1 for d in self._inputs.values())
         self._batch = None
 
     @property
     def input_shape(self) -> tuple:
         return tuple(int(d) for d in self.input["shape_signature"][1:])
 
+    @property
+    def input_shapes(self) -> dict[str, tuple]:
+        return {n: tuple(int(d) for d in det["shape_signature"][1:]) for n, det in self._inputs.items()}
+
     def _ensure_batch(self, n: int) -> None:
         if self._batch != n:
-            self.interpreter.resize_tensor_input(self.input["index"], [n, *self.input["shape"][1:]])
+            for detail in self._inputs.values():
+                self.interpreter.resize_tensor_input(detail["index"], [n, *detail["shape"][1:]])
             self.interpreter.allocate_tensors()
-            self.input = self.interpreter.get_input_details()[0]
-            self.output = self.interpreter.get_output_details()[0]
+            self._inputs, self._outputs = _named_details(self.interpreter)
+            self.input = next(iter(self._inputs.values()))
+            self.output = next(iter(self._outputs.values()))
             self._batch = n
 
-    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        batch = batch_size if self.dynamic_batch else 1
-        outputs = []
-        for start in range(0, len(x), batch):
-            chunk = x[start : start + batch]
-            self._ensure_batch(len(chunk))
-            self.interpreter.set_tensor(self.input["index"], _quantize(chunk, self.input))
-            self.interpreter.invoke()
-            outputs.append(_dequantize(self.interpreter.get_tensor(self.output["index"]), self.output))
-        return np.concatenate(outputs, axis=0)
+    def _run(self, inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+        self._ensure_batch(stop - start)
+        for name, detail in self._inputs.items():
+            self.interpreter.set_tensor(detail["index"], _quantize(inputs[name][start:stop], detail))
+        self.interpreter.invoke()
+        return {name: _dequantize(self.interpreter.get_tensor(d["index"]), d) for name, d in self._outputs.items()}
 
-    def latencies_ms(self, sample: np.ndarray, runs: int, warmup: int = 10) -> np.ndarray:
-        """Per-invocation wall time in ms for a batch of one (the interpreter is reused)."""
+    def predict_outputs(self, inputs, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Every output by name, for inputs by name (an array stands for the only input)."""
+        if not isinstance(inputs, dict):
+            inputs = {self.input_names[0]: inputs}
+        n = len(next(iter(inputs.values())))
+        batch = batch_size if self.dynamic_batch else 1
+        chunks = [self._run(inputs, start, min(start + batch, n)) for start in range(0, n, batch)]
+        return {name: np.concatenate([c[name] for c in chunks], axis=0) for name in self.output_names}
+
+    def predict(self, x, batch_size: int = 64) -> np.ndarray:
+        """The first output for the first input (a single-input, single-output model's prediction)."""
+        return self.predict_outputs(x, batch_size)[self.output_names[0]]
+
+    def latencies_ms(self, sample, runs: int, warmup: int = 10) -> np.ndarray:
+        """Per-invocation wall time in ms for a batch of one (the interpreter is reused); `sample` is
+        an array for the only input, or arrays by input name."""
+        if not isinstance(sample, dict):
+            sample = {self.input_names[0]: sample}
         self._ensure_batch(1)
-        self.interpreter.set_tensor(self.input["index"], _quantize(sample[:1], self.input))
+        for name, detail in self._inputs.items():
+            self.interpreter.set_tensor(detail["index"], _quantize(sample[name][:1], detail))
         for _ in range(warmup):
             self.interpreter.invoke()
         times = np.empty(runs)

@@ -40,14 +40,37 @@ class SourceModel:
         return "tflite" if self.tflite_bytes is not None else "saved_model"
 
     @property
-    def input_shape(self) -> tuple:
+    def input_names(self) -> list[str]:
+        """The model's inputs by name (a data set names its arrays after them)."""
         if self.keras_model is not None:
-            shape = self.keras_model.inputs[0].shape
+            return [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(self.keras_model.inputs)]
+        if self.tflite_bytes is not None:
+            return self._tflite().input_names
+        return list(self._serving_fn().structured_input_signature[1])
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's outputs by name (labels `y.<output>` and metrics `<metric>.<output>` use them)."""
+        if self.keras_model is not None:
+            return keras_output_names(self.keras_model)
+        if self.tflite_bytes is not None:
+            return self._tflite().output_names
+        return list(self._serving_fn().structured_outputs)
+
+    @property
+    def input_shapes(self) -> dict[str, tuple]:
+        """Each input's shape without the batch axis (-1 for a dynamic dimension)."""
+        if self.keras_model is not None:
+            shapes = [t.shape for t in self.keras_model.inputs]
         elif self.tflite_bytes is not None:
-            return self._tflite().input_shape
+            return self._tflite().input_shapes
         else:
-            shape = self._input_spec()[1].shape
-        return tuple(-1 if d is None else int(d) for d in shape[1:])
+            shapes = [spec.shape for spec in self._serving_fn().structured_input_signature[1].values()]
+        return {n: tuple(-1 if d is None else int(d) for d in s[1:]) for n, s in zip(self.input_names, shapes)}
+
+    @property
+    def input_shape(self) -> tuple:
+        return next(iter(self.input_shapes.values()))
 
     def _tflite(self):
         from pipeline_stage.engine.litert_runtime import TFLiteModel
@@ -69,25 +92,58 @@ class SourceModel:
             self.cache["serving_fn"] = signatures[self.signature]
         return self.cache["serving_fn"]
 
-    def _input_spec(self):
-        return next(iter(self._serving_fn().structured_input_signature[1].items()))
-
-    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict_outputs(self, inputs, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Every output by name, for inputs by name (an array stands for the only input)."""
+        names = self.input_names
+        if not isinstance(inputs, dict):
+            inputs = {names[0]: inputs}
         if self.keras_model is not None:
-            out = self.keras_model.predict(x, batch_size=batch_size, verbose=0)
-        elif self.tflite_bytes is not None:
-            out = self._tflite().predict(np.asarray(x, dtype=np.float32), batch_size=batch_size)
-        else:
-            from pipeline_stage.engine.tf_env import import_tf
+            feed = inputs if len(names) > 1 else inputs[names[0]]
+            return outputs_by_name(self.keras_model.predict(feed, batch_size=batch_size, verbose=0), self.output_names)
+        if self.tflite_bytes is not None:
+            cast = {k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()}
+            return outputs_by_name(self._tflite().predict_outputs(cast, batch_size=batch_size), self.output_names)
+        from pipeline_stage.engine.tf_env import import_tf
 
-            tf = import_tf()
-            fn, (name, _) = self._serving_fn(), self._input_spec()
-            chunks = []
-            for start in range(0, len(x), batch_size):
-                res = fn(**{name: tf.constant(x[start : start + batch_size])})
-                chunks.append(next(iter(res.values())).numpy())
-            out = np.concatenate(chunks)
-        return np.asarray(first_output(out))
+        tf = import_tf()
+        fn, n = self._serving_fn(), len(next(iter(inputs.values())))
+        chunks = [
+            fn(**{k: tf.constant(v[start : start + batch_size]) for k, v in inputs.items()}) for start in range(0, n, batch_size)
+        ]
+        return {name: np.concatenate([c[name].numpy() for c in chunks]) for name in self.output_names}
+
+    def predict(self, x, batch_size: int = 64) -> np.ndarray:
+        """The first output (a single-output model's prediction)."""
+        return next(iter(self.predict_outputs(x, batch_size).values()))
+
+
+def keras_output_names(model) -> list[str]:
+    """A Keras model's output names: the functional model's own, else the layers that produce them."""
+    names = getattr(model, "output_names", None)
+    if names:
+        return list(names)
+    out = []
+    for i, tensor in enumerate(model.outputs):
+        history = getattr(tensor, "_keras_history", None)
+        out.append(history.operation.name if history is not None else f"output_{i}")
+    return out
+
+
+def outputs_by_name(out: Any, names: list[str]) -> dict[str, np.ndarray]:
+    """A model's outputs (a dict, a list, or one array) by the model's output names; a dict whose
+    names differ (a converter's `output_0, output_1`) is taken in order, and a dict with some of the
+    names (a model whose other outputs a step removed) keeps those."""
+    if isinstance(out, dict):
+        if out and set(out) <= set(names):
+            return {n: np.asarray(out[n]) for n in names if n in out}
+        values = list(out.values())
+    elif isinstance(out, (list, tuple)):
+        values = list(out)
+    else:
+        values = [out]
+    if len(values) != len(names):
+        raise InputError(f"the model returned {len(values)} outputs, expected {len(names)} ({', '.join(names)})")
+    return {n: np.asarray(v) for n, v in zip(names, values)}
 
 
 def first_output(out: Any) -> Any:

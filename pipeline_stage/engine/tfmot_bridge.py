@@ -132,10 +132,16 @@ def load_weights_into(model, weights_path: Path):
 def run_task(
     task: dict[str, Any], model, workdir: Path, *, log: Callable[[str], None] = print, timeout_s: float = 3600
 ) -> dict[str, Any]:
-    """Run `task` (see legacy_worker) on `model` in a tf_keras child; return its result.json.
+    """Run `task` (see tfmot_worker) on `model` in a tf_keras child; return its result.json.
 
     The child's progress lines (one per epoch) are passed to `log` as they come.
     """
+    if len(model.inputs) > 1 or len(model.outputs) > 1:
+        raise InputError(
+            f"prune and qat fine-tune single-input, single-output models; this one has {len(model.inputs)} inputs "
+            f"and {len(model.outputs)} outputs",
+            hint="use post-training quantization (`quantize: {mode: int8}`, checked with fidelity gates)",
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     write_model(model, workdir)
     (workdir / "task.json").write_text(json.dumps(task))

@@ -77,6 +77,25 @@ class PluginHost:
     def hook(self) -> Any:
         return self.pm.hook
 
+    def metric_for(self, name: str) -> tuple[Provided, str | None] | None:
+        """The metric a name means, and the output it is restricted to: `accuracy` -> (accuracy,
+        None); `fidelity_sqnr_db.level` -> (fidelity_sqnr_db, "level") for a metric computed on
+        predictions; None for an unknown name."""
+        if name in self.metrics:
+            return self.metrics[name], None
+        for i, char in enumerate(name):
+            base = name[:i]
+            if char == "." and base in self.metrics and self.metrics[base].cls.uses == "predictions" and name[i + 1 :]:
+                return self.metrics[base], name[i + 1 :]
+        return None
+
+    def metric_class(self, name: str) -> type:
+        """The class of a known metric name (`<metric>.<output>` included)."""
+        found = self.metric_for(name)
+        if found is None:
+            raise KeyError(name)
+        return found[0].cls
+
     def loader_for(self, suffix: str) -> Provided | None:
         for provided in self.loaders.values():
             if suffix.lower() in provided.cls.suffixes:

@@ -13,12 +13,11 @@ from pipeline_stage.contract.gates import GATE_RULES, Gate
 from pipeline_stage.manifest.loader import (
     LoadedManifest,
     load_manifest,
-    manifest_json_schema,
     parse_chain_item,
     parse_manifest,
     parse_steps,
 )
-from pipeline_stage.manifest.schema import DATA_SETS, Manifest, SearchSpec, check_model_uri
+from pipeline_stage.manifest.schema import DATA_SETS, Manifest, SearchSpec, check_model_uri, manifest_json_schema
 
 __all__ = [
     "DATA_SETS",

@@ -61,8 +61,8 @@ class LoadedManifest:
         for step in [*self.steps, *(s for chain in self.candidates for s in chain)]:
             needed |= step.required_data()
         for name in self.metric_names() + list(self.manifest.evaluation.per_step):
-            provided = host.metrics.get(name)
-            if provided is not None and (provided.cls.needs_labels or provided.cls.uses == "predictions"):
+            found = host.metric_for(name)
+            if found is not None and (found[0].cls.needs_labels or found[0].cls.uses == "predictions"):
                 needed.add("evaluation")
         return needed
 
@@ -187,7 +187,7 @@ def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", mod
     known_metrics = sorted(host.metrics)
 
     def check_metric(name: str, loc: tuple) -> None:
-        if name not in host.metrics:
+        if host.metric_for(name) is None:
             raise ManifestError(
                 f"unknown metric `{name}`; installed metrics: {', '.join(known_metrics)}",
                 path=path,
@@ -281,7 +281,7 @@ def _check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost) -> None:
     # labels=False: a default list asks for accuracy only when the data turns out to have labels
     names = loaded.metric_names(labels=False) + list(m.evaluation.per_step)
     if not (m.data.evaluation or m.data.calibration or m.data.training):
-        runs = [n for n in names if host.metrics[n].cls.runs_model]
+        runs = [n for n in names if host.metric_class(n).runs_model]
         if runs:
             raise ManifestError(
                 f"metric `{runs[0]}` runs the model on real inputs, but the manifest gives no data",
@@ -290,14 +290,14 @@ def _check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost) -> None:
                 field="data",
                 hint="add `data: {evaluation: <URI>}` (or calibration data), or measure only `size_bytes`",
             )
-    needing = [n for n in names if host.metrics[n].cls.needs_labels]
+    needing = [n for n in names if host.metric_class(n).needs_labels]
     local = _local_data_path(m.data.evaluation, path)
     if needing and local is not None and local.exists() and host.loader_for(local.suffix) is not None:
         try:
             dataset = host.loader_for(local.suffix).cls().load(local, source="data.evaluation")
         except Exception:
             return  # unreadable data is reported, with its reason, when the run loads it
-        if dataset.y is None:
+        if not dataset.has_labels:
             raise ManifestError(
                 f"`{local}` has no labels `y`, but {', '.join(f'`{n}`' for n in needing)} need them",
                 path=path,
@@ -390,33 +390,3 @@ def parse_steps(items: list[Any], host: PluginHost, *, path: str, lines: dict, l
                 hint=f"order the chain by phase: {' -> '.join(p.value for p in Phase)}; move `{cur.name}` before `{prev.name}`",
             )
     return steps
-
-
-def manifest_json_schema(host: PluginHost) -> dict[str, Any]:
-    """JSON Schema of the manifest, with each installed step's params (for editor completion)."""
-    schema = Manifest.model_json_schema()
-    items = []
-    for name, provided in sorted(host.steps.items()):
-        params_schema = provided.cls.Params.model_json_schema()
-        defs = params_schema.pop("$defs", {})
-        schema.setdefault("$defs", {}).update(defs)
-        params_schema.setdefault("description", provided.cls.summary())
-        items.append(
-            {
-                "type": "object",
-                "title": name,
-                "description": f"[{provided.cls.phase.value}] {provided.cls.summary()}",
-                "properties": {name: {"anyOf": [params_schema, {"type": "null"}]}},
-                "required": [name],
-                "additionalProperties": False,
-            }
-        )
-        items.append({"const": name, "title": name})
-    schema["properties"]["chain"] = {
-        "type": "array",
-        "description": schema["properties"]["chain"].get("description", ""),
-        "items": {"anyOf": items},
-    }
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "pipeline-stage manifest"
-    return schema

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline_stage.contract.gates import Gate
+from pipeline_stage.host.plugin_host import PluginHost
 
 DATA_SETS = ("calibration", "evaluation", "training")
 # MLflow registered-model names: printable, no slashes or colons (they break models:/ URIs).
@@ -182,3 +183,33 @@ def check_model_uri(uri: str) -> None:
             raise ValueError(f"`{uri}` is not a run URI: use runs:/<run_id>/<artifact path>")
     elif not uri.strip():
         raise ValueError("the model URI is empty")
+
+
+def manifest_json_schema(host: PluginHost) -> dict[str, Any]:
+    """JSON Schema of the manifest, with each installed step's params (for editor completion)."""
+    schema = Manifest.model_json_schema()
+    items = []
+    for name, provided in sorted(host.steps.items()):
+        params_schema = provided.cls.Params.model_json_schema()
+        defs = params_schema.pop("$defs", {})
+        schema.setdefault("$defs", {}).update(defs)
+        params_schema.setdefault("description", provided.cls.summary())
+        items.append(
+            {
+                "type": "object",
+                "title": name,
+                "description": f"[{provided.cls.phase.value}] {provided.cls.summary()}",
+                "properties": {name: {"anyOf": [params_schema, {"type": "null"}]}},
+                "required": [name],
+                "additionalProperties": False,
+            }
+        )
+        items.append({"const": name, "title": name})
+    schema["properties"]["chain"] = {
+        "type": "array",
+        "description": schema["properties"]["chain"].get("description", ""),
+        "items": {"anyOf": items},
+    }
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "pipeline-stage manifest"
+    return schema

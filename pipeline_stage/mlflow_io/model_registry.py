@@ -94,8 +94,10 @@ def register_version(
     if sample is not None:
         from pipeline_stage.engine.litert_runtime import TFLiteModel
 
-        x = sample.astype(np.float32)
-        signature = infer_signature(x, TFLiteModel(tflite_path.read_bytes()).predict(x))
+        # tensor specs for every input and output, by name when there are several
+        x = {k: v.astype(np.float32) for k, v in sample.items()} if isinstance(sample, dict) else sample.astype(np.float32)
+        outputs = TFLiteModel(tflite_path.read_bytes()).predict_outputs(x)
+        signature = infer_signature(x, outputs if len(outputs) > 1 else next(iter(outputs.values())))
     from importlib.metadata import version as dist_version
 
     info = mlflow.pyfunc.log_model(

@@ -15,17 +15,25 @@ except ImportError:  # a consumer without pipeline-stage: the file ships in the 
 
 
 class TFLitePyfunc(PythonModel):
-    """Predict with the model's .tflite artifact (first input, first output)."""
+    """Predict with the model's .tflite artifact: an array (or a DataFrame) for a single-input model,
+    a dict of arrays by input name (or a DataFrame with one column per input) for several inputs;
+    an array back for a single-output model, a dict by output name for several outputs."""
 
     def load_context(self, context):
         with open(context.artifacts["tflite"], "rb") as fh:
             self._model = TFLiteModel(fh.read(), threads=1)
 
     def predict(self, context, model_input, params=None):
-        if hasattr(model_input, "to_numpy"):
-            model_input = model_input.to_numpy()
-        batch = np.asarray(model_input, dtype=np.float32)
-        return self._model.predict(batch, batch_size=int((params or {}).get("batch_size", 64)))
+        batch_size = int((params or {}).get("batch_size", 64))
+        names = self._model.input_names
+        if len(names) > 1 and hasattr(model_input, "columns"):  # a DataFrame, one column per input
+            model_input = {n: np.stack(model_input[n].to_numpy()) for n in names}
+        if isinstance(model_input, dict):
+            feed = {n: np.asarray(model_input[n], dtype=np.float32) for n in names}
+        else:
+            feed = np.asarray(model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input, dtype=np.float32)
+        outputs = self._model.predict_outputs(feed, batch_size=batch_size)
+        return outputs if len(outputs) > 1 else next(iter(outputs.values()))
 
 
 set_model(TFLitePyfunc())

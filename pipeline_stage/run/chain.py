@@ -20,11 +20,10 @@ import numpy as np
 
 from pipeline_stage.contract.data import Dataset
 from pipeline_stage.contract.errors import InputError, PluginError, StageError
-from pipeline_stage.contract.metrics import Evaluation
 from pipeline_stage.contract.report import ConversionRecord, ObserverContext, StepRecord
 from pipeline_stage.contract.steps import ConversionSettings, Phase, Step, StepContext
-from pipeline_stage.engine.evaluate import check_input_shape, default_threads, latencies_ms
-from pipeline_stage.engine.source_model import SourceModel, first_output
+from pipeline_stage.engine.evaluate import check_input_shape
+from pipeline_stage.engine.source_model import SourceModel, outputs_by_name
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest
 from pipeline_stage.run.progress import Progress
@@ -125,14 +124,17 @@ class ChainRunner:
             )
         dataset = provided.cls().load(local, source=f"data.{name}")
         dataset.check(needs_labels=name == "training")
-        if name == "evaluation" and dataset.y is None:
-            needing = [n for n in self._measured_names() if self.host.metrics[n].cls.needs_labels]
+        if name == "evaluation" and not dataset.has_labels:
+            needing = [n for n in self._measured_names() if self.host.metric_class(n).needs_labels]
             if needing:
                 raise InputError(
                     f"data `data.evaluation` has no labels `y`, but {', '.join(f'`{n}`' for n in needing)} need them",
                     hint="add an array `y` to the data, or gate without labels, e.g. `- {metric: fidelity_sqnr_db, min: 20}`",
                 )
-        check_input_shape(f"data.{name}", dataset.x, self.source.input_shape)
+        shapes = self.source.input_shapes
+        for input_name, array in dataset.inputs(list(shapes)).items():
+            where = f"data.{name}" if len(shapes) == 1 else f"data.{name}` input `{input_name}"
+            check_input_shape(where, array, shapes[input_name])
         if name == "evaluation" and self.m.evaluation.max_samples:
             dataset = dataset.take(self.m.evaluation.max_samples)
         self._data[name] = dataset
@@ -178,83 +180,52 @@ class ChainRunner:
         # labels=False: a default list asks for accuracy only when there are labels to compute it on
         return self.loaded.metric_names(labels=False) + list(self.m.evaluation.per_step)
 
-    def sample_inputs(self) -> np.ndarray:
+    @property
+    def output_names(self) -> list[str]:
+        return self.source.output_names
+
+    def inputs_of(self, dataset: Dataset):
+        """A data set's arrays for the model's inputs: one array for a single-input model, else by name."""
+        names = self.source.input_names
+        arrays = dataset.inputs(names)
+        return arrays[names[0]] if len(names) == 1 else arrays
+
+    def sample_inputs(self):
         """Real inputs to time and probe a model with: the evaluation data, else the calibration or
         training data (never zeros or random arrays, which a quantized model may not survive)."""
         for name in ("evaluation", "calibration", "training"):
             if getattr(self.m.data, name):
-                return self.load_data(name).x
+                return self.inputs_of(self.load_data(name))
         raise InputError(
             "measuring the model needs real inputs, but the manifest gives no data",
             hint="add `data: {evaluation: <URI>}` (or calibration data)",
         )
 
-    def reference_outputs(self) -> np.ndarray:
-        """The source model's outputs on the evaluation data, computed once: the baseline that
-        fidelity metrics compare every candidate (and every search trial) with."""
+    def reference_outputs(self) -> dict[str, np.ndarray]:
+        """The source model's outputs on the evaluation data by output name, computed once: the
+        baseline that fidelity metrics compare every candidate (and every search trial) with."""
         if self._reference is None:
             ev = self.load_data("evaluation")
-            self._reference = np.asarray(self.source.predict(ev.x, batch_size=self.m.evaluation.batch_size))
+            self._reference = self.source.predict_outputs(self.inputs_of(ev), batch_size=self.m.evaluation.batch_size)
         return self._reference
 
-    def use_reference(self, outputs: np.ndarray) -> None:
+    def use_reference(self, outputs: dict[str, np.ndarray]) -> None:
         """Take the baseline's outputs computed elsewhere (a search trial gets its parent's)."""
-        self._reference = np.asarray(outputs)
+        self._reference = {k: np.asarray(v) for k, v in outputs.items()}
 
     # -- measuring --------------------------------------------------------------------------
     def higher_is_better(self, names: list[str]) -> dict[str, bool]:
-        return {n: self.host.metrics[n].cls.higher_is_better for n in names}
+        return {n: self.host.metric_class(n).higher_is_better for n in names}
 
     def prediction_metrics(self, names: list[str]) -> list[str]:
-        return [n for n in names if self.host.metrics[n].cls.uses == "predictions"]
+        return [n for n in names if self.host.metric_class(n).uses == "predictions"]
 
-    def measure(
-        self, names: list[str], *, model_bytes: bytes | None, predict: Callable[[np.ndarray], np.ndarray] | None = None
-    ) -> dict[str, float]:
-        """Compute metrics for one model: predictions from `predict` when given, else from the .tflite."""
-        ev_data = self.evaluation_data
-        threads = self.m.evaluation.threads or default_threads()
-        batch = self.m.evaluation.batch_size
-        flex = _flex_ops(model_bytes) if model_bytes is not None and predict is None else []
-        if predict is None:
-            from pipeline_stage.engine.litert_runtime import TFLiteModel
+    def measure(self, names: list[str], *, model_bytes: bytes | None, predict: Callable | None = None) -> dict[str, float]:
+        """Compute metrics for one model: predictions from `predict` (outputs by name) when given,
+        else from the .tflite (see :func:`pipeline_stage.run.measuring.measure`)."""
+        from pipeline_stage.run.measuring import measure
 
-            def predict(x):
-                return TFLiteModel(model_bytes, threads=threads).predict(x.astype(np.float32), batch_size=batch)
-
-        x = None if ev_data is None else ev_data.x
-        runs = self.m.evaluation.latency_runs
-        evaluation = Evaluation(
-            model_bytes=model_bytes or b"",
-            x=x,
-            labels=None if ev_data is None else ev_data.y,
-            predict=predict,
-            latencies=lambda: latencies_ms(model_bytes, self.sample_inputs(), runs),
-            reference=self.reference_outputs if ev_data is not None else None,
-            latency_runs=runs,
-        )
-        out: dict[str, float] = {}
-        for name in names:
-            provided = self.host.metrics[name]
-            metric = provided.cls()
-            if metric.uses == "flatbuffer" and model_bytes is None:
-                continue
-            if flex and metric.runs_model:
-                raise InputError(
-                    f"metric `{name}` needs to run the model, but it contains TF Select ops ({', '.join(flex)}) "
-                    "that the LiteRT interpreter cannot run",
-                    hint="measure only what needs no interpreter (`evaluation: {metrics: [size_bytes], per_step: []}`) "
-                    "and gate on that, or replace the ops",
-                )
-            try:
-                out[name] = float(metric.compute(evaluation))
-            except StageError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"metric `{name}` (distribution `{provided.distribution}`) failed: {type(exc).__name__}: {exc}"
-                ) from exc
-        return out
+        return measure(self, names, model_bytes=model_bytes, predict=predict)
 
     def baseline(self) -> Baseline:
         """Convert the source model to float once and measure it, and the source model itself."""
@@ -372,8 +343,8 @@ class ChainRunner:
                 metrics = self.measure(
                     self.prediction_metrics(per_step),
                     model_bytes=None,
-                    predict=lambda x: np.asarray(
-                        first_output(model_now.predict(x, batch_size=m.evaluation.batch_size, verbose=0))
+                    predict=lambda x: outputs_by_name(
+                        model_now.predict(x, batch_size=m.evaluation.batch_size, verbose=0), self.output_names
                     ),
                 )
             elif step.phase is Phase.CONVERT:
@@ -405,9 +376,3 @@ class ChainRunner:
         if model_bytes is None:
             model_bytes = do_convert()
         return ChainResult(model_bytes, records, conversion, tags)
-
-
-def _flex_ops(model_bytes: bytes) -> list[str]:
-    from pipeline_stage.engine.flatbuffer import read
-
-    return sorted(op.split(":", 1)[1] for op in read(model_bytes).ops if op.startswith("CUSTOM:Flex"))

@@ -126,8 +126,8 @@ class Search:
         # The baseline's outputs, computed once for the search: every trial's fidelity is against them.
         self.reference_path = None
         if self.runner.evaluation_data is not None:
-            self.reference_path = str(shared / "reference.npy")
-            np.save(self.reference_path, self.runner.reference_outputs())
+            self.reference_path = str(shared / "reference.npz")
+            np.savez(self.reference_path, **self.runner.reference_outputs())
 
     def _manifest(self, chain: Chain) -> str:
         m = self.runner.m
@@ -287,19 +287,33 @@ class Search:
                     chain = move.instrument(chain)
             return chain
 
-        first = [("as written", base)]
-        for move in alternatives:
-            if move.applies(base):
-                first += move.propose(copy.deepcopy(base), facts)
+        # Alternatives come in tiers of cost: the cheapest beside the chain as written; a costlier
+        # tier (another quantization mode, say) only when nothing cheaper, refined, passed.
+        tiers = sorted({move.cost for move in alternatives})
+
+        def proposals(cost: float) -> list[tuple[str, Chain]]:
+            return [p for m in alternatives if m.cost == cost and m.applies(base) for p in m.propose(copy.deepcopy(base), facts)]
+
+        first = [("as written", base)] + (proposals(tiers[0]) if tiers else [])
         done = self.run_batch([(origin, instrumented(chain)) for origin, chain in first])
         if any(t.passed for t in done):
             self.stopped_because = "passed"
             return
-        # Refining starts from the closest first-round trial a refine move can work on; its
-        # measurements rank every refine move's options.
+        if self._refine(done, refiners):
+            return
+        for cost in tiers[1:]:
+            if not self._budget_left():
+                return
+            if any(t.passed for t in self.run_batch(proposals(cost))):
+                self.stopped_because = "passed"
+                return
+
+    def _refine(self, done: list[Trial], refiners: list[SearchMove]) -> bool:
+        """The refine moves, from the closest trial of `done` they apply to (its measurements rank
+        every move's options); True when the search should stop (passed, or the budget is spent)."""
         start = ranking.closest([t for t in done if any(move.applies(t.chain) for move in refiners)])
         if start is None:
-            return
+            return False
         current = start
         options = {move.name: move.options(start.view()) for move in refiners}
         for move in refiners:
@@ -308,7 +322,8 @@ class Search:
             current = self._greedy(current, move, options[move.name])
             if current.passed or not self._budget_left():
                 self.stopped_because = "passed" if current.passed else self.stopped_because
-                return
+                return True
+        return False
 
     def _greedy(self, current: Trial, move: SearchMove, options: list[str]) -> Trial:
         """Keep one more option per round: try the next `parallel` worst ones side by side; keep the

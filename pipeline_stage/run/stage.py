@@ -178,7 +178,7 @@ class Stage:
             reg,
             tags=version_tags(report, reg, step_tags, sha256),
             tflite_path=tflite_path,
-            sample=ev.x[:4] if ev is not None else None,
+            sample=_head(runner.inputs_of(ev), 4) if ev is not None else None,
             new_version=self.options.new_version,
         )
         self.host.hook.after_register(registered=report.registered, context=context)
@@ -203,6 +203,11 @@ class Stage:
         for suffix, text in rendered.items():
             run.log_text(text, f"report{suffix}")
         self._write_local_report(report, rendered)
+
+
+def _head(inputs, n: int):
+    """The first `n` samples of an input array, or of each input array by name."""
+    return {k: v[:n] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:n]
 
 
 def run_stage(loaded: LoadedManifest, host: PluginHost, options: RunOptions) -> Report:

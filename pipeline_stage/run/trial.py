@@ -68,7 +68,8 @@ def run_trial(folder: Path) -> dict[str, Any]:
     if spec.get("reference"):
         import numpy as np
 
-        runner.use_reference(np.load(spec["reference"]))
+        with np.load(spec["reference"]) as outputs:
+            runner.use_reference({name: outputs[name] for name in outputs.files})
     result = runner.run_chain(loaded.steps, TrialLog(folder))
     (folder / "model.tflite").write_bytes(result.model_bytes)
     metrics = runner.measure(spec["metrics"], model_bytes=result.model_bytes)
