@@ -94,6 +94,8 @@ def test_several_inputs_and_outputs_end_to_end_with_metrics_per_output(two_heads
     for o in OUTPUTS:
         # within 2%: at 70+ dB the error is float rounding, computed a little differently here
         assert candidate[f"fidelity_sqnr_db.{o}"] == pytest.approx(independent[o], rel=0.02)
+    page = (tmp_path / "r.html").read_text()
+    assert "alt='fidelity per output (SQNR against the baseline&#x27;s outputs)' src='data:image/png;base64," in page
     # the registered pyfunc takes both inputs by name and gives both outputs by name
     import mlflow
 

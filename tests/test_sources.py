@@ -117,3 +117,19 @@ def test_a_savedmodel_signature_of_choice(mlflow_server, tmp_path):
     np.testing.assert_allclose(out, 2.0 * x @ weights, rtol=1e-5)
     missing = invoke("run", str(write_manifest(tmp_path, text.replace("double", "triple"), "bad.yaml")))
     assert missing.exit_code == 2 and "has no signature `triple` (signatures: double, serving_default)" in missing.stderr
+
+
+def test_a_model_logged_with_the_keras_flavor_loads(digits_model, digits_data, mlflow_server, tmp_path):
+    """MLflow's keras flavor (mlflow.keras.log_model) as well as the tensorflow flavor the demo uses."""
+    import mlflow
+
+    with mlflow.start_run(run_name="keras-flavor"):
+        info = mlflow.keras.log_model(digits_model, name="model", registered_model_name="digits-keras-flavor")
+    np.savez(tmp_path / "eval.npz", x=digits_data.evaluation[0], y=digits_data.evaluation[1])
+    text = (
+        f"model: models:/digits-keras-flavor/{info.registered_model_version}\ndata: {{evaluation: {tmp_path / 'eval.npz'}}}\n"
+        "chain:\n  - quantize: {mode: float16}\ngates:\n  - {metric: accuracy, max_drop: 0.01}\n  - {metric: fidelity_sqnr_db, min: 30}\n"
+    )
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    assert read_report(tmp_path / "r.json")["source"]["name"] == "digits-keras-flavor"

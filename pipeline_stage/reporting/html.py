@@ -2,7 +2,8 @@
 
 It holds what report.md holds (baseline vs candidate, gates, steps, search trials) plus plots made
 with matplotlib: accuracy vs size and accuracy vs latency with the trials' Pareto front and the
-winner marked, latency per variant, and per-layer quantization error (from `analyze`).
+winner marked, latency per variant, per-layer quantization error (from `analyze`), and fidelity
+per output (SQNR against the baseline's outputs) for the float conversion, the candidate and each trial.
 """
 
 from __future__ import annotations
@@ -136,6 +137,28 @@ def _latency_plot(points: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
+def _fidelity_plot(report: Report) -> str | None:
+    """SQNR against the baseline per output: the float conversion, the candidate, each search trial."""
+    candidate = report.candidate or {}
+    outputs = sorted(k.split(".", 1)[1] for k in candidate if k.startswith("fidelity_sqnr_db."))
+    keys = [f"fidelity_sqnr_db.{o}" for o in outputs] or (["fidelity_sqnr_db"] if "fidelity_sqnr_db" in candidate else [])
+    if not keys:
+        return None
+    series = [("float TFLite (baseline)", report.baseline_tflite), ("candidate", candidate)]
+    if report.search:
+        series += [(f"trial {t.index}", t.metrics) for t in report.search.trials if t.metrics]
+    fig, ax = _axes(6.5, 3.6)
+    width = 0.8 / len(series)
+    for k, (label, metrics) in enumerate(series):
+        values = [metrics.get(key, float("nan")) for key in keys]
+        ax.bar([i + k * width for i in range(len(keys))], values, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], outputs or ["model"])
+    ax.set_ylabel("SQNR vs baseline (dB) — higher is closer")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
 def _layer_error_plot(rows: list[dict[str, Any]] | None) -> str | None:
     if not rows:
         return None
@@ -243,6 +266,7 @@ def to_html(report: Report) -> str:
             _layer_error_plot(search.as_written_per_layer if search else None),
         ),
         ("per-layer quantization error: the candidate (analyze)", _layer_error_plot(per_layer_errors(report.steps))),
+        ("fidelity per output (SQNR against the baseline's outputs)", _fidelity_plot(report)),
     ]
     shown = [(title, uri) for title, uri in plots if uri]
     if shown:
