@@ -177,3 +177,32 @@ def test_auto_search_falls_back_to_another_mode_when_int8_cannot_pass(two_heads,
     winner = next(t for t in search["trials"] if t["index"] == search["winner"])
     assert winner["origin"].startswith("mode ")
     assert all(v >= 20 for v in _sqnr_per_output((tmp_path / "m.tflite").read_bytes(), two_heads).values())
+
+
+def test_dynamic_height_and_width_take_the_data_shapes(mlflow_server, tmp_path):
+    """A fully convolutional model with dynamic height and width: the data's 24x20 images decide the
+    shapes the interpreter runs, and int8 is gated on per-pixel outputs without labels."""
+    import keras
+
+    rng = np.random.default_rng(1)
+    image = keras.Input((None, None, 3), name="image")
+    features = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(image)
+    mask = keras.layers.Conv2D(2, 1, name="mask")(features)
+    model = keras.Model(image, mask)
+    model.save(tmp_path / "fcn.keras")
+    x = rng.uniform(0, 1, (64, 24, 20, 3)).astype(np.float32)
+    np.savez(tmp_path / "images.npz", x=x)
+    text = (
+        f"model: {tmp_path / 'fcn.keras'}\ndata: {{calibration: {tmp_path / 'images.npz'}, evaluation: {tmp_path / 'images.npz'}}}\n"
+        "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: fidelity_sqnr_db, min: 20}\n"
+    )
+    result = invoke(
+        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
+    )
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    assert report["candidate"]["fidelity_sqnr_db"] >= 20 and report["candidate"]["latency_p50_ms"] > 0
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tmp_path / "m.tflite"))
+    assert list(interpreter.get_input_details()[0]["shape_signature"]) == [-1, -1, -1, 3]

@@ -85,18 +85,23 @@ class TFLiteModel:
     def input_shapes(self) -> dict[str, tuple]:
         return {n: tuple(int(d) for d in det["shape_signature"][1:]) for n, det in self._inputs.items()}
 
-    def _ensure_batch(self, n: int) -> None:
-        if self._batch != n:
-            for detail in self._inputs.values():
-                self.interpreter.resize_tensor_input(detail["index"], [n, *detail["shape"][1:]])
+    def _ensure_batch(self, n: int, shapes: dict[str, tuple] | None = None) -> None:
+        """Resize the inputs to a batch of `n` (and, for dynamic dimensions, to the data's `shapes`)."""
+        wanted = {
+            name: [n, *(shapes[name][1:] if shapes and -1 in d["shape_signature"][1:] else d["shape"][1:])]
+            for name, d in self._inputs.items()
+        }
+        if self._batch != wanted:
+            for name, detail in self._inputs.items():
+                self.interpreter.resize_tensor_input(detail["index"], wanted[name])
             self.interpreter.allocate_tensors()
             self._inputs, self._outputs = _named_details(self.interpreter)
             self.input = next(iter(self._inputs.values()))
             self.output = next(iter(self._outputs.values()))
-            self._batch = n
+            self._batch = wanted
 
     def _run(self, inputs: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-        self._ensure_batch(stop - start)
+        self._ensure_batch(stop - start, {k: v.shape for k, v in inputs.items()})
         for name, detail in self._inputs.items():
             self.interpreter.set_tensor(detail["index"], _quantize(inputs[name][start:stop], detail))
         self.interpreter.invoke()
@@ -120,7 +125,7 @@ class TFLiteModel:
         an array for the only input, or arrays by input name."""
         if not isinstance(sample, dict):
             sample = {self.input_names[0]: sample}
-        self._ensure_batch(1)
+        self._ensure_batch(1, {k: v.shape for k, v in sample.items()})
         for name, detail in self._inputs.items():
             self.interpreter.set_tensor(detail["index"], _quantize(sample[name][:1], detail))
         for _ in range(warmup):
