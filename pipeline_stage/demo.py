@@ -107,6 +107,41 @@ def train_bn_after_relu_cnn(data: DigitsData, *, epochs: int = 8, seed: int = 0)
     return model
 
 
+def build_two_heads(seed: int = 0):
+    """A two-input (`audio`, `meta`), two-output (`label`, `level`) Keras model whose weights are
+    set, not trained, so that plain full int8 ruins one output: the `wide` layer has one channel a
+    thousand times larger than the others; full int8 gives that activation one scale, so the small
+    channels, which alone feed `level`, round to zero. `label` reads the shared layer and survives.
+    Returns the model and a function `inputs(n)` that draws real-looking inputs by name."""
+    from pipeline_stage.engine.tf_env import import_tf
+
+    import_tf()
+    import keras
+
+    audio, meta = keras.Input((16,), name="audio"), keras.Input((4,), name="meta")
+    shared = keras.layers.Dense(16, activation="relu", name="shared")(keras.layers.Concatenate()([audio, meta]))
+    label = keras.layers.Dense(3, activation="softmax", name="label")(shared)
+    wide = keras.layers.Dense(8, name="wide")(shared)
+    level = keras.layers.Dense(1, name="level")(wide)
+    model = keras.Model({"audio": audio, "meta": meta}, {"label": label, "level": level})
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.get_weights()])
+    kernel, bias = model.get_layer("wide").get_weights()
+    kernel[:, 0] *= 1000.0
+    bias[0] = 1000.0
+    model.get_layer("wide").set_weights([kernel, bias])
+    head, head_bias = model.get_layer("level").get_weights()
+    head[0] = 0.0
+    model.get_layer("level").set_weights([head, np.zeros_like(head_bias)])
+
+    def inputs(n: int) -> dict[str, np.ndarray]:
+        return {"audio": rng.uniform(0, 1, (n, 16)).astype(np.float32), "meta": rng.uniform(0, 1, (n, 4)).astype(np.float32)}
+
+    return model, inputs
+
+
 def log_source_model(
     model,
     data: DigitsData,

@@ -17,34 +17,12 @@ OUTPUTS = ("label", "level")
 
 @pytest.fixture(scope="module")
 def two_heads(tmp_path_factory) -> dict:
-    """Built, not trained: weights set so that int8 ruins one output. The `wide` layer has one
-    channel a thousand times larger than the others; full int8 gives its output one scale, so the
-    small channels, which alone feed `level`, round to zero. `label` reads the shared layer."""
-    import keras
+    """pipeline_stage.demo.build_two_heads: weights set so that plain int8 ruins `level`."""
+    from pipeline_stage.demo import build_two_heads
 
     folder = tmp_path_factory.mktemp("two-heads")
-    audio, meta = keras.Input((16,), name="audio"), keras.Input((4,), name="meta")
-    shared = keras.layers.Dense(16, activation="relu", name="shared")(keras.layers.Concatenate()([audio, meta]))
-    label = keras.layers.Dense(3, activation="softmax", name="label")(shared)
-    wide = keras.layers.Dense(8, name="wide")(shared)
-    level = keras.layers.Dense(1, name="level")(wide)
-    model = keras.Model({"audio": audio, "meta": meta}, {"label": label, "level": level})
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.get_weights()])
-    kernel, bias = model.get_layer("wide").get_weights()
-    kernel[:, 0] *= 1000.0
-    bias[0] = 1000.0
-    model.get_layer("wide").set_weights([kernel, bias])
-    head, head_bias = model.get_layer("level").get_weights()
-    head[0] = 0.0
-    model.get_layer("level").set_weights([head, np.zeros_like(head_bias)])
+    model, inputs = build_two_heads()
     model.save(folder / "two_heads.keras")
-
-    def inputs(n: int) -> dict[str, np.ndarray]:
-        return {"audio": rng.uniform(0, 1, (n, 16)).astype(np.float32), "meta": rng.uniform(0, 1, (n, 4)).astype(np.float32)}
-
     calib, evaluation = inputs(200), inputs(300)
     truth = model.predict(evaluation, verbose=0)
     np.savez(folder / "calib.npz", **calib)
