@@ -95,6 +95,9 @@ def test_int8_damage_to_one_output_fails_a_fidelity_gate_without_labels(two_head
     assert result.exit_code == 3, result.output
     candidate = read_report(tmp_path / "r.json")["candidate"]
     assert candidate["fidelity_sqnr_db.level"] < 20 <= candidate["fidelity_sqnr_db.label"]
+    # the message and the report say which output failed
+    assert "gate failed: fidelity_sqnr_db min 20.0 (value " in result.stderr and "output `level`)" in result.stderr
+    assert read_report(tmp_path / "r.json")["gates"][0]["worst_output"] == "level"
     assert "accuracy" not in candidate  # no labels: no accuracy by default
     assert versions_of("two-heads-int8") == []
 

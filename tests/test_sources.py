@@ -133,3 +133,35 @@ def test_a_model_logged_with_the_keras_flavor_loads(digits_model, digits_data, m
     result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     assert read_report(tmp_path / "r.json")["source"]["name"] == "digits-keras-flavor"
+
+
+def test_a_savedmodel_with_two_inputs_and_two_outputs_and_no_labels(mlflow_server, tmp_path):
+    """A tf.Module signature with inputs `a`, `b` and outputs `sum`, `product`: calibrated on both
+    inputs, measured on both outputs, gated on fidelity alone."""
+    import tensorflow as tf
+
+    class Model(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3))
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, 4], tf.float32, name="a"), tf.TensorSpec([None, 4], tf.float32, name="b")]
+        )
+        def serve(self, a, b):
+            return {"sum": tf.matmul(a + b, self.w), "product": tf.matmul(a * b, self.w)}
+
+    module = Model()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "ab.npz", a=rng.uniform(0, 1, (64, 4)).astype(np.float32), b=rng.uniform(0, 1, (64, 4)).astype(np.float32)
+    )
+    text = (
+        f"model: {tmp_path / 'sm'}\ndata: {{calibration: {tmp_path / 'ab.npz'}, evaluation: {tmp_path / 'ab.npz'}}}\n"
+        "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: fidelity_sqnr_db, min: 20}\n"
+    )
+    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    candidate = read_report(tmp_path / "r.json")["candidate"]
+    assert {"fidelity_sqnr_db.sum", "fidelity_sqnr_db.product"} <= set(candidate)
+    assert candidate["fidelity_sqnr_db"] == min(candidate["fidelity_sqnr_db.sum"], candidate["fidelity_sqnr_db.product"]) >= 20

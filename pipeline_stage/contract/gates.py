@@ -87,8 +87,16 @@ def evaluate_gate(gate: Gate, candidate: float | None, baseline: float | None, h
 def evaluate_gates(
     gates: list[Gate], candidate: dict[str, float], baseline: dict[str, float], higher_is_better: dict[str, bool]
 ) -> tuple[list[GateResult], bool]:
-    """Every gate's verdict, and whether all passed."""
-    results = [evaluate_gate(g, candidate.get(g.metric), baseline.get(g.metric), higher_is_better[g.metric]) for g in gates]
+    """Every gate's verdict, and whether all passed. A metric the candidate also has per output
+    (`<metric>.<output>`) names the output its value comes from, the worst one."""
+    results = []
+    for g in gates:
+        result = evaluate_gate(g, candidate.get(g.metric), baseline.get(g.metric), higher_is_better[g.metric])
+        per_output = {k[len(g.metric) + 1 :]: v for k, v in candidate.items() if k.startswith(g.metric + ".")}
+        if per_output:
+            worst = (min if higher_is_better[g.metric] else max)(per_output, key=per_output.get)
+            result = result.model_copy(update={"worst_output": worst})
+        results.append(result)
     return results, all(r.passed for r in results)
 
 

@@ -41,6 +41,9 @@ class GateResult(Record):
     baseline: float | None = Field(description="The baseline's value (None when it has none).")
     compared: float | None = Field(description="What the rule compared with the threshold (a drop, a ratio, or the value).")
     passed: bool
+    worst_output: str | None = Field(
+        None, description="For a metric measured per output of a multi-output model: the output whose value it is."
+    )
 
     @property
     def verdict(self) -> str:
@@ -57,7 +60,8 @@ class GateResult(Record):
 
     def failure_text(self) -> str:
         """``accuracy max_drop 0.01 (value 0.96)``: a failed gate in the exit-3 message."""
-        return f"{self.metric} {self.rule} {self.threshold} (value {_g(self.value)})"
+        where = f", output `{self.worst_output}`" if self.worst_output else ""
+        return f"{self.metric} {self.rule} {self.threshold} (value {_g(self.value)}{where})"
 
 
 def _g(value: float | None) -> str:
