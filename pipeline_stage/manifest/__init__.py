@@ -13,6 +13,7 @@ from pipeline_stage.contract.gates import GATE_RULES, Gate
 from pipeline_stage.manifest.loader import (
     LoadedManifest,
     load_manifest,
+    local_data_path,
     parse_chain_item,
     parse_manifest,
     parse_steps,
@@ -28,6 +29,7 @@ __all__ = [
     "SearchSpec",
     "check_model_uri",
     "load_manifest",
+    "local_data_path",
     "manifest_json_schema",
     "parse_chain_item",
     "parse_manifest",

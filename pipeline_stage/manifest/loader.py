@@ -291,7 +291,7 @@ def _check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost) -> None:
                 hint="add `data: {evaluation: <URI>}` (or calibration data), or measure only `size_bytes`",
             )
     needing = [n for n in names if host.metric_class(n).needs_labels]
-    local = _local_data_path(m.data.evaluation, path)
+    local = local_data_path(m.data.evaluation, path)
     if needing and local is not None and local.exists() and host.loader_for(local.suffix) is not None:
         try:
             dataset = host.loader_for(local.suffix).cls().load(local, source="data.evaluation")
@@ -308,12 +308,12 @@ def _check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost) -> None:
             )
 
 
-def _local_data_path(uri: str | None, manifest_path: str) -> Path | None:
+def local_data_path(uri: str | None, manifest_path: str) -> Path | None:
     """A data URI that names a local file, resolved as the run resolves it; None for remote URIs."""
     if not uri or "://" in uri or uri.startswith(("runs:/", "models:/")) or "${" in uri:
         return None
     local = Path(uri)
-    if not local.is_absolute() and manifest_path != "<manifest>" and not manifest_path.startswith("<"):
+    if not local.is_absolute() and not manifest_path.startswith("<"):  # "<manifest>": text, not a file
         local = Path(manifest_path).resolve().parent / local
     return local
 

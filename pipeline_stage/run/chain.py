@@ -25,7 +25,7 @@ from pipeline_stage.contract.steps import ConversionSettings, Phase, Step, StepC
 from pipeline_stage.engine.evaluate import check_input_shape
 from pipeline_stage.engine.source_model import SourceModel, outputs_by_name
 from pipeline_stage.host.plugin_host import PluginHost
-from pipeline_stage.manifest import DATA_SETS, LoadedManifest
+from pipeline_stage.manifest import DATA_SETS, LoadedManifest, local_data_path
 from pipeline_stage.run.progress import Progress
 
 SOURCE_RUN_PLACEHOLDER = "${source.run_id}"
@@ -78,7 +78,7 @@ class ChainRunner:
         self.loaded, self.m, self.host, self.source = loaded, loaded.manifest, host, source
         self.workdir, self.progress, self.context = workdir, progress, context
         self._data: dict[str, Dataset] = {}
-        self._reference: np.ndarray | None = None
+        self._reference: dict[str, np.ndarray] | None = None
 
     # -- data -------------------------------------------------------------------------------
     def data_uri(self, name: str) -> str:
@@ -92,12 +92,8 @@ class ChainRunner:
                     hint="give the data's full URI",
                 )
             uri = uri.replace(SOURCE_RUN_PLACEHOLDER, run_id)
-        if "://" not in uri and not uri.startswith(("runs:/", "models:/")):
-            path = Path(uri)
-            if not path.is_absolute() and self.loaded.path != "<manifest>":
-                path = Path(self.loaded.path).resolve().parent / path
-            uri = str(path)
-        return uri
+        local = local_data_path(uri, self.loaded.path)
+        return str(local) if local is not None else uri
 
     def load_data(self, name: str) -> Dataset:
         """A data set of the manifest, loaded once, checked against the model's input."""
