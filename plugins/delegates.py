@@ -80,9 +80,9 @@ def delegate_plan(model_bytes: bytes, targets: list[str]) -> dict:
     return plan
 
 
-def _p50(model_bytes: bytes, sample: np.ndarray, xnnpack: bool, runs: int) -> float:
-    model = TFLiteModel(model_bytes, threads=1, xnnpack=xnnpack)
-    return float(np.percentile(model.latencies_ms(np.asarray(sample[:1], dtype=np.float32), runs), 50))
+def _p50(model_bytes: bytes, sample, xnnpack: bool, runs: int) -> float:
+    """Median latency on the first real sample (an array, or arrays by input name)."""
+    return float(np.percentile(TFLiteModel(model_bytes, threads=1, xnnpack=xnnpack).latencies_ms(sample, runs), 50))
 
 
 class DelegatesParams(Params):

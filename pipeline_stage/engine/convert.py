@@ -82,9 +82,9 @@ def build_converter(
 
 
 def _input_names(source: "SourceModel | None", model: Any) -> list[str]:
-    if model is not None:
-        return [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model.inputs)]
-    return source.input_names
+    from pipeline_stage.engine.source_model import keras_input_names
+
+    return keras_input_names(model) if model is not None else source.input_names
 
 
 def _calibration(source: "SourceModel | None", model: Any, data: "Dataset", limit: int):

@@ -30,7 +30,4 @@ def latencies_ms(model_bytes: bytes, x, runs: int) -> np.ndarray:
     """Per-invocation latencies of the .tflite (batch 1, 1 thread, XNNPACK) on a real sample, the
     first of `x` (zeros are no input: a full-int8 DIV whose divisor quantizes to the zero point
     fails at invoke)."""
-    model = TFLiteModel(model_bytes, threads=1)
-    if isinstance(x, dict):  # several inputs, by name
-        return model.latencies_ms({k: np.asarray(v[:1]).astype(np.float32) for k, v in x.items()}, runs)
-    return model.latencies_ms(np.asarray(x[:1]).astype(np.float32), runs)
+    return TFLiteModel(model_bytes, threads=1).latencies_ms(x, runs)

@@ -43,7 +43,7 @@ class SourceModel:
     def input_names(self) -> list[str]:
         """The model's inputs by name (a data set names its arrays after them)."""
         if self.keras_model is not None:
-            return [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(self.keras_model.inputs)]
+            return keras_input_names(self.keras_model)
         if self.tflite_bytes is not None:
             return self._tflite().input_names
         return list(self._serving_fn().structured_input_signature[1])
@@ -117,6 +117,11 @@ class SourceModel:
         return next(iter(self.predict_outputs(x, batch_size).values()))
 
 
+def keras_input_names(model) -> list[str]:
+    """A Keras model's input names (its Input layers' names)."""
+    return [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model.inputs)]
+
+
 def keras_output_names(model) -> list[str]:
     """A Keras model's output names: the functional model's own, else the layers that produce them."""
     names = getattr(model, "output_names", None)
@@ -137,22 +142,16 @@ def outputs_by_name(out: Any, names: list[str]) -> dict[str, np.ndarray]:
         if out and set(out) <= set(names):
             return {n: np.asarray(out[n]) for n in names if n in out}
         values = list(out.values())
-    elif isinstance(out, (list, tuple)):
-        values = list(out)
     else:
-        values = [out]
+        values = list(out) if isinstance(out, (list, tuple)) else [out]
     if len(values) != len(names):
         raise InputError(f"the model returned {len(values)} outputs, expected {len(names)} ({', '.join(names)})")
     return {n: np.asarray(v) for n, v in zip(names, values)}
 
 
-def first_output(out: Any) -> Any:
-    """The first output of a model that returns a dict or a list of outputs (the evaluated one)."""
-    if isinstance(out, dict):
-        return next(iter(out.values()))
-    if isinstance(out, (list, tuple)):
-        return out[0]
-    return out
+def aligned_names(given: list[str], names: list[str]) -> list[str]:
+    """The model's names for outputs named `given` (the rule of :func:`outputs_by_name`)."""
+    return list(outputs_by_name(dict.fromkeys(given), names))
 
 
 def first_line(exc: BaseException) -> str:

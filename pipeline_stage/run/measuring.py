@@ -14,7 +14,7 @@ import numpy as np
 from pipeline_stage.contract.errors import InputError, PluginError, StageError
 from pipeline_stage.contract.metrics import Evaluation
 from pipeline_stage.engine.evaluate import default_threads, latencies_ms
-from pipeline_stage.engine.source_model import outputs_by_name
+from pipeline_stage.engine.source_model import aligned_names, outputs_by_name
 
 if TYPE_CHECKING:
     from pipeline_stage.run.chain import ChainRunner
@@ -26,17 +26,16 @@ def measure(
     """Compute metrics for one model: predictions from `predict` (outputs by name) when given,
     else from the .tflite. A model with several outputs also gets `<metric>.<output>` for every
     metric computed on predictions, and the plain name is the worst output's value."""
-    ev_data = runner.evaluation_data
-    threads = runner.m.evaluation.threads or default_threads()
-    batch = runner.m.evaluation.batch_size
-    flex = _flex_ops(model_bytes) if model_bytes is not None and predict is None else []
+    host, ev_data = runner.host, runner.evaluation_data
     output_names = runner.output_names
-    if predict is None:
+    flex = _flex_ops(model_bytes) if model_bytes is not None and predict is None else []
+    on_predictions = any(host.metric_class(n).uses == "predictions" for n in names)
+    if predict is None and on_predictions and not flex:
         from pipeline_stage.engine.litert_runtime import TFLiteModel
 
-        model = TFLiteModel(model_bytes, threads=threads)
-        # the .tflite's outputs, named as the source model's (a step may have removed some)
-        output_names = list(outputs_by_name({n: np.zeros(0) for n in model.output_names}, runner.output_names))
+        model = TFLiteModel(model_bytes, threads=runner.m.evaluation.threads or default_threads())
+        output_names = aligned_names(model.output_names, runner.output_names)  # a step may have removed some
+        batch = runner.m.evaluation.batch_size
 
         def predict(x):
             feed = {k: v.astype(np.float32) for k, v in x.items()} if isinstance(x, dict) else x.astype(np.float32)
@@ -53,15 +52,9 @@ def measure(
         latency_runs=runs,
         output_names=output_names,
     )
-    several = len(output_names) > 1
-    wanted = list(names)
-    if several:  # which output is worst is what a report on a multi-output model must show
-        for name in names:
-            if runner.host.metric_for(name)[1] is None and runner.host.metric_class(name).uses == "predictions":
-                wanted += [f"{name}.{o}" for o in output_names if f"{name}.{o}" not in wanted]
     out: dict[str, float] = {}
-    for name in wanted:
-        provided, output = runner.host.metric_for(name)
+    for name in names:
+        provided, output = host.metric_for(name)
         metric = provided.cls()
         if metric.uses == "flatbuffer" and model_bytes is None:
             continue
@@ -73,42 +66,41 @@ def measure(
                 "and gate on that, or replace the ops",
             )
         try:
-            value = _value(output_names, metric, evaluation, output, name)
+            out.update(_values(output_names, metric, evaluation, output, name))
         except StageError:
             raise
         except ValueError as exc:
-            if name not in names:  # an automatic per-output value that does not apply to this output
-                continue
             raise PluginError(f"metric `{name}` (distribution `{provided.distribution}`) failed: {exc}") from exc
         except Exception as exc:
             raise PluginError(
                 f"metric `{name}` (distribution `{provided.distribution}`) failed: {type(exc).__name__}: {exc}"
             ) from exc
-        if value is not None:
-            out[name] = value
     return out
 
 
-def _value(output_names: list[str], metric, evaluation: Evaluation, output: str | None, name: str) -> float | None:
-    """One metric's value: of one output, the worst of every output it applies to, or the model's."""
+def _values(output_names: list[str], metric, evaluation: Evaluation, output: str | None, name: str) -> dict[str, float]:
+    """One metric's value by name: of one output; or, for a metric on predictions of a model with
+    several outputs, each output it applies to (`<name>.<output>`, each computed once) and the worst
+    of them under the plain name; or the model's."""
     if output is not None:
         if output not in output_names:
             raise InputError(
                 f"metric `{name}`: the model has no output `{output}` (outputs: {', '.join(output_names)})",
                 hint="name an output the model has",
             )
-        return float(metric.compute(evaluation.for_output(output)))
+        return {name: float(metric.compute(evaluation.for_output(output)))}
     if metric.uses != "predictions" or len(output_names) == 1:
-        return float(metric.compute(evaluation))
-    values, reasons = [], []
+        return {name: float(metric.compute(evaluation))}
+    per_output, reasons = {}, []
     for o in output_names:
         try:
-            values.append(float(metric.compute(evaluation.for_output(o))))
-        except ValueError as exc:
+            per_output[f"{name}.{o}"] = float(metric.compute(evaluation.for_output(o)))
+        except ValueError as exc:  # an output the metric does not apply to (accuracy of a regression head)
             reasons.append(f"{o}: {exc}")
-    if not values:
+    if not per_output:
         raise ValueError("; ".join(reasons))
-    return min(values) if metric.higher_is_better else max(values)
+    worst = min(per_output.values()) if metric.higher_is_better else max(per_output.values())
+    return {name: worst, **per_output}
 
 
 def _flex_ops(model_bytes: bytes) -> list[str]:
