@@ -76,7 +76,7 @@ def validate(manifest: str, model_uri: str | None) -> None:
     """
     from pipeline_stage.manifest import load_manifest
 
-    loaded = load_manifest(manifest, _host(), model_uri=model_uri)
+    loaded = load_manifest(manifest, _host(), model_uri=model_uri, read_data=True)
     click.echo(f"{manifest}: ok (chain digest {loaded.chain_digest})")
     for i, step in enumerate(loaded.steps):
         params = ", ".join(f"{k}={v}" for k, v in step.params.model_dump(mode="json").items())

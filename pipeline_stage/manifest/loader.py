@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline_stage.contract.errors import ManifestError
 from pipeline_stage.contract.steps import Phase, Step
 from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.manifest.data_checks import check_inputs_for_metrics
 from pipeline_stage.manifest.schema import Manifest, check_model_uri
 from pipeline_stage.manifest.yaml_text import MAX_NODES, NoDuplicatesLoader, expanded_size, fmt_loc, line_for, line_map
 
@@ -65,6 +66,15 @@ class LoadedManifest:
             if found is not None and (found[0].cls.needs_labels or found[0].cls.uses == "predictions"):
                 needed.add("evaluation")
         return needed
+
+    def measured_names(self) -> list[str]:
+        """Every metric a run may measure (per step too); a default list asks for accuracy only when
+        the data turns out to have labels, so it is left out here."""
+        return self.metric_names(labels=False) + list(self.manifest.evaluation.per_step)
+
+    def needing_labels(self, host: PluginHost) -> list[str]:
+        """The measured metrics that need the evaluation data's labels."""
+        return [n for n in self.measured_names() if host.metric_class(n).needs_labels]
 
     def metric_names(self, *, labels: bool = True) -> list[str]:
         """The metrics measured for baseline and candidate: the manifest's list (default: accuracy when
@@ -123,8 +133,12 @@ def parse_chain_item(item: Any) -> tuple[str, Any]:
     raise ValueError("each chain item is `step_name: {params}` (a mapping with one key) or a bare step name")
 
 
-def load_manifest(path: str | Path, host: PluginHost, *, model_uri: str | None = None) -> LoadedManifest:
-    """Read, parse and validate a manifest file; raise ManifestError naming file, line and field."""
+def load_manifest(path: str | Path, host: PluginHost, *, model_uri: str | None = None, read_data: bool = False) -> LoadedManifest:
+    """Read, parse and validate a manifest file; raise ManifestError naming file, line and field.
+
+    `read_data` also reads a local evaluation file to refuse metrics that need labels it lacks
+    (`validate` does; a run checks when it loads the data, so it reads the file once).
+    """
     path = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -132,10 +146,12 @@ def load_manifest(path: str | Path, host: PluginHost, *, model_uri: str | None =
         raise ManifestError("file not found", path=path, hint="check the path of the manifest") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"cannot read the file: {exc}", path=path) from None
-    return parse_manifest(text, host, path=path, model_uri=model_uri)
+    return parse_manifest(text, host, path=path, model_uri=model_uri, read_data=read_data)
 
 
-def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", model_uri: str | None = None) -> LoadedManifest:
+def parse_manifest(
+    text: str, host: PluginHost, *, path: str = "<manifest>", model_uri: str | None = None, read_data: bool = False
+) -> LoadedManifest:
     """Validate manifest text (see :func:`load_manifest`)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -260,7 +276,7 @@ def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", mod
                 field=f"data.{data_set}",
                 hint=f"add `data: {{{data_set}: <URI of an .npz with arrays x and y>}}`",
             )
-    _check_inputs_for_metrics(loaded, host)
+    check_inputs_for_metrics(loaded, host, read_data=read_data)
     if manifest.registration is not None and manifest.registration.alias and not manifest.gates:
         # Moving an alias with no gate would promote anything; require the author to say so.
         raise ManifestError(
@@ -271,51 +287,6 @@ def parse_manifest(text: str, host: PluginHost, *, path: str = "<manifest>", mod
             hint="add at least one gate, e.g. `- {metric: accuracy, max_drop: 0.01}`",
         )
     return loaded
-
-
-def _check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost) -> None:
-    """Metrics that run the model need real inputs (never zeros: a quantized model can crash on
-    them); metrics that need labels need a `y` in local evaluation data (remote data is checked
-    when it is downloaded)."""
-    m, path, lines = loaded.manifest, loaded.path, loaded.lines
-    # labels=False: a default list asks for accuracy only when the data turns out to have labels
-    names = loaded.metric_names(labels=False) + list(m.evaluation.per_step)
-    if not (m.data.evaluation or m.data.calibration or m.data.training):
-        runs = [n for n in names if host.metric_class(n).runs_model]
-        if runs:
-            raise ManifestError(
-                f"metric `{runs[0]}` runs the model on real inputs, but the manifest gives no data",
-                path=path,
-                line=line_for(lines, ("evaluation",)) or line_for(lines, ()),
-                field="data",
-                hint="add `data: {evaluation: <URI>}` (or calibration data), or measure only `size_bytes`",
-            )
-    needing = [n for n in names if host.metric_class(n).needs_labels]
-    local = local_data_path(m.data.evaluation, path)
-    if needing and local is not None and local.exists() and host.loader_for(local.suffix) is not None:
-        try:
-            dataset = host.loader_for(local.suffix).cls().load(local, source="data.evaluation")
-        except Exception:
-            return  # unreadable data is reported, with its reason, when the run loads it
-        if not dataset.has_labels:
-            raise ManifestError(
-                f"`{local}` has no labels `y`, but {', '.join(f'`{n}`' for n in needing)} need them",
-                path=path,
-                line=line_for(lines, ("data", "evaluation")),
-                field="data.evaluation",
-                hint="add an array `y` to the data, or gate without labels, e.g. `- {metric: fidelity_sqnr_db, min: 20}` "
-                "(and `evaluation: {metrics: [fidelity_sqnr_db, size_bytes, latency_p50_ms]}`)",
-            )
-
-
-def local_data_path(uri: str | None, manifest_path: str) -> Path | None:
-    """A data URI that names a local file, resolved as the run resolves it; None for remote URIs."""
-    if not uri or "://" in uri or uri.startswith(("runs:/", "models:/")) or "${" in uri:
-        return None
-    local = Path(uri)
-    if not local.is_absolute() and not manifest_path.startswith("<"):  # "<manifest>": text, not a file
-        local = Path(manifest_path).resolve().parent / local
-    return local
 
 
 def _search_moves(names: list[str] | None, host: PluginHost, *, path: str, lines: dict) -> list[str]:

@@ -121,7 +121,7 @@ class ChainRunner:
         dataset = provided.cls().load(local, source=f"data.{name}")
         dataset.check(needs_labels=name == "training")
         if name == "evaluation" and not dataset.has_labels:
-            needing = [n for n in self._measured_names() if self.host.metric_class(n).needs_labels]
+            needing = self.loaded.needing_labels(self.host)
             if needing:
                 raise InputError(
                     f"data `data.evaluation` has no labels `y`, but {', '.join(f'`{n}`' for n in needing)} need them",
@@ -170,11 +170,7 @@ class ChainRunner:
         """The metrics measured for baseline and candidate (accuracy by default only when the
         evaluation data has labels)."""
         ev = self.evaluation_data
-        return self.loaded.metric_names(labels=ev is not None and ev.y is not None)
-
-    def _measured_names(self) -> list[str]:
-        # labels=False: a default list asks for accuracy only when there are labels to compute it on
-        return self.loaded.metric_names(labels=False) + list(self.m.evaluation.per_step)
+        return self.loaded.metric_names(labels=ev is not None and ev.has_labels)
 
     @property
     def output_names(self) -> list[str]:
