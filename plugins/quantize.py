@@ -72,6 +72,14 @@ class QuantizeParams(Params):
         default_factory=list,
         description=("Selective quantization (mode int8): nodes kept in float, by output tensor name (see `analyze`)."),
     )
+    keep_float_outputs: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Selective quantization (mode int8) of a model with several outputs: every node that feeds only "
+            "these outputs (by signature output name) stays float, so an output that int8 damages is computed "
+            "in float from the shared int8 layers."
+        ),
+    )
     qat_epochs: int = Field(2, ge=1, le=1000, description="mode qat: fine-tuning epochs on the `training` data.")
     qat_learning_rate: float = Field(1e-4, gt=0, lt=1, description="mode qat: Adam learning rate.")
     qat_batch_size: int = Field(32, ge=1, le=65536, description="mode qat: fine-tuning batch size.")
@@ -89,8 +97,10 @@ class QuantizeParams(Params):
             )
         if not self.per_channel and self.mode not in ("dynamic", "int8", "int16x8"):
             raise ValueError(f"per_channel: false applies to post-training modes dynamic, int8 and int16x8, not `{self.mode}`")
-        if (self.keep_float_ops or self.keep_float_nodes) and self.mode != "int8":
-            raise ValueError("keep_float_ops / keep_float_nodes select what stays float in a full-int8 model: use mode int8")
+        if (self.keep_float_ops or self.keep_float_nodes or self.keep_float_outputs) and self.mode != "int8":
+            raise ValueError(
+                "keep_float_ops / keep_float_nodes / keep_float_outputs select what stays float in a full-int8 model: use mode int8"
+            )
         return self
 
 
@@ -128,13 +138,17 @@ class Quantize(Step):
         settings.per_channel = p.per_channel
         settings.keep_float_ops = [op.upper() for op in p.keep_float_ops]
         settings.keep_float_nodes = list(p.keep_float_nodes)
+        settings.keep_float_outputs = list(p.keep_float_outputs)
         io_type = {"float": "float32", "int8": "int8", "int16": "int16"}[p.io]
         settings.inference_input_type = settings.inference_output_type = io_type
         ctx.notes["conversion"] = {"quantization": p.mode, "io": io_type, "engine": p.engine}
         if not p.per_channel:
             ctx.notes["conversion"]["weight_scales"] = "per tensor"
-        if p.keep_float_ops or p.keep_float_nodes:
-            ctx.notes["conversion"]["kept_float"] = {"ops": settings.keep_float_ops, "nodes": settings.keep_float_nodes}
+        if p.keep_float_ops or p.keep_float_nodes or p.keep_float_outputs:
+            kept = {"ops": settings.keep_float_ops, "nodes": settings.keep_float_nodes}
+            ctx.notes["conversion"]["kept_float"] = kept | (
+                {"outputs": settings.keep_float_outputs} if p.keep_float_outputs else {}
+            )
 
 
 @hookimpl
@@ -186,18 +200,54 @@ class OtherModes(SearchMove):
                 continue  # float16 is the converter's, which needs the TensorFlow model
             # what only full int8 takes (selective float, integer I/O) goes; float16 is per-tensor
             # by nature and the converter's alone
-            drop = {"keep_float_ops", "keep_float_nodes", "io"} | ({"per_channel", "engine"} if mode == "float16" else set())
+            drop = {"keep_float_ops", "keep_float_nodes", "keep_float_outputs", "io"} | (
+                {"per_channel", "engine"} if mode == "float16" else set()
+            )
             params = {k: v for k, v in written.items() if k not in drop}
             out.append((f"mode {mode}", edited([(n, p if n != "quantize" else params) for n, p in chain], "quantize", mode=mode)))
         return out
 
 
-class _KeepFloat(SearchMove):
-    """Shared by the two selective-quantization moves: they refine a full-int8 converter chain,
-    ranked by the per-layer quantization error that `analyze` measures in the first round."""
+class _Selective(SearchMove):
+    """A refine move that keeps one more thing float in a full-int8 chain: it edits the quantize
+    step's list param `param`."""
 
     kind = "refine"
     param = ""
+    requirement = "`quantize: {mode: int8}` in the chain"
+
+    def applies(self, chain: Chain) -> bool:
+        q = _quantize(chain)
+        return q is not None and q.mode == "int8"
+
+    def chosen(self, chain: Chain) -> list[str]:
+        return list(step_params(chain, "quantize").get(self.param, []))
+
+    def apply(self, chain: Chain, chosen: list[str]) -> Chain:
+        return edited(chain, "quantize", **{self.param: chosen})
+
+
+class KeepFloatOutputs(_Selective):
+    """Keep one more output's own nodes in float (keep_float_outputs), the worst failing output first.
+
+    For models with several outputs: the outputs come from the gates a trial failed, each output
+    whose own value fails the gate (`<metric>.<output>`), worst first."""
+
+    name = "keep_float_outputs"
+    param = "keep_float_outputs"
+    label = "keep output's nodes in float"
+
+    def options(self, trial: TrialView) -> list[str]:
+        ranked: list[str] = []
+        for gate in trial.gates:
+            ranked += [o for o in gate.failing_outputs if o not in ranked]
+        return ranked
+
+
+class _KeepFloat(_Selective):
+    """Shared by the two per-layer moves: they refine a full-int8 converter chain, ranked by the
+    per-layer quantization error that `analyze` measures in the first round."""
+
     requirement = "`quantize: {mode: int8}` (engine converter) in the chain"
 
     def applies(self, chain: Chain) -> bool:
@@ -208,12 +258,6 @@ class _KeepFloat(SearchMove):
         if all(name != "analyze" for name, _ in chain):
             return [*chain, ("analyze", {"top": 1000})]
         return chain
-
-    def chosen(self, chain: Chain) -> list[str]:
-        return list(step_params(chain, "quantize").get(self.param, []))
-
-    def apply(self, chain: Chain, chosen: list[str]) -> Chain:
-        return edited(chain, "quantize", **{self.param: chosen})
 
     @staticmethod
     def per_layer(trial: TrialView) -> list[dict]:
@@ -258,5 +302,6 @@ class KeepFloatNodes(_KeepFloat):
 def register_search_moves(register):
     register(OtherEngine)
     register(OtherModes)
+    register(KeepFloatOutputs)
     register(KeepFloatOps)
     register(KeepFloatNodes)

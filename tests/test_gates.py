@@ -42,3 +42,17 @@ def test_all_gates_must_pass():
         {"accuracy": True, "size_bytes": False},
     )
     assert [r.passed for r in results] == [True, False] and passed is False
+
+
+def test_a_gate_on_a_metric_per_output_names_every_output_that_fails_it_worst_first():
+    """What the keep_float_outputs search move ranks by: each output's own value against the rule,
+    with the baseline's value of that output for relative rules."""
+    candidate = {"sqnr": 3.0, "sqnr.a": 41.0, "sqnr.b": 3.0, "sqnr.c": 12.0, "mae": 0.4, "mae.a": 0.1, "mae.b": 0.4}
+    baseline = {"mae": 0.1, "mae.a": 0.0, "mae.b": 0.35}
+    results, passed = evaluate_gates(
+        [Gate(metric="sqnr", min=20), Gate(metric="mae", max_drop=0.08)], candidate, baseline, {"sqnr": True, "mae": False}
+    )
+    assert not passed
+    assert (results[0].worst_output, results[0].failing_outputs) == ("b", ["b", "c"])
+    # mae.b rose 0.05 from its own baseline (passes); mae.a rose 0.1 (fails) though it is the smaller value
+    assert (results[1].worst_output, results[1].failing_outputs) == ("b", ["a"])

@@ -122,6 +122,57 @@ def test_the_search_registers_a_chain_whose_every_output_passes(two_heads, mlflo
     assert report["registered"]["alias"] == "best"
 
 
+def test_litert_engine_calibrates_every_input_and_keeps_an_outputs_branch_in_float(two_heads, mlflow_server, tmp_path):
+    """The LiteRT Quantizer on the two-input model, `level`'s own nodes kept float (no_quantize rules):
+    the shared layers stay int8, the branch is float, and `level` recovers from ~0 dB (plain int8)."""
+    path = _manifest(
+        tmp_path,
+        two_heads,
+        "  - quantize: {mode: int8, engine: litert, keep_float_outputs: [level]}\n",
+        "  - {metric: fidelity_sqnr_db, min: 10}\n",
+        evaluation="eval-x.npz",
+    )
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 0, result.output
+    tflite = (tmp_path / "m.tflite").read_bytes()
+    assert all(v >= 10 for v in _sqnr_per_output(tflite, two_heads).values())
+    from pipeline_stage import read_flatbuffer
+
+    dense = {
+        n.outputs[0].name.split("/")[1]: n.outputs[0].dtype
+        for n in read_flatbuffer(tflite).nodes
+        if n.op == "FULLY_CONNECTED" and "/" in n.outputs[0].name
+    }
+    assert dense["shared_1"] == dense["label_1"] == "INT8" and dense["wide_1"] == "FLOAT32", dense
+    bad = _manifest(
+        tmp_path,
+        two_heads,
+        "  - quantize: {mode: int8, keep_float_outputs: [levle]}\n",
+        "  - {metric: fidelity_sqnr_db, min: 20}\n",
+        evaluation="eval-x.npz",
+        name="bad.yaml",
+    )
+    result = invoke("run", str(bad))
+    assert result.exit_code == 2 and "`levle`, not an output of the model" in result.stderr and "label, level" in result.stderr
+
+
+def test_the_registered_pyfunc_has_a_predict_type_hint_mlflow_accepts():
+    """MLflow prints a UserWarning asking for type hints when the pyfunc module is loaded (on every
+    run that logs it, and wherever it is loaded) unless `predict` has one it accepts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings\nwarnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pipeline_stage.mlflow_io.pyfunc_model\n"
+        "print([str(w.message) for w in seen if 'type hint' in str(w.message)])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
 def test_data_must_name_every_input_with_the_right_shape(two_heads, tmp_path):
     folder = two_heads["folder"]
     np.savez(tmp_path / "only-audio.npz", audio=two_heads["eval"]["audio"])
@@ -139,15 +190,17 @@ def test_data_must_name_every_input_with_the_right_shape(two_heads, tmp_path):
 
 
 def test_auto_search_falls_back_to_another_mode_when_int8_cannot_pass(two_heads, mlflow_server, tmp_path):
-    """No int8 chain passes (the damage is in an activation's range); the `modes` move, a costlier
-    alternative, is tried after the cheaper moves found nothing, and a passing mode is registered."""
+    """Without the move that keeps an output's nodes in float, no int8 chain passes (the damage is
+    in an activation's range); the `modes` move, a costlier alternative, is tried after the cheaper
+    moves found nothing, and a passing mode is registered."""
     path = _manifest(
         tmp_path,
         two_heads,
         "  - quantize: {mode: int8}\n",
         "  - {metric: fidelity_sqnr_db, min: 20}\n",
         evaluation="eval-x.npz",
-        extra="search: {strategy: auto, objective: size_bytes}\nregister: {name: two-heads-auto, alias: best}\n",
+        extra="search: {strategy: auto, objective: size_bytes, moves: [engine, keep_float_ops, keep_float_nodes, modes]}\n"
+        "register: {name: two-heads-auto, alias: best}\n",
     )
     result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
     assert result.exit_code == 0, result.output
@@ -187,3 +240,111 @@ def test_dynamic_height_and_width_take_the_data_shapes(mlflow_server, tmp_path):
 
     interpreter = Interpreter(model_path=str(tmp_path / "m.tflite"))
     assert list(interpreter.get_input_details()[0]["shape_signature"]) == [-1, -1, -1, 3]
+
+
+HEADS = ("scores", "boxes", "landmarks")
+
+
+@pytest.fixture(scope="module")
+def three_heads(tmp_path_factory) -> dict:
+    """A `tf.Module` SavedModel, one input `image_features` -> three outputs (`scores`, `boxes`,
+    `landmarks`, as a face detector's), weights set so that plain full int8 ruins `landmarks` only:
+    its hidden layer has one channel a thousand times larger than the others, and full int8 gives
+    that activation one scale, so the small channels that alone feed `landmarks` round to zero.
+    Unlabelled data."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+
+    def dense(n_in: int, n_out: int) -> tuple[tf.Variable, tf.Variable]:
+        return tf.Variable(rng.normal(0, 0.5, (n_in, n_out)).astype(np.float32)), tf.Variable(
+            rng.normal(0, 0.5, n_out).astype(np.float32)
+        )
+
+    class Heads(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.scores, self.boxes = dense(12, 16), dense(16, 2), dense(16, 4)
+            kernel, bias = rng.normal(0, 0.5, (16, 8)).astype(np.float32), rng.normal(0, 0.5, 8).astype(np.float32)
+            kernel[:, 0] *= 1000.0
+            bias[0] = 1000.0
+            self.wide = tf.Variable(kernel), tf.Variable(bias)
+            head = rng.normal(0, 0.5, (8, 10)).astype(np.float32)
+            head[0] = 0.0
+            self.landmarks = tf.Variable(head), tf.Variable(np.zeros(10, np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 12], tf.float32, name="image_features")])
+        def serve(self, image_features):
+            def layer(x, weights, relu=False):
+                y = tf.matmul(x, weights[0]) + weights[1]
+                return tf.nn.relu(y) if relu else y
+
+            shared = layer(image_features, self.shared, relu=True)
+            return {
+                "scores": tf.nn.softmax(layer(shared, self.scores)),
+                "boxes": layer(shared, self.boxes),
+                "landmarks": layer(layer(shared, self.wide), self.landmarks),
+            }
+
+    folder = tmp_path_factory.mktemp("three-heads")
+    module = Heads()
+    tf.saved_model.save(module, str(folder / "saved_model"), signatures={"serving_default": module.serve})
+    calib, evaluation = rng.uniform(0, 1, (200, 12)).astype(np.float32), rng.uniform(0, 1, (300, 12)).astype(np.float32)
+    np.savez(folder / "calib.npz", image_features=calib)
+    np.savez(folder / "eval.npz", image_features=evaluation)
+    reference = {k: v.numpy() for k, v in module.serve(tf.constant(evaluation)).items()}
+    return {"folder": folder, "eval": evaluation, "reference": reference}
+
+
+def _three_heads_manifest(tmp_path: Path, src: dict, extra: str) -> Path:
+    folder = src["folder"]
+    text = (
+        f"model: {folder / 'saved_model'}\ndata: {{calibration: {folder / 'calib.npz'}, evaluation: {folder / 'eval.npz'}}}\n"
+        "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: fidelity_sqnr_db, min: 20}\n" + extra
+    )
+    return write_manifest(tmp_path, text)
+
+
+def _sqnr_three_heads(tflite: bytes, src: dict) -> dict[str, float]:
+    """Each output's SQNR against the SavedModel's own outputs, with the LiteRT interpreter."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=tflite).get_signature_runner()
+    outs = [runner(image_features=src["eval"][i : i + 1]) for i in range(len(src["eval"]))]
+    ref = src["reference"]
+    got = {o: np.concatenate([out[o] for out in outs]) for o in HEADS}
+    return {o: float(10 * np.log10(np.sum(ref[o] ** 2) / np.sum((ref[o] - got[o]) ** 2))) for o in HEADS}
+
+
+def test_three_outputs_without_labels_plain_int8_exits_3_naming_the_damaged_output(three_heads, mlflow_server, tmp_path):
+    path = _three_heads_manifest(tmp_path, three_heads, "register: {name: three-heads-int8, alias: never}\n")
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 3, result.output
+    independent = _sqnr_three_heads((tmp_path / "m.tflite").read_bytes(), three_heads)
+    assert independent["landmarks"] < 20 <= min(independent["scores"], independent["boxes"])
+    gate = read_report(tmp_path / "r.json")["gates"][0]
+    assert gate["worst_output"] == "landmarks" and gate["failing_outputs"] == ["landmarks"]
+    assert "output `landmarks`" in result.stderr
+    assert versions_of("three-heads-int8") == []
+
+
+def test_the_search_keeps_the_damaged_outputs_nodes_in_float_and_registers_int8(three_heads, mlflow_server, tmp_path):
+    """`auto` on the three-output SavedModel: the keep_float_outputs move keeps the nodes that feed
+    only `landmarks` in float; the rest stays int8, and every output is at least 20 dB (checked here
+    with the LiteRT interpreter against the SavedModel)."""
+    path = _three_heads_manifest(
+        tmp_path, three_heads, "search: {strategy: auto, objective: size_bytes}\nregister: {name: three-heads, alias: best}\n"
+    )
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    assert result.exit_code == 0, result.output
+    report = read_report(tmp_path / "r.json")
+    winner = next(t for t in report["search"]["trials"] if t["index"] == report["search"]["winner"])
+    assert winner["origin"] == "keep output's nodes in float: landmarks"
+    assert "keep_float_outputs=['landmarks']" in winner["chain"]
+    tflite = (tmp_path / "m.tflite").read_bytes()
+    assert all(v >= 20 for v in _sqnr_three_heads(tflite, three_heads).values())
+    from pipeline_stage import read_flatbuffer
+
+    weights = read_flatbuffer(tflite).constant_dtypes()
+    assert weights["INT8"] >= 3 and weights["FLOAT32"] >= 2  # shared/scores/boxes int8; the landmarks branch float
+    assert report["registered"]["alias"] == "best" and len(versions_of("three-heads")) == 1

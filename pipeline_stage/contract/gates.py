@@ -88,14 +88,21 @@ def evaluate_gates(
     gates: list[Gate], candidate: dict[str, float], baseline: dict[str, float], higher_is_better: dict[str, bool]
 ) -> tuple[list[GateResult], bool]:
     """Every gate's verdict, and whether all passed. A metric the candidate also has per output
-    (`<metric>.<output>`) names the output its value comes from, the worst one."""
+    (`<metric>.<output>`) names the output its value comes from, the worst one, and the outputs
+    whose own value fails the rule (against the baseline's value of that output)."""
     results = []
     for g in gates:
-        result = evaluate_gate(g, candidate.get(g.metric), baseline.get(g.metric), higher_is_better[g.metric])
+        higher = higher_is_better[g.metric]
+        result = evaluate_gate(g, candidate.get(g.metric), baseline.get(g.metric), higher)
         per_output = {k[len(g.metric) + 1 :]: v for k, v in candidate.items() if k.startswith(g.metric + ".")}
         if per_output:
-            worst = (min if higher_is_better[g.metric] else max)(per_output, key=per_output.get)
-            result = result.model_copy(update={"worst_output": worst})
+            ranked = sorted(per_output, key=lambda o: per_output[o] if higher else -per_output[o])
+            failing = [
+                o
+                for o in ranked
+                if not evaluate_gate(g, per_output[o], baseline.get(f"{g.metric}.{o}", baseline.get(g.metric)), higher).passed
+            ]
+            result = result.model_copy(update={"worst_output": ranked[0], "failing_outputs": failing})
         results.append(result)
     return results, all(r.passed for r in results)
 

@@ -2,8 +2,8 @@
 
 The search itself names no step. Each move is a class registered through the
 ``register_search_moves(register)`` hook by the plugin whose step it edits (the built-in
-``quantize`` plugin registers ``engine``, ``keep_float_ops`` and ``keep_float_nodes``; ``fuse``
-registers ``fuse``). A manifest's ``search.moves`` picks moves by ``name`` (default: all).
+``quantize`` plugin registers ``engine``, ``modes``, ``keep_float_outputs``, ``keep_float_ops`` and
+``keep_float_nodes``; ``fuse`` registers ``fuse``). A manifest's ``search.moves`` picks moves by ``name`` (default: all).
 
 The contract, for both kinds:
 
@@ -34,7 +34,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pipeline_stage.contract.report import StepRecord
+from pipeline_stage.contract.report import GateResult, StepRecord
 
 Chain = list[tuple[str, dict[str, Any]]]
 """A chain as (step name, params) pairs, params as the manifest's author wrote them."""
@@ -79,6 +79,7 @@ class TrialView:
     chain: Chain
     steps: tuple[StepRecord, ...]
     passed: bool
+    gates: tuple[GateResult, ...] = ()  # its verdicts; `failing_outputs` names the outputs that failed
 
 
 class SearchMove:

@@ -44,6 +44,10 @@ class GateResult(Record):
     worst_output: str | None = Field(
         None, description="For a metric measured per output of a multi-output model: the output whose value it is."
     )
+    failing_outputs: list[str] = Field(
+        default_factory=list,
+        description="For a metric measured per output: the outputs whose own value fails the rule, worst first.",
+    )
 
     @property
     def verdict(self) -> str:

@@ -101,6 +101,7 @@ class ConversionSettings:
     allow_custom_ops: bool = False
     keep_float_ops: list[str] = field(default_factory=list)  # op types left in float (selective int8)
     keep_float_nodes: list[str] = field(default_factory=list)  # node output tensor names left in float
+    keep_float_outputs: list[str] = field(default_factory=list)  # outputs whose own branch stays float
     sparsity: bool = False  # store pruned weights sparsely where the converter can
     fine_tune: dict[str, Any] = field(default_factory=dict)  # qat: epochs, batch_size, learning_rate, seed
     training_data: str | None = None  # data set name the qat fine-tuning uses

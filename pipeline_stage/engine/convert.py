@@ -101,21 +101,27 @@ def _calibration(source: "SourceModel | None", model: Any, data: "Dataset", limi
     return samples
 
 
-def _selective(converter, settings: ConversionSettings, representative: "Dataset") -> bytes:
+def _selective(converter, settings: ConversionSettings) -> bytes:
     """Full int8 except the denylisted op types / nodes, which stay float (TF's documented route:
-    the quantization debugger's denylists, then its non-debug model)."""
+    the quantization debugger's denylists, then its non-debug model). `keep_float_outputs` adds the
+    nodes that feed only those outputs, found in the calibrated float graph."""
+    from pipeline_stage.engine.flatbuffer import branch_nodes
+
     tf = import_tf()
-    samples = representative.x[: settings.calibration_samples].astype(np.float32)
-    options = tf.lite.experimental.QuantizationDebugOptions(
-        denylisted_ops=settings.keep_float_ops or None,
-        denylisted_nodes=settings.keep_float_nodes or None,
-        fully_quantize=settings.inference_input_type != "float32",
-    )
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter,
-        debug_dataset=lambda: ([samples[i : i + 1]] for i in range(min(len(samples), 50))),
-        debug_options=options,
-    )
+
+    def options(nodes: list[str]):
+        return tf.lite.experimental.QuantizationDebugOptions(
+            denylisted_ops=settings.keep_float_ops or None,
+            denylisted_nodes=nodes or None,
+            fully_quantize=settings.inference_input_type != "float32",
+        )
+
+    nodes = list(settings.keep_float_nodes)
+    # The converter's representative dataset calibrates; the debug dataset only feeds debug runs.
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_options=options(nodes))
+    if settings.keep_float_outputs:
+        nodes += [n for n in branch_nodes(debugger.calibrated_model, settings.keep_float_outputs) if n not in nodes]
+        debugger.options = options(nodes)
     return bytes(debugger.get_nondebug_quantized_model())
 
 
@@ -215,6 +221,7 @@ def convert(
             engine="converter",
             keep_float_ops=[],
             keep_float_nodes=[],
+            keep_float_outputs=[],
             inference_input_type="float32",
             inference_output_type="float32",
         )
@@ -239,9 +246,11 @@ def convert(
         log_path = Path(name)
     try:
         with captured_output(log_path):
-            if settings.keep_float_ops or settings.keep_float_nodes:
-                return _selective(converter, settings, representative)
+            if settings.keep_float_ops or settings.keep_float_nodes or settings.keep_float_outputs:
+                return _selective(converter, settings)
             return bytes(converter.convert())
+    except InputError:
+        raise
     except Exception as exc:  # ConverterError and friends: turn into one message naming the ops
         text = str(exc) + "\n" + log_path.read_text(errors="replace")
         ops = sorted(set(re.findall(r"'(tf\.[A-Za-z0-9_]+)'", text)))

@@ -164,3 +164,52 @@ def add_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
     kept = [m for m in (model.metadata or []) if text(m.name) != name]
     model.metadata = kept + [entry]
     return dump_model(model)
+
+
+def output_branches(model_bytes: bytes) -> dict[str, list[str]]:
+    """For each output of the model's first signature, the nodes (by output tensor name, the names
+    TF's quantization debugger denylists) that feed that output and no other one: the branch that
+    keeping one output in float must keep in float. A single-output model's branch is every node."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
+    signature = (model.signatureDefs or [None])[0]
+    graph = model.subgraphs[signature.subgraphIndex if signature is not None else 0]
+    if signature is not None:
+        outputs = {text(m.name): m.tensorIndex for m in signature.outputs or []}
+    else:
+        outputs = {text(graph.tensors[i].name): int(i) for i in graph.outputs}
+    operators = graph.operators or []
+    producer = {int(t): k for k, op in enumerate(operators) for t in (op.outputs if op.outputs is not None else ())}
+
+    def feeding(tensor: int) -> set[int]:
+        seen: set[int] = set()
+        stack = [tensor]
+        while stack:
+            k = producer.get(stack.pop())
+            if k is None or k in seen:
+                continue
+            seen.add(k)
+            stack.extend(int(t) for t in (operators[k].inputs if operators[k].inputs is not None else ()) if t >= 0)
+        return seen
+
+    ancestors = {name: feeding(index) for name, index in outputs.items()}
+    branches = {}
+    for name, ops in ancestors.items():
+        shared = set().union(*(other for o, other in ancestors.items() if o != name))
+        branches[name] = [text(graph.tensors[t].name) for k in sorted(ops - shared) for t in operators[k].outputs]
+    return branches
+
+
+def branch_nodes(model_bytes: bytes, outputs: list[str]) -> list[str]:
+    """The nodes of `outputs`' branches (see output_branches), for `quantize.keep_float_outputs`."""
+    from pipeline_stage.contract.errors import InputError
+
+    branches = output_branches(model_bytes)
+    unknown = [o for o in outputs if o not in branches]
+    if unknown:
+        raise InputError(
+            f"quantize.keep_float_outputs names {', '.join(f'`{o}`' for o in unknown)}, not an output of the model",
+            hint=f"the model's outputs: {', '.join(branches)}",
+        )
+    return [node for o in outputs for node in branches[o]]

@@ -3,8 +3,8 @@
 Google documents quantization during conversion as deprecated in favour of this route: convert
 to float32, then quantize the flatbuffer with a recipe. Same params as the converter engine:
 ``dynamic`` -> dynamic_wi8_afp32, ``int8`` -> static_wi8_ai8, ``int16x8`` -> static_wi8_ai16;
-``keep_float_ops`` / ``keep_float_nodes`` become ``no_quantize`` rules, and so do the graph's inputs and
-outputs unless ``io`` asks for integer ones.
+``keep_float_ops`` / ``keep_float_nodes`` (and the branches of ``keep_float_outputs``) become
+``no_quantize`` rules, and so do the graph's inputs and outputs unless ``io`` asks for integer ones.
 """
 
 from __future__ import annotations
@@ -71,7 +71,12 @@ def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "
     ):
         if io_type == "float32":
             qt.update_quantization_recipe(regex=".*", operation_name=op, algorithm_key="no_quantize")
-    for node in settings.keep_float_nodes:
+    nodes = list(settings.keep_float_nodes)
+    if settings.keep_float_outputs:
+        from pipeline_stage.engine.flatbuffer import branch_nodes
+
+        nodes += [n for n in branch_nodes(float_bytes, settings.keep_float_outputs) if n not in nodes]
+    for node in nodes:
         qt.update_quantization_recipe(
             regex=re.escape(node), operation_name=TFLOperationName.ALL_SUPPORTED, algorithm_key="no_quantize"
         )
@@ -81,13 +86,12 @@ def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "
             raise InputError(f"quantization `{mode}` needs representative data", hint="add `data: {calibration: <URI>}`")
         signatures = Interpreter(model_content=bytes(float_bytes)).get_signature_list()
         key = next(iter(signatures))
-        inputs = signatures[key]["inputs"]
-        if len(inputs) != 1:
-            raise InputError(
-                f"engine litert calibrates single-input models; signature `{key}` has inputs {inputs}",
-                hint="use engine converter",
-            )
-        samples = representative.x[: settings.calibration_samples].astype(np.float32)
-        calibration = qt.calibrate({key: [{inputs[0]: samples[i : i + 1]} for i in range(len(samples))]}, num_threads=1)
+        arrays = {
+            k: v[: settings.calibration_samples].astype(np.float32)
+            for k, v in representative.inputs(signatures[key]["inputs"]).items()
+        }
+        rows = len(next(iter(arrays.values())))
+        samples = [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(rows)]
+        calibration = qt.calibrate({key: samples}, num_threads=1)
     result = qt.quantize(calibration, enable_progress_report=False)
     return bytes(result.quantized_model)

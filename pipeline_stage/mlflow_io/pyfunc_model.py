@@ -23,7 +23,10 @@ class TFLitePyfunc(PythonModel):
         with open(context.artifacts["tflite"], "rb") as fh:
             self._model = TFLiteModel(fh.read(), threads=1)
 
-    def predict(self, context, model_input, params=None):
+    # MLflow takes a predict hint of list[...] (which it would validate against and convert to) or one
+    # of a few types it leaves alone; np.ndarray is one of those, so the logged tensor signature stays
+    # what validates the input. After that validation a several-input model receives a dict of arrays.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         batch_size = int((params or {}).get("batch_size", 64))
         names = self._model.input_names
         if len(names) > 1 and hasattr(model_input, "columns"):  # a DataFrame, one column per input

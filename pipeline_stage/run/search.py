@@ -68,7 +68,7 @@ class Trial:
         return tuple(StepRecord(**s) for s in self.result.get("steps", []))
 
     def view(self) -> TrialView:
-        return TrialView(chain=copy.deepcopy(self.chain), steps=self.steps, passed=self.passed)
+        return TrialView(chain=copy.deepcopy(self.chain), steps=self.steps, passed=self.passed, gates=tuple(self.gates))
 
     def record(self) -> TrialRecord:
         return TrialRecord(
