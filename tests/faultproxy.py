@@ -20,6 +20,7 @@ class Rule:
     method: str
     path: str  # regex on the request path
     action: str  # "500": answer 500 | "outage": refuse everything for `seconds`, starting with this request
+    # | "kill": call the proxy's `on_kill` (the test kills the real server there), then drop the connection
     seconds: float = 0.0
     times: int = 10**9  # how many matching requests it applies to
     hits: int = 0
@@ -31,6 +32,8 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     log: list[tuple[str, str, int]] = field(default_factory=list)
     down_until: float = 0.0
+    on_kill: object = None  # a callable, for "kill" rules
+    killed_at: float | None = None  # time.monotonic() of the kill
 
     def __post_init__(self):
         proxy = self
@@ -71,6 +74,13 @@ class FaultProxy:
                             self.end_headers()
                             proxy.log.append((self.command, path, 500))
                             return
+                        if rule.action == "kill":
+                            proxy.killed_at = time.monotonic()
+                            proxy.on_kill()
+                            self.close_connection = True
+                            self.connection.close()
+                            proxy.log.append((self.command, path, -1))
+                            return
                         if rule.action == "outage":
                             proxy.down_until = time.monotonic() + rule.seconds
                             self.close_connection = True
@@ -82,7 +92,13 @@ class FaultProxy:
                     for k, v in self.headers.items()
                     if k.lower() not in ("host", "content-length", "connection", "transfer-encoding")
                 }
-                resp = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=60)
+                try:
+                    resp = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=60)
+                except requests.RequestException:  # the server behind is gone: so is this connection
+                    self.close_connection = True
+                    self.connection.close()
+                    proxy.log.append((self.command, path, -1))
+                    return
                 self.send_response(resp.status_code)
                 for key, value in resp.headers.items():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):

@@ -63,6 +63,15 @@ def test_int8_report_has_the_promised_keys(int8_run):
     assert report["registered"]["uri"] in result.stdout
 
 
+def test_the_report_says_where_the_time_went(int8_run):
+    timing = int8_run[0]["timing"]
+    phases = ("startup", "resolve", "model_download", "load", "baseline", "chain", "evaluate", "register", "reports")
+    assert all(timing[f"{p}_s"] >= 0 for p in phases), timing
+    # the phases are disjoint parts of the run: together no longer than the whole
+    assert sum(timing[f"{p}_s"] for p in phases) <= timing["total_s"] + 0.01
+    assert timing["chain_s"] > 0 and timing["baseline_s"] > 0
+
+
 def test_int8_flatbuffer_is_really_int8(int8_run):
     report, _ = int8_run
     info = read_flatbuffer(tflite_of(report["registered"]))

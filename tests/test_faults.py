@@ -47,8 +47,10 @@ CASES = {
     "5xx on every artifact upload": [Rule("PUT", r"/mlflow-artifacts/artifacts/", "500")],
     "5xx on creating the version": [Rule("POST", r"/model-versions/create$", "500")],
     "5xx on moving the alias": [Rule("POST", r"/registered-models/alias$", "500")],
-    "server restarts during registration": [Rule("POST", r"/model-versions/create$", "outage", seconds=3, times=1)],
-    "server restarts while moving the alias": [Rule("POST", r"/registered-models/alias$", "outage", seconds=3, times=1)],
+    # Down for 8 s: longer than MLflow's own retries of the request (2 retries, about 3 s), shorter
+    # than the stage's cleanup clock (half the outage bound), so the cleanup finds the server back.
+    "server restarts during registration": [Rule("POST", r"/model-versions/create$", "outage", seconds=8, times=1)],
+    "server restarts while moving the alias": [Rule("POST", r"/registered-models/alias$", "outage", seconds=8, times=1)],
 }
 
 

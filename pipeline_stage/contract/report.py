@@ -161,7 +161,26 @@ class SourceRef(Record):
 
 
 class Timing(Record):
-    convert_and_evaluate_s: float = Field(description="From the baseline's conversion to the candidate's evaluation.")
+    """Where a run's wall time went, by phase (seconds; a phase the run did not reach is absent)."""
+
+    convert_and_evaluate_s: float | None = Field(
+        None, description="From the baseline's conversion to the candidate's evaluation."
+    )
+    startup_s: float | None = Field(None, description="From the process start to the run's start: Python, imports, the CLI.")
+    resolve_s: float | None = Field(None, description="Tracking preflight, resolving the model URI, starting the MLflow run.")
+    model_download_s: float | None = Field(None, description="Downloading the source model.")
+    load_s: float | None = Field(None, description="Loading the model; downloading and loading the data.")
+    baseline_s: float | None = Field(None, description="The baseline: float conversion and its measurements.")
+    chain_s: float | None = Field(None, description="The chain (or the search); per step in `steps[].seconds`.")
+    evaluate_s: float | None = Field(None, description="The candidate's measurements and the gates.")
+    register_s: float | None = Field(None, description="Uploading the .tflite, logging the pyfunc, the version and the alias.")
+    reports_s: float | None = Field(None, description="Rendering report.json / .md / .html and logging them.")
+    total_s: float | None = Field(None, description="The whole run, from the process start.")
+
+    def rows(self) -> list[tuple[str, float]]:
+        """(phase, seconds) in the order a run goes, for the reports; the phases the run reached."""
+        order = ("startup", "resolve", "model_download", "load", "baseline", "chain", "evaluate", "register", "reports", "total")
+        return [(name.replace("_", " "), value) for name in order if (value := getattr(self, f"{name}_s")) is not None]
 
 
 class Report(BaseModel):
@@ -176,6 +195,10 @@ class Report(BaseModel):
     tracking_uri: str
     package_version: str
     run_id: str | None = None
+    ended_orphans: list[str] = Field(
+        default_factory=list,
+        description="Runs of the same chain on the same source that an outage had left RUNNING, ended FAILED by this run.",
+    )
     baseline: dict[str, float] = Field(
         default_factory=dict, description="Prediction metrics of the source model, flatbuffer metrics of its float conversion."
     )

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_stage.contract.errors import StageError, TrackingError
+from pipeline_stage.contract.errors import TrackingError
 from pipeline_stage.contract.report import Registered, Report
-from pipeline_stage.mlflow_io.stage_run import StageRun, retrying, tag_value
-from pipeline_stage.mlflow_io.tracking import redact
+from pipeline_stage.mlflow_io.failures import is_missing, raise_classified
+from pipeline_stage.mlflow_io.stage_run import StageRun, tag_value
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 RUNTIME_CODE = Path(__file__).parents[1] / "engine" / "litert_runtime.py"
@@ -114,12 +114,14 @@ def register_version(
     )
     client = run.client
     mv = None
-    previous = _alias_holder(client, name, alias) if alias else None
     alias_touched = False
     try:
+        previous = _alias_holder(client, name, alias) if alias else None
         try:
             client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException as exc:
+            if not is_missing(exc):
+                raise
             try:
                 client.create_registered_model(name, description="TFLite models optimized by pipeline-stage")
             except mlflow.exceptions.MlflowException as exc:  # another stage created it meanwhile
@@ -141,22 +143,22 @@ def register_version(
         alias_touched = bool(alias)
         holder = settle_alias(client, name, alias) if alias else None
     except Exception as exc:
+        # Undo within the run's cleanup clock (a server that comes back within it gets it done;
+        # one gone for good leaves a READY, tagged version without the alias, which a retry reuses).
         if alias_touched:  # put the alias back where it was
             try:
                 if previous is not None:
-                    retrying(lambda: client.set_registered_model_alias(name, alias, previous))
+                    run.cleanup.run(lambda: client.set_registered_model_alias(name, alias, previous))
                 else:
-                    retrying(lambda: client.delete_registered_model_alias(name, alias))
+                    run.cleanup.run(lambda: client.delete_registered_model_alias(name, alias))
             except Exception:
                 pass
         if mv is not None:
             try:
-                retrying(lambda: client.delete_model_version(name, mv.version))
+                run.cleanup.run(lambda: client.delete_model_version(name, mv.version))
             except Exception:
                 pass
-        if isinstance(exc, StageError):
-            raise
-        raise TrackingError(f"registering `{name}` failed: {redact(str(exc))[:300]}") from exc
+        raise_classified(exc, f"registering a version of `{name}`")
     return Registered(
         name=name,
         version=str(mv.version),
@@ -171,12 +173,14 @@ def register_version(
 
 
 def _alias_holder(client, name: str, alias: str) -> str | None:
-    import mlflow
-
+    """The version `alias` points at; None when the model or the alias does not exist (an outage
+    is raised: taking it for "no alias" would delete the alias on cleanup)."""
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise
 
 
 def reuse_version(client, mv, alias: str | None) -> Registered:
@@ -236,18 +240,21 @@ def publish(
 ) -> Registered:
     """Register the run's .tflite (or, for a passing retry of the same chain on the same source
     version, reuse the version registered before); the alias only when every gate passed."""
-    earlier = None
-    if report.passed and not new_version:
-        keys = ("source.name", "source.version") if "source.version" in tags else ("source.uri", "source.run_id")
-        identity = {k: tags.get(k, "") for k in ("pipeline_stage.chain_digest", *keys)}
-        earlier = find_reusable(run.client, registration.name, identity)
-    if earlier is not None:
-        return reuse_version(run.client, earlier, registration.alias)
-    return register_version(
-        run,
-        name=registration.name,
-        tflite_path=tflite_path,
-        sample=sample,
-        tags=tags,
-        alias=registration.alias if report.passed else None,
-    )
+    try:
+        earlier = None
+        if report.passed and not new_version:
+            keys = ("source.name", "source.version") if "source.version" in tags else ("source.uri", "source.run_id")
+            identity = {k: tags.get(k, "") for k in ("pipeline_stage.chain_digest", *keys)}
+            earlier = find_reusable(run.client, registration.name, identity)
+        if earlier is not None:
+            return reuse_version(run.client, earlier, registration.alias)
+        return register_version(
+            run,
+            name=registration.name,
+            tflite_path=tflite_path,
+            sample=sample,
+            tags=tags,
+            alias=registration.alias if report.passed else None,
+        )
+    except Exception as exc:
+        raise_classified(exc, f"registering `{registration.name}`")

@@ -1,19 +1,17 @@
-"""The source model in MLflow: resolve its URI to a version and run, download it, hand it to the engine to load."""
+"""The source model in MLflow: resolve its URI to a version and run, and download it (the engine loads it)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from pipeline_stage.contract.errors import InputError, TrackingError
+from pipeline_stage.contract.errors import InputError
 from pipeline_stage.contract.report import SourceRef
-from pipeline_stage.engine.source_model import SourceModel, first_line, load_local
+from pipeline_stage.mlflow_io.failures import is_outage, raise_classified
 
 
 def resolve(uri: str, client) -> SourceRef:
     """Find which registered version / run a model URI means; InputError when it does not exist."""
-    from mlflow.exceptions import MlflowException
-
     found: dict[str, str | None] = {}
     try:
         if uri.startswith("models:/"):
@@ -38,14 +36,13 @@ def resolve(uri: str, client) -> SourceRef:
             run_id = uri[len("runs:/") :].split("/", 1)[0]
             client.get_run(run_id)
             found = {"run_id": run_id}
-    except MlflowException as exc:
-        code = getattr(exc, "error_code", "")
-        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise InputError(
-                f"model `{uri}` does not exist in the tracking server: {first_line(exc)}",
-                hint="check the name, version or alias (`mlflow models` / the MLflow UI list them)",
-            ) from None
-        raise TrackingError(f"could not resolve model `{uri}`: {first_line(exc)}") from exc
+    except Exception as exc:
+        raise_classified(
+            exc,
+            f"resolving model `{uri}`",
+            missing=f"model `{uri}` does not exist in the tracking server",
+            missing_hint="check the name, version or alias (`mlflow models` / the MLflow UI list them)",
+        )
     return SourceRef(uri=uri, **found)
 
 
@@ -59,50 +56,41 @@ def download(uri: str, dst: Path) -> Path:
                 hint="give a models:/ or runs:/ URI, or an existing .keras file or SavedModel folder",
             )
         return local
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     dst.mkdir(parents=True, exist_ok=True)
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except MlflowException as exc:
-        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise InputError(f"model `{uri}` could not be downloaded: {first_line(exc)}") from None
-        raise TrackingError(f"downloading model `{uri}` failed: {first_line(exc)}") from exc
-    except OSError as exc:
-        raise InputError(f"model `{uri}` could not be downloaded: {exc}") from None
-
-
-def load(
-    info: SourceRef,
-    workdir: Path,
-    *,
-    safe_mode: bool = True,
-    custom_objects: dict | None = None,
-    signature: str = "serving_default",
-) -> SourceModel:
-    """Download and load the source model."""
-    root = download(info.uri, workdir / "source-model")
-    return load_local(root, info, safe_mode=safe_mode, custom_objects=custom_objects, signature=signature)
+    return _download(
+        uri,
+        dst,
+        f"downloading model `{uri}`",
+        f"model `{uri}` does not exist in the tracking server",
+        "check the model URI and that its run still has the artifacts",
+    )
 
 
 def download_data(uri: str, dst: Path, field: str) -> Path:
     """Download a data set named in the manifest (`field`, e.g. ``data.evaluation``) into `dst`."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     from pipeline_stage.mlflow_io.tracking import redact
 
     dst.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    except MlflowException as exc:
-        raise InputError(
-            f"`{field}`: cannot download `{redact(uri)}`: {str(exc).splitlines()[0]}",
-            hint="check the run id and artifact path (the MLflow UI lists a run's artifacts)",
-        ) from None
-    except OSError as exc:
-        raise InputError(f"`{field}`: cannot download `{redact(uri)}`: {exc}") from None
+    local = _download(
+        uri,
+        dst,
+        f"downloading `{field}` ({redact(uri)})",
+        f"`{field}`: cannot download `{redact(uri)}`",
+        "check the run id and artifact path (the MLflow UI lists a run's artifacts)",
+    )
     if not local.resolve().is_relative_to(dst.resolve()):
         raise InputError(f"`{field}`: `{redact(uri)}` resolves outside its download folder")
     return local
+
+
+def _download(uri: str, dst: Path, doing: str, missing: str, missing_hint: str) -> Path:
+    """mlflow.artifacts.download_artifacts, its failures classified by cause: an outage is exit 1,
+    a missing run or artifact exit 2."""
+    import mlflow
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:
+        if isinstance(exc, OSError) and not is_outage(exc):  # a local file error, not the server
+            raise InputError(f"{missing}: {exc}", hint=missing_hint) from None
+        raise_classified(exc, doing, missing=missing, missing_hint=missing_hint)

@@ -12,11 +12,12 @@ from pipeline_stage.contract.errors import TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow's own HTTP retries default to 7 with exponential backoff (minutes); a pipeline step
-# should fail in bounded time instead. Operators can still raise these through the environment.
+# should fail in bounded time instead (mlflow_io.failures: the outage bound). Operators can still
+# raise these through the environment.
 HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 
 

@@ -289,6 +289,9 @@ def to_html(report: Report) -> str:
             for i, s in enumerate(report.steps)
         ]
         parts += ["<h2>Steps</h2>", _table(["#", "step", "phase", "params", "metrics after", "seconds"], rows)]
+    if report.timing is not None and report.timing.rows():
+        rows = [[name, round(seconds, 2)] for name, seconds in report.timing.rows()]
+        parts += ["<h2>Where the time went</h2>", _table(["phase", "seconds"], rows)]
     conv = report.conversion
     if conv:
         parts += [

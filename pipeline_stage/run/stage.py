@@ -15,13 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline_stage.contract.errors import StageError, TrackingError
+from pipeline_stage.contract.errors import StageError
 from pipeline_stage.contract.gates import evaluate_gates
 from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report, Timing
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import LoadedManifest
+from pipeline_stage.mlflow_io.failures import raise_classified
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.run.chain import ChainRunner
+from pipeline_stage.run.phase_clock import PhaseClock, process_age_s
 from pipeline_stage.run.progress import Progress
 from pipeline_stage.version import __version__
 
@@ -45,11 +47,14 @@ class Stage:
 
     def run(self) -> Report:
         """Run the manifest; return the report (``report.passed`` says whether every gate passed)."""
+        from pipeline_stage.engine.source_model import load_local
         from pipeline_stage.mlflow_io import source as source_mod
         from pipeline_stage.mlflow_io.stage_run import StageRun, flatten
 
         options, m = self.options, self.m
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
+        clock = self.clock = PhaseClock()
+        startup = process_age_s()
         configure(options.tracking_uri)
         preflight(options.tracking_uri)
         own_tmp = tempfile.TemporaryDirectory(prefix="pipeline-stage-") if options.workdir is None else None
@@ -65,15 +70,10 @@ class Stage:
             tracking_uri=redact(options.tracking_uri),
             package_version=__version__,
         )
-        run = StageRun(
-            m.experiment,
-            tags={
-                "pipeline_stage.chain_digest": self.loaded.chain_digest,
-                "pipeline_stage.version": __version__,
-                **{k: redact(v) for k, v in info.tags().items()},
-            },
-        )
+        identity = {"pipeline_stage.chain_digest": self.loaded.chain_digest, **{k: redact(v) for k, v in info.tags().items()}}
+        run = StageRun(m.experiment, tags={**identity, "pipeline_stage.version": __version__})
         report.run_id = run.run_id
+        clock.add("resolve", time.perf_counter() - started)
         context = ObserverContext(
             manifest_path=self.loaded.path,
             chain_digest=self.loaded.chain_digest,
@@ -82,26 +82,36 @@ class Stage:
             quiet=options.quiet,
         )
         try:
+            # Runs of this chain on this source that an outage left RUNNING end now, FAILED, saying why.
+            report.ended_orphans = run.end_orphans(identity)
+            if report.ended_orphans:
+                self.progress("tracking")(f"ended {len(report.ended_orphans)} run(s) an outage left RUNNING")
             run.log_params(flatten({"manifest": dict(self.loaded.raw), "model": m.model}))
             run.log_text(self.loaded.text, "manifest.yaml")
-            source = source_mod.load(
-                info,
-                workdir,
-                safe_mode=not m.allow_unsafe_deserialization,
-                custom_objects=self.host.keras_objects,
-                signature=m.signature,
-            )
-            runner = ChainRunner(self.loaded, self.host, source, workdir, progress=self.progress, context=context)
-            if m.search is None:
-                runner.check_chain(self.loaded.steps)
-            runner.load_all_data()
+            with clock.phase("model_download"):
+                root = source_mod.download(info.uri, workdir / "source-model")
+            with clock.phase("load"):
+                source = load_local(
+                    root,
+                    info,
+                    safe_mode=not m.allow_unsafe_deserialization,
+                    custom_objects=self.host.keras_objects,
+                    signature=m.signature,
+                )
+                runner = ChainRunner(self.loaded, self.host, source, workdir, progress=self.progress, context=context)
+                if m.search is None:
+                    runner.check_chain(self.loaded.steps)
+                runner.load_all_data()
             work_started = time.perf_counter()
             step_tags = self._execute(report, run, runner, context)
-            report.timing = Timing(convert_and_evaluate_s=round(time.perf_counter() - work_started, 3))
+            convert_and_evaluate = round(time.perf_counter() - work_started, 3)
             report.seconds = round(time.perf_counter() - started, 3)
-            self._register(report, run, runner, workdir, step_tags, sha256, context)
-            run.set_tags({"pipeline_stage.passed": str(report.passed).lower()})
-            self._write_reports(report, run)
+            with clock.phase("register"):
+                self._register(report, run, runner, workdir, step_tags, sha256, context)
+                run.set_tags({"pipeline_stage.passed": str(report.passed).lower()})
+            timing = {"startup_s": round(startup, 3)} if startup is not None else {}
+            report.timing = Timing(convert_and_evaluate_s=convert_and_evaluate, **timing, **clock.fields())
+            self._write_reports(report, run, startup)
             run.end("FINISHED")
         except BaseException as exc:
             report.error = redact(str(exc))
@@ -113,7 +123,7 @@ class Stage:
             if isinstance(exc, StageError) or not isinstance(exc, Exception):
                 raise
             if type(exc).__module__.startswith(("mlflow", "requests", "urllib3")):
-                raise TrackingError(f"MLflow request failed: {redact(str(exc)).splitlines()[0][:300]}") from exc
+                raise_classified(exc, "talking to MLflow")
             raise
         finally:
             if options.output_path is not None and (workdir / "model.tflite").exists():
@@ -126,18 +136,21 @@ class Stage:
     def _execute(self, report: Report, run, runner: ChainRunner, context: ObserverContext) -> dict[str, str]:
         """Baseline, the chain (or the search), the candidate's measurements and the gates; returns
         the tags the chain's steps ask for on the registered version."""
-        baseline = runner.baseline()
+        with self.clock.phase("baseline"):
+            baseline = runner.baseline()
         report.baseline, report.baseline_tflite = baseline.metrics, baseline.tflite_metrics
         report.baseline_flatbuffer, report.baseline_seconds = baseline.flatbuffer, baseline.seconds
         run.log_metrics({f"baseline.{k}": v for k, v in baseline.metrics.items()})
         if self.m.search is not None:
             from pipeline_stage.run.search import Search
 
-            outcome = Search(runner, self.host, baseline, run).run()
+            with self.clock.phase("chain"):
+                outcome = Search(runner, self.host, baseline, run).run()
             result, report.search = outcome.result, outcome.summary
             tags = {**result.tags, "pipeline_stage.search.trial": str(outcome.chosen)}
         else:
-            result = runner.run_chain(self.loaded.steps, run, float_bytes=baseline.float_bytes)
+            with self.clock.phase("chain"):
+                result = runner.run_chain(self.loaded.steps, run, float_bytes=baseline.float_bytes)
             tags = dict(result.tags)
         if result.conversion is not None:
             report.conversion = result.conversion
@@ -145,11 +158,12 @@ class Stage:
         report.steps = result.records
         names = runner.metric_names
         self.progress("evaluate")(f"candidate: {', '.join(names)}")
-        report.candidate = runner.measure(names, model_bytes=result.model_bytes)
+        with self.clock.phase("evaluate"):
+            report.candidate = runner.measure(names, model_bytes=result.model_bytes)
+            report.gates, report.passed = evaluate_gates(
+                self.m.gates, report.candidate, report.baseline, runner.higher_is_better(names)
+            )
         run.log_metrics(report.candidate)
-        report.gates, report.passed = evaluate_gates(
-            self.m.gates, report.candidate, report.baseline, runner.higher_is_better(names)
-        )
         self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
         return tags
 
@@ -193,15 +207,23 @@ class Stage:
         for suffix, text in (render(report) if rendered is None else rendered).items():
             path.with_suffix(suffix).write_text(text)
 
-    def _write_reports(self, report: Report, run) -> None:
+    def _write_reports(self, report: Report, run, startup: float | None) -> None:
+        """report.md / .html, then report.json, which alone holds the time these took and the total."""
         import json
 
         from pipeline_stage.reporting.files import render
 
-        run.log_text(json.dumps(report.to_json_data(), indent=2, default=str), "report.json")
+        started = time.perf_counter()
         rendered = render(report)
         for suffix, text in rendered.items():
             run.log_text(text, f"report{suffix}")
+        report.timing = report.timing.model_copy(
+            update={
+                "reports_s": round(time.perf_counter() - started, 3),
+                "total_s": round((startup or 0.0) + time.perf_counter() - self.started, 3),
+            }
+        )
+        run.log_text(json.dumps(report.to_json_data(), indent=2, default=str), "report.json")
         self._write_local_report(report, rendered)
 
 

@@ -1,0 +1,204 @@
+"""What MLflow raises, turned into the stage's errors by cause, in one place; and the bound on the
+time a run spends failing once the tracking server has gone.
+
+By cause, not by where it happens (model resolution, downloads, logging, registration, alias moves):
+
+* the server cannot be reached, times out or answers 5xx -> :class:`TrackingError` (exit 1): a
+  transient failure that a Kubeflow retry may fix; the message names the server and what the stage
+  was doing;
+* the server answers that a run, artifact, model, version or alias does not exist, or that a value
+  is invalid -> :class:`InputError` (exit 2): the manifest or its URIs need fixing;
+* the server refuses the credentials -> :class:`InputError` (exit 2), naming the variables to set;
+* anything else MLflow raises -> :class:`TrackingError` (exit 1).
+
+The bound (``PIPELINE_STAGE_OUTAGE_BOUND_S``, default 60 s, see :func:`outage_bound`) is spent
+as: MLflow's own retries of the request that finds the server gone (2 retries with backoff, about
+3 s for a refused connection), then the stage's cleanup (ending the run FAILED, deleting a version
+it had created, putting an alias back), retried while the server may come back, for at most half
+the bound from the first cleanup call (:class:`CleanupClock`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
+
+from pipeline_stage.contract.errors import InputError, StageError, TrackingError
+
+T = TypeVar("T")
+
+MISSING = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "ENDPOINT_NOT_FOUND", "BAD_REQUEST"}
+DENIED = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
+DEFAULT_OUTAGE_BOUND_S = 60.0
+
+
+def outage_bound() -> float:
+    """Seconds from the request that finds the tracking server gone to the stage's exit (env
+    ``PIPELINE_STAGE_OUTAGE_BOUND_S``, default 60)."""
+    raw = os.environ.get("PIPELINE_STAGE_OUTAGE_BOUND_S", "")
+    try:
+        value = float(raw) if raw else DEFAULT_OUTAGE_BOUND_S
+    except ValueError:
+        raise InputError(
+            f"PIPELINE_STAGE_OUTAGE_BOUND_S is `{raw}`, not a number of seconds", hint="set it to e.g. 60, or unset it"
+        ) from None
+    return max(value, 5.0)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        status = getattr(response, "status_code", None) or getattr(response, "status", None)
+        if isinstance(status, int):
+            return status
+        getter = getattr(e, "get_http_status_code", None)
+        if callable(getter):
+            try:
+                status = int(getter())
+            except (TypeError, ValueError):
+                status = None
+            if status and status != 500:  # MLflow's default for an exception without a status
+                return status
+    return None
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A connection error, a timeout or a 5xx answer anywhere in the exception's chain."""
+    for e in _chain(exc):
+        module = type(e).__module__
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if module.startswith(("requests", "urllib3")) and any(
+            word in type(e).__name__ for word in ("Connection", "Timeout", "MaxRetry", "Protocol", "ResponseError")
+        ):
+            return True
+        if module.startswith("mlflow") and getattr(e, "error_code", "") in ("TEMPORARILY_UNAVAILABLE",):
+            return True
+    status = _http_status(exc)
+    return status is not None and status >= 500
+
+
+def _first_line(exc: BaseException) -> str:
+    from pipeline_stage.mlflow_io.tracking import redact
+
+    text = str(exc).strip().splitlines()
+    return redact(text[0] if text else type(exc).__name__)[:300]
+
+
+def _server() -> str:
+    from pipeline_stage.mlflow_io.tracking import redact
+
+    try:
+        import mlflow
+
+        return redact(mlflow.get_tracking_uri())
+    except Exception:  # pragma: no cover - mlflow always importable where this runs
+        return "(unknown)"
+
+
+def server_answers(timeout: float = 5.0) -> bool:
+    """Whether the tracking server answers its health check now (always true for a local store)."""
+    try:
+        import mlflow
+        import requests
+
+        uri = mlflow.get_tracking_uri()
+        if not uri.startswith(("http://", "https://")):
+            return True
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).status_code < 500
+    except Exception:
+        return False
+
+
+def classify(exc: BaseException, doing: str, *, missing: str | None = None, missing_hint: str | None = None) -> StageError:
+    """The stage's error for `exc`, raised by MLflow while the stage was `doing` something
+    ("downloading `data.evaluation` (runs:/...)", say); `missing` says what a 404 means for the
+    caller ("model `X` does not exist in the tracking server")."""
+    if isinstance(exc, StageError):
+        return exc
+    if is_outage(exc):
+        return TrackingError(
+            f"the MLflow tracking server {_server()} failed while {doing}: {_first_line(exc)}",
+            hint="the server is unreachable or failing (nothing was registered and no alias moved); "
+            "retry the step once it answers",
+        )
+    if _denied(exc):
+        return InputError(
+            f"the MLflow tracking server {_server()} refused the credentials while {doing}: {_first_line(exc)}",
+            hint="set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD",
+        )
+    if is_missing(exc):
+        if not server_answers():  # MLflow reports some outages as a missing path (runs:/ downloads)
+            return TrackingError(
+                f"the MLflow tracking server {_server()} does not answer (while {doing}: {_first_line(exc)})",
+                hint="retry the step once the server answers",
+            )
+        return InputError(f"{missing or doing}: {_first_line(exc)}", hint=missing_hint)
+    return TrackingError(f"the MLflow tracking server {_server()} failed while {doing}: {_first_line(exc)}")
+
+
+def raise_classified(exc: BaseException, doing: str, *, missing: str | None = None, missing_hint: str | None = None) -> NoReturn:
+    """Raise :func:`classify`'s error for `exc` (chained to it)."""
+    error = classify(exc, doing, missing=missing, missing_hint=missing_hint)
+    if error is exc:
+        raise exc
+    raise error from exc
+
+
+def _code(exc: BaseException) -> str:
+    return next((getattr(e, "error_code", "") for e in _chain(exc) if getattr(e, "error_code", "")), "")
+
+
+def is_missing(exc: BaseException) -> bool:
+    """The server answered that the thing asked for does not exist (a 404, RESOURCE_DOES_NOT_EXIST)."""
+    return not is_outage(exc) and (_code(exc) in MISSING or _http_status(exc) == 404)
+
+
+def _denied(exc: BaseException) -> bool:
+    return _code(exc) in DENIED or _http_status(exc) in (401, 403)
+
+
+def retrying(fn: Callable[[], T], *, attempts: int = 3, delay: float = 0.5, until: float | None = None) -> T:
+    """Call `fn` until it succeeds: `attempts` times with exponential backoff, or, with `until`
+    (a time.monotonic() deadline), as long as the deadline allows; re-raise the last error.
+    Errors that retrying cannot fix (a missing resource, bad credentials) are raised at once."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            attempt += 1
+            if is_missing(exc) or _denied(exc):
+                raise
+            pause = min(delay * 2 ** (attempt - 1), 4.0)
+            out_of_time = until is not None and time.monotonic() + pause >= until
+            if (until is None and attempt >= attempts) or out_of_time:
+                raise
+            time.sleep(pause)
+
+
+class CleanupClock:
+    """The time the cleanup after a failure may take: half the outage bound from the first
+    cleanup call of a stage run, shared by every cleanup call that follows (end the run, delete a
+    half-made version, put an alias back), so the bound holds however many there are."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """`fn`, retried while the server may come back and the clock allows."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + outage_bound() / 2
+        if time.monotonic() >= self.deadline:
+            raise TrackingError("cleanup not attempted: the outage bound (PIPELINE_STAGE_OUTAGE_BOUND_S) is spent")
+        return retrying(fn, until=self.deadline)
