@@ -153,6 +153,7 @@ class LatencyP50(Metric):
     name = "latency_p50_ms"
     higher_is_better = False
     uses = "flatbuffer"
+    timed = True
     unit = "ms"
 
     def compute(self, evaluation) -> float:

@@ -72,6 +72,18 @@ def test_the_report_says_where_the_time_went(int8_run):
     assert timing["chain_s"] > 0 and timing["baseline_s"] > 0
 
 
+def test_latency_is_timed_side_by_side_in_alternating_rounds(int8_run):
+    report = int8_run[0]
+    (timed,) = report["timed"]
+    assert timed["metric"] == "latency_p50_ms" and timed["rounds"] == 5
+    assert len(timed["baseline_rounds"]) == len(timed["candidate_rounds"]) == 5
+    # the report's latency values are these side-by-side ones, for both models
+    assert report["candidate"]["latency_p50_ms"] == timed["candidate"]
+    assert report["baseline"]["latency_p50_ms"] == timed["baseline"]
+    differences = [c - b for b, c in zip(timed["baseline_rounds"], timed["candidate_rounds"])]
+    assert timed["spread"] == pytest.approx((max(differences) - min(differences)) / 2)
+
+
 def test_int8_flatbuffer_is_really_int8(int8_run):
     report, _ = int8_run
     info = read_flatbuffer(tflite_of(report["registered"]))

@@ -56,3 +56,26 @@ def test_a_gate_on_a_metric_per_output_names_every_output_that_fails_it_worst_fi
     assert (results[0].worst_output, results[0].failing_outputs) == ("b", ["b", "c"])
     # mae.b rose 0.05 from its own baseline (passes); mae.a rose 0.1 (fails) though it is the smaller value
     assert (results[1].worst_output, results[1].failing_outputs) == ("b", ["a"])
+
+
+@pytest.mark.parametrize(
+    "rule, threshold, candidate, spread, passed",
+    [
+        ("max_ratio", 1.0, 1.05, 0.08, True),  # 5% slower, rounds spread 8% of the baseline: not counted
+        ("max_ratio", 1.0, 1.20, 0.08, False),  # 20% slower: more than the spread
+        ("max_drop", 0.0, 1.05, 0.08, True),
+        ("max_drop", 0.0, 1.20, 0.08, False),
+        ("max", 1.0, 1.05, 0.08, True),
+    ],
+)
+def test_a_timed_metrics_gate_fails_only_by_more_than_the_spread(rule, threshold, candidate, spread, passed):
+    """Latency measured side by side in alternating rounds: the spread of (candidate - baseline)
+    across rounds is a difference the gate does not count (baseline 1.0 ms here)."""
+    results, ok = evaluate_gates(
+        [Gate(metric="latency_p50_ms", **{rule: threshold})],
+        {"latency_p50_ms": candidate},
+        {"latency_p50_ms": 1.0},
+        {"latency_p50_ms": False},
+        tolerance={"latency_p50_ms": spread},
+    )
+    assert ok is passed and results[0].tolerance == spread

@@ -48,9 +48,13 @@ class Gate(BaseModel):
         return float(getattr(self, self.rule))
 
 
-def evaluate_gate(gate: Gate, candidate: float | None, baseline: float | None, higher_is_better: bool) -> GateResult:
-    """One verdict: the rule applied to the candidate's value (and the baseline's, for relative rules)."""
+def evaluate_gate(
+    gate: Gate, candidate: float | None, baseline: float | None, higher_is_better: bool, tolerance: float = 0.0
+) -> GateResult:
+    """One verdict: the rule applied to the candidate's value (and the baseline's, for relative rules).
+    `tolerance` (a timed metric's spread, in its unit) is a difference the rule does not count."""
     rule, threshold = gate.rule, gate.threshold
+    relative = tolerance / abs(baseline) if tolerance and baseline else 0.0
     missing = candidate is None or (isinstance(candidate, float) and math.isnan(candidate))
     # A "drop" is a loss in the metric's good direction: for lower-is-better metrics, an increase.
     drop = None
@@ -59,18 +63,18 @@ def evaluate_gate(gate: Gate, candidate: float | None, baseline: float | None, h
     if missing:
         compared, passed = None, False
     elif rule == "min":
-        compared, passed = candidate, candidate >= threshold
+        compared, passed = candidate, candidate >= threshold - tolerance
     elif rule == "max":
-        compared, passed = candidate, candidate <= threshold
+        compared, passed = candidate, candidate <= threshold + tolerance
     elif rule == "max_drop":
         compared = drop
-        passed = drop is not None and drop <= threshold + 1e-12
+        passed = drop is not None and drop <= threshold + tolerance + 1e-12
     elif rule == "max_relative_drop":
         compared = None if drop is None or baseline == 0 else drop / abs(baseline)
-        passed = compared is not None and compared <= threshold + 1e-12
+        passed = compared is not None and compared <= threshold + relative + 1e-12
     elif rule == "max_ratio":
         compared = None if not baseline else candidate / baseline
-        passed = compared is not None and compared <= threshold
+        passed = compared is not None and compared <= threshold + relative
     else:  # pragma: no cover - the manifest model admits only the rules above
         raise ValueError(rule)
     return GateResult(
@@ -81,19 +85,25 @@ def evaluate_gate(gate: Gate, candidate: float | None, baseline: float | None, h
         baseline=baseline,
         compared=compared,
         passed=bool(passed),
+        tolerance=tolerance or None,
     )
 
 
 def evaluate_gates(
-    gates: list[Gate], candidate: dict[str, float], baseline: dict[str, float], higher_is_better: dict[str, bool]
+    gates: list[Gate],
+    candidate: dict[str, float],
+    baseline: dict[str, float],
+    higher_is_better: dict[str, bool],
+    tolerance: dict[str, float] | None = None,
 ) -> tuple[list[GateResult], bool]:
     """Every gate's verdict, and whether all passed. A metric the candidate also has per output
     (`<metric>.<output>`) names the output its value comes from, the worst one, and the outputs
-    whose own value fails the rule (against the baseline's value of that output)."""
+    whose own value fails the rule (against the baseline's value of that output). `tolerance`: by
+    metric, a measured spread the rule does not count (timed metrics)."""
     results = []
     for g in gates:
         higher = higher_is_better[g.metric]
-        result = evaluate_gate(g, candidate.get(g.metric), baseline.get(g.metric), higher)
+        result = evaluate_gate(g, candidate.get(g.metric), baseline.get(g.metric), higher, (tolerance or {}).get(g.metric, 0.0))
         per_output = {k[len(g.metric) + 1 :]: v for k, v in candidate.items() if k.startswith(g.metric + ".")}
         if per_output:
             ranked = sorted(per_output, key=lambda o: per_output[o] if higher else -per_output[o])

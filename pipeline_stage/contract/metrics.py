@@ -118,6 +118,9 @@ class Metric:
     * ``runs_model``: computing it invokes the model (False for size-like metrics).
     * ``uses``: ``predictions`` (computable on the Keras model too, so also after ``model``-phase
       steps) or ``flatbuffer`` (needs the .tflite: size, latency).
+    * ``timed``: computed from ``evaluation.latencies_ms``; the stage then times the baseline and the
+      candidate in alternating rounds in one process, reports both medians and the spread of their
+      difference across rounds, and a gate on it fails only by more than that spread.
     * ``compute(evaluation)``: the value for one model (baseline or candidate).
     """
 
@@ -126,6 +129,7 @@ class Metric:
     needs_labels: ClassVar[bool] = False
     uses: ClassVar[str] = "predictions"
     runs_model: ClassVar[bool] = True
+    timed: ClassVar[bool] = False
     unit: ClassVar[str] = ""
 
     def compute(self, evaluation: Evaluation) -> float:  # pragma: no cover - abstract

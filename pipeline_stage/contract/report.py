@@ -48,6 +48,10 @@ class GateResult(Record):
         default_factory=list,
         description="For a metric measured per output: the outputs whose own value fails the rule, worst first.",
     )
+    tolerance: float | None = Field(
+        None,
+        description="For a timed metric: the spread across alternating rounds (in the metric's unit) the rule allowed.",
+    )
 
     @property
     def verdict(self) -> str:
@@ -160,6 +164,22 @@ class SourceRef(Record):
         return out
 
 
+class TimedComparison(Record):
+    """A timed metric (latency), baseline and candidate timed side by side in alternating rounds."""
+
+    metric: str
+    rounds: int
+    runs_per_round: int
+    baseline: float = Field(description="The baseline's value over every round's invocations.")
+    candidate: float = Field(description="The candidate's value over every round's invocations.")
+    baseline_rounds: list[float] = Field(description="The baseline's value in each round.")
+    candidate_rounds: list[float] = Field(description="The candidate's value in each round.")
+    ratio: float | None = Field(description="candidate / baseline.")
+    spread: float = Field(
+        description="Half the range of (candidate - baseline) across rounds: the difference a gate does not count."
+    )
+
+
 class Timing(Record):
     """Where a run's wall time went, by phase (seconds; a phase the run did not reach is absent)."""
 
@@ -210,6 +230,9 @@ class Report(BaseModel):
     steps: list[StepRecord] = Field(default_factory=list)
     candidate: dict[str, float] | None = Field(None, description="Every metric of the optimized model.")
     gates: list[GateResult] = Field(default_factory=list)
+    timed: list[TimedComparison] = Field(
+        default_factory=list, description="Latency-like metrics, baseline and candidate timed in alternating rounds."
+    )
     registered: Registered | None = None
     timing: Timing | None = None
     seconds: float | None = None

@@ -26,6 +26,21 @@ def check_input_shape(name: str, x: np.ndarray, model_shape: tuple) -> None:
         )
 
 
+def alternating_latencies_ms(models: dict[str, bytes], x, runs: int, rounds: int) -> dict[str, list[np.ndarray]]:
+    """Per-invocation latencies of several .tflite models (batch 1, 1 thread, XNNPACK) on the same
+    real sample, timed in `rounds` alternating rounds of `runs` each in this process (the order
+    reversed every other round), so that load on the machine falls on all of them alike."""
+    interpreters = {name: TFLiteModel(data, threads=1) for name, data in models.items()}
+    for model in interpreters.values():  # warm every one before the first timed round
+        model.latencies_ms(x, 1, warmup=10)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in models}
+    order = list(models)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            out[name].append(interpreters[name].latencies_ms(x, runs, warmup=2))
+    return out
+
+
 def latencies_ms(model_bytes: bytes, x, runs: int) -> np.ndarray:
     """Per-invocation latencies of the .tflite (batch 1, 1 thread, XNNPACK) on a real sample, the
     first of `x` (zeros are no input: a full-int8 DIV whose divisor quantizes to the zero point

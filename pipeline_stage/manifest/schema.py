@@ -52,6 +52,13 @@ class EvaluationSpec(_Strict):
         None, ge=1, le=256, description="Interpreter threads for accuracy evaluation (default: all cores)."
     )
     latency_runs: int = Field(100, ge=5, le=100000, description="Invocations for latency (batch 1, 1 thread, XNNPACK).")
+    latency_rounds: int = Field(
+        5,
+        ge=2,
+        le=100,
+        description="Alternating rounds in which the baseline and the candidate are timed side by side (latency_runs "
+        "split between them); a latency gate fails only by more than the spread across rounds.",
+    )
 
 
 class RegisterSpec(_Strict):
@@ -115,6 +122,13 @@ class SearchSpec(_Strict):
     max_float_nodes: int = Field(8, ge=1, le=1000, description="auto: most nodes kept in float (the keep_float_nodes move).")
     budget: SearchBudget = Field(default_factory=SearchBudget)
     parallel: int | None = Field(None, ge=1, le=256, description="Trials run at once (default: the machine's cores).")
+    trials_per_worker: int = Field(
+        6,
+        ge=1,
+        le=1000,
+        description="Trials one worker process runs before it is replaced (the TFLite converter leaks memory on every "
+        "call); workers start with the run, so TensorFlow is imported once per worker, not once per trial.",
+    )
     tie_tolerance: float = Field(
         0.05,
         ge=0,

@@ -289,6 +289,12 @@ def to_html(report: Report) -> str:
             for i, s in enumerate(report.steps)
         ]
         parts += ["<h2>Steps</h2>", _table(["#", "step", "phase", "params", "metrics after", "seconds"], rows)]
+    if report.timed:
+        rows = [
+            [t.metric, t.baseline, t.candidate, t.ratio, f"±{fmt(t.spread)}", f"{t.rounds} x {t.runs_per_round}"]
+            for t in report.timed
+        ]
+        parts += ["<h2>Timed side by side</h2>", _table(["metric", "baseline", "candidate", "ratio", "spread", "rounds"], rows)]
     if report.timing is not None and report.timing.rows():
         rows = [[name, round(seconds, 2)] for name, seconds in report.timing.rows()]
         parts += ["<h2>Where the time went</h2>", _table(["phase", "seconds"], rows)]

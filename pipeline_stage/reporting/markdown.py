@@ -88,6 +88,18 @@ def to_markdown(report: Report) -> str:
         params = ", ".join(f"{k}={v}" for k, v in s.params.items()) or "-"
         metrics = ", ".join(f"{k}={fmt(v)}" for k, v in s.metrics.items()) or "-"
         lines.append(f"| {i + 1} | {s.name} | {s.phase} | {params} | {metrics} | {s.seconds:.2f} |")
+    if report.timed:
+        lines += [
+            "",
+            "## Timed side by side",
+            "",
+            "| metric | baseline | candidate | ratio | spread | rounds |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {t.metric} | {fmt(t.baseline)} | {fmt(t.candidate)} | {fmt(t.ratio)} | ±{fmt(t.spread)} | {t.rounds} x {t.runs_per_round} |"
+            for t in report.timed
+        ]
     if report.timing is not None and report.timing.rows():
         lines += ["", "## Where the time went", "", "| phase | seconds |", "| --- | ---: |"]
         lines += [f"| {name} | {seconds:.2f} |" for name, seconds in report.timing.rows()]

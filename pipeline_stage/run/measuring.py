@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline_stage.contract.errors import InputError, PluginError, StageError
 from pipeline_stage.contract.metrics import Evaluation
-from pipeline_stage.engine.evaluate import default_threads, latencies_ms
+from pipeline_stage.contract.report import TimedComparison
+from pipeline_stage.engine.evaluate import alternating_latencies_ms, default_threads, latencies_ms
 from pipeline_stage.engine.source_model import aligned_names, outputs_by_name
 
 if TYPE_CHECKING:
@@ -75,6 +76,55 @@ def measure(
             raise PluginError(
                 f"metric `{name}` (distribution `{provided.distribution}`) failed: {type(exc).__name__}: {exc}"
             ) from exc
+    return out
+
+
+def timed_side_by_side(
+    runner: "ChainRunner", names: list[str], *, baseline_bytes: bytes, candidate_bytes: bytes
+) -> list[TimedComparison]:
+    """The timed metrics among `names` (latency), baseline and candidate timed in alternating rounds
+    in this process: both values from the same minutes of the same machine, and the spread of their
+    difference across rounds, which a gate on them does not count."""
+    timed = [n for n in names if runner.host.metric_class(n).timed]
+    if not timed:
+        return []
+    spec = runner.m.evaluation
+    per_round = max(5, spec.latency_runs // spec.latency_rounds)
+    samples = alternating_latencies_ms(
+        {"baseline": baseline_bytes, "candidate": candidate_bytes}, runner.sample_inputs(), per_round, spec.latency_rounds
+    )
+
+    def value(metric, model_bytes: bytes, latencies) -> float:
+        evaluation = Evaluation(
+            model_bytes=model_bytes, x=None, labels=None, predict=None, latencies=lambda: latencies, latency_runs=len(latencies)
+        )
+        return float(metric.compute(evaluation))
+
+    out = []
+    for name in timed:
+        metric = runner.host.metric_class(name)()
+        rounds = {
+            who: [value(metric, data, arr) for arr in samples[who]]
+            for who, data in (("baseline", baseline_bytes), ("candidate", candidate_bytes))
+        }
+        pooled = {
+            who: value(metric, data, np.concatenate(samples[who]))
+            for who, data in (("baseline", baseline_bytes), ("candidate", candidate_bytes))
+        }
+        differences = [c - b for b, c in zip(rounds["baseline"], rounds["candidate"])]
+        out.append(
+            TimedComparison(
+                metric=name,
+                rounds=spec.latency_rounds,
+                runs_per_round=per_round,
+                baseline=pooled["baseline"],
+                candidate=pooled["candidate"],
+                baseline_rounds=rounds["baseline"],
+                candidate_rounds=rounds["candidate"],
+                ratio=pooled["candidate"] / pooled["baseline"] if pooled["baseline"] else None,
+                spread=(max(differences) - min(differences)) / 2,
+            )
+        )
     return out
 
 

@@ -11,8 +11,8 @@ Strategies (the manifest's ``search:`` section):
                 is spent. The moves come from plugins (:mod:`pipeline_stage.contract.moves`); this
                 module names no step.
 
-Every trial runs in its own child process (:mod:`pipeline_stage.run.trial`), up to ``parallel`` at
-once, and becomes a nested MLflow run under the stage's run. Passing trials are ranked by the
+Trials run in worker processes (:mod:`pipeline_stage.run.workers`), up to ``parallel`` at once;
+each becomes a nested MLflow run under the stage's run. Passing trials are ranked by the
 objective (:mod:`pipeline_stage.run.ranking`); when none passes, the closest one becomes the
 candidate, the gates fail, and nothing is promoted.
 """
@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from pipeline_stage.manifest import parse_chain_item
 from pipeline_stage.reporting.markdown import per_layer_errors
 from pipeline_stage.run import ranking
 from pipeline_stage.run.chain import Baseline, ChainResult, ChainRunner
+from pipeline_stage.run.workers import TrialWorkers, parallel_trials
 
 
 @dataclass
@@ -104,14 +103,14 @@ def _as_written(items: list[Any]) -> Chain:
 class Search:
     """One search, run by the stage after its baseline (see the module docstring)."""
 
-    def __init__(self, runner: ChainRunner, host: PluginHost, baseline: Baseline, sink):
-        self.runner, self.host, self.baseline, self.tracking = runner, host, baseline, sink
+    def __init__(self, runner: ChainRunner, host: PluginHost, baseline: Baseline, sink, workers: TrialWorkers):
+        self.runner, self.host, self.baseline, self.tracking, self.workers = runner, host, baseline, sink, workers
         self.spec = runner.m.search
         self.root = runner.workdir / "search"
         self.trials: list[Trial] = []
         self.metric_names = runner.metric_names
         self.higher = runner.higher_is_better(self.metric_names)
-        self.parallel = self.spec.parallel or os.cpu_count() or 1
+        self.parallel = parallel_trials(self.spec)
         self.log = runner.progress("search")
         self.started = 0.0
         self.stopped_because = "exhausted"
@@ -188,20 +187,10 @@ class Search:
         }
         (trial.folder / "trial.json").write_text(json.dumps(spec))
         remaining = self.spec.budget.seconds - (time.perf_counter() - self.started)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": str(self.spec.seed)}
         t = time.perf_counter()
-        with open(trial.folder / "trial.log", "w") as log:
-            try:
-                subprocess.run(
-                    [sys.executable, "-m", "pipeline_stage.run.trial", str(trial.folder)],
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                    timeout=max(60.0, remaining + 60.0),
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                trial.status, trial.error = "error", "ran past the search's time budget"
+        trial.error = self.workers.run(trial.folder, timeout=max(60.0, remaining + 60.0))
+        if trial.error is not None:
+            trial.status = "error"
         trial.seconds = time.perf_counter() - t
         path = trial.folder / "result.json"
         if trial.error is None:

@@ -23,8 +23,10 @@ from pipeline_stage.manifest import LoadedManifest
 from pipeline_stage.mlflow_io.failures import raise_classified
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.run.chain import ChainRunner
+from pipeline_stage.run.measuring import timed_side_by_side
 from pipeline_stage.run.phase_clock import PhaseClock, process_age_s
 from pipeline_stage.run.progress import Progress
+from pipeline_stage.run.workers import start_workers
 from pipeline_stage.version import __version__
 
 
@@ -81,6 +83,9 @@ class Stage:
             run_id=run.run_id,
             quiet=options.quiet,
         )
+        # A search's worker processes start now: their TensorFlow imports overlap with the downloads
+        # and the baseline.
+        self.workers = start_workers(m.search) if m.search is not None else None
         try:
             # Runs of this chain on this source that an outage left RUNNING end now, FAILED, saying why.
             report.ended_orphans = run.end_orphans(identity)
@@ -126,6 +131,8 @@ class Stage:
                 raise_classified(exc, "talking to MLflow")
             raise
         finally:
+            if self.workers is not None:
+                self.workers.close()
             if options.output_path is not None and (workdir / "model.tflite").exists():
                 options.output_path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(workdir / "model.tflite", options.output_path)
@@ -145,7 +152,7 @@ class Stage:
             from pipeline_stage.run.search import Search
 
             with self.clock.phase("chain"):
-                outcome = Search(runner, self.host, baseline, run).run()
+                outcome = Search(runner, self.host, baseline, run, self.workers).run()
             result, report.search = outcome.result, outcome.summary
             tags = {**result.tags, "pipeline_stage.search.trial": str(outcome.chosen)}
         else:
@@ -159,11 +166,24 @@ class Stage:
         names = runner.metric_names
         self.progress("evaluate")(f"candidate: {', '.join(names)}")
         with self.clock.phase("evaluate"):
-            report.candidate = runner.measure(names, model_bytes=result.model_bytes)
+            timed = [n for n in names if self.host.metric_class(n).timed]
+            report.candidate = runner.measure([n for n in names if n not in timed], model_bytes=result.model_bytes)
+            # latency: baseline and candidate timed side by side now, not minutes apart
+            report.timed = timed_side_by_side(
+                runner, timed, baseline_bytes=baseline.float_bytes, candidate_bytes=result.model_bytes
+            )
+            for t in report.timed:
+                report.candidate[t.metric] = t.candidate
+                report.baseline[t.metric] = report.baseline_tflite[t.metric] = t.baseline
             report.gates, report.passed = evaluate_gates(
-                self.m.gates, report.candidate, report.baseline, runner.higher_is_better(names)
+                self.m.gates,
+                report.candidate,
+                report.baseline,
+                runner.higher_is_better(names),
+                tolerance={t.metric: t.spread for t in report.timed},
             )
         run.log_metrics(report.candidate)
+        run.log_metrics({f"baseline.{t.metric}": t.baseline for t in report.timed})
         self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
         return tags
 

@@ -1,7 +1,10 @@
-"""One search trial in a child process: ``python -m pipeline_stage.run.trial FOLDER``.
+"""Search trials in child processes: ``python -m pipeline_stage.run.trial FOLDER`` runs one;
+``python -m pipeline_stage.run.trial --serve`` is a long-lived worker
+(:mod:`pipeline_stage.run.workers`) that runs the trial folders it reads on stdin, one per line,
+answering ``done`` on its original stdout, each trial's output going to FOLDER/trial.log.
 
-The converter leaks memory on every call (tensorflow#122598), so each trial runs its chain in a
-fresh process. FOLDER/trial.json holds a complete manifest (the trial's chain, the parent's
+The converter leaks memory on every call (tensorflow#122598), so trials run outside the stage's
+process, and a worker is replaced after a bounded number of trials. FOLDER/trial.json holds a complete manifest (the trial's chain, the parent's
 evaluation and conversion settings, local paths for the source model and the data) and the
 metric names; the child runs the chain with the same chain runner as the stage (no MLflow) and
 writes model.tflite and result.json: step records, measured metrics, conversion summary and the
@@ -98,5 +101,32 @@ def main(folder: str) -> int:
     return 0 if "error" not in result else 1
 
 
+def serve() -> int:
+    """The worker loop: import what every trial needs once, then run trial folders from stdin."""
+    import os
+
+    from pipeline_stage.engine.tf_env import import_tf
+    from pipeline_stage.host.plugin_host import get_host
+
+    answers = os.fdopen(os.dup(1), "w")  # the protocol; fds 1 and 2 go to each trial's log
+    import_tf()
+    get_host()
+    answers.write("ready\n")
+    answers.flush()
+    for line in sys.stdin:
+        folder = Path(line.strip())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(folder / "trial.log", "w") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            main(str(folder))
+            sys.stdout.flush()
+            sys.stderr.flush()
+        answers.write("done\n")
+        answers.flush()
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(serve() if sys.argv[1] == "--serve" else main(sys.argv[1]))
