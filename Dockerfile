@@ -10,18 +10,36 @@ RUN if ! command -v python3 >/dev/null; then \
         apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
             python3 python3-venv ca-certificates && rm -rf /var/lib/apt/lists/*; \
     fi
+# binutils: `strip` for TensorFlow's shared libraries below (build stage only).
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/*
 # PIP_EXTRA: e.g. "--no-index --find-links /wheels" for a build from the local wheelhouse.
 ARG PIP_EXTRA=""
 COPY wheels/ /wheels/
 COPY constraints.txt pyproject.toml README.md /src/
+COPY scripts/image_requirements.py /src/scripts/
 COPY pipeline_stage/ /src/pipeline_stage/
 COPY plugins/ /src/plugins/
+# pipeline-stage[kfp] resolved under the constraints, then installed with tensorflow-cpu in place
+# of tensorflow (274 MB wheel vs 572 MB): tf-keras declares `tensorflow`, so a plain install would
+# pull the full wheel in beside the CPU one; hence --no-deps on the resolved, pinned set.
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --upgrade pip "setuptools>=77" \
-    && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA -c /src/constraints.txt "/src[kfp]" \
+    && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA -q -c /src/constraints.txt \
+        --dry-run --ignore-installed --report /tmp/resolved.json "/src[kfp]" \
+    && /opt/venv/bin/python /src/scripts/image_requirements.py /tmp/resolved.json > /tmp/runtime.txt \
+    && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --no-deps -r /tmp/runtime.txt \
+    && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --no-deps /src \
     && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
     # C++ headers for building TF custom ops (430 MB): not needed to convert or run models
-    && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include
+    && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include \
+    # TensorFlow's shared libraries ship with their static symbol tables (about 300 MB); stripping
+    # keeps the dynamic symbols that loading uses. Not the other wheels': auditwheel (patchelf)
+    # rewrote theirs, and strip breaks those (numpy's OpenBLAS: "ELF load command ... not page-aligned").
+    && find /opt/venv/lib/python3.11/site-packages/tensorflow -type f \( -name "*.so" -o -name "*.so.*" \) \
+        -exec strip --strip-unneeded {} + \
+    # libclang (61 MB): TensorFlow declares it, no code path of the stage imports it
+    && /opt/venv/bin/pip uninstall -y -q libclang
 
 FROM ${BASE_IMAGE}
 RUN if ! command -v python3 >/dev/null; then \

@@ -1,11 +1,15 @@
-"""Benchmark: the stage vs a bare TFLiteConverter script doing the same work, and CLI start-up.
+"""Benchmark: `pipeline-stage run` vs a bare script doing the same work, each as its own process,
+and CLI start-up.
 
-Both sides run in this one process, alternating, on the demo's digits CNN:
-  bare   = float conversion + int8 conversion + Keras accuracy + float/int8 TFLite accuracy,
-           size and latency (the LiteRT interpreter, as the stage measures them)
-  stage  = `pipeline-stage run` on the same model and data, in-process; we compare its
-           convert-and-evaluate time (MLflow I/O aside) and also show its whole wall time.
-Then `pipeline-stage validate` start-up in a fresh process vs `python -c pass`.
+On two CNNs (the demo's digits CNN, 597 evaluation samples; an MNIST-sized 28x28 CNN of about 35k
+parameters, 3,000 evaluation samples), full int8, in alternating rounds (the first dropped):
+  bare   = `python bench/bare_script.py` (imports, float + int8 conversion, Keras / float / int8
+           accuracy, latency; what a careful engineer writes by hand)
+  stage  = `pipeline-stage run` against a real `mlflow server` on loopback (its run, params, the
+           .tflite, the pyfunc, a new registered version and alias, the reports), `--new-version`
+Prints whole-process wall time (median), the ratio, each side's phases (median; the stage's from
+report.json `timing`), and each side's peak RSS (the process tree, from wait4). Then
+`pipeline-stage validate` / `--help` start-up in a fresh process vs `python -c pass`.
 
     .venv/bin/python bench/bench_stage.py [--repeats 5]
 """
@@ -13,8 +17,8 @@ Then `pipeline-stage validate` start-up in a fresh process vs `python -c pass`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,52 +30,39 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+STAGE_PHASES = ("startup", "resolve", "model_download", "load", "baseline", "chain", "evaluate", "register", "reports")
+BARE_PHASES = ("imports", "load", "baseline", "convert", "evaluate", "save")
 
 
-def bare_script(model, calib, ev, latency_runs: int) -> dict:
-    """What a careful engineer writes by hand for the same result."""
-    import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
+def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS in MB of the process tree (wait4: the child and the descendants it
+    waited for), and stdout."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err.read()[-2000:]}")
+        return wall, usage.ru_maxrss / 1024, out.read()
 
-    def to_tflite(int8: bool) -> bytes:
-        conv = tf.lite.TFLiteConverter.from_keras_model(model)
-        if int8:
-            conv.optimizations = [tf.lite.Optimize.DEFAULT]
-            conv.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(200))
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        with contextlib.redirect_stdout(io.StringIO()):  # Keras' export prints; the stage hides it too
-            return conv.convert()
 
-    def evaluate(fb: bytes) -> tuple[float, float]:
-        it = Interpreter(model_content=fb, num_threads=2)
-        inp, out = it.get_input_details()[0], it.get_output_details()[0]
-        it.resize_tensor_input(inp["index"], [64, 8, 8, 1])
-        it.allocate_tensors()
-        preds = []
-        for s in range(0, len(ev[0]), 64):
-            chunk = ev[0][s : s + 64]
-            if len(chunk) != 64:
-                it.resize_tensor_input(inp["index"], [len(chunk), 8, 8, 1])
-                it.allocate_tensors()
-            it.set_tensor(inp["index"], chunk)
-            it.invoke()
-            preds.append(it.get_tensor(out["index"]))
-        acc = float(np.mean(np.concatenate(preds).argmax(-1) == ev[1]))
-        one = Interpreter(model_content=fb, num_threads=1)
-        one.allocate_tensors()
-        one.set_tensor(one.get_input_details()[0]["index"], ev[0][:1])
-        for _ in range(10):
-            one.invoke()
-        times = []
-        for _ in range(latency_runs):
-            t = time.perf_counter()
-            one.invoke()
-            times.append((time.perf_counter() - t) * 1000)
-        return acc, float(np.median(times))
-
-    keras_acc = float(np.mean(model.predict(ev[0], batch_size=64, verbose=0).argmax(-1) == ev[1]))
-    f, q = to_tflite(False), to_tflite(True)
-    return {"keras": keras_acc, "float": evaluate(f), "int8": evaluate(q), "sizes": (len(f), len(q))}
+def prepare(tmp: Path, name: str, model, calib: np.ndarray, x: np.ndarray, y: np.ndarray) -> Path:
+    folder = tmp / name
+    folder.mkdir()
+    model.save(folder / "model.keras")
+    np.savez(folder / "calib.npz", x=calib)
+    np.savez(folder / "eval.npz", x=x, y=y)
+    manifest = folder / "m.yaml"
+    manifest.write_text(
+        f"model: {folder / 'model.keras'}\ndata: {{calibration: {folder / 'calib.npz'}, evaluation: {folder / 'eval.npz'}}}\n"
+        "chain:\n  - quantize: {mode: int8}\nevaluation: {per_step: [], latency_runs: 100, threads: 2}\n"
+        f"gates:\n  - {{metric: accuracy, max_drop: 0.05}}\nregister: {{name: bench-{name}, alias: bench}}\n"
+    )
+    return folder
 
 
 def main() -> None:
@@ -79,44 +70,74 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    from pipeline_stage.engine.tf_env import import_tf
-
-    import_tf()
-    from click.testing import CliRunner
-
-    from pipeline_stage.cli import cli
+    from bench.bench_eval import mnist_sized_cnn
     from pipeline_stage.demo import digits_data, train_digits_cnn
+    from tests.conftest import start_mlflow_server, stop_server
 
-    data = digits_data()
-    model = train_digits_cnn(data)
     tmp = Path(tempfile.mkdtemp(prefix="bench-stage-"))
-    model.save(tmp / "digits.keras")
-    np.savez(tmp / "calib.npz", x=data.calibration[0], y=data.calibration[1])
-    np.savez(tmp / "eval.npz", x=data.evaluation[0], y=data.evaluation[1])
-    manifest = tmp / "m.yaml"
-    manifest.write_text(
-        f"model: {tmp / 'digits.keras'}\ndata: {{calibration: {tmp / 'calib.npz'}, evaluation: {tmp / 'eval.npz'}}}\n"
-        "chain:\n  - quantize: {mode: int8}\nevaluation: {per_step: [], latency_runs: 100, threads: 2}\n"
-        "gates:\n  - {metric: accuracy, max_drop: 0.01}\nregister: {name: bench-digits, alias: bench}\n"
-    )
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    import json
+    server, uri = start_mlflow_server(tmp / "server")
+    data = digits_data()
+    digits = train_digits_cnn(data)
+    mnist = mnist_sized_cnn()
+    rng = np.random.default_rng(0)
+    x_mnist = rng.uniform(0, 1, (3200, 28, 28, 1)).astype(np.float32)
+    y_mnist = mnist.predict(x_mnist, verbose=0).argmax(-1)  # labels the float model gets right
+    cases = {
+        "digits": prepare(tmp, "digits", digits, data.calibration[0], *data.evaluation),
+        "mnist-sized": prepare(tmp, "mnist-sized", mnist, x_mnist[:200], x_mnist[200:], y_mnist[200:]),
+    }
+    exe = str(Path(sys.executable).with_name("pipeline-stage"))
+    bare = [sys.executable, str(REPO / "bench" / "bare_script.py")]
+    rows = []
+    try:
+        for name, folder in cases.items():
+            stage_cmd = [exe, "run", str(folder / "m.yaml"), "--tracking-uri", uri, "-q", "--report", str(folder / "r.json")]
+            bare_cmd = [*bare, str(folder / "model.keras"), str(folder / "calib.npz"), str(folder / "eval.npz")]
+            got: dict[str, list] = {
+                "bare": [],
+                "stage": [],
+                "bare_rss": [],
+                "stage_rss": [],
+                "bare_phases": [],
+                "stage_phases": [],
+            }
+            for r in range(args.repeats + 1):  # the first round warms the file cache and is dropped
+                order = [("bare", bare_cmd), ("stage", [*stage_cmd, "--new-version"])]
+                for side, cmd in order if r % 2 == 0 else order[::-1]:
+                    wall, rss, out = timed_process(cmd, folder)
+                    if r == 0:
+                        continue
+                    got[side].append(wall)
+                    got[f"{side}_rss"].append(rss)
+                    if side == "bare":
+                        got["bare_phases"].append(json.loads(out.strip().splitlines()[-1])["phases"])
+                    else:
+                        got["stage_phases"].append(json.loads((folder / "r.json").read_text())["timing"])
+            rows.append((name, got))
+    finally:
+        stop_server(server)
 
-    bare_t, stage_work_t, stage_total_t = [], [], []
-    for i in range(args.repeats + 1):  # the first round warms caches and is dropped
-        t = time.perf_counter()
-        bare_script(model, data.calibration[0], data.evaluation, 100)
-        b = time.perf_counter() - t
-        t = time.perf_counter()
-        res = CliRunner().invoke(cli, ["run", str(manifest), "--tracking-uri", uri, "-q", "--report", str(tmp / "r.json")])
-        total = time.perf_counter() - t
-        assert res.exit_code == 0, res.output
-        work = json.loads((tmp / "r.json").read_text())["timing"]["convert_and_evaluate_s"]
-        if i:
-            bare_t.append(b)
-            stage_work_t.append(work)
-            stage_total_t.append(total)
-    b, w, tot = statistics.median(bare_t), statistics.median(stage_work_t), statistics.median(stage_total_t)
+    print(
+        f"`pipeline-stage run` (real MLflow server) vs the bare script, whole processes, median of {args.repeats} alternating rounds"
+    )
+    print("| model | bare script (s) | stage (s) | ratio | target | peak RSS bare / stage (MB) |")
+    print("| --- | ---: | ---: | ---: | --- | --- |")
+    for name, got in rows:
+        b, s = statistics.median(got["bare"]), statistics.median(got["stage"])
+        target = "<= 1.3x" if name == "digits" else "<= 1.2x"
+        rss = f"{statistics.median(got['bare_rss']):.0f} / {statistics.median(got['stage_rss']):.0f}"
+        print(f"| {name} | {b:.2f} | {s:.2f} | {s / b:.2f}x | {target} | {rss} |")
+    for name, got in rows:
+        print()
+        print(f"{name}: where the time goes (median seconds)")
+        print("| stage phase | s | bare script phase | s |")
+        print("| --- | ---: | --- | ---: |")
+        stage = [(p, statistics.median(t.get(f"{p}_s") or 0.0 for t in got["stage_phases"])) for p in STAGE_PHASES]
+        bare_rows = [(p, statistics.median(t.get(p, 0.0) for t in got["bare_phases"])) for p in BARE_PHASES]
+        for i in range(max(len(stage), len(bare_rows))):
+            left = f"{stage[i][0]} | {stage[i][1]:.2f}" if i < len(stage) else " | "
+            right = f"{bare_rows[i][0]} | {bare_rows[i][1]:.2f}" if i < len(bare_rows) else " | "
+            print(f"| {left} | {right} |")
 
     def startup(cmd: list[str]) -> float:
         times = []
@@ -126,15 +147,9 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    exe = str(Path(sys.executable).with_name("pipeline-stage"))
     v = startup([exe, "validate", str(REPO / "manifests/examples/digits-int8.yaml")])
     h = startup([exe, "--help"])
     py = startup([sys.executable, "-c", "pass"])
-    print(f"stage vs bare script, digits CNN, int8, median of {args.repeats} alternating rounds")
-    print("| measure | bare script (s) | stage (s) | ratio (target <= 1.3x) |")
-    print("| --- | ---: | ---: | ---: |")
-    print(f"| convert + evaluate (MLflow I/O aside) | {b:.2f} | {w:.2f} | {w / b:.2f}x |")
-    print(f"| whole `pipeline-stage run` incl. MLflow run, logging, registration | {b:.2f} | {tot:.2f} | {tot / b:.2f}x (info) |")
     print()
     print("| start-up | seconds | vs `python -c pass` | target |")
     print("| --- | ---: | ---: | --- |")

@@ -45,7 +45,10 @@ py=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] && py=.venv/bin/python
 log=$(mktemp)
 # `pip wheel`, not `pip download`: kfp and kfp-server-api are published as sdists only.
+# The image installs tensorflow-cpu in place of tensorflow (same version; Dockerfile).
+tf_version=$(sed -n 's/^tensorflow==//p' constraints.txt)
 if ! { "$py" -m pip wheel -q --no-deps -w wheels -r constraints.txt \
+       && "$py" -m pip download -q --no-deps --only-binary=:all: -d wheels "tensorflow-cpu==$tf_version" \
        && "$py" -m pip download -q --only-binary=:all: -d wheels "setuptools>=77" wheel pip; } >"$log" 2>&1; then
   grep -v "^WARNING: Location" "$log" >&2
   exit 1

@@ -54,6 +54,54 @@ def test_image_lists_plugins_as_non_root(image):
         "command -v gcc cc make || true; test -x /opt/venv/bin/pip && echo pip-ok",
     )
     assert checks.stdout.strip() == "pip-ok", checks.stdout  # no build tools, caches or wheelhouse left
+    dists = podman(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "python",
+        image,
+        "-c",
+        "import importlib.metadata as m, re; print(sorted(re.sub(r'[-_.]+', '-', d.metadata['Name']).lower() for d in m.distributions()))",
+    )
+    installed = set(json.loads(dists.stdout.replace("'", '"')))
+    # the CPU-only TensorFlow wheel, and not the full one beside it (tf-keras asks for `tensorflow`)
+    assert "tensorflow-cpu" in installed and "tensorflow" not in installed, sorted(installed)
+    # Under 2 GB as built (2.57 GB with the full wheel): the issue's 1.6 GB is missed, see
+    # bench/RESULTS.md for by how much and what the rest is.
+    size = int(podman("image", "inspect", image, "--format", "{{.Size}}").stdout)
+    assert size <= 2.0e9, f"image {size / 1e9:.2f} GB as built"
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        "  - prune: {epochs: 1, target_sparsity: 0.5}\n  - quantize: {mode: dynamic}\n",
+        "  - quantize: {mode: qat, qat_epochs: 1}\n",
+    ],
+    ids=["prune", "qat"],
+)
+def test_prune_and_qat_run_in_the_image_with_tensorflow_cpu(chain, image, digits_source, mlflow_server, tmp_path):
+    """tfmot (through tf_keras, in its child process) on the CPU-only TensorFlow wheel."""
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "m.yaml").write_text(
+        "model: models:/digits-cnn@champion\n"
+        "data: {training: 'runs:/${source.run_id}/data/train.npz', calibration: 'runs:/${source.run_id}/data/calib.npz',"
+        " evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        f"chain:\n{chain}gates:\n  - {{metric: accuracy, max_drop: 0.1}}\n"
+    )
+    result = podman(
+        "run", "--rm", "--network", "host", "-e", f"MLFLOW_TRACKING_URI={mlflow_server}", "-v", f"{work}:/work",
+        image, "run", "/work/m.yaml", "--report", "/work/report.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((work / "report.json").read_text())
+    if "prune" in chain:
+        assert report["steps"][0]["notes"]["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
+    else:
+        assert report["conversion"]["settings"]["quantization"] == "qat"
+        assert "INT8" in report["conversion"]["flatbuffer"]["weight_dtypes"]
 
 
 def test_stage_runs_in_the_container_against_the_host_server(image, digits_source, mlflow_server, tmp_path):

@@ -84,10 +84,11 @@ def timed_side_by_side(
 ) -> list[TimedComparison]:
     """The timed metrics among `names` (latency), baseline and candidate timed in alternating rounds
     in this process: both values from the same minutes of the same machine, and the spread of their
-    difference across rounds, which a gate on them does not count."""
+    difference across rounds, which a gate on them does not count. Empty when nothing is timed or a
+    model holds TF Select ops (the interpreter cannot run them)."""
     timed = [n for n in names if runner.host.metric_class(n).timed]
-    if not timed:
-        return []
+    if not timed or _flex_ops(baseline_bytes) or _flex_ops(candidate_bytes):
+        return []  # nothing timed; or TF Select ops, which `measure` refuses with its message
     spec = runner.m.evaluation
     per_round = max(5, spec.latency_runs // spec.latency_rounds)
     samples = alternating_latencies_ms(

@@ -166,12 +166,12 @@ class Stage:
         names = runner.metric_names
         self.progress("evaluate")(f"candidate: {', '.join(names)}")
         with self.clock.phase("evaluate"):
-            timed = [n for n in names if self.host.metric_class(n).timed]
-            report.candidate = runner.measure([n for n in names if n not in timed], model_bytes=result.model_bytes)
             # latency: baseline and candidate timed side by side now, not minutes apart
             report.timed = timed_side_by_side(
-                runner, timed, baseline_bytes=baseline.float_bytes, candidate_bytes=result.model_bytes
+                runner, names, baseline_bytes=baseline.float_bytes, candidate_bytes=result.model_bytes
             )
+            done = {t.metric for t in report.timed}
+            report.candidate = runner.measure([n for n in names if n not in done], model_bytes=result.model_bytes)
             for t in report.timed:
                 report.candidate[t.metric] = t.candidate
                 report.baseline[t.metric] = report.baseline_tflite[t.metric] = t.baseline
