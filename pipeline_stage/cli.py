@@ -265,7 +265,21 @@ def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: 
 
 
 def main() -> None:
-    cli(prog_name="pipeline-stage")
+    """The console script. Once a command has finished (files written and closed, the MLflow run
+    ended), the process leaves without the interpreter's teardown: TensorFlow's and MLflow's take
+    about a second and do nothing for a finished command (bench/RESULTS.md)."""
+    try:
+        cli.main(prog_name="pipeline-stage")  # standalone: always ends in SystemExit
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            click.echo(exc.code, err=True)
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
