@@ -92,3 +92,12 @@ def test_the_outage_bound_must_be_a_number(monkeypatch):
     monkeypatch.setenv("PIPELINE_STAGE_OUTAGE_BOUND_S", "soon")
     with pytest.raises(InputError, match="PIPELINE_STAGE_OUTAGE_BOUND_S"):
         CleanupClock().run(lambda: None)
+
+
+def test_an_error_that_does_not_come_from_the_server_is_not_blamed_on_it():
+    from pipeline_stage.mlflow_io.failures import raise_classified
+
+    with pytest.raises(KeyError):
+        raise_classified(KeyError("a bug"), "registering `m`")
+    with pytest.raises(TrackingError, match="while registering `m`"):
+        raise_classified(_wrapped_connection_error(), "registering `m`")

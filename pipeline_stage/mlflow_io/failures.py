@@ -147,8 +147,19 @@ def classify(exc: BaseException, doing: str, *, missing: str | None = None, miss
     return TrackingError(f"the MLflow tracking server {_server()} failed while {doing}: {_first_line(exc)}")
 
 
+def from_tracking(exc: BaseException) -> bool:
+    """Whether `exc` comes from talking to the server (MLflow, requests, urllib3, a connection)."""
+    return any(
+        type(e).__module__.startswith(("mlflow", "requests", "urllib3")) or isinstance(e, ConnectionError | TimeoutError)
+        for e in _chain(exc)
+    )
+
+
 def raise_classified(exc: BaseException, doing: str, *, missing: str | None = None, missing_hint: str | None = None) -> NoReturn:
-    """Raise :func:`classify`'s error for `exc` (chained to it)."""
+    """Raise :func:`classify`'s error for `exc` (chained to it); an exception that does not come
+    from talking to the server (a bug, a plugin's error) is raised unchanged."""
+    if not isinstance(exc, StageError) and not from_tracking(exc):
+        raise exc
     error = classify(exc, doing, missing=missing, missing_hint=missing_hint)
     if error is exc:
         raise exc

@@ -127,9 +127,7 @@ class Stage:
                 run.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
             if isinstance(exc, StageError) or not isinstance(exc, Exception):
                 raise
-            if type(exc).__module__.startswith(("mlflow", "requests", "urllib3")):
-                raise_classified(exc, "talking to MLflow")
-            raise
+            raise_classified(exc, "talking to MLflow")  # unchanged unless it comes from the server
         finally:
             if self.workers is not None:
                 self.workers.close()
