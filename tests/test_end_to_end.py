@@ -70,6 +70,7 @@ def test_the_report_says_where_the_time_went(int8_run):
     # the phases are disjoint parts of the run: together no longer than the whole
     assert sum(timing[f"{p}_s"] for p in phases) <= timing["total_s"] + 0.01
     assert timing["chain_s"] > 0 and timing["baseline_s"] > 0
+    assert timing["peak_rss_mb"] > 100  # this process holds TensorFlow: hundreds of MB
 
 
 def test_latency_is_timed_side_by_side_in_alternating_rounds(int8_run):

@@ -196,6 +196,9 @@ class Timing(Record):
     register_s: float | None = Field(None, description="Uploading the .tflite, logging the pyfunc, the version and the alias.")
     reports_s: float | None = Field(None, description="Rendering report.json / .md / .html and logging them.")
     total_s: float | None = Field(None, description="The whole run, from the process start.")
+    peak_rss_mb: float | None = Field(
+        None, description="Peak resident memory of the stage's own process, MB (search workers and other children not included)."
+    )
 
     def rows(self) -> list[tuple[str, float]]:
         """(phase, seconds) in the order a run goes, for the reports; the phases the run reached."""

@@ -20,6 +20,16 @@ def process_age_s() -> float | None:
         return None
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (None where `resource` is missing)."""
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
 class PhaseClock:
     """Seconds per phase; a phase entered twice adds up."""
 

@@ -24,7 +24,7 @@ from pipeline_stage.mlflow_io.failures import raise_classified
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.run.chain import ChainRunner
 from pipeline_stage.run.measuring import timed_side_by_side
-from pipeline_stage.run.phase_clock import PhaseClock, process_age_s
+from pipeline_stage.run.phase_clock import PhaseClock, peak_rss_mb, process_age_s
 from pipeline_stage.run.progress import Progress
 from pipeline_stage.run.workers import start_workers
 from pipeline_stage.version import __version__
@@ -239,6 +239,7 @@ class Stage:
             update={
                 "reports_s": round(time.perf_counter() - started, 3),
                 "total_s": round((startup or 0.0) + time.perf_counter() - self.started, 3),
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
         run.log_text(json.dumps(report.to_json_data(), indent=2, default=str), "report.json")
