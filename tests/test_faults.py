@@ -12,16 +12,10 @@ import pytest
 from tests.conftest import write_manifest
 from tests.faultproxy import FaultProxy, Rule
 from tests.figures import add
-from tests.helpers import invoke, read_report, versions_of
+from tests.helpers import digits_manifest, invoke, read_report, versions_of
 
 NAME = "digits-faults"
-TEXT = (
-    "model: models:/digits-cnn@champion\n"
-    "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-    "chain:\n  - quantize: {mode: dynamic}\n"
-    "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-    f"register: {{name: {NAME}, alias: prod}}\n"
-)
+TEXT = digits_manifest(NAME)
 
 
 @pytest.fixture

@@ -40,16 +40,21 @@ def _manifest(tmp_path: Path, src: dict, chain: str, gates: str, *, evaluation: 
     return write_manifest(tmp_path, text, name)
 
 
-def _sqnr_per_output(tflite: bytes, src: dict) -> dict[str, float]:
-    """Each output's SQNR against the Keras model, computed here with the LiteRT interpreter."""
+def _sqnr(tflite: bytes, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each output's SQNR against `reference`, computed here with the LiteRT interpreter, one sample
+    at a time (inputs and outputs by signature name)."""
     from ai_edge_litert.interpreter import Interpreter
 
     runner = Interpreter(model_content=tflite).get_signature_runner()
-    ref = src["model"].predict(src["eval"], verbose=0)
-    rows = len(src["eval"]["audio"])
-    outs = [runner(**{k: v[i : i + 1] for k, v in src["eval"].items()}) for i in range(rows)]
-    got = {o: np.concatenate([out[o] for out in outs]) for o in OUTPUTS}
-    return {o: float(10 * np.log10(np.sum(ref[o] ** 2) / np.sum((ref[o] - got[o]) ** 2))) for o in OUTPUTS}
+    rows = len(next(iter(inputs.values())))
+    outs = [runner(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(rows)]
+    got = {o: np.concatenate([out[o] for out in outs]) for o in reference}
+    return {o: float(10 * np.log10(np.sum(r**2) / np.sum((r - got[o]) ** 2))) for o, r in reference.items()}
+
+
+def _sqnr_per_output(tflite: bytes, src: dict) -> dict[str, float]:
+    """Each output's SQNR against the Keras model."""
+    return _sqnr(tflite, src["eval"], src["model"].predict(src["eval"], verbose=0))
 
 
 def test_several_inputs_and_outputs_end_to_end_with_metrics_per_output(two_heads, mlflow_server, tmp_path):
@@ -306,14 +311,8 @@ def _three_heads_manifest(tmp_path: Path, src: dict, extra: str) -> Path:
 
 
 def _sqnr_three_heads(tflite: bytes, src: dict) -> dict[str, float]:
-    """Each output's SQNR against the SavedModel's own outputs, with the LiteRT interpreter."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_content=tflite).get_signature_runner()
-    outs = [runner(image_features=src["eval"][i : i + 1]) for i in range(len(src["eval"]))]
-    ref = src["reference"]
-    got = {o: np.concatenate([out[o] for out in outs]) for o in HEADS}
-    return {o: float(10 * np.log10(np.sum(ref[o] ** 2) / np.sum((ref[o] - got[o]) ** 2))) for o in HEADS}
+    """Each output's SQNR against the SavedModel's own outputs."""
+    return _sqnr(tflite, {"image_features": src["eval"]}, src["reference"])
 
 
 def test_three_outputs_without_labels_plain_int8_exits_3_naming_the_damaged_output(three_heads, mlflow_server, tmp_path):

@@ -18,19 +18,13 @@ import pytest
 from tests.conftest import free_port, start_mlflow_server, stop_server, write_manifest
 from tests.faultproxy import FaultProxy, Rule
 from tests.figures import add, peak
-from tests.helpers import invoke, read_report
+from tests.helpers import digits_manifest, invoke, read_report
 
 NAME = "digits-outage"
 # PIPELINE_STAGE_OUTAGE_BOUND_S for these tests: 30 s (the default, 60, only makes them slower; the
 # README's figures for 60 come from PIPELINE_STAGE_TEST_OUTAGE_BOUND_S=60)
 BOUND_S = int(os.environ.get("PIPELINE_STAGE_TEST_OUTAGE_BOUND_S", "30"))
-TEXT = (
-    "model: models:/digits-cnn@champion\n"
-    "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-    "chain:\n  - quantize: {mode: dynamic}\n"
-    "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-    f"register: {{name: {NAME}, alias: prod}}\n"
-)
+TEXT = digits_manifest(NAME)
 
 
 class Server:
