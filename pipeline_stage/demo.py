@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline_stage.contract.errors import InputError
+
 DEMO_MODEL_NAME = "digits-cnn"
 DEMO_ALIAS = "champion"
 EXAMPLE_MANIFEST = "digits-int8.yaml"
@@ -26,7 +28,13 @@ class DigitsData:
 def digits_data(seed: int = 0) -> DigitsData:
     """8x8 grey digits scaled to [0, 1], shuffled with `seed`: 1200 train (200 of them for
     calibration) and 597 held out for evaluation."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise InputError(
+            "the demo's digits come with scikit-learn, which this install leaves out",
+            hint="pip install 'pipeline-stage[local]' (scikit-learn and the full MLflow for the demo's local store)",
+        ) from exc
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]

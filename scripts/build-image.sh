@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 TAG=${1:-localhost/pipeline-stage:$VERSION}
-LOCAL_BASE=localhost/debian-base:bookworm
+LOCAL_BASE=localhost/debian-base:bookworm-slim
 BASE_IMAGE=${BASE_IMAGE:-$LOCAL_BASE}
 
 need=()
@@ -36,6 +36,12 @@ if [ "$BASE_IMAGE" = "$LOCAL_BASE" ] && ! podman image exists "$LOCAL_BASE"; the
   mkdir -p "$rootfs/usr/local/share/ca-certificates" "$rootfs/etc/ssl/certs"
   cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/" 2>/dev/null || true
   cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+  # As Debian's slim images do: no manuals, docs (copyright notices kept) or translations, now or
+  # from the apt installs of later layers (about 50 MB).
+  find "$rootfs/usr/share/doc" -type f ! -name copyright -delete
+  rm -rf "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/*
+  printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' 'path-exclude /usr/share/man/*' \
+    'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' > "$rootfs/etc/dpkg/dpkg.cfg.d/slim"
   tar -C "$rootfs" -c . | podman import - "$LOCAL_BASE" >/dev/null
   rm -rf "$rootfs"
 fi

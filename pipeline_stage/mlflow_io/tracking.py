@@ -8,7 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pipeline_stage.contract.errors import TrackingError
+from pipeline_stage.contract.errors import InputError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow's own HTTP retries default to 7 with exponential backoff (minutes); a pipeline step
@@ -39,6 +39,9 @@ def configure(uri: str) -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Where git is absent (the image), MLflow's run context would print GitPython's 20-line advice
+    # three times per run; a pipeline step has no working tree to take a commit from anyway.
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     # MLflow prints "View run at <tracking URI>" on stdout, credentials included: never.
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     # MLflow's advice about type hints and input examples is addressed to model authors, not to
@@ -52,9 +55,32 @@ def configure(uri: str) -> None:
         mlflow.set_registry_uri(uri)
 
 
+def local_store_usable(uri: str) -> None:
+    """A local store needs what a client-only install (the image) lacks: say so before MLflow's
+    own error ("Model registry functionality is unavailable") reaches the operator."""
+    if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        import importlib.util
+
+        if importlib.util.find_spec("sqlalchemy") is None or importlib.util.find_spec("alembic") is None:
+            raise InputError(
+                f"tracking store `{redact(uri)}` is a database, and this install has MLflow's client only "
+                "(mlflow-skinny, as in the image)",
+                hint="pass --tracking-uri http(s)://<your MLflow server> or set MLFLOW_TRACKING_URI; for a local "
+                "store install the full MLflow: pip install 'pipeline-stage[local]'",
+            )
+    elif uri.startswith("file:") or (":" not in uri and not uri.startswith("databricks")):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise InputError(
+                f"tracking store `{redact(uri)}` is a folder: MLflow 3 refuses file stores (maintenance mode)",
+                hint="use a server (http://...) or sqlite:///mlflow.db (pip install 'pipeline-stage[local]'); "
+                "MLFLOW_ALLOW_FILE_STORE=true opts into the file store",
+            )
+
+
 def preflight(uri: str, *, attempts: int = 3, timeout: float = 5.0) -> None:
     """Fail fast (bounded time) with the URI in the message when the server does not answer."""
     if not uri.startswith(("http://", "https://")):
+        local_store_usable(uri)
         if uri.startswith("sqlite:///"):
             parent = Path(uri[len("sqlite:///") :]).expanduser().resolve().parent
             if not parent.is_dir():
