@@ -124,6 +124,15 @@ def test_registered_version_predicts_through_pyfunc(int8_run, digits_data):
     assert out.shape == (50, 10)
     assert np.mean(out.argmax(-1) == y[:50]) >= 0.9
     assert model.metadata.signature is not None
+    # the pins come from this environment (MLflow's own environment scan is skipped for them)
+    from importlib.metadata import version
+
+    from mlflow.utils import requirements_utils
+
+    pins = mlflow.pyfunc.get_model_dependencies(report["registered"]["uri"])
+    lines = set(open(pins).read().split())
+    assert {f"ai-edge-litert=={version('ai-edge-litert')}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"} <= lines
+    assert requirements_utils._MODULES_TO_PACKAGES != {}  # left as MLflow had it, for requirement inference
 
 
 def test_run_keeps_report_manifest_and_raw_tflite(int8_run):

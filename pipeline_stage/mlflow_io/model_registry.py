@@ -4,6 +4,7 @@ apply the alias rule."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,26 @@ def settle_alias(client, name: str, alias: str, attempts: int = 10) -> str | Non
     return chosen
 
 
+@contextmanager
+def _requirements_read_from_here():
+    """log_model checks the pip requirements it is given against this environment, after mapping
+    every installed distribution's files to its modules (importlib_metadata.packages_distributions:
+    0.2-0.3 s per run). Ours are read from this environment (`dist_version`), so that check finds
+    nothing: an empty map for the call skips the scan (MLflow then reads each version with
+    importlib.metadata). Left alone when MLflow already built its map or no longer has it."""
+    from mlflow.utils import requirements_utils
+
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", "absent") is not None:
+        yield
+        return
+    requirements_utils._MODULES_TO_PACKAGES = {}
+    try:
+        yield
+    finally:  # built for real by the next caller that needs it (requirement inference)
+        requirements_utils._MODULES_TO_PACKAGES = None
+        requirements_utils._PACKAGES_TO_MODULES = None
+
+
 def register_version(
     run: StageRun, *, name: str, tflite_path: Path, sample: np.ndarray | None, tags: dict[str, str], alias: str | None
 ) -> Registered:
@@ -100,18 +121,19 @@ def register_version(
         signature = infer_signature(x, outputs if len(outputs) > 1 else next(iter(outputs.values())))
     from importlib.metadata import version as dist_version
 
-    info = mlflow.pyfunc.log_model(
-        name="tflite_model",
-        python_model=str(PYFUNC_CODE),
-        artifacts={"tflite": str(tflite_path)},
-        code_paths=[str(RUNTIME_CODE)],
-        signature=signature,
-        pip_requirements=[
-            f"ai-edge-litert=={dist_version('ai-edge-litert')}",
-            f"numpy=={np.__version__}",
-            f"mlflow=={mlflow.__version__}",
-        ],
-    )
+    with _requirements_read_from_here():
+        info = mlflow.pyfunc.log_model(
+            name="tflite_model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"tflite": str(tflite_path)},
+            code_paths=[str(RUNTIME_CODE)],
+            signature=signature,
+            pip_requirements=[
+                f"ai-edge-litert=={dist_version('ai-edge-litert')}",
+                f"numpy=={np.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
     client = run.client
     mv = None
     alias_touched = False

@@ -187,8 +187,27 @@ def _table(headers: list[str], rows: list[list[Any]], classes: list[str] | None 
     return "".join(out) + "</table>"
 
 
-def to_html(report: Report) -> str:
-    """The whole report as one HTML page with nothing external to fetch."""
+def render_plots(report: Report) -> list[tuple[str, str | None]]:
+    """The page's plots as (title, PNG data URI or None when it has nothing to show). They depend
+    on the measurements only, not on the registration, so the stage renders them meanwhile."""
+    search = report.search
+    points = _points(report)
+    return [
+        ("accuracy vs size", _tradeoff_plot(points, "size_bytes", "size (bytes)")),
+        ("accuracy vs latency", _tradeoff_plot(points, "latency_p50_ms", "latency p50 (ms)")),
+        ("latency per variant", _latency_plot(points)),
+        (
+            "per-layer quantization error: the chain as written (search trial 1)",
+            _layer_error_plot(search.as_written_per_layer if search else None),
+        ),
+        ("per-layer quantization error: the candidate (analyze)", _layer_error_plot(per_layer_errors(report.steps))),
+        ("fidelity per output (SQNR against the baseline's outputs)", _fidelity_plot(report)),
+    ]
+
+
+def to_html(report: Report, plots: list[tuple[str, str | None]] | None = None) -> str:
+    """The whole report as one HTML page with nothing external to fetch; `plots`: from
+    :func:`render_plots`, when already rendered."""
     passed = report.passed
     e = html.escape
     parts = [
@@ -256,19 +275,7 @@ def to_html(report: Report) -> str:
             classes.append("winner" if t.index == search.winner else "closest" if t.index == search.closest else "")
         parts.append(_table(["#", "why tried", "chain", "verdict", *names, "failed gates", "seconds"], rows, classes))
 
-    points = _points(report)
-    plots = [
-        ("accuracy vs size", _tradeoff_plot(points, "size_bytes", "size (bytes)")),
-        ("accuracy vs latency", _tradeoff_plot(points, "latency_p50_ms", "latency p50 (ms)")),
-        ("latency per variant", _latency_plot(points)),
-        (
-            "per-layer quantization error: the chain as written (search trial 1)",
-            _layer_error_plot(search.as_written_per_layer if search else None),
-        ),
-        ("per-layer quantization error: the candidate (analyze)", _layer_error_plot(per_layer_errors(report.steps))),
-        ("fidelity per output (SQNR against the baseline's outputs)", _fidelity_plot(report)),
-    ]
-    shown = [(title, uri) for title, uri in plots if uri]
+    shown = [(title, uri) for title, uri in (plots if plots is not None else render_plots(report)) if uri]
     if shown:
         parts.append("<h2>Plots</h2>")
         parts += [

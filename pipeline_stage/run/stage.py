@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import LoadedManifest
 from pipeline_stage.mlflow_io.failures import raise_classified
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
+from pipeline_stage.reporting.html import render_plots
 from pipeline_stage.run.chain import ChainRunner
 from pipeline_stage.run.measuring import timed_side_by_side
 from pipeline_stage.run.phase_clock import PhaseClock, peak_rss_mb, process_age_s
@@ -111,12 +113,17 @@ class Stage:
             step_tags = self._execute(report, run, runner, context)
             convert_and_evaluate = round(time.perf_counter() - work_started, 3)
             report.seconds = round(time.perf_counter() - started, 3)
+            # The plots need the measurements only: rendered while the version registers, which
+            # mostly waits on the server (the GIL is free then).
+            pool = ThreadPoolExecutor(1, thread_name_prefix="plots")
+            plots = pool.submit(render_plots, report)
+            pool.shutdown(wait=False)  # the thread ends with its one task
             with clock.phase("register"):
                 self._register(report, run, runner, workdir, step_tags, sha256, context)
                 run.set_tags({"pipeline_stage.passed": str(report.passed).lower()})
             timing = {"startup_s": round(startup, 3)} if startup is not None else {}
             report.timing = Timing(convert_and_evaluate_s=convert_and_evaluate, **timing, **clock.fields())
-            self._write_reports(report, run, startup)
+            self._write_reports(report, run, startup, plots)
             run.end("FINISHED")
         except BaseException as exc:
             report.error = redact(str(exc))
@@ -225,14 +232,15 @@ class Stage:
         for suffix, text in (render(report) if rendered is None else rendered).items():
             path.with_suffix(suffix).write_text(text)
 
-    def _write_reports(self, report: Report, run, startup: float | None) -> None:
-        """report.md / .html, then report.json, which alone holds the time these took and the total."""
+    def _write_reports(self, report: Report, run, startup: float | None, plots: Future) -> None:
+        """report.md / .html, then report.json, which alone holds the time these took (the wait for
+        the plots included) and the total."""
         import json
 
         from pipeline_stage.reporting.files import render
 
         started = time.perf_counter()
-        rendered = render(report)
+        rendered = render(report, plots.result())
         for suffix, text in rendered.items():
             run.log_text(text, f"report{suffix}")
         report.timing = report.timing.model_copy(
