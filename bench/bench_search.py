@@ -4,7 +4,8 @@ The model is pipeline_stage.demo.train_bn_after_relu_cnn (BatchNorm after ReLU, 
 digits): plain full int8 fails a 1-point accuracy gate by a wide margin. Prints, from one run:
 float, plain int8 and the search's winner side by side (accuracy, size, latency p50 measured in
 alternating rounds in this process), and the search's wall time as a ratio to one plain int8 stage
-run (median of alternating rounds; target <= 10x). Uses a local sqlite MLflow store.
+run (median of alternating rounds), in this process and as whole `pipeline-stage run` processes.
+Uses a local sqlite MLflow store.
 
     .venv/bin/python bench/bench_search.py [--rounds 3] [--runs 300]
 """
@@ -136,13 +137,41 @@ def main() -> None:
             + (f", top-1 {accuracy:.4f}" if accuracy is not None else "")
         )
     print()
-    print("| measure | plain int8 stage run (s) | search stage run (s) | ratio (target <= 10x) |")
+    print("| measure | plain int8 stage run (s) | search stage run (s) | ratio (target <= 2x) |")
     print("| --- | ---: | ---: | ---: |")
     ratio = statistics.median(search_s) / statistics.median(plain_s)
     print(
-        f"| wall time, median of {args.rounds} alternating rounds | {statistics.median(plain_s):.1f} | "
-        f"{statistics.median(search_s):.1f} | {ratio:.2f}x |"
+        f"| wall time in this process (TensorFlow already imported), median of {args.rounds} alternating rounds | "
+        f"{statistics.median(plain_s):.1f} | {statistics.median(search_s):.1f} | {ratio:.2f}x |"
     )
+
+    # As a pipeline step runs: a new `pipeline-stage run` process each, which imports TensorFlow
+    # itself (the search's workers import theirs meanwhile).
+    import subprocess
+
+    exe = str(Path(sys.executable).with_name("pipeline-stage"))
+    whole: dict[str, list[float]] = {"plain": [], "search": []}
+    for k in range(args.rounds):
+        order = [("plain", plain_manifest), ("search", search_manifest)]
+        for tag, manifest in order if k % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            cmd = [
+                exe,
+                "run",
+                str(manifest),
+                "--tracking-uri",
+                uri,
+                "-q",
+                "--new-version",
+                "--workdir",
+                str(tmp / f"p-{tag}-{k}"),
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode not in (0, 3):
+                raise SystemExit(f"{tag} process failed: {done.stderr[-2000:]}")
+            whole[tag].append(time.perf_counter() - t)
+    p, s = statistics.median(whole["plain"]), statistics.median(whole["search"])
+    print(f"| wall time, whole processes, median of {args.rounds} alternating rounds | {p:.1f} | {s:.1f} | {s / p:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,23 @@ def test_auto_search_finds_a_passing_chain_where_int8_fails(auto_run):
     assert "fuse" in search["chain"] and "fold BatchNorm" in winner["origin"]
 
 
+def test_each_trial_times_its_latency_beside_the_baseline(auto_run):
+    """The objective's latency is timed in alternating rounds with the baseline in the trial's own
+    worker, and ranked on one scale: the trial's ratio times the stage's one baseline value."""
+    _, report, _ = auto_run
+    trials = [t for t in report["search"]["trials"] if t["status"] != "error"]
+    assert len(trials) >= 2
+    scales = []
+    for t in trials:
+        (timed,) = t["timed"]
+        assert timed["metric"] == "latency_p50_ms"
+        assert len(timed["baseline_rounds"]) == len(timed["candidate_rounds"]) == timed["rounds"] == 5
+        assert timed["ratio"] == pytest.approx(timed["candidate"] / timed["baseline"])
+        assert timed["spread"] >= 0
+        scales.append(t["metrics"]["latency_p50_ms"] / timed["ratio"])
+    assert max(scales) == pytest.approx(min(scales), rel=1e-9)  # every trial on the same baseline value
+
+
 def test_every_trial_is_a_nested_run_and_the_winner_is_registered(auto_run):
     _, report, _ = auto_run
     client = mlflow.MlflowClient()

@@ -109,6 +109,22 @@ class Registered(Record):
     tflite_uri: str | None = Field(description="runs:/<run_id>/tflite/model.tflite")
 
 
+class TimedComparison(Record):
+    """A timed metric (latency), baseline and candidate timed side by side in alternating rounds."""
+
+    metric: str
+    rounds: int
+    runs_per_round: int
+    baseline: float = Field(description="The baseline's value over every round's invocations.")
+    candidate: float = Field(description="The candidate's value over every round's invocations.")
+    baseline_rounds: list[float] = Field(description="The baseline's value in each round.")
+    candidate_rounds: list[float] = Field(description="The candidate's value in each round.")
+    ratio: float | None = Field(description="candidate / baseline.")
+    spread: float = Field(
+        description="Half the range of (candidate - baseline) across rounds: the difference a gate does not count."
+    )
+
+
 class TrialRecord(Record):
     """One search trial: the chain it ran and what it scored."""
 
@@ -116,12 +132,20 @@ class TrialRecord(Record):
     origin: str = Field(description="Why this chain was tried (the move that proposed it).")
     chain: str
     status: str = Field(description="passed | failed | error")
-    metrics: dict[str, float]
+    metrics: dict[str, float] = Field(
+        description="What the trial measured. A timed metric (latency) is its ratio to the baseline timed beside it "
+        "(see `timed`), times the baseline's value in the stage: one scale for trials timed at different moments."
+    )
     shortfall: float | None = Field(description="Sum of the failed gates' relative misses (0 when it passed).")
     failed_gates: list[str]
     seconds: float
     error: str | None
     run_id: str | None = Field(description="The trial's nested MLflow run.")
+    timed: list[TimedComparison] = Field(
+        default_factory=list,
+        description="Timed metrics: the trial's candidate and the baseline in alternating rounds in its worker; its gates "
+        "use these values and their spread.",
+    )
 
 
 class SearchSummary(Record):
@@ -162,22 +186,6 @@ class SourceRef(Record):
             if value:
                 out[f"source.{key}"] = str(value)
         return out
-
-
-class TimedComparison(Record):
-    """A timed metric (latency), baseline and candidate timed side by side in alternating rounds."""
-
-    metric: str
-    rounds: int
-    runs_per_round: int
-    baseline: float = Field(description="The baseline's value over every round's invocations.")
-    candidate: float = Field(description="The candidate's value over every round's invocations.")
-    baseline_rounds: list[float] = Field(description="The baseline's value in each round.")
-    candidate_rounds: list[float] = Field(description="The candidate's value in each round.")
-    ratio: float | None = Field(description="candidate / baseline.")
-    spread: float = Field(
-        description="Half the range of (candidate - baseline) across rounds: the difference a gate does not count."
-    )
 
 
 class Timing(Record):

@@ -34,7 +34,14 @@ import yaml
 from pipeline_stage.contract.errors import PluginError
 from pipeline_stage.contract.gates import evaluate_gates, shortfall
 from pipeline_stage.contract.moves import Chain, ModelFacts, SearchMove, TrialView, chain_text
-from pipeline_stage.contract.report import ConversionRecord, GateResult, SearchSummary, StepRecord, TrialRecord
+from pipeline_stage.contract.report import (
+    ConversionRecord,
+    GateResult,
+    SearchSummary,
+    StepRecord,
+    TimedComparison,
+    TrialRecord,
+)
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import parse_chain_item
 from pipeline_stage.reporting.markdown import per_layer_errors
@@ -57,6 +64,7 @@ class Trial:
     error: str | None = None
     run_id: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    timed: list[TimedComparison] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -81,6 +89,7 @@ class Trial:
             seconds=round(self.seconds, 3),
             error=self.error,
             run_id=self.run_id,
+            timed=self.timed,
         )
 
 
@@ -127,6 +136,11 @@ class Search:
         if self.runner.evaluation_data is not None:
             self.reference_path = str(shared / "reference.npz")
             np.savez(self.reference_path, **self.runner.reference_outputs())
+        # The baseline's float .tflite: each trial times its candidate beside it (alternating rounds)
+        self.baseline_path = None
+        if self.baseline.float_bytes is not None:
+            self.baseline_path = shared / "baseline.tflite"
+            self.baseline_path.write_bytes(self.baseline.float_bytes)
 
     def _manifest(self, chain: Chain) -> str:
         m = self.runner.m
@@ -184,6 +198,7 @@ class Search:
             "source": self.source_path,
             "metrics": self.metric_names,
             "reference": self.reference_path,
+            "baseline": str(self.baseline_path) if self.baseline_path else None,
         }
         (trial.folder / "trial.json").write_text(json.dumps(spec))
         remaining = self.spec.budget.seconds - (time.perf_counter() - self.started)
@@ -200,7 +215,18 @@ class Search:
             trial.error = trial.error or str(trial.result["error"]).splitlines()[0][:300]
             return
         trial.metrics = trial.result["metrics"]
-        trial.gates, passed = evaluate_gates(self.runner.m.gates, trial.metrics, self.baseline.metrics, self.higher)
+        trial.timed = [TimedComparison(**t) for t in trial.result.get("timed", [])]
+        gated, baseline = dict(trial.metrics), dict(self.baseline.metrics)
+        for t in trial.timed:
+            # gated on the pair timed side by side in the trial's worker, not the parent's earlier number
+            gated[t.metric], baseline[t.metric] = t.candidate, t.baseline
+            if t.ratio is not None and self.baseline.metrics.get(t.metric) is not None:
+                # ranked on one scale across trials timed at different moments (and loads): the
+                # ratio to the baseline beside it, times the baseline's value in the stage
+                trial.metrics[t.metric] = t.ratio * self.baseline.metrics[t.metric]
+        trial.gates, passed = evaluate_gates(
+            self.runner.m.gates, gated, baseline, self.higher, tolerance={t.metric: t.spread for t in trial.timed}
+        )
         trial.shortfall = shortfall(trial.gates)
         trial.status = "passed" if passed else "failed"
 
