@@ -56,24 +56,24 @@ def main() -> None:
     plain_manifest = tmp / "plain-int8.yaml"
     plain_manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
 
+    def run_args(manifest: Path, work: Path) -> list[str]:
+        return [
+            "run",
+            str(manifest),
+            "--tracking-uri",
+            uri,
+            "-q",
+            "--new-version",
+            "--workdir",
+            str(work),
+            "--report",
+            str(work / "report.json"),
+        ]
+
     def stage(manifest: Path, tag: str, k: int) -> tuple[float, Path]:
         work = tmp / f"{tag}-{k}"
         t = time.perf_counter()
-        res = CliRunner().invoke(
-            cli,
-            [
-                "run",
-                str(manifest),
-                "--tracking-uri",
-                uri,
-                "-q",
-                "--new-version",
-                "--workdir",
-                str(work),
-                "--report",
-                str(work / "report.json"),
-            ],
-        )
+        res = CliRunner().invoke(cli, run_args(manifest, work))
         seconds = time.perf_counter() - t
         if res.exit_code not in (0, 3):
             raise SystemExit(f"{tag} failed: {res.output[-2000:]}")
@@ -155,17 +155,7 @@ def main() -> None:
         order = [("plain", plain_manifest), ("search", search_manifest)]
         for tag, manifest in order if k % 2 == 0 else order[::-1]:
             t = time.perf_counter()
-            cmd = [
-                exe,
-                "run",
-                str(manifest),
-                "--tracking-uri",
-                uri,
-                "-q",
-                "--new-version",
-                "--workdir",
-                str(tmp / f"p-{tag}-{k}"),
-            ]
+            cmd = [exe, *run_args(manifest, tmp / f"p-{tag}-{k}")]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode not in (0, 3):
                 raise SystemExit(f"{tag} process failed: {done.stderr[-2000:]}")
