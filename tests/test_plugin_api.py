@@ -236,6 +236,28 @@ def _trial(index, status="passed", shortfall=0.0, **metrics):
     return SimpleNamespace(index=index, status=status, shortfall=shortfall, metrics=metrics)
 
 
+def test_trials_timed_under_different_load_are_ranked_on_one_scale_and_gated_on_their_own_pair():
+    from pipeline_stage.contract.report import TimedComparison
+    from pipeline_stage.run.ranking import timed_on_one_scale
+
+    def timed(candidate, baseline, spread):
+        return TimedComparison(
+            metric="latency_p50_ms", rounds=1, runs_per_round=1, baseline=baseline, candidate=candidate,
+            baseline_rounds=[baseline], candidate_rounds=[candidate], ratio=candidate / baseline, spread=spread,
+        )  # fmt: skip
+
+    stage = {"latency_p50_ms": 1.0, "accuracy": 0.98}
+    # timed while the machine was busy: slower in absolute terms, but half the baseline beside it
+    busy = timed_on_one_scale({"latency_p50_ms": 2.0, "accuracy": 0.97}, [timed(2.0, 4.0, 0.1)], stage)
+    quiet = timed_on_one_scale({"latency_p50_ms": 1.5, "accuracy": 0.97}, [timed(1.5, 1.0, 0.2)], stage)
+    assert busy[0] == {"latency_p50_ms": 0.5, "accuracy": 0.97} and quiet[0]["latency_p50_ms"] == 1.5
+    ranked, gated, baseline, spread = busy
+    assert gated["latency_p50_ms"] == 2.0 and baseline == {"latency_p50_ms": 4.0, "accuracy": 0.98}
+    assert spread == {"latency_p50_ms": 0.1}
+    # nothing timed: the trial's own numbers against the stage's baseline
+    assert timed_on_one_scale({"accuracy": 0.9}, [], stage) == ({"accuracy": 0.9}, {"accuracy": 0.9}, stage, {})
+
+
 def test_ranking_uses_the_objective_in_order_with_tie_tolerance():
     from pipeline_stage.run.ranking import closest, rank
 

@@ -1,7 +1,7 @@
 """How the search orders trials: pure rules on measured numbers (unit-tested without TensorFlow).
 
-Passing trials are ranked by the objective, most important metric first, each in its own good
-direction; values within ``tie_tolerance`` (relative) count as equal, so a noisy timing does not
+A timed metric (latency) is put on one scale first (:func:`timed_on_one_scale`). Passing trials
+are ranked by the objective, most important metric first, each in its own good direction; values within ``tie_tolerance`` (relative) count as equal, so a noisy timing does not
 decide alone and the next metric does; then trial order. When nothing passes, the closest trial is
 the one with the smallest gate shortfall (then trial order).
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 from typing import Protocol, Sequence, TypeVar
+
+from pipeline_stage.contract.report import TimedComparison
 
 
 class Ranked(Protocol):
@@ -20,6 +22,21 @@ class Ranked(Protocol):
 
 
 T = TypeVar("T", bound=Ranked)
+
+
+def timed_on_one_scale(
+    metrics: dict[str, float], timed: Sequence[TimedComparison], stage_baseline: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, float]]:
+    """A trial's numbers, given the timed metrics it measured beside the baseline in its worker:
+    (to rank: a timed metric as its ratio to the baseline beside it times the stage's baseline
+    value, one scale for trials timed at different moments under different load; to gate: the
+    pair timed side by side, candidate and baseline; and the spread the gate does not count)."""
+    ranked, gated, baseline = dict(metrics), dict(metrics), dict(stage_baseline)
+    for t in timed:
+        gated[t.metric], baseline[t.metric] = t.candidate, t.baseline
+        if t.ratio is not None and stage_baseline.get(t.metric) is not None:
+            ranked[t.metric] = t.ratio * stage_baseline[t.metric]
+    return ranked, gated, baseline, {t.metric: t.spread for t in timed}
 
 
 def compare(a: Ranked, b: Ranked, objective: Sequence[str], higher_is_better: dict[str, bool], tie_tolerance: float) -> int:

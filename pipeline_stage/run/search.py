@@ -214,19 +214,11 @@ class Search:
             trial.status = "error"
             trial.error = trial.error or str(trial.result["error"]).splitlines()[0][:300]
             return
-        trial.metrics = trial.result["metrics"]
         trial.timed = [TimedComparison(**t) for t in trial.result.get("timed", [])]
-        gated, baseline = dict(trial.metrics), dict(self.baseline.metrics)
-        for t in trial.timed:
-            # gated on the pair timed side by side in the trial's worker, not the parent's earlier number
-            gated[t.metric], baseline[t.metric] = t.candidate, t.baseline
-            if t.ratio is not None and self.baseline.metrics.get(t.metric) is not None:
-                # ranked on one scale across trials timed at different moments (and loads): the
-                # ratio to the baseline beside it, times the baseline's value in the stage
-                trial.metrics[t.metric] = t.ratio * self.baseline.metrics[t.metric]
-        trial.gates, passed = evaluate_gates(
-            self.runner.m.gates, gated, baseline, self.higher, tolerance={t.metric: t.spread for t in trial.timed}
+        trial.metrics, gated, baseline, spread = ranking.timed_on_one_scale(
+            trial.result["metrics"], trial.timed, self.baseline.metrics
         )
+        trial.gates, passed = evaluate_gates(self.runner.m.gates, gated, baseline, self.higher, tolerance=spread)
         trial.shortfall = shortfall(trial.gates)
         trial.status = "passed" if passed else "failed"
 
