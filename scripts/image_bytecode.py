@@ -1,9 +1,10 @@
 """Image build step: precompile the bytecode of what the stage imports, and only that.
 
 The image runs with PYTHONDONTWRITEBYTECODE (a pod starts from the image every time, so bytecode
-written at run time is lost anyway). Without .pyc files every run compiles TensorFlow's, MLflow's
-and pandas' Python from source first: 2-3 s more per run. Compiling the whole venv would add about
-270 MB; compiling what the stage's code paths import adds about 90 MB.
+written at run time is lost anyway). Without .pyc files every run compiles TensorFlow's, Keras',
+MLflow's and pandas' Python from source first: a digits int8 run took 10.7 s instead of 5.5 s
+(bench/bench_image.py). Compiling the whole venv would add about 270 MB; compiling what the
+stage's code paths import adds about 90 MB.
 
 How: a real `pipeline-stage run` (full int8, a tiny Keras model, a throwaway file store) and the
 imports of the other code paths (prune / qat through tfmot, the LiteRT Quantizer, search workers,
