@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 from pipeline_stage.contract.errors import InputError, StageError, TrackingError
+from pipeline_stage.mlflow_io.tracking import redact
 
 T = TypeVar("T")
 
@@ -89,15 +90,11 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    from pipeline_stage.mlflow_io.tracking import redact
-
     text = str(exc).strip().splitlines()
     return redact(text[0] if text else type(exc).__name__)[:300]
 
 
 def _server() -> str:
-    from pipeline_stage.mlflow_io.tracking import redact
-
     try:
         import mlflow
 

@@ -129,6 +129,18 @@ def timed_side_by_side(
     return out
 
 
+def measure_beside_baseline(
+    runner: "ChainRunner", names: list[str], *, baseline_bytes: bytes, candidate_bytes: bytes
+) -> tuple[dict[str, float], list[TimedComparison]]:
+    """The candidate's metrics among `names`: the timed ones (latency) timed beside the baseline in
+    alternating rounds (:func:`timed_side_by_side`, also returned), the others as :func:`measure`."""
+    timed = timed_side_by_side(runner, names, baseline_bytes=baseline_bytes, candidate_bytes=candidate_bytes)
+    done = {t.metric for t in timed}
+    values = measure(runner, [n for n in names if n not in done], model_bytes=candidate_bytes)
+    values.update({t.metric: t.candidate for t in timed})
+    return values, timed
+
+
 def _values(output_names: list[str], metric, evaluation: Evaluation, output: str | None, name: str) -> dict[str, float]:
     """One metric's value by name: of one output; or, for a metric on predictions of a model with
     several outputs, each output it applies to (`<name>.<output>`, each computed once) and the worst

@@ -1,8 +1,9 @@
 """How the search orders trials: pure rules on measured numbers (unit-tested without TensorFlow).
 
 A timed metric (latency) is put on one scale first (:func:`timed_on_one_scale`). Passing trials
-are ranked by the objective, most important metric first, each in its own good direction; values within ``tie_tolerance`` (relative) count as equal, so a noisy timing does not
-decide alone and the next metric does; then trial order. When nothing passes, the closest trial is
+are ranked by the objective, most important metric first, each in its own good direction; values
+within ``tie_tolerance`` (relative) count as equal, so a noisy timing does not decide alone and
+the next metric does; then trial order. When nothing passes, the closest trial is
 the one with the smallest gate shortfall (then trial order).
 """
 

@@ -25,7 +25,7 @@ from pipeline_stage.mlflow_io.failures import raise_classified
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.reporting.html import render_plots
 from pipeline_stage.run.chain import ChainRunner
-from pipeline_stage.run.measuring import timed_side_by_side
+from pipeline_stage.run.measuring import measure_beside_baseline
 from pipeline_stage.run.phase_clock import PhaseClock, peak_rss_mb, process_age_s
 from pipeline_stage.run.progress import Progress
 from pipeline_stage.run.workers import start_workers
@@ -172,13 +172,10 @@ class Stage:
         self.progress("evaluate")(f"candidate: {', '.join(names)}")
         with self.clock.phase("evaluate"):
             # latency: baseline and candidate timed side by side now, not minutes apart
-            report.timed = timed_side_by_side(
+            report.candidate, report.timed = measure_beside_baseline(
                 runner, names, baseline_bytes=baseline.float_bytes, candidate_bytes=result.model_bytes
             )
-            done = {t.metric for t in report.timed}
-            report.candidate = runner.measure([n for n in names if n not in done], model_bytes=result.model_bytes)
             for t in report.timed:
-                report.candidate[t.metric] = t.candidate
                 report.baseline[t.metric] = report.baseline_tflite[t.metric] = t.baseline
             report.gates, report.passed = evaluate_gates(
                 self.m.gates,

@@ -4,9 +4,9 @@
 answering ``done`` on its original stdout, each trial's output going to FOLDER/trial.log.
 
 The converter leaks memory on every call (tensorflow#122598), so trials run outside the stage's
-process, and a worker is replaced after a bounded number of trials. FOLDER/trial.json holds a complete manifest (the trial's chain, the parent's
-evaluation and conversion settings, local paths for the source model and the data) and the
-metric names; the child runs the chain with the same chain runner as the stage (no MLflow) and
+process, and a worker is replaced after a bounded number of trials. FOLDER/trial.json holds a
+complete manifest (the trial's chain, the parent's evaluation and conversion settings, local paths
+for the source model and the data) and the metric names; the child runs the chain with the same chain runner as the stage (no MLflow) and
 writes model.tflite and result.json: step records, measured metrics (a timed one, latency, timed
 in alternating rounds beside the baseline's float .tflite), conversion summary and the tags its
 steps set. Step artifacts land under FOLDER/artifacts for the parent to log.
@@ -76,15 +76,15 @@ def run_trial(folder: Path) -> dict[str, Any]:
             runner.use_reference({name: outputs[name] for name in outputs.files})
     result = runner.run_chain(loaded.steps, TrialLog(folder))
     (folder / "model.tflite").write_bytes(result.model_bytes)
-    timed = []
     if spec.get("baseline"):  # latency: timed beside the baseline in this worker, as the stage times its candidate
-        from pipeline_stage.run.measuring import timed_side_by_side
+        from pipeline_stage.run.measuring import measure_beside_baseline
 
         baseline_bytes = Path(spec["baseline"]).read_bytes()
-        timed = timed_side_by_side(runner, spec["metrics"], baseline_bytes=baseline_bytes, candidate_bytes=result.model_bytes)
-    done = {t.metric for t in timed}
-    metrics = runner.measure([n for n in spec["metrics"] if n not in done], model_bytes=result.model_bytes)
-    metrics.update({t.metric: t.candidate for t in timed})
+        metrics, timed = measure_beside_baseline(
+            runner, spec["metrics"], baseline_bytes=baseline_bytes, candidate_bytes=result.model_bytes
+        )
+    else:
+        metrics, timed = runner.measure(spec["metrics"], model_bytes=result.model_bytes), []
     return {
         "metrics": metrics,
         "timed": [t.model_dump() for t in timed],
