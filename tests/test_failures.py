@@ -101,3 +101,52 @@ def test_an_error_that_does_not_come_from_the_server_is_not_blamed_on_it():
         raise_classified(KeyError("a bug"), "registering `m`")
     with pytest.raises(TrackingError, match="while registering `m`"):
         raise_classified(_wrapped_connection_error(), "registering `m`")
+
+
+# What the server answered in the eight-stage runs (sqlite) and what PostgreSQL answers for
+# the same race: a concurrent write, never bad input.
+SQLITE_RACE = (
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid\n"
+    "[SQL: INSERT INTO tags (key, value, run_uuid) VALUES (?, ?, ?)]"
+)
+PG_RACE = '(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "tag_pk"'
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RestException({"error_code": "BAD_REQUEST", "message": SQLITE_RACE}),
+        RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": PG_RACE}),
+        RestException({"error_code": "RESOURCE_ALREADY_EXISTS", "message": "Registered Model (name=x) already exists."}),
+    ],
+    ids=["sqlite", "postgresql", "already-exists"],
+)
+def test_a_concurrent_write_is_never_bad_input(exc):
+    from pipeline_stage.mlflow_io.failures import concurrent_write, is_conflict
+
+    assert is_conflict(exc) and not is_missing(exc)
+    error = classify(exc, "ending a run left RUNNING")
+    assert type(error) is TrackingError and "concurrently by another client" in error.message
+    calls = []
+
+    def write():
+        calls.append(1)
+        if len(calls) < 3:
+            raise exc
+        return "written"
+
+    assert concurrent_write(write, idempotent=False) == "written" and len(calls) == 3  # retried
+    calls.clear()
+
+    def made_by_another():
+        calls.append(1)
+        raise exc
+
+    assert concurrent_write(made_by_another, idempotent=True) is None
+    assert len(calls) == 1  # an idempotent write someone else made is done
+
+    def missing():
+        raise RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Run 'x' not found"})
+
+    with pytest.raises(RestException):
+        concurrent_write(missing, idempotent=True)

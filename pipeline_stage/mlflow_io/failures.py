@@ -9,6 +9,10 @@ By cause, not by where it happens (model resolution, downloads, logging, registr
 * the server answers that a run, artifact, model, version or alias does not exist, or that a value
   is invalid -> :class:`InputError` (exit 2): the manifest or its URIs need fixing;
 * the server refuses the credentials -> :class:`InputError` (exit 2), naming the variables to set;
+* the server rejects a write because another client made the same write at the same moment (a
+  constraint violation, ``RESOURCE_ALREADY_EXISTS``, a locked database: a concurrent stage) ->
+  never bad input: :func:`concurrent_write` treats an idempotent write as done and retries any
+  other; one still rejected after the retries is a :class:`TrackingError` (exit 1);
 * anything else MLflow raises -> :class:`TrackingError` (exit 1).
 
 The bound (``PIPELINE_STAGE_OUTAGE_BOUND_S``, default 60 s, see :func:`outage_bound`) is spent
@@ -21,6 +25,7 @@ the bound from the first cleanup call (:class:`CleanupClock`).
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
@@ -33,6 +38,21 @@ T = TypeVar("T")
 MISSING = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "ENDPOINT_NOT_FOUND", "BAD_REQUEST"}
 DENIED = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
 DEFAULT_OUTAGE_BOUND_S = 60.0
+# What the stores behind `mlflow server` answer when two clients write the same row at once:
+# sqlite, PostgreSQL, MySQL (IntegrityError / unique violations, deadlocks, lock waits), and
+# MLflow's own RESOURCE_ALREADY_EXISTS.
+CONFLICT_MARKS = (
+    "UNIQUE constraint failed",
+    "duplicate key value violates unique constraint",
+    "IntegrityError",
+    "UniqueViolation",
+    "Duplicate entry",
+    "database is locked",
+    "deadlock detected",
+    "Deadlock found",
+    "could not serialize access",
+    "Lock wait timeout",
+)
 
 
 def outage_bound() -> float:
@@ -129,6 +149,12 @@ def classify(exc: BaseException, doing: str, *, missing: str | None = None, miss
             hint="the server is unreachable or failing (nothing was registered and no alias moved); "
             "retry the step once it answers",
         )
+    if is_conflict(exc):
+        return TrackingError(
+            f"the MLflow tracking server {_server()} kept rejecting a write as made concurrently by another client "
+            f"while {doing}: {_first_line(exc)}",
+            hint="another stage wrote the same record at the same moment; retry the step",
+        )
     if _denied(exc):
         return InputError(
             f"the MLflow tracking server {_server()} refused the credentials while {doing}: {_first_line(exc)}",
@@ -169,7 +195,37 @@ def _code(exc: BaseException) -> str:
 
 def is_missing(exc: BaseException) -> bool:
     """The server answered that the thing asked for does not exist (a 404, RESOURCE_DOES_NOT_EXIST)."""
-    return not is_outage(exc) and (_code(exc) in MISSING or _http_status(exc) == 404)
+    return not is_outage(exc) and not is_conflict(exc) and (_code(exc) in MISSING or _http_status(exc) == 404)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """The server rejected a write because another client made the same write first, or holds the
+    row now (RESOURCE_ALREADY_EXISTS, a unique-constraint violation, a lock): a concurrent stage,
+    never bad input. MLflow relays the store's error text in a BAD_REQUEST or
+    INVALID_PARAMETER_VALUE answer, so the text is what tells it apart."""
+    if _code(exc) == "RESOURCE_ALREADY_EXISTS":
+        return True
+    return any(mark in str(e) for e in _chain(exc) for mark in CONFLICT_MARKS)
+
+
+def concurrent_write(fn: Callable[[], T], *, idempotent: bool, attempts: int = 6) -> T | None:
+    """Call `fn`, one write to the tracking server, that a concurrent stage may make at the same
+    moment. When the server answers that another client made it first (:func:`is_conflict`), an
+    idempotent write (a tag whose value any writer may set, a terminal status, a model that must
+    exist) is done, and returns None; any other is retried with jittered backoff (a rejected write
+    wrote nothing), up to `attempts` times. Every other error is raised at once."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_conflict(exc):
+                raise
+            if idempotent:
+                return None
+            if attempt + 1 >= attempts:
+                raise
+            time.sleep(random.uniform(0.05, 0.25) * 2**attempt)
+    return None  # pragma: no cover - the loop returns or raises
 
 
 def _denied(exc: BaseException) -> bool:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline_stage.mlflow_io.failures import CleanupClock, raise_classified, retrying
+from pipeline_stage.contract.errors import InputError
+from pipeline_stage.mlflow_io.failures import CleanupClock, concurrent_write, outage_bound, raise_classified, retrying
 from pipeline_stage.mlflow_io.tracking import redact
 
 
@@ -43,9 +46,92 @@ def tag_value(value: Any) -> str:
 
 
 ORPHAN_REASON = (
-    "left RUNNING: the tracking server was unreachable when its stage ended; ended by a later run of the same chain "
-    "on the same source"
+    "left RUNNING by a stage that is gone (its lease expired: killed, or the tracking server was unreachable when "
+    "it ended); ended by a later run of the same chain on the same source"
 )
+
+# The run lease: a live stage says so on its run. The tag holds the lease's expiry (Unix seconds,
+# the stage's own clock); a thread renews it every third of its length and the stage removes it
+# when it ends the run. Another stage ends a RUNNING run of the same chain only once that expiry
+# plus the clock-skew margin has passed (or, for a run that never had a lease, once it started
+# longer ago than the outage bound).
+LEASE_TAG = "pipeline_stage.lease_expires"
+DEFAULT_LEASE_S = 30.0
+DEFAULT_LEASE_SKEW_S = 30.0
+
+
+def _seconds_from_env(name: str, default: float, floor: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise InputError(f"{name} is `{raw}`, not a number of seconds", hint=f"set it to e.g. {default:g}, or unset it") from None
+    return max(value, floor)
+
+
+def lease_seconds() -> float:
+    """How long a run's lease lasts from each renewal (env ``PIPELINE_STAGE_LEASE_S``, default 30 s)."""
+    return _seconds_from_env("PIPELINE_STAGE_LEASE_S", DEFAULT_LEASE_S, 2.0)
+
+
+def lease_skew_seconds() -> float:
+    """The clock-skew margin a sweeping stage adds to another run's lease expiry, since the expiry
+    was written by the other pod's clock (env ``PIPELINE_STAGE_LEASE_SKEW_S``, default 30 s)."""
+    return _seconds_from_env("PIPELINE_STAGE_LEASE_SKEW_S", DEFAULT_LEASE_SKEW_S, 0.0)
+
+
+def lease_expired(tags: dict[str, str], start_time_ms: int | None, now: float) -> bool:
+    """Whether a RUNNING run's stage is gone, judged at `now` (Unix seconds): its lease expired more
+    than the skew margin ago; or it never had a lease (a stage before leases) and started longer
+    ago than the outage bound."""
+    raw = tags.get(LEASE_TAG)
+    if raw is not None:
+        try:
+            return now > float(raw) + lease_skew_seconds()
+        except ValueError:
+            return True  # not a lease this stage wrote: nobody renews it
+    started = (start_time_ms or 0) / 1000.0
+    return now - started > outage_bound()
+
+
+class Lease:
+    """Renews a run's lease tag from a daemon thread until :meth:`release`. A renewal that fails
+    (an outage) is tried again at the next tick: the run stays live for up to one lease length
+    after the last renewal that reached the server."""
+
+    def __init__(self, client, run_id: str, length: float):
+        self.client, self.run_id, self.length = client, run_id, length
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
+
+    def expiry(self) -> str:
+        return f"{time.time() + self.length:.3f}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.length / 3):
+            try:
+                self.client.set_tag(self.run_id, LEASE_TAG, self.expiry())
+            except Exception:  # the main thread meets the same outage and reports it
+                pass
+
+    def stop(self) -> None:
+        """Stop renewing. A renewal in flight is not waited for beyond a second (in an outage it
+        could take MLflow's whole retry budget): the worst it does is extend a dead run's lease by
+        one length, and a FINISHED or FAILED run is never swept."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+
+    def drop(self) -> None:
+        """Remove the lease tag from the ended run (once, best effort: it says nothing about an
+        ended run, and the sweep looks only at RUNNING ones)."""
+        try:
+            concurrent_write(lambda: self.client.delete_tag(self.run_id, LEASE_TAG), idempotent=True)
+        except Exception:
+            pass
 
 
 class StageRun:
@@ -60,16 +146,20 @@ class StageRun:
         self.mlflow = mlflow
         self.client = mlflow.MlflowClient()
         self.cleanup = CleanupClock()
+        lease = lease_seconds()
         try:
-            mlflow.set_experiment(experiment)
-            self.run = mlflow.start_run(run_name=run_name, tags=tags)
+            concurrent_write(lambda: mlflow.set_experiment(experiment), idempotent=False)
+            self.lease = Lease(self.client, "", lease)
+            # the lease is on the run from its first moment: no sibling ever sees it without one
+            self.run = mlflow.start_run(run_name=run_name, tags={**(tags or {}), LEASE_TAG: self.lease.expiry()})
         except Exception as exc:
             raise_classified(exc, f"starting a run in experiment `{experiment}`")
-        self.run_id = self.run.info.run_id
+        self.run_id = self.lease.run_id = self.run.info.run_id
+        self.lease.start()
 
-    def _call(self, doing: str, fn, *args, **kwargs):
+    def _call(self, doing: str, fn, *args, idempotent: bool = False, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return concurrent_write(lambda: fn(*args, **kwargs), idempotent=idempotent)
         except Exception as exc:
             raise_classified(exc, f"{doing} (run {self.run_id})")
 
@@ -93,11 +183,10 @@ class StageRun:
         self._call("setting tags", self.mlflow.set_tags, tags)
 
     def end_orphans(self, match: dict[str, str]) -> list[str]:
-        """End FAILED the runs that an outage left RUNNING with the same `match` tags (the chain
-        digest and the source), and their trial runs, with a tag saying why; returns their ids.
-
-        A run of the same chain that is in fact still going (two identical steps at once) is set
-        FINISHED again by its own end, which also drops the tag."""
+        """End FAILED the RUNNING runs with the same `match` tags (the chain digest and the source)
+        whose stage is gone (:func:`lease_expired`), and their trial runs, with a tag saying why;
+        returns their ids. A live sibling's run (its lease renewed) is never touched. Two stages
+        that sweep the same orphan at once both succeed: each write is idempotent."""
         running = self._call(
             "looking for runs left RUNNING",
             self.client.search_runs,
@@ -105,16 +194,19 @@ class StageRun:
             filter_string="attributes.status = 'RUNNING'",
             max_results=1000,
         )
+        now = time.time()
         orphans = {
             r.info.run_id
             for r in running
-            if r.info.run_id != self.run_id and all(r.data.tags.get(k) == v for k, v in match.items())
+            if r.info.run_id != self.run_id
+            and all(r.data.tags.get(k) == v for k, v in match.items())
+            and lease_expired(r.data.tags, r.info.start_time, now)
         }
         ended = [r.info.run_id for r in running if r.info.run_id in orphans or r.data.tags.get("mlflow.parentRunId") in orphans]
         for run_id in ended:
             for key, value in (("pipeline_stage.ended_by", self.run_id), ("pipeline_stage.end_reason", ORPHAN_REASON)):
-                self._call("ending a run left RUNNING", self.client.set_tag, run_id, key, value)
-            self._call("ending a run left RUNNING", self.client.set_terminated, run_id, "FAILED")
+                self._call("ending a run left RUNNING", self.client.set_tag, run_id, key, value, idempotent=True)
+            self._call("ending a run left RUNNING", self.client.set_terminated, run_id, "FAILED", idempotent=True)
         return ended
 
     def child_run(
@@ -162,7 +254,10 @@ class StageRun:
         """End the run; a failed end is retried within the cleanup clock, then given up (the next
         run of the same chain ends it: end_orphans)."""
         try:
-            if status == "FINISHED":  # a later identical run took this one for an orphan: undo its mark
+            self.lease.stop()
+            if status == "FINISHED":
+                # A stage whose lease lapsed (its renewals failed through an outage longer than
+                # the lease and the skew margin) may have been taken for gone: undo that mark.
                 tags = self.client.get_run(self.run_id).data.tags
                 if "pipeline_stage.ended_by" in tags:
                     self.client.delete_tag(self.run_id, "pipeline_stage.ended_by")
@@ -170,6 +265,7 @@ class StageRun:
                 self.client.set_terminated(self.run_id, status)
             else:
                 self.cleanup.run(lambda: self.client.set_terminated(self.run_id, status))
+            self.lease.drop()
         except Exception as exc:
             if status == "FINISHED":
                 raise_classified(exc, "ending the run")
