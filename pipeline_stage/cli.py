@@ -158,6 +158,32 @@ def _conclude(report, tracking_uri: str) -> None:
 
 
 @cli.command()
+@click.argument("model_uri")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def verify(model_uri: str, tracking_uri: str | None) -> None:
+    """Check that MODEL_URI's stored files are the ones the stage registered.
+
+    MODEL_URI is models:/NAME/N, models:/NAME@ALIAS or runs:/RUN_ID[/PATH]. Every stored copy (the
+    logged model's files and the run's .tflite) is downloaded and its sha256 compared with the
+    digests recorded on the version's (or run's) tags. Exit 0 when all match; 2 naming each file
+    that differs, is missing or is not recorded, with both digests; 1 when the server fails.
+    """
+    import mlflow
+
+    from pipeline_stage.mlflow_io.integrity import verify_uri
+    from pipeline_stage.mlflow_io.tracking import configure, preflight, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    configure(uri)
+    preflight(uri)
+    verdict = verify_uri(mlflow.MlflowClient(), model_uri)
+    for f in verdict.checked:
+        click.echo(f"  {f.path}  sha256 {f.sha256}  {f.size} bytes")
+    verdict.raise_if_bad("verify")
+    click.echo(f"{verdict.subject}: ok ({len(verdict.checked)} files match their recorded sha256)")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a listing.")
 def plugins(as_json: bool) -> None:
     """List installed steps (phase, params, distribution), metrics, search moves, data loaders and plugins."""

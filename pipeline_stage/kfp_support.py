@@ -43,6 +43,7 @@ def optimize(
         log_metric(f"gate.{gate.metric}.{gate.rule}", 1.0 if gate.passed else 0.0)
     log_metric("passed", 1.0 if report.passed else 0.0)
     registered = report.registered
+    own = next((f for f in report.artifacts if f.path == "run/tflite/model.tflite"), None)
     tflite_metadata.update(
         {
             "passed": report.passed,
@@ -52,6 +53,10 @@ def optimize(
             "registered_uri": registered.uri if registered else "",
             "mlflow_run_id": report.run_id or "",
             "source_uri": report.source.uri,
+            # the Model artifact's file is the run's .tflite; the digests of every stored file too
+            "sha256": own.sha256 if own else "",
+            "size_bytes": own.size if own else 0,
+            "files_sha256": {f.path: f.sha256 for f in report.artifacts},
         }
     )
     shutil.copyfile(work / "report.md", report_path)
@@ -83,11 +88,15 @@ def resolve_model(model_uri: str, tracking_uri: str) -> str:
 
 
 def promote(name: str, version: str, alias: str, tracking_uri: str) -> str:
-    """Move `alias` to `name`/`version`, refusing a version that did not pass its gates."""
+    """Move `alias` to `name`/`version`, refusing a version that did not pass its gates or whose
+    stored files do not match the digests recorded when it was registered."""
+    from pipeline_stage.mlflow_io.integrity import verify_version
+
     client = _client(tracking_uri)
     mv = client.get_model_version(name, version)
     if mv.tags.get("pipeline_stage.passed") != "true":
         raise RuntimeError(f"refusing to promote {name}/{version}: its gates did not pass")
+    verify_version(client, name, version, mv=mv).raise_if_bad(f"refusing to promote {name}/{version}")
     client.set_registered_model_alias(name, alias, version)
     return f"models:/{name}@{alias}"
 

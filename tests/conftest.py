@@ -1,87 +1,59 @@
-"""Shared fixtures: a real MLflow server on loopback, and the digits CNN trained once per session."""
+"""Shared fixtures: a real MLflow server on loopback (PostgreSQL + S3), and the digits CNN trained once per session."""
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from pipeline_stage.host import plugin_host as plugin_host
+from tests.services import S3, Postgres, free_port, start_mlflow_server, stop_server  # noqa: F401 - tests import them here
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "manifests" / "examples"
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(root: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow server` (sqlite backend, proxied local artifacts) on 127.0.0.1; wait until healthy."""
-    port = port or free_port()
-    root.mkdir(parents=True, exist_ok=True)
-    log = open(root / "server.log", "ab")
-    # Its own session, so the uvicorn workers die with it (killpg below).
-    proc = subprocess.Popen(
-        [
-            MLFLOW,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                return proc, uri
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise RuntimeError(f"mlflow server did not become healthy: {(root / 'server.log').read_text()[-2000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """URI of a real MLflow tracking server for the whole session."""
-    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+def postgres():
+    """A throwaway PostgreSQL cluster on loopback for the session (tests/services.py)."""
+    pg = Postgres()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on loopback for the session."""
+    store = S3(tmp_path_factory.mktemp("s3"))
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+def production_server(root: Path, postgres: Postgres, s3: S3, name: str, *, direct: bool = False, port: int | None = None):
+    """`mlflow server` on PostgreSQL (database `name`) with artifacts in S3 (bucket `name`):
+    proxied by the server, or with `direct` written by the clients themselves."""
+    if not hasattr(postgres, "made"):
+        postgres.made = {}
+    if name not in postgres.made:
+        postgres.made[name] = (postgres.database(name.replace("-", "_")), s3.bucket(name))
+    backend, bucket = postgres.made[name]
+    return start_mlflow_server(
+        root, port, backend=backend, artifacts=f"s3://{bucket}/artifacts", direct=direct, workers=2, env=s3.env
+    )
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, postgres, s3):
+    """URI of a real MLflow tracking server for the whole session: PostgreSQL behind it, artifacts
+    proxied to S3 (the shape production runs; the embedded sqlite store has tests of its own)."""
+    proc, uri = production_server(tmp_path_factory.mktemp("mlflow-server"), postgres, s3, "mlflow-session")
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     import mlflow

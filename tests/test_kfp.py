@@ -3,6 +3,7 @@ MLflow server; and the checked-in compiled YAML is what the code compiles to."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import mlflow
@@ -74,6 +75,12 @@ def test_optimize_component_outputs(kfp_local, digits_source):
     model = task.outputs["tflite"]
     assert model.metadata["registered_name"] == "digits-kfp-task" and model.metadata["registered_version"] == "1"
     assert Path(model.path).read_bytes()[4:8] == b"TFL3"
+    # the artifact's digest is its file's, and the registered version records the same
+    assert model.metadata["sha256"] == hashlib.sha256(Path(model.path).read_bytes()).hexdigest()
+    assert model.metadata["size_bytes"] == Path(model.path).stat().st_size
+    tags = mlflow.MlflowClient().get_model_version("digits-kfp-task", "1").tags
+    assert tags["pipeline_stage.sha256.model/artifacts/model.tflite"].split()[0] == model.metadata["sha256"]
+    assert model.metadata["files_sha256"]["model/MLmodel"] == tags["pipeline_stage.sha256.model/MLmodel"].split()[0]
     metrics = task.outputs["metrics"].metadata
     assert metrics["gate.accuracy.max_drop"] == 1.0 and metrics["size_bytes"] < metrics["baseline.size_bytes"]
     assert "## Gates" in Path(task.outputs["report"].path).read_text()

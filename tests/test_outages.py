@@ -15,7 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import free_port, start_mlflow_server, stop_server, write_manifest
+from pipeline_stage.mlflow_io.stage_run import LEASE_TAG
+from tests.conftest import free_port, production_server, stop_server, write_manifest
 from tests.faultproxy import FaultProxy, Rule
 from tests.figures import add, peak
 from tests.helpers import digits_manifest, invoke, read_report
@@ -28,12 +29,12 @@ TEXT = digits_manifest(NAME)
 
 
 class Server:
-    """A real `mlflow server` that a test may kill (SIGKILL to its process group) and restart on
-    the same store and port."""
+    """A real `mlflow server` (PostgreSQL + S3, proxied) that a test may kill (SIGKILL to its
+    process group) and restart on the same store and port."""
 
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.proc, self.uri = start_mlflow_server(root, self.port)
+    def __init__(self, root: Path, postgres, s3):
+        self.root, self.port, self.postgres, self.s3 = root, free_port(), postgres, s3
+        self.proc, self.uri = production_server(root, postgres, s3, "outage-store", port=self.port)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -41,18 +42,18 @@ class Server:
             self.proc.wait()
 
     def restart(self) -> None:
-        self.proc, _ = start_mlflow_server(self.root, self.port)
+        self.proc, _ = production_server(self.root, self.postgres, self.s3, "outage-store", port=self.port)
 
     def client(self) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, digits_model, digits_data):
+def server(tmp_path_factory, digits_model, digits_data, postgres, s3):
     """Its own server, with the digits CNN registered as digits-cnn@champion and its data."""
     from pipeline_stage.demo import log_source_model
 
-    srv = Server(tmp_path_factory.mktemp("outage-server"))
+    srv = Server(tmp_path_factory.mktemp("outage-server"), postgres, s3)
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(srv.uri)
     try:
@@ -66,6 +67,9 @@ def server(tmp_path_factory, digits_model, digits_data):
 @pytest.fixture
 def proxy(server, monkeypatch):
     monkeypatch.setenv("PIPELINE_STAGE_OUTAGE_BOUND_S", str(BOUND_S))
+    # a short run lease, judged without a skew margin: the retry below waits for it to lapse
+    monkeypatch.setenv("PIPELINE_STAGE_LEASE_S", "4")
+    monkeypatch.setenv("PIPELINE_STAGE_LEASE_SKEW_S", "0")
     p = FaultProxy(server.uri, on_kill=server.kill)
     yield p
     p.close()
@@ -115,6 +119,9 @@ def test_a_server_killed_while_the_run_goes_is_exit_1_within_the_bound_and_a_ret
     assert aliased <= {v.version for v in versions if v.tags.get("pipeline_stage.passed") == "true"}
 
     proxy.rules = []
+    if failed_run is not None:  # the lease of the killed stage's run lapses (what a retry waits for)
+        lease = client.get_run(failed_run).data.tags.get(LEASE_TAG)
+        time.sleep(max(0.0, float(lease) - time.time()) + 0.5 if lease else 0.0)
     retry = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "retry.json"))
     assert retry.exit_code == 0, retry.output
     report = read_report(tmp_path / "retry.json")

@@ -53,6 +53,11 @@ class PluginError(StageError):
     """A plugin's step, metric or loader raised while running; names the step and distribution."""
 
 
+class IntegrityError(InputError):
+    """Stored model files do not match the sha256 recorded when the stage registered them; names
+    each file and both digests (`pipeline-stage verify`, alias moves, reuse)."""
+
+
 class TrackingError(StageError):
     """The MLflow tracking server could not be reached or kept failing."""
 

@@ -95,6 +95,14 @@ class ConversionRecord(Record):
     flatbuffer: dict[str, Any] = Field(description="Op counts and tensor types of the converted model.")
 
 
+class FileDigest(Record):
+    """One stored file, as recorded when it was registered (`pipeline-stage verify` compares with it)."""
+
+    path: str = Field(description="model/<path in the logged model> or run/<path in the stage's run>.")
+    sha256: str
+    size: int = Field(description="Bytes.")
+
+
 class Registered(Record):
     """The model version this run registered (or reused, for a retry of the same chain and source)."""
 
@@ -107,6 +115,14 @@ class Registered(Record):
     run_id: str | None
     model_uri: str | None = Field(description="The logged pyfunc model.")
     tflite_uri: str | None = Field(description="runs:/<run_id>/tflite/model.tflite")
+    deduplicated: str | None = Field(
+        None,
+        description="The version this run registered and deleted again because an identical stage registered the "
+        "same chain on the same source first (this run reports that one, reused).",
+    )
+    replaced: str | None = Field(
+        None, description="An earlier identical version not reused because its stored files fail verification."
+    )
 
 
 class TimedComparison(Record):
@@ -245,6 +261,10 @@ class Report(BaseModel):
         default_factory=list, description="Latency-like metrics, baseline and candidate timed in alternating rounds."
     )
     registered: Registered | None = None
+    artifacts: list[FileDigest] = Field(
+        default_factory=list,
+        description="sha256 and size of every file the run stored: the run's .tflite and the logged model's files.",
+    )
     timing: Timing | None = None
     seconds: float | None = None
     error: str | None = None

@@ -3,7 +3,9 @@ apply the alias rule."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -11,13 +13,15 @@ from typing import Any
 import numpy as np
 
 from pipeline_stage.contract.errors import TrackingError
-from pipeline_stage.contract.report import Registered, Report
-from pipeline_stage.mlflow_io.failures import is_missing, raise_classified
+from pipeline_stage.contract.report import FileDigest, Registered, Report
+from pipeline_stage.mlflow_io import integrity
+from pipeline_stage.mlflow_io.failures import concurrent_write, is_missing, raise_classified
 from pipeline_stage.mlflow_io.stage_run import StageRun, tag_value
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 RUNTIME_CODE = Path(__file__).parents[1] / "engine" / "litert_runtime.py"
 TFLITE_ARTIFACT = "tflite/model.tflite"  # stable path of the raw flatbuffer in the stage's run
+PYFUNC_DIGESTS = "pipeline_stage.sha256"  # the model_config key pyfunc_model.py checks when it loads
 
 
 def all_versions(client, name: str) -> list:
@@ -31,8 +35,9 @@ def all_versions(client, name: str) -> list:
             return out
 
 
-def find_reusable(client, name: str, identity: dict[str, str]) -> Any:
-    """A READY, passing version registered before for the same source version and chain digest.
+def find_reusable(client, name: str, identity: dict[str, str], *, ready_only: bool = True, skip: frozenset = frozenset()) -> Any:
+    """The earliest passing version registered for the same source version and chain digest
+    (READY, or with `ready_only=False` any not FAILED_REGISTRATION); versions in `skip` are passed over.
 
     This makes a retried step (Kubeflow retries, a re-run pipeline) reuse its earlier result
     instead of registering version N+1 of the same thing.
@@ -40,7 +45,8 @@ def find_reusable(client, name: str, identity: dict[str, str]) -> Any:
     for mv in sorted(all_versions(client, name), key=lambda v: int(v.version)):
         tags = mv.tags or {}
         if (
-            mv.status == "READY"
+            (mv.status == "READY" if ready_only else mv.status != "FAILED_REGISTRATION")
+            and str(mv.version) not in skip
             and tags.get("pipeline_stage.passed") == "true"
             and all(tags.get(k) == v for k, v in identity.items())
         ):
@@ -48,13 +54,38 @@ def find_reusable(client, name: str, identity: dict[str, str]) -> Any:
     return None
 
 
-def alias_winner(versions: list, alias: str) -> Any:
+IDENTITY_KEYS = ("pipeline_stage.chain_digest", "source.name", "source.version", "source.uri", "source.run_id")
+DEDUPLICATED = "pipeline_stage.deduplicate"  # on versions registered without --new-version
+
+
+def _withdrawn(versions: list) -> set[str]:
+    """Versions an identical stage is withdrawing: registered without --new-version while an
+    earlier passing version of the same chain on the same source exists (their stages delete them
+    and reuse the earlier one, :func:`_registered_first`), so the alias never goes to them."""
+    first: dict[tuple, int] = {}
+    for v in versions:
+        tags = v.tags or {}
+        if tags.get("pipeline_stage.passed") == "true" and v.status != "FAILED_REGISTRATION":
+            key = tuple(tags.get(k, "") for k in IDENTITY_KEYS)
+            first[key] = min(first.get(key, int(v.version)), int(v.version))
+    return {
+        str(v.version)
+        for v in versions
+        if (v.tags or {}).get(DEDUPLICATED) == "true"
+        and int(v.version) > first.get(tuple((v.tags or {}).get(k, "") for k in IDENTITY_KEYS), int(v.version))
+    }
+
+
+def alias_winner(versions: list, alias: str, excluded: frozenset = frozenset()) -> Any:
     """The rule: among READY versions that passed and asked for `alias`, the newest of the
-    highest `register.priority`. Failed versions never win."""
+    highest `register.priority`. Failed versions never win, nor do versions being withdrawn as
+    duplicates, nor those in `excluded` (their stored files fail verification)."""
+    passed_over = _withdrawn(versions) | set(excluded)
     eligible = [
         v
         for v in versions
         if v.status == "READY"
+        and str(v.version) not in passed_over
         and (v.tags or {}).get("pipeline_stage.passed") == "true"
         and (v.tags or {}).get("pipeline_stage.alias") == alias
     ]
@@ -63,20 +94,34 @@ def alias_winner(versions: list, alias: str) -> Any:
     return max(eligible, key=lambda v: (int((v.tags or {}).get("pipeline_stage.priority", "0")), int(v.version)))
 
 
-def settle_alias(client, name: str, alias: str, attempts: int = 10) -> str | None:
+def settle_alias(client, name: str, alias: str, *, trusted: frozenset = frozenset(), attempts: int = 20) -> str | None:
     """Point `alias` at the rule's winner; re-check after writing, because aliases have no
-    compare-and-set: a stage that registered meanwhile saw our version, so the last writer is right."""
+    compare-and-set: a stage that registered meanwhile saw our version, so the last writer is right.
+
+    The alias never moves to files that fail verification: a winner not in `trusted` (versions this
+    stage has just checked itself) is verified first, and passed over when it fails. A winner
+    deleted meanwhile (a duplicate withdrawn) sends the rule round again."""
     chosen = None
+    verified, excluded = set(trusted), set()
     for _ in range(attempts):
-        winner = alias_winner(all_versions(client, name), alias)
+        winner = alias_winner(all_versions(client, name), alias, frozenset(excluded))
         if winner is None:
             return None
         version = str(winner.version)  # an int from a local store, a str over REST
-        if version != chosen:
-            client.set_registered_model_alias(name, alias, version)
-            chosen = version
-            continue
-        return chosen
+        if version == chosen:
+            return chosen
+        try:
+            if version not in verified:
+                if not integrity.verify_version(client, name, version, mv=winner).ok:
+                    excluded.add(version)
+                    continue
+                verified.add(version)
+            concurrent_write(lambda v=version: client.set_registered_model_alias(name, alias, v), idempotent=False)
+        except Exception as exc:
+            if is_missing(exc):  # deleted between the listing and now
+                continue
+            raise
+        chosen = version
     return chosen
 
 
@@ -100,13 +145,37 @@ def _requirements_read_from_here():
         requirements_utils._PACKAGES_TO_MODULES = None
 
 
+def _pyfunc_files(tflite_path: Path) -> dict[str, str]:
+    """The files the pyfunc checks when it loads, by their path in the logged model, with the
+    sha256 they must have (they travel inside the model, in its model_config)."""
+    return {
+        "artifacts/model.tflite": integrity.sha256_of(tflite_path),
+        f"code/{RUNTIME_CODE.name}": integrity.sha256_of(RUNTIME_CODE),
+        PYFUNC_CODE.name: integrity.sha256_of(PYFUNC_CODE),
+    }
+
+
 def register_version(
-    run: StageRun, *, name: str, tflite_path: Path, sample: np.ndarray | None, tags: dict[str, str], alias: str | None
+    run: StageRun,
+    *,
+    name: str,
+    tflite_path: Path,
+    sample: np.ndarray | None,
+    tags: dict[str, str],
+    alias: str | None,
+    identity: dict[str, str] | None = None,
+    record: Callable[[list[FileDigest]], None] = lambda files: None,
 ) -> Registered:
     """Log the .tflite as a pyfunc model, register it as a new version of `name`, then settle `alias`.
 
+    The logged model's stored files are read back and digested before the version exists: the
+    version is created with those digests among its tags (`record` gets them too), so no version
+    is ever without them, and a store that kept other bytes than the stage measured fails here.
     The version is complete (artifacts, tags) before the alias moves; if anything fails after the
     version was created, the version is deleted again so no half-registered version remains.
+
+    With `identity` (a passing run without --new-version), identical stages that registered at the
+    same moment keep one version: the earliest; the others delete theirs and reuse it.
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -121,6 +190,7 @@ def register_version(
         signature = infer_signature(x, outputs if len(outputs) > 1 else next(iter(outputs.values())))
     from importlib.metadata import version as dist_version
 
+    expected = _pyfunc_files(tflite_path)
     with _requirements_read_from_here():
         info = mlflow.pyfunc.log_model(
             name="tflite_model",
@@ -128,12 +198,25 @@ def register_version(
             artifacts={"tflite": str(tflite_path)},
             code_paths=[str(RUNTIME_CODE)],
             signature=signature,
+            model_config={PYFUNC_DIGESTS: expected},
             pip_requirements=[
                 f"ai-edge-litert=={dist_version('ai-edge-litert')}",
                 f"numpy=={np.__version__}",
                 f"mlflow=={mlflow.__version__}",
             ],
         )
+    with tempfile.TemporaryDirectory(prefix="pipeline-stage-stored-") as tmp:
+        files = integrity.stored_folder(info.model_uri, Path(tmp), f"the logged model {info.model_uri}")
+    stored = {f.path[len(integrity.MODEL) + 1 :]: f.sha256 for f in files}
+    changed = [p for p, sha in expected.items() if stored.get(p) != sha]
+    if changed:
+        raise TrackingError(
+            f"the artifact store holds other bytes than the stage uploaded for {info.model_uri}: {', '.join(changed)}",
+            hint="the store altered or truncated the upload; retry the step",
+        )
+    files.append(integrity.digest_file(tflite_path, f"{integrity.RUN}/{TFLITE_ARTIFACT}"))
+    record(files)
+    tags = {**tags, **integrity.as_tags(files), **({DEDUPLICATED: "true"} if identity is not None else {})}
     client = run.client
     mv = None
     alias_touched = False
@@ -144,26 +227,32 @@ def register_version(
         except mlflow.exceptions.MlflowException as exc:
             if not is_missing(exc):
                 raise
-            try:
-                client.create_registered_model(name, description="TFLite models optimized by pipeline-stage")
-            except mlflow.exceptions.MlflowException as exc:  # another stage created it meanwhile
-                if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-                    raise
-        mv = client.create_model_version(
-            name=name,
-            source=info.model_uri,
-            run_id=run.run_id,
-            tags={k: tag_value(v) for k, v in tags.items()},
-            model_id=getattr(info, "model_id", None),
+            # another stage may create it at the same moment: that is as good
+            concurrent_write(
+                lambda: client.create_registered_model(name, description="TFLite models optimized by pipeline-stage"),
+                idempotent=True,
+            )
+        mv = concurrent_write(
+            lambda: client.create_model_version(
+                name=name,
+                source=info.model_uri,
+                run_id=run.run_id,
+                tags={k: tag_value(v) for k, v in tags.items()},
+                model_id=getattr(info, "model_id", None),
+            ),
+            idempotent=False,
         )
-        deadline = time.monotonic() + 300
-        while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
-            time.sleep(0.5)
-            mv = client.get_model_version(name, mv.version)
+        mv = _until_ready(client, mv)
         if mv.status != "READY":
             raise TrackingError(f"model version {name}/{mv.version} ended in status {mv.status}")
+        if identity is not None:
+            first = _registered_first(client, name, identity, mine=str(mv.version))
+            if first is not None:
+                # an identical stage registered the same chain on the same source first: keep its version
+                run.cleanup.run(lambda: client.delete_model_version(name, mv.version))
+                return reuse_version(client, first, alias, trusted=frozenset({str(first.version)}), deduplicated=str(mv.version))
         alias_touched = bool(alias)
-        holder = settle_alias(client, name, alias) if alias else None
+        holder = settle_alias(client, name, alias, trusted=frozenset({str(mv.version)})) if alias else None
     except Exception as exc:
         # Undo within the run's cleanup clock (a server that comes back within it gets it done;
         # one gone for good leaves a READY, tagged version without the alias, which a retry reuses).
@@ -194,6 +283,31 @@ def register_version(
     )
 
 
+def _until_ready(client, mv, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        mv = client.get_model_version(mv.name, mv.version)
+    return mv
+
+
+def _registered_first(client, name: str, identity: dict[str, str], *, mine: str) -> Any:
+    """The earliest version of the same identity if it is older than `mine` and usable (READY and
+    its stored files verified); None when `mine` is the one to keep.
+
+    Every identical stage lists the versions after creating its own, and version numbers grow in
+    creation order, so all of them see the same earliest version: exactly one keeps its own."""
+    skip: set[str] = set()
+    while True:
+        first = find_reusable(client, name, identity, ready_only=False, skip=frozenset(skip))
+        if first is None or int(first.version) >= int(mine):
+            return None
+        first = _until_ready(client, first, seconds=60)
+        if first.status == "READY" and integrity.verify_version(client, name, str(first.version), mv=first).ok:
+            return first
+        skip.add(str(first.version))  # failed, or its files do not verify: not a version to reuse
+
+
 def _alias_holder(client, name: str, alias: str) -> str | None:
     """The version `alias` points at; None when the model or the alias does not exist (an outage
     is raised: taking it for "no alias" would delete the alias on cleanup)."""
@@ -205,9 +319,11 @@ def _alias_holder(client, name: str, alias: str) -> str | None:
         raise
 
 
-def reuse_version(client, mv, alias: str | None) -> Registered:
+def reuse_version(
+    client, mv, alias: str | None, *, trusted: frozenset = frozenset(), deduplicated: str | None = None
+) -> Registered:
     """Report an earlier identical version as this run's result (and settle the alias)."""
-    holder = settle_alias(client, mv.name, alias) if alias else None
+    holder = settle_alias(client, mv.name, alias, trusted=trusted) if alias else None
     return Registered(
         name=mv.name,
         version=str(mv.version),
@@ -218,6 +334,7 @@ def reuse_version(client, mv, alias: str | None) -> Registered:
         run_id=(mv.tags or {}).get("pipeline_stage.run_id"),
         model_uri=mv.source,
         tflite_uri=(mv.tags or {}).get("tflite_artifact"),
+        deduplicated=deduplicated,
     )
 
 
@@ -261,22 +378,31 @@ def publish(
     new_version: bool,
 ) -> Registered:
     """Register the run's .tflite (or, for a passing retry of the same chain on the same source
-    version, reuse the version registered before); the alias only when every gate passed."""
+    version, reuse the version registered before, once its stored files verify); the alias only
+    when every gate passed. The registered files' digests are added to `report.artifacts`."""
     try:
-        earlier = None
+        earlier, identity, replaced = None, None, None
         if report.passed and not new_version:
             keys = ("source.name", "source.version") if "source.version" in tags else ("source.uri", "source.run_id")
             identity = {k: tags.get(k, "") for k in ("pipeline_stage.chain_digest", *keys)}
             earlier = find_reusable(run.client, registration.name, identity)
+            if earlier is not None:
+                verdict = integrity.verify_version(run.client, registration.name, str(earlier.version), mv=earlier)
+                if not verdict.ok:  # never point an alias at altered files: register anew instead
+                    replaced = f"{verdict.subject}: " + "; ".join(m.text() for m in verdict.mismatches)
+                    earlier = None
         if earlier is not None:
-            return reuse_version(run.client, earlier, registration.alias)
-        return register_version(
+            return reuse_version(run.client, earlier, registration.alias, trusted=frozenset({str(earlier.version)}))
+        registered = register_version(
             run,
             name=registration.name,
             tflite_path=tflite_path,
             sample=sample,
             tags=tags,
             alias=registration.alias if report.passed else None,
+            identity=identity,
+            record=lambda files: report.artifacts.extend(f for f in files if f.path.startswith(integrity.MODEL + "/")),
         )
+        return registered.model_copy(update={"replaced": replaced}) if replaced else registered
     except Exception as exc:
         raise_classified(exc, f"registering `{registration.name}`")

@@ -2,7 +2,12 @@
 
 ``mlflow.pyfunc.load_model("models:/name/N").predict(batch)`` runs the flatbuffer through the
 LiteRT interpreter. Logged from code rather than pickled, so loading it executes no pickle.
+Loading checks the model's files against the sha256 the stage recorded when it registered them
+(the model's ``model_config``) and refuses files that differ.
 """
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 from mlflow.models import set_model
@@ -20,8 +25,9 @@ class TFLitePyfunc(PythonModel):
     an array back for a single-output model, a dict by output name for several outputs."""
 
     def load_context(self, context):
-        with open(context.artifacts["tflite"], "rb") as fh:
-            self._model = TFLiteModel(fh.read(), threads=1)
+        tflite = Path(context.artifacts["tflite"])
+        check_files(tflite.parents[1], (context.model_config or {}).get("pipeline_stage.sha256") or {})
+        self._model = TFLiteModel(tflite.read_bytes(), threads=1)
 
     # MLflow takes a predict hint of list[...] (which it would validate against and convert to) or one
     # of a few types it leaves alone; np.ndarray is one of those, so the logged tensor signature stays
@@ -37,6 +43,28 @@ class TFLitePyfunc(PythonModel):
             feed = np.asarray(model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input, dtype=np.float32)
         outputs = self._model.predict_outputs(feed, batch_size=batch_size)
         return outputs if len(outputs) > 1 else next(iter(outputs.values()))
+
+
+class ModelFilesAltered(Exception):
+    """A file of the loaded model is not the one pipeline-stage registered."""
+
+
+def check_files(root: Path, expected: dict) -> None:
+    """Raise ModelFilesAltered unless every file in `expected` (path in the model -> sha256) has
+    that digest under `root`."""
+    for rel, want in sorted(expected.items()):
+        path = root / rel
+        if not path.is_file():
+            raise ModelFilesAltered(f"model file {rel} is missing (expected sha256 {want}); refusing to load this model")
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != want:
+            raise ModelFilesAltered(
+                f"model file {rel} does not match what pipeline-stage registered: sha256 {digest.hexdigest()}, "
+                f"expected {want}; refusing to load this model (check it with `pipeline-stage verify`)"
+            )
 
 
 set_model(TFLitePyfunc())

@@ -199,13 +199,16 @@ class Stage:
         sha256: str,
         context: ObserverContext,
     ) -> None:
+        from pipeline_stage.mlflow_io import integrity
         from pipeline_stage.mlflow_io.model_registry import TFLITE_ARTIFACT, publish, version_tags
 
         tflite_path = workdir / "model.tflite"
         run.log_artifact(tflite_path, str(Path(TFLITE_ARTIFACT).parent))
+        report.artifacts = [integrity.digest_file(tflite_path, f"{integrity.RUN}/{TFLITE_ARTIFACT}")]
         reg = self.m.registration
         if reg is None or not (report.passed or reg.on_failure == "register"):
             report.registered = None
+            run.set_tags(integrity.as_tags(report.artifacts))
             return
         ev = runner.evaluation_data
         report.registered = publish(
@@ -217,6 +220,7 @@ class Stage:
             sample=_head(runner.inputs_of(ev), 4) if ev is not None else None,
             new_version=self.options.new_version,
         )
+        run.set_tags(integrity.as_tags(report.artifacts))  # what `verify runs:/...` and a registry owner read
         self.host.hook.after_register(registered=report.registered, context=context)
 
     def _write_local_report(self, report: Report, rendered: dict[str, str] | None = None) -> None:
