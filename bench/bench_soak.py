@@ -72,9 +72,7 @@ def main() -> None:
         pg, s3 = Postgres(), S3(tmp / "s3")
         services += [pg.stop, s3.stop]
         backend, bucket = pg.database("soak"), s3.bucket("soak-artifacts")
-        proc, uri = start_mlflow_server(
-            tmp / "server", backend=backend, artifacts=f"s3://{bucket}/a", workers=2, env=s3.env
-        )
+        proc, uri = start_mlflow_server(tmp / "server", backend=backend, artifacts=f"s3://{bucket}/a", workers=2, env=s3.env)
     else:
         proc, uri = start_mlflow_server(tmp / "server")
     try:
