@@ -73,11 +73,10 @@ def sqlite_server(tmp_path_factory, digits_model, digits_data):
 
 
 @pytest.fixture(params=["postgres+s3", "sqlite"])
-def server(request):
-    if request.param == "sqlite":
-        return request.getfixturevalue("sqlite_server")
-    request.getfixturevalue("digits_source")
-    return request.getfixturevalue("mlflow_server")
+def server(request, digits_source, mlflow_server):
+    """The session's server (asked for here, not lazily: its MLFLOW_TRACKING_URI must be set before
+    the per-test fixtures that restore it start), or the sqlite one."""
+    return request.getfixturevalue("sqlite_server") if request.param == "sqlite" else mlflow_server
 
 
 def test_eight_stages_at_once_lose_nothing(server, tmp_path):

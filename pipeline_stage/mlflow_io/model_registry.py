@@ -60,12 +60,12 @@ DEDUPLICATED = "pipeline_stage.deduplicate"  # on versions registered without --
 
 def _withdrawn(versions: list) -> set[str]:
     """Versions an identical stage is withdrawing: registered without --new-version while an
-    earlier passing version of the same chain on the same source exists (their stages delete them
+    earlier such version of the same chain on the same source exists (their stages delete them
     and reuse the earlier one, :func:`_registered_first`), so the alias never goes to them."""
     first: dict[tuple, int] = {}
     for v in versions:
         tags = v.tags or {}
-        if tags.get("pipeline_stage.passed") == "true" and v.status != "FAILED_REGISTRATION":
+        if tags.get(DEDUPLICATED) == "true" and tags.get("pipeline_stage.passed") == "true" and v.status != "FAILED_REGISTRATION":
             key = tuple(tags.get(k, "") for k in IDENTITY_KEYS)
             first[key] = min(first.get(key, int(v.version)), int(v.version))
     return {
@@ -80,7 +80,7 @@ def alias_winner(versions: list, alias: str, excluded: frozenset = frozenset()) 
     """The rule: among READY versions that passed and asked for `alias`, the newest of the
     highest `register.priority`. Failed versions never win, nor do versions being withdrawn as
     duplicates, nor those in `excluded` (their stored files fail verification)."""
-    passed_over = _withdrawn(versions) | set(excluded)
+    passed_over = _withdrawn([v for v in versions if str(v.version) not in excluded]) | set(excluded)
     eligible = [
         v
         for v in versions
@@ -298,8 +298,9 @@ def _registered_first(client, name: str, identity: dict[str, str], *, mine: str)
     Every identical stage lists the versions after creating its own, and version numbers grow in
     creation order, so all of them see the same earliest version: exactly one keeps its own."""
     skip: set[str] = set()
+    marked = {**identity, DEDUPLICATED: "true"}  # only versions whose stages apply this same rule
     while True:
-        first = find_reusable(client, name, identity, ready_only=False, skip=frozenset(skip))
+        first = find_reusable(client, name, marked, ready_only=False, skip=frozenset(skip))
         if first is None or int(first.version) >= int(mine):
             return None
         first = _until_ready(client, first, seconds=60)
