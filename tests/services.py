@@ -68,6 +68,7 @@ class Postgres:
 
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pipeline-stage-pg-")))
     port: int = field(default_factory=free_port)
+    created: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         bindir = postgres_bin()
@@ -109,12 +110,14 @@ class Postgres:
         return probe.returncode == 0
 
     def database(self, name: str) -> str:
-        """Create database `name`; its SQLAlchemy URL (psycopg 3, which MLflow 3 uses)."""
-        subprocess.run(
-            [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
-            check=True,
-            capture_output=True,
-        )
+        """Database `name` (created on first use); its SQLAlchemy URL (psycopg 3, which MLflow 3 uses)."""
+        if name not in self.created:
+            subprocess.run(
+                [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
+                check=True,
+                capture_output=True,
+            )
+            self.created.add(name)
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
@@ -128,6 +131,7 @@ class S3:
 
     root: Path
     port: int = field(default_factory=free_port)
+    created: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -156,10 +160,18 @@ class S3:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, **{k.lower(): v for k, v in S3_ENV.items() if "KEY" in k})
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        )
 
     def bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
+        """Bucket `name` (created on first use)."""
+        if name not in self.created:
+            self.client().create_bucket(Bucket=name)
+            self.created.add(name)
         return name
 
     def stop(self) -> None:

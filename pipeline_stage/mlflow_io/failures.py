@@ -55,17 +55,21 @@ CONFLICT_MARKS = (
 )
 
 
+def seconds_from_env(name: str, default: float, floor: float) -> float:
+    """A number of seconds from environment variable `name` (`default` when unset), at least
+    `floor`; anything else is exit 2 naming the variable."""
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise InputError(f"{name} is `{raw}`, not a number of seconds", hint=f"set it to e.g. {default:g}, or unset it") from None
+    return max(value, floor)
+
+
 def outage_bound() -> float:
     """Seconds from the request that finds the tracking server gone to the stage's exit (env
     ``PIPELINE_STAGE_OUTAGE_BOUND_S``, default 60)."""
-    raw = os.environ.get("PIPELINE_STAGE_OUTAGE_BOUND_S", "")
-    try:
-        value = float(raw) if raw else DEFAULT_OUTAGE_BOUND_S
-    except ValueError:
-        raise InputError(
-            f"PIPELINE_STAGE_OUTAGE_BOUND_S is `{raw}`, not a number of seconds", hint="set it to e.g. 60, or unset it"
-        ) from None
-    return max(value, 5.0)
+    return seconds_from_env("PIPELINE_STAGE_OUTAGE_BOUND_S", DEFAULT_OUTAGE_BOUND_S, 5.0)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

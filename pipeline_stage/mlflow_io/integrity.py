@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline_stage.contract.errors import InputError, IntegrityError
 from pipeline_stage.contract.report import FileDigest
 from pipeline_stage.mlflow_io.failures import raise_classified
+from pipeline_stage.mlflow_io.source import download_artifact, resolve
 
 TAG_PREFIX = "pipeline_stage.sha256."
 MODEL = "model"  # the logged pyfunc model's files
@@ -36,17 +37,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def digest_file(path: Path, place_path: str) -> FileDigest:
+    return FileDigest(path=place_path, sha256=sha256_of(path), size=path.stat().st_size)
+
+
 def digest_folder(root: Path, place: str) -> list[FileDigest]:
     """Every file under `root`, as `place`/relative path, sorted."""
     return [
-        FileDigest(path=f"{place}/{p.relative_to(root).as_posix()}", sha256=sha256_of(p), size=p.stat().st_size)
+        digest_file(p, f"{place}/{p.relative_to(root).as_posix()}")
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).as_posix() not in NOT_STORED
     ]
-
-
-def digest_file(path: Path, place_path: str) -> FileDigest:
-    return FileDigest(path=place_path, sha256=sha256_of(path), size=path.stat().st_size)
 
 
 def as_tags(files: list[FileDigest]) -> dict[str, str]:
@@ -105,24 +106,14 @@ def stored_model_files(client, name: str, version: str, into: Path) -> list[File
 def stored_folder(uri: str, into: Path, what: str) -> list[FileDigest]:
     """Download a logged model's folder (`uri`: where it is stored, or its models:/m-... URI) and
     digest every stored file (``model/<path>``)."""
-    import mlflow
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into / "model")))
-    except Exception as exc:
-        raise_classified(exc, f"downloading the files of {what}", missing=f"the stored files of {what}")
+    local = download_artifact(uri, into / "model", f"downloading the files of {what}", f"the stored files of {what}")
     return digest_folder(local, MODEL)
 
 
 def stored_run_file(run_id: str, path: str, into: Path) -> FileDigest:
     """Download one artifact of a run and digest it (recorded as ``run/<path>``)."""
-    import mlflow
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(into / "run")))
-    except Exception as exc:
-        raise_classified(exc, f"downloading runs:/{run_id}/{path}", missing=f"artifact runs:/{run_id}/{path}")
-    return digest_file(local, f"{RUN}/{path}")
+    uri = f"runs:/{run_id}/{path}"
+    return digest_file(download_artifact(uri, into / "run", f"downloading {uri}", f"artifact {uri}"), f"{RUN}/{path}")
 
 
 @dataclass(frozen=True)
@@ -196,19 +187,15 @@ def _version(client, name: str, version: str):
 
 
 def verify_uri(client, uri: str) -> Verdict:
-    """`models:/name/N`, `models:/name@alias` or `runs:/<run_id>[/path]`, verified."""
-    m = re.match(r"^models:/([^/@]+)(?:/(\d+)|@(.+))$", uri)
-    if m:
-        name, version, alias = m.groups()
-        if alias is not None:
-            try:
-                version = str(client.get_model_version_by_alias(name, alias).version)
-            except Exception as exc:
-                raise_classified(exc, f"resolving {uri}", missing=f"alias `{alias}` of model `{name}` does not exist")
-        return verify_version(client, name, version)
-    m = re.match(r"^runs:/([^/]+)/?(.*)$", uri)
-    if m:
-        return verify_run(client, m.group(1), m.group(2).rstrip("/"))
-    raise InputError(
-        f"`{uri}` is not a model version or a run", hint="pass models:/<name>/<version>, models:/<name>@<alias> or runs:/<run_id>"
-    )
+    """`models:/name/N` (or `latest`), `models:/name@alias` or `runs:/<run_id>[/path]`, verified."""
+    if not uri.startswith(("models:/", "runs:/")):
+        raise InputError(
+            f"`{uri}` is not a model version or a run",
+            hint="pass models:/<name>/<version>, models:/<name>@<alias> or runs:/<run_id>",
+        )
+    found = resolve(uri, client)
+    if found.name and found.version:
+        return verify_version(client, found.name, found.version)
+    if uri.startswith("runs:/"):
+        return verify_run(client, found.run_id, uri[len("runs:/") :].partition("/")[2].rstrip("/"))
+    raise InputError(f"`{uri}` is a logged model, not a registered version", hint="pass models:/<name>/<version>")

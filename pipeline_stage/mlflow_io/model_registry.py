@@ -54,7 +54,13 @@ def find_reusable(client, name: str, identity: dict[str, str], *, ready_only: bo
     return None
 
 
-IDENTITY_KEYS = ("pipeline_stage.chain_digest", "source.name", "source.version", "source.uri", "source.run_id")
+def identity_of(tags: dict[str, str]) -> dict[str, str]:
+    """What makes two registrations the same result, from a version's tags: the chain digest and
+    the source version (for a source that is not a registered version: its URI and run)."""
+    keys = ("source.name", "source.version") if "source.version" in tags else ("source.uri", "source.run_id")
+    return {k: tags.get(k, "") for k in ("pipeline_stage.chain_digest", *keys)}
+
+
 DEDUPLICATED = "pipeline_stage.deduplicate"  # on versions registered without --new-version
 
 
@@ -66,13 +72,13 @@ def _withdrawn(versions: list) -> set[str]:
     for v in versions:
         tags = v.tags or {}
         if tags.get(DEDUPLICATED) == "true" and tags.get("pipeline_stage.passed") == "true" and v.status != "FAILED_REGISTRATION":
-            key = tuple(tags.get(k, "") for k in IDENTITY_KEYS)
+            key = tuple(identity_of(tags).items())
             first[key] = min(first.get(key, int(v.version)), int(v.version))
     return {
         str(v.version)
         for v in versions
         if (v.tags or {}).get(DEDUPLICATED) == "true"
-        and int(v.version) > first.get(tuple((v.tags or {}).get(k, "") for k in IDENTITY_KEYS), int(v.version))
+        and int(v.version) > first.get(tuple(identity_of(v.tags or {}).items()), int(v.version))
     }
 
 
@@ -384,8 +390,7 @@ def publish(
     try:
         earlier, identity, replaced = None, None, None
         if report.passed and not new_version:
-            keys = ("source.name", "source.version") if "source.version" in tags else ("source.uri", "source.run_id")
-            identity = {k: tags.get(k, "") for k in ("pipeline_stage.chain_digest", *keys)}
+            identity = identity_of(tags)
             earlier = find_reusable(run.client, registration.name, identity)
             if earlier is not None:
                 verdict = integrity.verify_version(run.client, registration.name, str(earlier.version), mv=earlier)

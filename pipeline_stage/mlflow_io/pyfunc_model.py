@@ -51,7 +51,8 @@ class ModelFilesAltered(Exception):
 
 def check_files(root: Path, expected: dict) -> None:
     """Raise ModelFilesAltered unless every file in `expected` (path in the model -> sha256) has
-    that digest under `root`."""
+    that digest under `root`. (Its own hashing, not mlflow_io.integrity's: this file ships inside
+    the model and runs where pipeline-stage may not be installed.)"""
     for rel, want in sorted(expected.items()):
         path = root / rel
         if not path.is_file():

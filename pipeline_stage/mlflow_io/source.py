@@ -57,7 +57,7 @@ def download(uri: str, dst: Path) -> Path:
             )
         return local
     dst.mkdir(parents=True, exist_ok=True)
-    return _download(
+    return download_artifact(
         uri,
         dst,
         f"downloading model `{uri}`",
@@ -71,7 +71,7 @@ def download_data(uri: str, dst: Path, field: str) -> Path:
     from pipeline_stage.mlflow_io.tracking import redact
 
     dst.mkdir(parents=True, exist_ok=True)
-    local = _download(
+    local = download_artifact(
         uri,
         dst,
         f"downloading `{field}` ({redact(uri)})",
@@ -83,7 +83,7 @@ def download_data(uri: str, dst: Path, field: str) -> Path:
     return local
 
 
-def _download(uri: str, dst: Path, doing: str, missing: str, missing_hint: str) -> Path:
+def download_artifact(uri: str, dst: Path, doing: str, missing: str, missing_hint: str | None = None) -> Path:
     """mlflow.artifacts.download_artifacts, its failures classified by cause: an outage is exit 1,
     a missing run or artifact exit 2."""
     import mlflow

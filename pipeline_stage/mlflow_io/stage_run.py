@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -10,8 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_stage.contract.errors import InputError
-from pipeline_stage.mlflow_io.failures import CleanupClock, concurrent_write, outage_bound, raise_classified, retrying
+from pipeline_stage.mlflow_io.failures import (
+    CleanupClock,
+    concurrent_write,
+    outage_bound,
+    raise_classified,
+    retrying,
+    seconds_from_env,
+)
 from pipeline_stage.mlflow_io.tracking import redact
 
 
@@ -60,24 +65,15 @@ DEFAULT_LEASE_S = 30.0
 DEFAULT_LEASE_SKEW_S = 30.0
 
 
-def _seconds_from_env(name: str, default: float, floor: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise InputError(f"{name} is `{raw}`, not a number of seconds", hint=f"set it to e.g. {default:g}, or unset it") from None
-    return max(value, floor)
-
-
 def lease_seconds() -> float:
     """How long a run's lease lasts from each renewal (env ``PIPELINE_STAGE_LEASE_S``, default 30 s)."""
-    return _seconds_from_env("PIPELINE_STAGE_LEASE_S", DEFAULT_LEASE_S, 2.0)
+    return seconds_from_env("PIPELINE_STAGE_LEASE_S", DEFAULT_LEASE_S, 2.0)
 
 
 def lease_skew_seconds() -> float:
     """The clock-skew margin a sweeping stage adds to another run's lease expiry, since the expiry
     was written by the other pod's clock (env ``PIPELINE_STAGE_LEASE_SKEW_S``, default 30 s)."""
-    return _seconds_from_env("PIPELINE_STAGE_LEASE_SKEW_S", DEFAULT_LEASE_SKEW_S, 0.0)
+    return seconds_from_env("PIPELINE_STAGE_LEASE_SKEW_S", DEFAULT_LEASE_SKEW_S, 0.0)
 
 
 def lease_expired(tags: dict[str, str], start_time_ms: int | None, now: float) -> bool:
@@ -94,26 +90,26 @@ def lease_expired(tags: dict[str, str], start_time_ms: int | None, now: float) -
     return now - started > outage_bound()
 
 
+def lease_expiry(length: float) -> str:
+    """The lease tag's value for a lease of `length` seconds from now."""
+    return f"{time.time() + length:.3f}"
+
+
 class Lease:
-    """Renews a run's lease tag from a daemon thread until :meth:`release`. A renewal that fails
-    (an outage) is tried again at the next tick: the run stays live for up to one lease length
-    after the last renewal that reached the server."""
+    """Renews a run's lease tag from a daemon thread, from construction until :meth:`stop`. A
+    renewal that fails (an outage) is tried again at the next tick: the run stays live for up to
+    one lease length after the last renewal that reached the server."""
 
     def __init__(self, client, run_id: str, length: float):
         self.client, self.run_id, self.length = client, run_id, length
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
-
-    def expiry(self) -> str:
-        return f"{time.time() + self.length:.3f}"
-
-    def start(self) -> None:
         self._thread.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.length / 3):
             try:
-                self.client.set_tag(self.run_id, LEASE_TAG, self.expiry())
+                self.client.set_tag(self.run_id, LEASE_TAG, lease_expiry(self.length))
             except Exception:  # the main thread meets the same outage and reports it
                 pass
 
@@ -146,16 +142,15 @@ class StageRun:
         self.mlflow = mlflow
         self.client = mlflow.MlflowClient()
         self.cleanup = CleanupClock()
-        lease = lease_seconds()
+        length = lease_seconds()
         try:
             concurrent_write(lambda: mlflow.set_experiment(experiment), idempotent=False)
-            self.lease = Lease(self.client, "", lease)
             # the lease is on the run from its first moment: no sibling ever sees it without one
-            self.run = mlflow.start_run(run_name=run_name, tags={**(tags or {}), LEASE_TAG: self.lease.expiry()})
+            self.run = mlflow.start_run(run_name=run_name, tags={**(tags or {}), LEASE_TAG: lease_expiry(length)})
         except Exception as exc:
             raise_classified(exc, f"starting a run in experiment `{experiment}`")
-        self.run_id = self.lease.run_id = self.run.info.run_id
-        self.lease.start()
+        self.run_id = self.run.info.run_id
+        self.lease = Lease(self.client, self.run_id, length)
 
     def _call(self, doing: str, fn, *args, idempotent: bool = False, **kwargs):
         try:
