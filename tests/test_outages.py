@@ -16,7 +16,7 @@ import mlflow
 import pytest
 
 from pipeline_stage.mlflow_io.stage_run import LEASE_TAG
-from tests.conftest import free_port, start_mlflow_server, stop_server, write_manifest
+from tests.conftest import free_port, production_server, stop_server, write_manifest
 from tests.faultproxy import FaultProxy, Rule
 from tests.figures import add, peak
 from tests.helpers import digits_manifest, invoke, read_report
@@ -29,13 +29,12 @@ TEXT = digits_manifest(NAME)
 
 
 class Server:
-    """A real `mlflow server` (sqlite; on PostgreSQL + S3 the model and data download phases still
-    fail, see the closing note of session 7) that a test may kill (SIGKILL to its process group)
-    and restart on the same store and port."""
+    """A real `mlflow server` (PostgreSQL + S3, proxied) that a test may kill (SIGKILL to its
+    process group) and restart on the same store and port."""
 
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.proc, self.uri = start_mlflow_server(root, self.port)
+    def __init__(self, root: Path, postgres, s3):
+        self.root, self.port, self.postgres, self.s3 = root, free_port(), postgres, s3
+        self.proc, self.uri = production_server(root, postgres, s3, "outage-store", port=self.port)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -43,18 +42,18 @@ class Server:
             self.proc.wait()
 
     def restart(self) -> None:
-        self.proc, _ = start_mlflow_server(self.root, self.port)
+        self.proc, _ = production_server(self.root, self.postgres, self.s3, "outage-store", port=self.port)
 
     def client(self) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, digits_model, digits_data):
+def server(tmp_path_factory, digits_model, digits_data, postgres, s3):
     """Its own server, with the digits CNN registered as digits-cnn@champion and its data."""
     from pipeline_stage.demo import log_source_model
 
-    srv = Server(tmp_path_factory.mktemp("outage-server"))
+    srv = Server(tmp_path_factory.mktemp("outage-server"), postgres, s3)
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(srv.uri)
     try:
@@ -81,8 +80,9 @@ def proxy(server, monkeypatch):
 # The request that marks each point of a run (seen by the proxy, in the order a run makes them).
 PHASES = {
     "the run starts": Rule("POST", r"/runs/create$", "kill"),
-    "the model downloads": Rule("GET", r"/mlflow-artifacts/artifacts/.*/model\.keras$", "kill"),
-    "the data downloads": Rule("GET", r"/mlflow-artifacts/artifacts/.*/data/eval\.npz$", "kill"),
+    # with S3 behind the server, MLflow 3.17 downloads through /presigned/ (a URL to the object)
+    "the model downloads": Rule("GET", r"/mlflow-artifacts/(artifacts|presigned)/.*/model\.keras$", "kill"),
+    "the data downloads": Rule("GET", r"/mlflow-artifacts/(artifacts|presigned)/.*/data/eval\.npz$", "kill"),
     "the baseline is logged": Rule("POST", r"/runs/log-batch$", "kill", times=1),
     "the artifacts upload": Rule("PUT", r"/mlflow-artifacts/artifacts/.*/model\.tflite$", "kill"),
     "the version is created": Rule("POST", r"/model-versions/create$", "kill"),
