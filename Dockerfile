@@ -20,7 +20,7 @@ COPY constraints.txt pyproject.toml README.md /src/
 COPY scripts/image_requirements.py scripts/image_bytecode.py /src/scripts/
 COPY pipeline_stage/ /src/pipeline_stage/
 COPY plugins/ /src/plugins/
-# pipeline-stage[kfp] resolved under the constraints, then installed with tensorflow-cpu in place
+# pipeline-stage[kfp,s3,gcs] resolved under the constraints, then installed with tensorflow-cpu in place
 # of tensorflow (274 MB wheel vs 572 MB): tf-keras declares `tensorflow`, so a plain install would
 # pull the full wheel in beside the CPU one; hence --no-deps on the resolved, pinned set. MLflow is
 # the client only (mlflow-skinny): the server, the sqlite store, pyarrow and scikit-learn are in
@@ -28,7 +28,7 @@ COPY plugins/ /src/plugins/
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --upgrade pip "setuptools>=77" \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA -q -c /src/constraints.txt \
-        --dry-run --ignore-installed --report /tmp/resolved.json "/src[kfp]" \
+        --dry-run --ignore-installed --report /tmp/resolved.json "/src[kfp,s3,gcs]" \
     && /opt/venv/bin/python /src/scripts/image_requirements.py /tmp/resolved.json > /tmp/runtime.txt \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --no-deps -r /tmp/runtime.txt \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --no-deps /src \
@@ -45,6 +45,11 @@ RUN python3 -m venv /opt/venv \
     # the test suites that pandas, scipy, numpy and matplotlib ship (about 45 MB)
     && for p in pandas scipy numpy matplotlib; do \
            find /opt/venv/lib/python3.11/site-packages/$p -type d -name tests -prune -exec rm -rf {} +; done \
+    # botocore's models of every AWS service (28 MB): the S3 client needs S3's, and web identity
+    # (IRSA) credentials STS's; boto3's resource models likewise
+    && find /opt/venv/lib/python3.11/site-packages/botocore/data -mindepth 1 -maxdepth 1 -type d \
+        ! -name s3 ! -name sts -exec rm -rf {} + \
+    && find /opt/venv/lib/python3.11/site-packages/boto3/data -mindepth 1 -maxdepth 1 -type d ! -name s3 -exec rm -rf {} + \
     # bytecode for what the stage imports (not the whole venv): a run takes half the time (bench/bench_image.py)
     && /opt/venv/bin/python /src/scripts/image_bytecode.py /opt/venv/lib/python3.11/site-packages
 

@@ -10,6 +10,8 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class StageError(Exception):
     """Base class: a failure the stage can explain in one message."""
@@ -63,3 +65,12 @@ class TrackingError(StageError):
 
 
 GATE_FAILED_EXIT = 3
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it (``raise ... from``, or the exception being handled), once each."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

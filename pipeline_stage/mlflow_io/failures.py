@@ -3,6 +3,10 @@ time a run spends failing once the tracking server has gone.
 
 By cause, not by where it happens (model resolution, downloads, logging, registration, alias moves):
 
+* an object store's error (S3, GCS, Azure Blob, when the stage talks to the store itself) ->
+  :func:`mlflow_io.object_store.store_error`: no client installed, access refused or no such
+  bucket is exit 2, a store that does not answer exit 1;
+
 * the server cannot be reached, times out or answers 5xx -> :class:`TrackingError` (exit 1): a
   transient failure that a Kubeflow retry may fix; the message names the server and what the stage
   was doing;
@@ -27,11 +31,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from pipeline_stage.contract.errors import InputError, StageError, TrackingError
-from pipeline_stage.mlflow_io.tracking import redact
+from pipeline_stage.contract.errors import InputError, StageError, TrackingError, causes
+from pipeline_stage.mlflow_io.object_store import CLIENT_MODULES, store_error
+from pipeline_stage.mlflow_io.tracking import first_line, redact
 
 T = TypeVar("T")
 
@@ -72,16 +77,8 @@ def outage_bound() -> float:
     return seconds_from_env("PIPELINE_STAGE_OUTAGE_BOUND_S", DEFAULT_OUTAGE_BOUND_S, 5.0)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def _http_status(exc: BaseException) -> int | None:
-    for e in _chain(exc):
+    for e in causes(exc):
         response = getattr(e, "response", None)
         status = getattr(response, "status_code", None) or getattr(response, "status", None)
         if isinstance(status, int):
@@ -99,7 +96,7 @@ def _http_status(exc: BaseException) -> int | None:
 
 def is_outage(exc: BaseException) -> bool:
     """A connection error, a timeout or a 5xx answer anywhere in the exception's chain."""
-    for e in _chain(exc):
+    for e in causes(exc):
         module = type(e).__module__
         if isinstance(e, ConnectionError | TimeoutError):
             return True
@@ -111,11 +108,6 @@ def is_outage(exc: BaseException) -> bool:
             return True
     status = _http_status(exc)
     return status is not None and status >= 500
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return redact(text[0] if text else type(exc).__name__)[:300]
 
 
 def _server() -> str:
@@ -147,38 +139,44 @@ def classify(exc: BaseException, doing: str, *, missing: str | None = None, miss
     caller ("model `X` does not exist in the tracking server")."""
     if isinstance(exc, StageError):
         return exc
+    from_store = store_error(exc, doing)
+    if from_store is not None:
+        return from_store
     if is_outage(exc):
         return TrackingError(
-            f"the MLflow tracking server {_server()} failed while {doing}: {_first_line(exc)}",
+            f"the MLflow tracking server {_server()} failed while {doing}: {first_line(exc)}",
             hint="the server is unreachable or failing (nothing was registered and no alias moved); "
             "retry the step once it answers",
         )
     if is_conflict(exc):
         return TrackingError(
             f"the MLflow tracking server {_server()} kept rejecting a write as made concurrently by another client "
-            f"while {doing}: {_first_line(exc)}",
+            f"while {doing}: {first_line(exc)}",
             hint="another stage wrote the same record at the same moment; retry the step",
         )
     if _denied(exc):
         return InputError(
-            f"the MLflow tracking server {_server()} refused the credentials while {doing}: {_first_line(exc)}",
+            f"the MLflow tracking server {_server()} refused the credentials while {doing}: {first_line(exc)}",
             hint="set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD",
         )
     if is_missing(exc):
         if not server_answers():  # MLflow reports some outages as a missing path (runs:/ downloads)
             return TrackingError(
-                f"the MLflow tracking server {_server()} does not answer (while {doing}: {_first_line(exc)})",
+                f"the MLflow tracking server {_server()} does not answer (while {doing}: {first_line(exc)})",
                 hint="retry the step once the server answers",
             )
-        return InputError(f"{missing or doing}: {_first_line(exc)}", hint=missing_hint)
-    return TrackingError(f"the MLflow tracking server {_server()} failed while {doing}: {_first_line(exc)}")
+        return InputError(f"{missing or doing}: {first_line(exc)}", hint=missing_hint)
+    return TrackingError(f"the MLflow tracking server {_server()} failed while {doing}: {first_line(exc)}")
 
 
 def from_tracking(exc: BaseException) -> bool:
-    """Whether `exc` comes from talking to the server (MLflow, requests, urllib3, a connection)."""
+    """Whether `exc` comes from talking to the server or an object store (MLflow, requests,
+    urllib3, a connection, a store's client or its absence)."""
     return any(
-        type(e).__module__.startswith(("mlflow", "requests", "urllib3")) or isinstance(e, ConnectionError | TimeoutError)
-        for e in _chain(exc)
+        type(e).__module__.startswith(("mlflow", "requests", "urllib3", *CLIENT_MODULES))
+        or isinstance(e, ConnectionError | TimeoutError)
+        or (isinstance(e, ModuleNotFoundError) and (e.name or "").split(".", 1)[0] in CLIENT_MODULES)
+        for e in causes(exc)
     )
 
 
@@ -194,7 +192,7 @@ def raise_classified(exc: BaseException, doing: str, *, missing: str | None = No
 
 
 def _code(exc: BaseException) -> str:
-    return next((getattr(e, "error_code", "") for e in _chain(exc) if getattr(e, "error_code", "")), "")
+    return next((getattr(e, "error_code", "") for e in causes(exc) if getattr(e, "error_code", "")), "")
 
 
 def is_missing(exc: BaseException) -> bool:
@@ -209,7 +207,7 @@ def is_conflict(exc: BaseException) -> bool:
     INVALID_PARAMETER_VALUE answer, so the text is what tells it apart."""
     if _code(exc) == "RESOURCE_ALREADY_EXISTS":
         return True
-    return any(mark in str(e) for e in _chain(exc) for mark in CONFLICT_MARKS)
+    return any(mark in str(e) for e in causes(exc) for mark in CONFLICT_MARKS)
 
 
 def concurrent_write(fn: Callable[[], T], *, idempotent: bool, attempts: int = 6) -> T | None:

@@ -25,7 +25,13 @@ def redact(text: str) -> str:
     """Hide credentials in URIs (user:password@host) and token-like query parameters."""
     text = re.sub(r"(?<=://)[^/@\s:]+:[^/@\s]+@", "***:***@", text)
     text = re.sub(r"(?<=://)[^/@\s:]+@", "***@", text)
-    return re.sub(r"(?i)((?:token|password|secret|key)=)[^&\s]+", r"\1***", text)
+    return re.sub(r"(?i)((?:token|password|secret|key|signature|credential|sig)=)[^&\s]+", r"\1***", text)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, redacted and cut to 300 characters (for one-line errors)."""
+    text = str(exc).strip().splitlines()
+    return redact(text[0] if text else type(exc).__name__)[:300]
 
 
 def resolve_tracking_uri(cli_value: str | None) -> str:

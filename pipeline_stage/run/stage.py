@@ -18,13 +18,14 @@ from pathlib import Path
 
 from pipeline_stage.contract.errors import StageError
 from pipeline_stage.contract.gates import evaluate_gates
-from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report, Timing
+from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report, SourceRef, Timing
 from pipeline_stage.host.plugin_host import PluginHost
-from pipeline_stage.manifest import LoadedManifest
+from pipeline_stage.manifest import DATA_SETS, LoadedManifest
 from pipeline_stage.mlflow_io.failures import raise_classified
+from pipeline_stage.mlflow_io.object_store import probe_all
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.reporting.html import render_plots
-from pipeline_stage.run.chain import ChainRunner
+from pipeline_stage.run.chain import SOURCE_RUN_PLACEHOLDER, ChainRunner
 from pipeline_stage.run.measuring import measure_beside_baseline
 from pipeline_stage.run.phase_clock import PhaseClock, peak_rss_mb, process_age_s
 from pipeline_stage.run.progress import Progress
@@ -89,6 +90,7 @@ class Stage:
         # and the baseline.
         self.workers = start_workers(m.search) if m.search is not None else None
         try:
+            probe_all(self._store_places(info, run.run.info.artifact_uri))
             # Runs of this chain on this source that an outage left RUNNING end now, FAILED, saying why.
             report.ended_orphans = run.end_orphans(identity)
             if report.ended_orphans:
@@ -144,6 +146,17 @@ class Stage:
             if own_tmp is not None:
                 own_tmp.cleanup()
         return report
+
+    def _store_places(self, source: SourceRef, run_artifacts: str) -> dict[str, str]:
+        """Where the run reads and writes files: the source, the run's artifact root, data given by URI."""
+        places = {f"the source model `{redact(source.uri)}`": source.uri, "the stage run's artifact root": run_artifacts}
+        for name in DATA_SETS:
+            uri = getattr(self.m.data, name) or ""
+            if source.run_id:
+                uri = uri.replace(SOURCE_RUN_PLACEHOLDER, source.run_id)
+            if SOURCE_RUN_PLACEHOLDER not in uri and ("://" in uri or uri.startswith(("runs:/", "models:/"))):
+                places[f"`data.{name}`"] = uri
+        return places
 
     def _execute(self, report: Report, run, runner: ChainRunner, context: ObserverContext) -> dict[str, str]:
         """Baseline, the chain (or the search), the candidate's measurements and the gates; returns

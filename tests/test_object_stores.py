@@ -1,0 +1,215 @@
+"""The direct layout (`mlflow server --no-serve-artifacts --default-artifact-root s3://...`): the
+stage reads and writes the object store itself, with boto3's credentials, against moto's S3 server
+on loopback; and what it says when it cannot (no client, no bucket, access refused, no answer)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline_stage.mlflow_io.tracking import redact
+from tests.conftest import production_server, run_cli, stop_server, write_manifest
+from tests.helpers import read_report, versions_of
+from tests.services import BIN, S3_ENV, _wait, free_port
+
+
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory, postgres, s3, digits_model, digits_data):
+    """A server on PostgreSQL that stores no files: clients write to bucket `direct` themselves.
+    The digits source is logged to it from this process, with the same S3 environment."""
+    from pipeline_stage.demo import log_source_model
+
+    proc, uri = production_server(tmp_path_factory.mktemp("direct"), postgres, s3, "direct", direct=True)
+    saved = {k: os.environ.get(k) for k in s3.env}
+    os.environ.update(s3.env)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        log_source_model(digits_model, digits_data, name="digits-direct", alias="champion")
+    finally:
+        mlflow.set_tracking_uri(before)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    yield uri, s3
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def local_source(tmp_path_factory, digits_model, digits_data):
+    """The digits CNN and its evaluation data as local files (error cases fail before reading them)."""
+    root = tmp_path_factory.mktemp("local-source")
+    digits_model.save(root / "digits.keras")
+    x, y = digits_data.evaluation
+    np.savez(root / "eval.npz", x=x, y=y)
+    return root
+
+
+@contextlib.contextmanager
+def _pointed_at(uri: str):
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _manifest(tmp_path: Path, model: str, data: str, experiment: str, name: str) -> Path:
+    return write_manifest(
+        tmp_path,
+        f"model: {model}\n"
+        f"data: {{evaluation: '{data}'}}\n"
+        f"experiment: {experiment}\n"
+        "chain:\n  - quantize: {mode: dynamic}\n"
+        "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
+        f"register: {{name: {name}, alias: prod}}\n",
+    )
+
+
+def _experiment(uri: str, name: str, artifact_location: str) -> None:
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _failed_runs(uri: str, experiment: str) -> list[str]:
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [r.info.status for r in client.search_runs([found.experiment_id])]
+
+
+@pytest.mark.slow
+def test_direct_layout_reads_and_writes_the_bucket_itself(direct, tmp_path):
+    """Source and data from `s3://direct`, the .tflite into it, digests checked by `verify`."""
+    uri, s3 = direct
+    path = _manifest(
+        tmp_path, "models:/digits-direct@champion", "runs:/${source.run_id}/data/eval.npz", "direct-stage", "digits-direct-tflite"
+    )
+    result = run_cli("run", str(path), "-q", "--report", str(tmp_path / "r.json"), env={**s3.env, "MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_report(tmp_path / "r.json")
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="direct").get("Contents", [])]
+    tflite = [k for k in keys if k.endswith(".tflite")]
+    assert tflite, keys  # the stage wrote the model straight into the bucket
+    body = s3.client().get_object(Bucket="direct", Key=tflite[0])["Body"].read()
+    assert body[4:8] == b"TFL3"
+    assert hashlib.sha256(body).hexdigest() in {d["sha256"] for d in report["artifacts"]}
+    with _pointed_at(uri):
+        version = versions_of("digits-direct-tflite")[0]
+    assert version.source.startswith("models:/") and report["registered"]["version"] == version.version
+    checked = run_cli("verify", "models:/digits-direct-tflite@prod", "--tracking-uri", uri, env=s3.env)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert "testing" not in result.stderr + checked.stderr + checked.stdout  # the keys are never printed
+
+
+def _refused(direct, local_source, tmp_path, experiment: str, location: str, env: dict | None = None):
+    uri, s3 = direct
+    _experiment(uri, experiment, location)
+    path = _manifest(tmp_path, str(local_source / "digits.keras"), str(local_source / "eval.npz"), experiment, f"{experiment}-m")
+    result = run_cli("run", str(path), "-q", env={**s3.env, "MLFLOW_TRACKING_URI": uri, **(env or {})})
+    assert _failed_runs(uri, experiment) == ["FAILED"]  # the run ended, saying so
+    with _pointed_at(uri):
+        assert versions_of(f"{experiment}-m") == []  # nothing registered
+    return result
+
+
+@pytest.mark.slow
+def test_no_such_bucket_is_bad_input_naming_it_and_the_credentials(direct, local_source, tmp_path):
+    result = _refused(direct, local_source, tmp_path, "no-bucket", "s3://no-such-bucket/runs")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "S3 bucket s3://no-such-bucket does not exist" in result.stderr
+    assert "credentials: environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" in result.stderr
+    assert "the stage run's artifact root" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_store_that_does_not_answer_is_an_outage(direct, local_source, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"
+    result = _refused(
+        direct, local_source, tmp_path, "no-answer", "s3://direct/no-answer", env={"MLFLOW_S3_ENDPOINT_URL": closed}
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "S3 (s3://direct) did not answer" in result.stderr and "retry the step" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_store_without_its_client_names_the_extra(direct, local_source, tmp_path):
+    """This venv has no Azure client (the `azure` extra is not in `test`): a real missing client."""
+    result = _refused(direct, local_source, tmp_path, "on-azure", "wasbs://runs@acct.blob.core.windows.net/x")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Azure Blob Storage" in result.stderr and "pip install 'pipeline-stage[azure]'" in result.stderr
+
+
+@pytest.mark.slow
+def test_access_refused_names_the_bucket_and_the_credential_source(direct, local_source, tmp_path):
+    """A second moto server that checks IAM (INITIAL_NO_AUTH_ACTION_COUNT): the first three
+    requests make a user with no policy, its key and a bucket; the stage then uses that key."""
+    import boto3
+
+    port = free_port()
+    env = {**os.environ, **S3_ENV, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(tmp_path / "moto-iam.log", "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        _wait(lambda: _listening(port), "moto_server (IAM)", proc, tmp_path / "moto-iam.log")
+        kw = dict(
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            **{k.lower(): S3_ENV[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+        )
+        iam = boto3.client("iam", **kw)
+        iam.create_user(UserName="stage")
+        key = iam.create_access_key(UserName="stage")["AccessKey"]
+        boto3.client("s3", **kw).create_bucket(Bucket="locked")
+        result = _refused(
+            direct,
+            local_source,
+            tmp_path,
+            "locked",
+            "s3://locked/runs",
+            env={
+                "MLFLOW_S3_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            },
+        )
+    finally:
+        stop_server(proc)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "S3 refused access to s3://locked" in result.stderr and "AccessDenied" in result.stderr
+    assert "credentials: environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" in result.stderr
+    assert key["SecretAccessKey"] not in result.stderr
+
+
+def _listening(port: int) -> bool:
+    """Whether the port accepts connections (an HTTP request would count as one of the free actions)."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIAX%2F2026&X-Amz-Signature=abc123&X-Amz-Security-Token=t0k",
+        "https://storage.googleapis.com/b/k?X-Goog-Algorithm=GOOG4&X-Goog-Credential=sa%40p&X-Goog-Signature=abc123",
+        "https://acct.blob.core.windows.net/c/k?sv=2024-11-04&se=2026&sp=r&sig=abc123%3D",
+    ],
+)
+def test_signed_urls_are_redacted(url):
+    shown = redact(f"error fetching {url} (403)")
+    assert "abc123" not in shown and "AKIAX" not in shown and "t0k" not in shown and "sa%40p" not in shown
+    assert shown.startswith("error fetching https://") and shown.endswith(" (403)")
