@@ -187,10 +187,12 @@ def start_mlflow_server(
     direct: bool = False,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    app: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` on 127.0.0.1 and wait until healthy. Default: a sqlite store in `root`
     with artifacts proxied to a folder; `backend` (a database URL) and `artifacts` (an s3:// root,
-    proxied, or with `direct` written by the clients themselves) give the production shapes."""
+    proxied, or with `direct` written by the clients themselves) give the production shapes; `app`
+    is MLflow's --app-name (``basic-auth`` for its permissions)."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     log = root / "server.log"
@@ -200,7 +202,8 @@ def start_mlflow_server(
     # Its own session, so the uvicorn workers die with it (killpg).
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, *where]
-        + ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+        + ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+        + (["--app-name", app] if app else []),
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -13,6 +13,7 @@ By cause, not by where it happens (model resolution, downloads, logging, registr
 * the server answers that a run, artifact, model, version or alias does not exist, or that a value
   is invalid -> :class:`InputError` (exit 2): the manifest or its URIs need fixing;
 * the server refuses the credentials -> :class:`InputError` (exit 2), naming the variables to set;
+  a user without the permission (PERMISSION_DENIED) -> exit 2 naming the user and what was refused;
 * the server rejects a write because another client made the same write at the same moment (a
   constraint violation, ``RESOURCE_ALREADY_EXISTS``, a locked database: a concurrent stage) ->
   never bad input: :func:`concurrent_write` treats an idempotent write as done and retries any
@@ -153,6 +154,13 @@ def classify(exc: BaseException, doing: str, *, missing: str | None = None, miss
             f"the MLflow tracking server {_server()} kept rejecting a write as made concurrently by another client "
             f"while {doing}: {first_line(exc)}",
             hint="another stage wrote the same record at the same moment; retry the step",
+        )
+    if _code(exc) == "PERMISSION_DENIED" or _http_status(exc) == 403:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(the token's identity)"
+        return InputError(
+            f"MLflow user `{user}` lacks a permission on {_server()} (refused while {doing}): {first_line(exc)}",
+            hint="ask an owner (MANAGE) of that experiment or registered model to grant the permission (EDIT to write), "
+            "or use a name you own",
         )
     if _denied(exc):
         return InputError(

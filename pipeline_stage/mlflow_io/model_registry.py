@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_stage.contract.errors import TrackingError
+from pipeline_stage.contract.errors import InputError, TrackingError
 from pipeline_stage.contract.report import FileDigest, Registered, Report
 from pipeline_stage.mlflow_io import integrity
 from pipeline_stage.mlflow_io.failures import concurrent_write, is_missing, raise_classified
 from pipeline_stage.mlflow_io.stage_run import StageRun, tag_value
+from pipeline_stage.mlflow_io.tracking import redact
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 RUNTIME_CODE = Path(__file__).parents[1] / "engine" / "litert_runtime.py"
@@ -33,6 +34,44 @@ def all_versions(client, name: str) -> list:
         token = getattr(page, "token", None)
         if not token:
             return out
+
+
+def check_may_register(client, name: str) -> None:
+    """Before the source is downloaded: whether this identity may create versions of registered
+    model `name` on this server (MLflow's permissions: EDIT on the model, which also moves its
+    aliases). The probe is a version-create request without a source, which a server that
+    permits it rejects as incomplete and one that does not refuses with PERMISSION_DENIED: nothing
+    is created either way. A model that does not exist yet is not probed (whoever may create a
+    model may register its first version); nor is a local store, which has no permissions."""
+    import mlflow
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    tracking = mlflow.get_tracking_uri()
+    if not tracking.startswith(("http://", "https://")):
+        return
+    try:
+        client.get_registered_model(name)
+    except Exception as exc:
+        if is_missing(exc):
+            return
+        raise_classified(exc, f"reading registered model `{name}`")
+    creds = get_default_host_creds(tracking)
+    try:
+        answer = http_request(creds, "/api/2.0/mlflow/model-versions/create", "POST", json={"name": name}, max_retries=2)
+    except Exception as exc:
+        raise_classified(exc, f"checking the permission to register versions of `{name}`")
+    if answer.status_code == 403:
+        user = creds.username or ("the token's identity" if creds.token else "the anonymous user")
+        raise InputError(
+            f"MLflow user `{user}` may not create versions of registered model `{name}` on {redact(tracking)} "
+            "(the server answered PERMISSION_DENIED; registering a version and moving its alias need EDIT on the model)",
+            hint=f"ask an owner of `{name}` (MANAGE) to grant `{user}` EDIT on it, or register under a name `{user}` may edit",
+        )
+    if answer.status_code == 200:  # a server that took a version without a source: take it back
+        version = answer.json().get("model_version", {}).get("version")
+        if version:
+            client.delete_model_version(name, version)
 
 
 def find_reusable(client, name: str, identity: dict[str, str], *, ready_only: bool = True, skip: frozenset = frozenset()) -> Any:

@@ -140,7 +140,9 @@ def _store_in(exc: BaseException, uri: str | None) -> ObjectStore:
     if uri and store_of(uri):
         return store_of(uri)
     module = next((type(e).__module__ for e in causes(exc) if _from_client(e)), "")
-    return next(s for s in STORES if s.scheme == {"google": "gs", "azure": "wasbs", "msal": "wasbs"}.get(module.split(".")[0], "s3"))
+    return next(
+        s for s in STORES if s.scheme == {"google": "gs", "azure": "wasbs", "msal": "wasbs"}.get(module.split(".")[0], "s3")
+    )
 
 
 def _bucket_in(exc: BaseException, uri: str | None) -> str:
@@ -181,7 +183,11 @@ def store_error(exc: BaseException, doing: str, *, uri: str | None = None) -> St
             hint="create the bucket, or point the experiment's artifact root / the server's --default-artifact-root at one that exists",
         )
     denied_names = ("NoCredentials", "PartialCredentials", "CredentialRetrieval", "DefaultCredentials", "RefreshError")
-    if code in DENIED_CODES or status in (401, 403) or any(w in name for w in (*denied_names, "ClientAuthentication", "CredentialUnavailable")):
+    if (
+        code in DENIED_CODES
+        or status in (401, 403)
+        or any(w in name for w in (*denied_names, "ClientAuthentication", "CredentialUnavailable"))
+    ):
         return InputError(
             f"{store.name} refused access to {bucket} while {doing}: {first_line(culprit)} "
             f"(credentials: {credential_source(store)})",

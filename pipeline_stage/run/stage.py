@@ -22,6 +22,7 @@ from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report,
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest
 from pipeline_stage.mlflow_io.failures import raise_classified
+from pipeline_stage.mlflow_io.model_registry import check_may_register
 from pipeline_stage.mlflow_io.object_store import probe_all
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.reporting.html import render_plots
@@ -68,6 +69,8 @@ class Stage:
         import mlflow
 
         info = source_mod.resolve(m.model, mlflow.MlflowClient())
+        if m.registration is not None:
+            check_may_register(mlflow.MlflowClient(), m.registration.name)
         sha256 = hashlib.sha256(self.loaded.text.encode()).hexdigest()
         report = Report(
             manifest=ManifestRef(path=self.loaded.path, chain_digest=self.loaded.chain_digest, sha256=sha256),
