@@ -1,4 +1,4 @@
-# pipeline-stage image: `ENTRYPOINT ["pipeline-stage"]`, non-root, no build tools or caches.
+# pipeline-stage image: runs `pipeline-stage ARGS` (or a command of its own), non-root, no build tools or caches.
 #
 # Registry build:  docker build -t pipeline-stage:0.1.0 .
 # Offline build:   scripts/build-image.sh   (a debootstrapped Debian base and a local wheelhouse)
@@ -63,6 +63,7 @@ RUN if ! command -v python3 >/dev/null; then \
 # `RUN pip install ...` line; the process still runs unprivileged.
 COPY --from=build --chown=1000:1000 /opt/venv /opt/venv
 COPY manifests/ /opt/pipeline-stage/manifests/
+COPY scripts/entrypoint.sh /opt/pipeline-stage/entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH \
     PIPELINE_STAGE_EXAMPLES=/opt/pipeline-stage/manifests/examples \
     PIP_NO_CACHE_DIR=1 \
@@ -70,5 +71,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib
 USER 1000:1000
 WORKDIR /home/stage
-ENTRYPOINT ["pipeline-stage"]
+# pipeline-stage with the arguments given, or a command of its own (sh, python3, /path): KFP's
+# DockerRunner passes a component's command as arguments (scripts/entrypoint.sh)
+ENTRYPOINT ["/opt/pipeline-stage/entrypoint.sh"]
 CMD ["--help"]

@@ -122,3 +122,35 @@ def pick_best(names: list[str], versions: list[str], passed: list[bool], objecti
             "during the fan-out): nothing promoted; run the pipeline again"
         )
     return promote(best[1], best[2], alias, tracking_uri)
+
+
+def docker_runner(**container_run_args) -> Any:
+    """``kfp.local.DockerRunner(**container_run_args)`` whose tasks fail when their container fails.
+
+    kfp 2.17's DockerRunner starts each container with ``auto_remove=True`` and reads its exit
+    status afterwards; a container already removed by then counts as a success, so a component that
+    fails within seconds (bad input) reports SUCCESS with no outputs (kubeflow/pipelines#13332; the
+    fix proposed upstream, #13907, is what this does). This keeps each container until its status
+    is read, then removes it. Use it in place of ``local.DockerRunner``; until kfp fixes the bug."""
+    from kfp import local
+    from kfp.local import docker_task_handler
+
+    docker_task_handler.run_docker_container = _run_keeping_status
+    return local.DockerRunner(**container_run_args)
+
+
+def _run_keeping_status(client, image: str, command: list[str], volumes: dict, **container_run_args) -> int:
+    from kfp.local.docker_task_handler import add_latest_tag_if_not_present
+
+    image = add_latest_tag_if_not_present(image)
+    if not any(image in (i.tags + i.attrs.get("RepoDigests", [])) for i in client.images.list()):
+        client.images.pull(image)
+    container = client.containers.run(
+        image=image, command=command, detach=True, stdout=True, stderr=True, volumes=volumes, **container_run_args
+    )
+    try:
+        for line in container.logs(stream=True):
+            print(line.decode(), end="")
+        return container.wait()["StatusCode"]
+    finally:
+        container.remove(force=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import mlflow
 import pytest
 
 from tests.conftest import REPO
+from tests.services import _wait, stop_server
 
 TAG = "localhost/pipeline-stage:test"
 ENV = {**os.environ, "CONTAINERS_CONF": str(REPO / "scripts" / "containers.conf")}
@@ -68,6 +70,16 @@ def test_image_lists_plugins_as_non_root(image):
     assert "tensorflow-cpu" in installed and "tensorflow" not in installed, sorted(installed)
     # MLflow's client only: no server, sqlite store, pyarrow or scikit-learn (the `local` extra)
     assert "mlflow-skinny" in installed and not {"mlflow", "pyarrow", "scikit-learn", "sqlalchemy", "flask"} & installed
+    # the S3 and GCS clients, botocore's service models cut to S3 and STS; no Azure client (an extra)
+    assert {"boto3", "google-cloud-storage"} <= installed and "azure-storage-blob" not in installed
+    stores = podman(
+        "run", "--rm", "--entrypoint", "python", image, "-c",
+        "import os, botocore; from pipeline_stage.mlflow_io.object_store import STORES, missing_modules; "
+        "print(sorted(os.listdir(os.path.join(os.path.dirname(botocore.__file__), 'data')))); "
+        "print([s.extra for s in STORES if missing_modules(s)])",
+    )  # fmt: skip
+    models, missing = stores.stdout.strip().splitlines()
+    assert [m for m in eval(models) if "." not in m] == ["s3", "sts"] and eval(missing) == ["azure"], stores.stdout
     # At most 1.6 GB as built (2.57 GB with the full TensorFlow wheel and the full MLflow).
     size = int(podman("image", "inspect", image, "--format", "{{.Size}}").stdout)
     assert size <= 1.6e9, f"image {size / 1e9:.2f} GB as built"
@@ -197,3 +209,86 @@ def test_two_line_derived_image_adds_an_in_house_plugin(image, tmp_path):
     assert stamp["distribution"] == "pipeline-stage-stamp 0.3.0"
     who = podman("run", "--rm", "--entrypoint", "id", "localhost/pipeline-stage-with-stamp:test", "-u")
     assert who.stdout.strip() == "1000"
+
+
+@pytest.fixture(scope="module")
+def docker_api(tmp_path_factory):
+    """podman's Docker-compatible API on a socket of our own: what kfp.local.DockerRunner's docker
+    client talks to (DOCKER_HOST)."""
+    import docker
+
+    sock = tmp_path_factory.mktemp("podman-api") / "podman.sock"
+    log = sock.with_name("service.log")
+    proc = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+        env=ENV,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def answers() -> bool:
+        try:
+            return sock.exists() and docker.DockerClient(base_url=f"unix://{sock}").ping()
+        except Exception:
+            return False
+
+    _wait(answers, "podman system service", proc, log, seconds=60)
+    yield f"unix://{sock}"
+    stop_server(proc)
+
+
+@pytest.fixture
+def docker_runner(image, docker_api, tmp_path, monkeypatch):
+    """kfp.local on DockerRunner (through kfp_support.docker_runner, which keeps a failed
+    container's exit status): the component's own image (tagged as its base_image), host networking
+    to reach the server on 127.0.0.1, and the host's uid so the task's outputs in the pipeline root
+    are the caller's files."""
+    from kfp import local
+
+    from pipeline_stage.kfp_components import IMAGE
+    from pipeline_stage.kfp_support import docker_runner
+
+    assert podman("tag", image, IMAGE).returncode == 0
+    monkeypatch.setenv("DOCKER_HOST", docker_api)
+    root = tmp_path / "kfp-root"
+    root.mkdir()
+    local.init(runner=docker_runner(network_mode="host", user=f"{os.getuid()}:{os.getgid()}"), pipeline_root=str(root))
+    return local
+
+
+def test_the_component_runs_in_its_image_under_kfp_docker_runner(docker_runner, digits_source, mlflow_server, capfd):
+    """KFP's own executor path in the container: the component's command through the image's
+    entrypoint, the executor input and output files, the artifact URIs."""
+    from pipeline_stage.kfp_components import optimize_tflite
+    from tests.test_kfp import manifest_text
+
+    task = optimize_tflite(
+        manifest=manifest_text("digits-docker"), model_uri="models:/digits-cnn@champion", tracking_uri=mlflow_server
+    )
+    assert task.outputs["passed"] is True and task.outputs["model_version"] == "1"
+    model = task.outputs["tflite"]
+    data = open(model.path, "rb").read()
+    assert data[4:8] == b"TFL3" and model.metadata["sha256"] == hashlib.sha256(data).hexdigest()
+    tags = mlflow.MlflowClient().get_model_version("digits-docker", "1").tags
+    assert tags["pipeline_stage.sha256.model/artifacts/model.tflite"].split()[0] == model.metadata["sha256"]
+    assert task.outputs["metrics"].metadata["gate.accuracy.max_drop"] == 1.0
+    assert "<img class='plot'" in open(task.outputs["report_html"].path).read()
+
+    failed = optimize_tflite(
+        manifest=manifest_text("digits-docker-fail", max_ratio=0.01),
+        model_uri="models:/digits-cnn@champion",
+        tracking_uri=mlflow_server,
+    )
+    assert failed.outputs["passed"] is False and failed.outputs["model_version"] == ""
+    assert mlflow.MlflowClient().search_model_versions("name='digits-docker-fail'") == []
+
+    capfd.readouterr()
+    with pytest.raises(RuntimeError):
+        optimize_tflite(
+            manifest=manifest_text("digits-docker-bad", mode="int9"),
+            model_uri="models:/digits-cnn@champion",
+            tracking_uri=mlflow_server,
+        )
+    logs = capfd.readouterr()
+    assert "`chain[0].quantize.mode`: Input should be" in logs.out + logs.err and "(found 'int9')" in logs.out + logs.err
