@@ -213,3 +213,31 @@ def test_signed_urls_are_redacted(url):
     shown = redact(f"error fetching {url} (403)")
     assert "abc123" not in shown and "AKIAX" not in shown and "t0k" not in shown and "sa%40p" not in shown
     assert shown.startswith("error fetching https://") and shown.endswith(" (403)")
+
+
+@pytest.mark.parametrize(
+    ("raised", "exit_code", "words"),
+    [
+        ("Forbidden('GET .../b/team-models/o: caller lacks storage.objects.list')", 2, "refused access to gs://team-models"),
+        ("NotFound('GET .../b/team-models: The specified bucket does not exist.')", 2, "bucket gs://team-models does not exist"),
+        ("ServiceUnavailable('backend error')", 1, "Google Cloud Storage (gs://team-models) did not answer"),
+    ],
+)
+def test_gcs_errors_are_classified_by_the_clients_own_types(raised, exit_code, words, monkeypatch):
+    """No GCS emulator runs here: the exceptions google-cloud-storage raises, built as it builds
+    them, raised under an MLflow-style wrapper as the probe meets them."""
+    from google.api_core import exceptions
+
+    from pipeline_stage.mlflow_io.object_store import store_error
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    try:
+        try:
+            raise eval(raised, vars(exceptions))
+        except Exception as inner:
+            raise RuntimeError("Failed to list artifacts") from inner
+    except RuntimeError as exc:
+        found = store_error(exc, "listing the stage run's artifact root", uri="gs://team-models/1/artifacts")
+    assert found is not None and found.exit_code == exit_code and words in str(found), str(found)
+    if exit_code == 2:
+        assert "credentials: Application Default Credentials" in str(found)
