@@ -22,9 +22,9 @@ from tests.figures import add, peak
 from tests.helpers import digits_manifest, invoke, read_report
 
 NAME = "digits-outage"
-# PIPELINE_STAGE_OUTAGE_BOUND_S for these tests: 30 s (the default, 60, only makes them slower; the
+# PIPELINE_STAGE_OUTAGE_BOUND_S for these tests: 20 s (the default, 60, only makes them slower; the
 # README's figures for 60 come from PIPELINE_STAGE_TEST_OUTAGE_BOUND_S=60)
-BOUND_S = int(os.environ.get("PIPELINE_STAGE_TEST_OUTAGE_BOUND_S", "30"))
+BOUND_S = int(os.environ.get("PIPELINE_STAGE_TEST_OUTAGE_BOUND_S", "20"))
 TEXT = digits_manifest(NAME)
 
 
@@ -90,6 +90,12 @@ PHASES = {
 }
 
 
+# The phases whose retry is run: one per state an outage can leave (no run; a RUNNING run and nothing
+# registered; a created version; a READY version without its alias). The other phases leave the
+# state of "the model downloads" (checked after the restart), so their retry would repeat its one.
+RETRIED = {"the run starts", "the model downloads", "the version is created", "the alias moves"}
+
+
 def _versions(client) -> list:
     return client.search_model_versions(f"name='{NAME}'")
 
@@ -119,6 +125,9 @@ def test_a_server_killed_while_the_run_goes_is_exit_1_within_the_bound_and_a_ret
     aliased = {v.version for v in versions if "prod" in (v.aliases or [])}
     assert aliased <= {v.version for v in versions if v.tags.get("pipeline_stage.passed") == "true"}
 
+    if phase not in RETRIED:
+        assert versions == [] and failed_run is not None and client.get_run(failed_run).info.status == "RUNNING"
+        return
     proxy.rules = []
     if failed_run is not None:  # the lease of the killed stage's run lapses (what a retry waits for)
         lease = client.get_run(failed_run).data.tags.get(LEASE_TAG)
