@@ -6,7 +6,6 @@ By cause, not by where it happens (model resolution, downloads, logging, registr
 * an object store's error (S3, GCS, Azure Blob, when the stage talks to the store itself) ->
   :func:`mlflow_io.object_store.store_error`: no client installed, access refused or no such
   bucket is exit 2, a store that does not answer exit 1;
-
 * the server cannot be reached, times out or answers 5xx -> :class:`TrackingError` (exit 1): a
   transient failure that a Kubeflow retry may fix; the message names the server and what the stage
   was doing;
@@ -36,7 +35,7 @@ from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 from pipeline_stage.contract.errors import InputError, StageError, TrackingError, causes
-from pipeline_stage.mlflow_io.object_store import CLIENT_MODULES, store_error
+from pipeline_stage.mlflow_io.object_store import is_client_module, store_error
 from pipeline_stage.mlflow_io.tracking import first_line, redact
 
 T = TypeVar("T")
@@ -181,9 +180,10 @@ def from_tracking(exc: BaseException) -> bool:
     """Whether `exc` comes from talking to the server or an object store (MLflow, requests,
     urllib3, a connection, a store's client or its absence)."""
     return any(
-        type(e).__module__.startswith(("mlflow", "requests", "urllib3", *CLIENT_MODULES))
+        type(e).__module__.startswith(("mlflow", "requests", "urllib3"))
+        or is_client_module(type(e).__module__)
         or isinstance(e, ConnectionError | TimeoutError)
-        or (isinstance(e, ModuleNotFoundError) and (e.name or "").split(".", 1)[0] in CLIENT_MODULES)
+        or (isinstance(e, ModuleNotFoundError) and is_client_module(e.name or ""))
         for e in causes(exc)
     )
 

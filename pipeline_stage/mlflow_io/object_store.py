@@ -38,8 +38,26 @@ STORES = (
     ObjectStore("Google Cloud Storage", "gs", "gcs", ("google.cloud.storage",)),
     ObjectStore("Azure Blob Storage", "wasbs", "azure", ("azure.storage.blob", "azure.identity")),
 )
-# The distributions whose exceptions are a store's (their top-level module names).
-CLIENT_MODULES = ("boto3", "botocore", "s3transfer", "google", "azure", "msal")
+# The packages whose exceptions are a store's client's (not all of `google`: protobuf is TensorFlow's
+# and MLflow's too).
+CLIENT_MODULES = (
+    "boto3",
+    "botocore",
+    "s3transfer",
+    "google.cloud",
+    "google.api_core",
+    "google.auth",
+    "google.resumable_media",
+    "azure",
+    "msal",
+)
+
+
+def is_client_module(module: str) -> bool:
+    """Whether `module` (a dotted name) is part of an object store's client."""
+    return any(module == m or module.startswith(m + ".") for m in CLIENT_MODULES)
+
+
 DENIED_CODES = {
     "AccessDenied",
     "AllAccessDisabled",
@@ -122,7 +140,7 @@ def credential_source(store: ObjectStore) -> str:
 
 
 def _from_client(e: BaseException) -> bool:
-    return type(e).__module__.split(".", 1)[0] in CLIENT_MODULES
+    return is_client_module(type(e).__module__)
 
 
 def _code_and_status(e: BaseException) -> tuple[str, int | None]:
@@ -161,7 +179,7 @@ def store_error(exc: BaseException, doing: str, *, uri: str | None = None) -> St
     bucket is bad input (exit 2, naming the bucket and the credential source); a store that does
     not answer, times out or answers 5xx is an outage (exit 1, as the tracking server's)."""
     for e in causes(exc):
-        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".", 1)[0] in CLIENT_MODULES:
+        if isinstance(e, ModuleNotFoundError) and is_client_module(e.name or ""):
             store = _store_in(exc, uri) if uri else next((s for s in STORES if (e.name or "") in s.modules), STORES[0])
             return _missing_client(store, uri or f"{store.scheme}://", f"an artifact location used while {doing}")
     culprit = next((e for e in causes(exc) if _from_client(e)), None)
