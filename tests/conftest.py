@@ -66,6 +66,29 @@ def mlflow_server(tmp_path_factory, postgres, s3):
 
 
 @pytest.fixture(scope="session")
+def direct(tmp_path_factory, postgres, s3, digits_model, digits_data):
+    """A server on PostgreSQL that stores no files: clients write to bucket `direct` themselves.
+    The digits source is logged to it from this process, with the same S3 environment."""
+    import mlflow
+
+    from pipeline_stage.demo import log_source_model
+
+    proc, uri = production_server(tmp_path_factory.mktemp("direct"), postgres, s3, "direct", direct=True)
+    saved = {k: os.environ.get(k) for k in s3.env}
+    os.environ.update(s3.env)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        log_source_model(digits_model, digits_data, name="digits-direct", alias="champion")
+    finally:
+        mlflow.set_tracking_uri(before)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    yield uri, s3
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
 def digits_data():
     from pipeline_stage.demo import digits_data as load
 

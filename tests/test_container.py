@@ -23,6 +23,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _work(tmp_path, manifest: str):
+    """A folder for /work with the manifest m.yaml, writable by the container's user (uid 1000)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "m.yaml").write_text(manifest)
+    return work
+
+
 def podman(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(["podman", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
@@ -105,10 +114,7 @@ def test_what_a_run_imports_is_precompiled_bytecode(image):
 
 def test_a_local_store_in_the_image_is_refused_with_the_fix(image, tmp_path):
     """No tracking URI means a local sqlite store, which the client-only MLflow cannot open."""
-    work = tmp_path / "work"
-    work.mkdir()
-    work.chmod(0o777)
-    (work / "m.yaml").write_text("model: /work/none.keras\nchain:\n  - quantize: {mode: dynamic}\n")
+    work = _work(tmp_path, "model: /work/none.keras\nchain:\n  - quantize: {mode: dynamic}\n")
     result = podman("run", "--rm", "-v", f"{work}:/work", "-w", "/work", image, "run", "/work/m.yaml")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "sqlite:///mlflow.db" in result.stderr and "pipeline-stage[local]" in result.stderr
@@ -125,14 +131,12 @@ def test_a_local_store_in_the_image_is_refused_with_the_fix(image, tmp_path):
 )
 def test_prune_and_qat_run_in_the_image_with_tensorflow_cpu(chain, image, digits_source, mlflow_server, tmp_path):
     """tfmot (through tf_keras, in its child process) on the CPU-only TensorFlow wheel."""
-    work = tmp_path / "work"
-    work.mkdir()
-    work.chmod(0o777)
-    (work / "m.yaml").write_text(
+    work = _work(
+        tmp_path,
         "model: models:/digits-cnn@champion\n"
         "data: {training: 'runs:/${source.run_id}/data/train.npz', calibration: 'runs:/${source.run_id}/data/calib.npz',"
         " evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-        f"chain:\n{chain}gates:\n  - {{metric: accuracy, max_drop: 0.1}}\n"
+        f"chain:\n{chain}gates:\n  - {{metric: accuracy, max_drop: 0.1}}\n",
     )
     result = podman(
         "run", "--rm", "--network", "host", "-e", f"MLFLOW_TRACKING_URI={mlflow_server}", "-v", f"{work}:/work",
@@ -148,14 +152,12 @@ def test_prune_and_qat_run_in_the_image_with_tensorflow_cpu(chain, image, digits
 
 
 def test_stage_runs_in_the_container_against_the_host_server(image, digits_source, mlflow_server, tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    work.chmod(0o777)  # the container's user (uid 1000) writes the report here
-    (work / "m.yaml").write_text(
+    work = _work(
+        tmp_path,
         "model: models:/digits-cnn@champion\n"
         "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
         "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-        "register: {name: digits-from-container, alias: edge}\n"
+        "register: {name: digits-from-container, alias: edge}\n",
     )
     result = podman(
         "run",
@@ -178,6 +180,26 @@ def test_stage_runs_in_the_container_against_the_host_server(image, digits_sourc
     version = mlflow.MlflowClient().get_model_version_by_alias("digits-from-container", "edge")
     assert version.version == "1" and version.tags["pipeline_stage.passed"] == "true"
     assert json.loads((work / "report.json").read_text())["passed"] is True
+
+
+def test_the_image_reads_and_writes_the_object_store_itself(image, direct, tmp_path):
+    """The direct layout from the image: boto3 in it, the pod given the tracking URI, the keys
+    and the endpoint."""
+    uri, s3 = direct
+    work = _work(
+        tmp_path,
+        "model: models:/digits-direct@champion\n"
+        "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
+        "chain:\n  - quantize: {mode: dynamic}\ngates:\n  - {metric: accuracy, max_drop: 0.02}\n"
+        "register: {name: digits-direct-image}\n",
+    )
+    env = [arg for key, value in {**s3.env, "MLFLOW_TRACKING_URI": uri}.items() for arg in ("-e", f"{key}={value}")]
+    result = podman("run", "--rm", "--network", "host", *env, "-v", f"{work}:/work", image, "run", "/work/m.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered: models:/digits-direct-image/1" in result.stdout
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="direct").get("Contents", [])]
+    run_id = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version("digits-direct-image", "1").run_id
+    assert any(run_id in k and k.endswith("model.tflite") for k in keys)  # written by the container, into the bucket
 
 
 def test_two_line_derived_image_adds_an_in_house_plugin(image, tmp_path):

@@ -16,30 +16,9 @@ import numpy as np
 import pytest
 
 from pipeline_stage.mlflow_io.tracking import redact
-from tests.conftest import production_server, run_cli, stop_server, write_manifest
+from tests.conftest import run_cli, stop_server, write_manifest
 from tests.helpers import read_report, versions_of
 from tests.services import BIN, S3_ENV, _wait, free_port
-
-
-@pytest.fixture(scope="module")
-def direct(tmp_path_factory, postgres, s3, digits_model, digits_data):
-    """A server on PostgreSQL that stores no files: clients write to bucket `direct` themselves.
-    The digits source is logged to it from this process, with the same S3 environment."""
-    from pipeline_stage.demo import log_source_model
-
-    proc, uri = production_server(tmp_path_factory.mktemp("direct"), postgres, s3, "direct", direct=True)
-    saved = {k: os.environ.get(k) for k in s3.env}
-    os.environ.update(s3.env)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        log_source_model(digits_model, digits_data, name="digits-direct", alias="champion")
-    finally:
-        mlflow.set_tracking_uri(before)
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-    yield uri, s3
-    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
