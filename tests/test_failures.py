@@ -56,7 +56,8 @@ def test_a_5xx_answer_is_an_outage_and_a_404_is_missing():
 
     assert is_outage(http_error(503)) and not is_missing(http_error(503))
     assert is_missing(http_error(404)) and not is_outage(http_error(404))
-    assert "MLFLOW_TRACKING_TOKEN" in str(classify(http_error(403), "x"))
+    assert "MLFLOW_TRACKING_TOKEN" in str(classify(http_error(401), "x"))  # refused credentials
+    assert "lacks a permission" in str(classify(http_error(403), "x"))  # a permission the user lacks
 
 
 def test_retrying_gives_up_at_once_on_what_retrying_cannot_fix():

@@ -159,7 +159,7 @@ def classify(exc: BaseException, doing: str, *, missing: str | None = None, miss
         return InputError(
             f"MLflow user `{user}` lacks a permission on {_server()} (refused while {doing}): {first_line(exc)}",
             hint="ask an owner (MANAGE) of that experiment or registered model to grant the permission (EDIT to write), "
-            "or use a name you own",
+            "or use a name you own; if that is not the user meant, set MLFLOW_TRACKING_USERNAME / PASSWORD or MLFLOW_TRACKING_TOKEN",
         )
     if _denied(exc):
         return InputError(
