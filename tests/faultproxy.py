@@ -14,6 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
+# The body of a real version-create request (the permission probe sends none: model_registry.py).
+SOURCE = r'"source"'
+
 
 @dataclass
 class Rule:
@@ -24,6 +27,7 @@ class Rule:
     seconds: float = 0.0
     times: int = 10**9  # how many matching requests it applies to
     hits: int = 0
+    body: str = ""  # regex on the request body too (e.g. a version-create with a source, not the permission probe)
 
 
 @dataclass
@@ -66,7 +70,12 @@ class FaultProxy:
                     proxy.log.append((self.command, path, -1))
                     return
                 for rule in proxy.rules:
-                    if rule.method == self.command and re.search(rule.path, path) and rule.hits < rule.times:
+                    if (
+                        rule.method == self.command
+                        and re.search(rule.path, path)
+                        and re.search(rule.body, (body or b"").decode("utf-8", "replace"))
+                        and rule.hits < rule.times
+                    ):
                         rule.hits += 1
                         if rule.action == "500":
                             self.send_response(500)

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from tests.conftest import write_manifest
-from tests.faultproxy import FaultProxy, Rule
+from tests.faultproxy import SOURCE, FaultProxy, Rule
 from tests.figures import add
 from tests.helpers import digits_manifest, invoke, read_report, versions_of
 
@@ -39,11 +39,11 @@ def baseline_version(digits_source, tmp_path_factory):
 
 CASES = {
     "5xx on every artifact upload": [Rule("PUT", r"/mlflow-artifacts/artifacts/", "500")],
-    "5xx on creating the version": [Rule("POST", r"/model-versions/create$", "500")],
+    "5xx on creating the version": [Rule("POST", r"/model-versions/create$", "500", body=SOURCE)],
     "5xx on moving the alias": [Rule("POST", r"/registered-models/alias$", "500")],
     # Down for 8 s: longer than MLflow's own retries of the request (2 retries, about 3 s), shorter
     # than the stage's cleanup clock (half the outage bound), so the cleanup finds the server back.
-    "server restarts during registration": [Rule("POST", r"/model-versions/create$", "outage", seconds=8, times=1)],
+    "server restarts during registration": [Rule("POST", r"/model-versions/create$", "outage", seconds=8, times=1, body=SOURCE)],
     "server restarts while moving the alias": [Rule("POST", r"/registered-models/alias$", "outage", seconds=8, times=1)],
 }
 

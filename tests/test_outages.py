@@ -17,7 +17,7 @@ import pytest
 
 from pipeline_stage.mlflow_io.stage_run import LEASE_TAG
 from tests.conftest import free_port, production_server, stop_server, write_manifest
-from tests.faultproxy import FaultProxy, Rule
+from tests.faultproxy import SOURCE, FaultProxy, Rule
 from tests.figures import add, peak
 from tests.helpers import digits_manifest, invoke, read_report
 
@@ -85,7 +85,7 @@ PHASES = {
     "the data downloads": Rule("GET", r"/mlflow-artifacts/(artifacts|presigned)/.*/data/eval\.npz$", "kill"),
     "the baseline is logged": Rule("POST", r"/runs/log-batch$", "kill", times=1),
     "the artifacts upload": Rule("PUT", r"/mlflow-artifacts/artifacts/.*/model\.tflite$", "kill"),
-    "the version is created": Rule("POST", r"/model-versions/create$", "kill"),
+    "the version is created": Rule("POST", r"/model-versions/create$", "kill", body=SOURCE),
     "the alias moves": Rule("POST", r"/registered-models/alias$", "kill"),
 }
 
