@@ -59,7 +59,7 @@ def _experiment(uri: str, name: str, artifact_location: str) -> None:
         client.create_experiment(name, artifact_location=artifact_location)
 
 
-def _failed_runs(uri: str, experiment: str) -> list[str]:
+def _run_statuses(uri: str, experiment: str) -> list[str]:
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     return [r.info.status for r in client.search_runs([found.experiment_id])]
@@ -94,7 +94,7 @@ def _refused(direct, local_source, tmp_path, experiment: str, location: str, env
     _experiment(uri, experiment, location)
     path = _manifest(tmp_path, str(local_source / "digits.keras"), str(local_source / "eval.npz"), experiment, f"{experiment}-m")
     result = run_cli("run", str(path), "-q", env={**s3.env, "MLFLOW_TRACKING_URI": uri, **(env or {})})
-    assert _failed_runs(uri, experiment) == ["FAILED"]  # the run ended, saying so
+    assert _run_statuses(uri, experiment) == ["FAILED"]  # the run ended, saying so
     with _pointed_at(uri):
         assert versions_of(f"{experiment}-m") == []  # nothing registered
     return result
