@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,22 @@ def s3(tmp_path_factory):
         yield store
     finally:
         store.stop()
+
+
+@contextlib.contextmanager
+def pointed_at(uri: str, env: dict[str, str] | None = None):
+    """This process's MLflow client pointed at `uri`, with `env` set, both restored afterwards."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before)
 
 
 def production_server(root: Path, postgres: Postgres, s3: S3, name: str, *, direct: bool = False, port: int | None = None):
@@ -69,21 +86,11 @@ def mlflow_server(tmp_path_factory, postgres, s3):
 def direct(tmp_path_factory, postgres, s3, digits_model, digits_data):
     """A server on PostgreSQL that stores no files: clients write to bucket `direct` themselves.
     The digits source is logged to it from this process, with the same S3 environment."""
-    import mlflow
-
     from pipeline_stage.demo import log_source_model
 
     proc, uri = production_server(tmp_path_factory.mktemp("direct"), postgres, s3, "direct", direct=True)
-    saved = {k: os.environ.get(k) for k in s3.env}
-    os.environ.update(s3.env)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with pointed_at(uri, s3.env):
         log_source_model(digits_model, digits_data, name="digits-direct", alias="champion")
-    finally:
-        mlflow.set_tracking_uri(before)
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     yield uri, s3
     stop_server(proc)
 

@@ -4,7 +4,6 @@ on loopback; and what it says when it cannot (no client, no bucket, access refus
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline_stage.mlflow_io.tracking import redact
-from tests.conftest import run_cli, stop_server, write_manifest
+from tests.conftest import pointed_at, run_cli, stop_server, write_manifest
 from tests.helpers import read_report, versions_of
 from tests.services import BIN, S3_ENV, _wait, free_port
 
@@ -29,16 +28,6 @@ def local_source(tmp_path_factory, digits_model, digits_data):
     x, y = digits_data.evaluation
     np.savez(root / "eval.npz", x=x, y=y)
     return root
-
-
-@contextlib.contextmanager
-def _pointed_at(uri: str):
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
 
 
 def _manifest(tmp_path: Path, model: str, data: str, experiment: str, name: str) -> Path:
@@ -81,7 +70,7 @@ def test_direct_layout_reads_and_writes_the_bucket_itself(direct, tmp_path):
     body = s3.client().get_object(Bucket="direct", Key=tflite[0])["Body"].read()
     assert body[4:8] == b"TFL3"
     assert hashlib.sha256(body).hexdigest() in {d["sha256"] for d in report["artifacts"]}
-    with _pointed_at(uri):
+    with pointed_at(uri):
         version = versions_of("digits-direct-tflite")[0]
     assert version.source.startswith("models:/") and report["registered"]["version"] == version.version
     checked = run_cli("verify", "models:/digits-direct-tflite@prod", "--tracking-uri", uri, env=s3.env)
@@ -95,7 +84,7 @@ def _refused(direct, local_source, tmp_path, experiment: str, location: str, env
     path = _manifest(tmp_path, str(local_source / "digits.keras"), str(local_source / "eval.npz"), experiment, f"{experiment}-m")
     result = run_cli("run", str(path), "-q", env={**s3.env, "MLFLOW_TRACKING_URI": uri, **(env or {})})
     assert _run_statuses(uri, experiment) == ["FAILED"]  # the run ended, saying so
-    with _pointed_at(uri):
+    with pointed_at(uri):
         assert versions_of(f"{experiment}-m") == []  # nothing registered
     return result
 

@@ -4,13 +4,11 @@ same user registers once granted EDIT. Passwords appear in no output."""
 
 from __future__ import annotations
 
-import os
-
 import mlflow
 import pytest
 import requests
 
-from tests.conftest import run_cli, write_manifest
+from tests.conftest import pointed_at, run_cli, write_manifest
 from tests.services import start_mlflow_server, stop_server
 
 ADMIN, ADMIN_PASSWORD = "admin", "admin-Secret-4242"
@@ -35,21 +33,13 @@ def auth_server(tmp_path_factory, digits_model, digits_data):
     server_env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}
     proc, uri = start_mlflow_server(root, app="basic-auth", env=server_env)
     admin = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
-    saved = {k: os.environ.get(k) for k in admin}
-    os.environ.update(admin)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with pointed_at(uri, admin):
         log_source_model(digits_model, digits_data, name=SOURCE, alias="champion")
         mlflow.MlflowClient().create_registered_model(TARGET)
         answer = requests.post(
             f"{uri}/api/2.0/mlflow/users/create", json={"username": USER, "password": USER_PASSWORD}, auth=(ADMIN, ADMIN_PASSWORD)
         )
         assert answer.status_code == 200, answer.text
-    finally:
-        mlflow.set_tracking_uri(before)
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     yield uri
     stop_server(proc)
 

@@ -25,37 +25,38 @@ from pipeline_stage.mlflow_io.tracking import first_line, redact
 @dataclass(frozen=True)
 class ObjectStore:
     """One kind of object store: its URI scheme, the modules MLflow's artifact repository for it
-    imports, and the extra of this package that installs them."""
+    imports, the extra of this package that installs them, and the packages its client's
+    exceptions come from."""
 
     name: str
     scheme: str
     extra: str
     modules: tuple[str, ...]
+    packages: tuple[str, ...]
 
 
 STORES = (
-    ObjectStore("S3", "s3", "s3", ("boto3",)),
-    ObjectStore("Google Cloud Storage", "gs", "gcs", ("google.cloud.storage",)),
-    ObjectStore("Azure Blob Storage", "wasbs", "azure", ("azure.storage.blob", "azure.identity")),
+    ObjectStore("S3", "s3", "s3", ("boto3",), ("boto3", "botocore", "s3transfer")),
+    # not all of `google`: protobuf is TensorFlow's and MLflow's too
+    ObjectStore(
+        "Google Cloud Storage",
+        "gs",
+        "gcs",
+        ("google.cloud.storage",),
+        ("google.cloud", "google.api_core", "google.auth", "google.resumable_media"),
+    ),
+    ObjectStore("Azure Blob Storage", "wasbs", "azure", ("azure.storage.blob", "azure.identity"), ("azure", "msal")),
 )
-# The packages whose exceptions are a store's client's (not all of `google`: protobuf is TensorFlow's
-# and MLflow's too).
-CLIENT_MODULES = (
-    "boto3",
-    "botocore",
-    "s3transfer",
-    "google.cloud",
-    "google.api_core",
-    "google.auth",
-    "google.resumable_media",
-    "azure",
-    "msal",
-)
+
+
+def client_store(module: str) -> ObjectStore | None:
+    """The store whose client `module` (a dotted name) is part of, if any."""
+    return next((s for s in STORES if any(module == p or module.startswith(p + ".") for p in s.packages)), None)
 
 
 def is_client_module(module: str) -> bool:
     """Whether `module` (a dotted name) is part of an object store's client."""
-    return any(module == m or module.startswith(m + ".") for m in CLIENT_MODULES)
+    return client_store(module) is not None
 
 
 DENIED_CODES = {
@@ -154,15 +155,6 @@ def _code_and_status(e: BaseException) -> tuple[str, int | None]:
     return str(code), status if isinstance(status, int) else None
 
 
-def _store_in(exc: BaseException, uri: str | None) -> ObjectStore:
-    if uri and store_of(uri):
-        return store_of(uri)
-    module = next((type(e).__module__ for e in causes(exc) if _from_client(e)), "")
-    return next(
-        s for s in STORES if s.scheme == {"google": "gs", "azure": "wasbs", "msal": "wasbs"}.get(module.split(".")[0], "s3")
-    )
-
-
 def _bucket_in(exc: BaseException, uri: str | None) -> str:
     if uri and store_of(uri):
         return bucket_of(uri)
@@ -180,14 +172,14 @@ def store_error(exc: BaseException, doing: str, *, uri: str | None = None) -> St
     not answer, times out or answers 5xx is an outage (exit 1, as the tracking server's)."""
     for e in causes(exc):
         if isinstance(e, ModuleNotFoundError) and is_client_module(e.name or ""):
-            store = _store_in(exc, uri) if uri else next((s for s in STORES if (e.name or "") in s.modules), STORES[0])
+            store = store_of(uri or "") or client_store(e.name or "")
             return _missing_client(store, uri or f"{store.scheme}://", f"an artifact location used while {doing}")
-    culprit = next((e for e in causes(exc) if _from_client(e)), None)
-    if culprit is None:
-        return None
-    store, bucket = _store_in(exc, uri), _bucket_in(exc, uri)
-    name = type(culprit).__name__
     from_client = [e for e in causes(exc) if _from_client(e)]
+    if not from_client:
+        return None
+    culprit = from_client[0]
+    store, bucket = store_of(uri or "") or client_store(type(culprit).__module__), _bucket_in(exc, uri)
+    name = type(culprit).__name__
     code, status = next(((c, s) for c, s in map(_code_and_status, from_client) if c or s), ("", None))
     if any(word in name for word in ("Connection", "Timeout", "ServiceRequest", "ServiceResponse")) or (status or 0) >= 500:
         return TrackingError(

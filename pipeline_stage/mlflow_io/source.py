@@ -66,6 +66,12 @@ def download(uri: str, dst: Path) -> Path:
     )
 
 
+def is_remote(uri: str) -> bool:
+    """Whether a manifest's data URI names something to download (a runs:/, models:/ or other URI),
+    not a local path."""
+    return "://" in uri or uri.startswith(("runs:/", "models:/"))
+
+
 def download_data(uri: str, dst: Path, field: str) -> Path:
     """Download a data set named in the manifest (`field`, e.g. ``data.evaluation``) into `dst`."""
     from pipeline_stage.mlflow_io.tracking import redact

@@ -26,6 +26,7 @@ from pipeline_stage.engine.evaluate import check_input_shape
 from pipeline_stage.engine.source_model import SourceModel, outputs_by_name
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest, local_data_path
+from pipeline_stage.mlflow_io.source import is_remote
 from pipeline_stage.run.progress import Progress
 
 SOURCE_RUN_PLACEHOLDER = "${source.run_id}"
@@ -105,7 +106,7 @@ class ChainRunner:
             )
         uri = self.data_uri(name)
         local = Path(uri)
-        if "://" in uri or uri.startswith(("runs:/", "models:/")):
+        if is_remote(uri):
             from pipeline_stage.mlflow_io.source import download_data
 
             local = download_data(uri, self.workdir / "data" / name, f"data.{name}")

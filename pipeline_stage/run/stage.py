@@ -24,6 +24,7 @@ from pipeline_stage.manifest import DATA_SETS, LoadedManifest
 from pipeline_stage.mlflow_io.failures import raise_classified
 from pipeline_stage.mlflow_io.model_registry import check_may_register
 from pipeline_stage.mlflow_io.object_store import probe_all
+from pipeline_stage.mlflow_io.source import is_remote
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.reporting.html import render_plots
 from pipeline_stage.run.chain import SOURCE_RUN_PLACEHOLDER, ChainRunner
@@ -157,7 +158,7 @@ class Stage:
             uri = getattr(self.m.data, name) or ""
             if source.run_id:
                 uri = uri.replace(SOURCE_RUN_PLACEHOLDER, source.run_id)
-            if SOURCE_RUN_PLACEHOLDER not in uri and ("://" in uri or uri.startswith(("runs:/", "models:/"))):
+            if SOURCE_RUN_PLACEHOLDER not in uri and is_remote(uri):
                 places[f"`data.{name}`"] = uri
         return places
 
