@@ -6,13 +6,14 @@ params against its own schema, the chain's phase order, metric names, search mov
 the chain needs, and the shape of every URI. Errors name the file, the line and the field.
 
 ``schema`` holds the pydantic models, ``yaml_text`` the safe YAML reading, ``loader`` the
-validation against the installed plugins, ``data_checks`` the checks against the data.
+validation against the installed plugins, ``data_checks`` the checks against the data, and
+``loaded`` the validated manifest they produce.
 """
 
 from pipeline_stage.contract.gates import GATE_RULES, Gate
 from pipeline_stage.manifest.data_checks import local_data_path
+from pipeline_stage.manifest.loaded import LoadedManifest
 from pipeline_stage.manifest.loader import (
-    LoadedManifest,
     load_manifest,
     parse_chain_item,
     parse_manifest,

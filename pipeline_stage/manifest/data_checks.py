@@ -4,17 +4,14 @@ that need labels need labels, and where a local data path points."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline_stage.contract.errors import ManifestError
 from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.manifest.loaded import LoadedManifest
 from pipeline_stage.manifest.yaml_text import line_for
 
-if TYPE_CHECKING:
-    from pipeline_stage.manifest.loader import LoadedManifest
 
-
-def check_inputs_for_metrics(loaded: "LoadedManifest", host: PluginHost, *, read_data: bool) -> None:
+def check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost, *, read_data: bool) -> None:
     """Metrics that run the model need real inputs (never zeros: a quantized model can crash on
     them); with `read_data`, metrics that need labels need them in local evaluation data (remote
     data, and any data of a run, is checked when it is loaded)."""

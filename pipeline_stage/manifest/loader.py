@@ -9,10 +9,7 @@ needs, and the shape of every URI. Errors name the file, the line and the field.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from dataclasses import dataclass
-from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -23,74 +20,9 @@ from pipeline_stage.contract.errors import ManifestError
 from pipeline_stage.contract.steps import Phase, Step
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest.data_checks import check_inputs_for_metrics
+from pipeline_stage.manifest.loaded import LoadedManifest
 from pipeline_stage.manifest.schema import Manifest, check_model_uri
 from pipeline_stage.manifest.yaml_text import MAX_NODES, NoDuplicatesLoader, expanded_size, fmt_loc, line_for, line_map
-
-
-@dataclass
-class LoadedManifest:
-    """A validated manifest with its configured steps."""
-
-    path: str
-    manifest: Manifest
-    steps: list[Step]
-    raw: dict[str, Any]
-    text: str
-    lines: dict[tuple, int]
-    candidates: list[list[Step]] = dc_field(default_factory=list)  # search.candidates, configured
-    moves: list[str] = dc_field(default_factory=list)  # the search moves it may use, by name (all installed by default)
-
-    @property
-    def chain_digest(self) -> str:
-        """Digest of the chain as it will run (names and params with defaults filled in)."""
-        chain: Any = [[s.name, s.params.model_dump(mode="json")] for s in self.steps]
-        if self.manifest.search is not None:  # a search may register another chain: its whole spec counts
-            search = self.manifest.search.model_dump(mode="json", exclude={"candidates"})
-            search["moves"] = self.moves  # what it may do, whether written or by default
-            chain = {
-                "chain": chain,
-                "search": search,
-                "candidates": [[[s.name, s.params.model_dump(mode="json")] for s in c] for c in self.candidates],
-            }
-        if self.manifest.signature != "serving_default":  # another signature is another model
-            chain = {"chain": chain, "signature": self.manifest.signature}
-        return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
-
-    def required_data(self, host: PluginHost) -> set[str]:
-        """The data sets the steps need, and `evaluation` for metrics computed on predictions."""
-        needed: set[str] = set()
-        for step in [*self.steps, *(s for chain in self.candidates for s in chain)]:
-            needed |= step.required_data()
-        for name in self.metric_names() + list(self.manifest.evaluation.per_step):
-            found = host.metric_for(name)
-            if found is not None and (found[0].cls.needs_labels or found[0].cls.uses == "predictions"):
-                needed.add("evaluation")
-        return needed
-
-    def measured_names(self) -> list[str]:
-        """Every metric a run may measure (per step too); a default list asks for accuracy only when
-        the data turns out to have labels, so it is left out here."""
-        return self.metric_names(labels=False) + list(self.manifest.evaluation.per_step)
-
-    def needing_labels(self, host: PluginHost) -> list[str]:
-        """The measured metrics that need the evaluation data's labels."""
-        return [n for n in self.measured_names() if host.metric_class(n).needs_labels]
-
-    def metric_names(self, *, labels: bool = True) -> list[str]:
-        """The metrics measured for baseline and candidate: the manifest's list (default: accuracy when
-        the evaluation data has labels, fidelity to the baseline when there is evaluation data, size,
-        and latency when there is any data to time the model on), plus every gated and objective metric."""
-        names = self.manifest.evaluation.metrics
-        if names is None:
-            data = self.manifest.data
-            names = (["accuracy"] if data.evaluation and labels else []) + (["fidelity_sqnr_db"] if data.evaluation else [])
-            names += ["size_bytes"] + (["latency_p50_ms"] if data.evaluation or data.calibration or data.training else [])
-        names = list(names)
-        extra = [g.metric for g in self.manifest.gates] + (self.manifest.search.objective if self.manifest.search else [])
-        for name in extra:
-            if name not in names:
-                names.append(name)
-        return names
 
 
 def _did_you_mean(word: str, options: list[str]) -> str | None:
@@ -149,10 +81,51 @@ def load_manifest(path: str | Path, host: PluginHost, *, model_uri: str | None =
     return parse_manifest(text, host, path=path, model_uri=model_uri, read_data=read_data)
 
 
+@dataclass(frozen=True)
+class _Where:
+    """The text being validated: every error names its file, line and field through :meth:`error`."""
+
+    path: str
+    lines: dict
+
+    def error(self, message: str, loc: tuple = (), *, hint: str | None = None, field: str | None = None) -> ManifestError:
+        return ManifestError(
+            message,
+            path=self.path,
+            line=line_for(self.lines, loc) if loc else None,
+            field=field or fmt_loc(loc) or None,
+            hint=hint,
+        )
+
+
 def parse_manifest(
     text: str, host: PluginHost, *, path: str = "<manifest>", model_uri: str | None = None, read_data: bool = False
 ) -> LoadedManifest:
-    """Validate manifest text (see :func:`load_manifest`)."""
+    """Validate manifest text (see :func:`load_manifest`), one section at a time."""
+    raw = _read_yaml(text, path)
+    where = _Where(path, line_map(text))
+    manifest = _validate_fields(raw, where, model_uri)
+    steps = parse_steps(manifest.chain, host, path=path, lines=where.lines, loc=("chain",))
+    candidates, moves = _check_search(manifest, host, where)
+    _check_metric_names(manifest, host, where)
+    loaded = LoadedManifest(
+        path=path,
+        manifest=manifest,
+        steps=steps,
+        raw=raw,
+        text=text,
+        lines=where.lines,
+        candidates=candidates,
+        moves=moves,
+    )
+    _check_data(loaded, host, where)
+    check_inputs_for_metrics(loaded, host, read_data=read_data)
+    _check_registration(manifest, where)
+    return loaded
+
+
+def _read_yaml(text: str, path: str) -> dict[str, Any]:
+    """The document as a mapping with string keys, read safely (no Python objects, no alias bombs)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is not None and expanded_size(root, {}) > MAX_NODES:
@@ -173,120 +146,111 @@ def parse_manifest(
         ) from None
     except RecursionError:
         raise ManifestError("invalid YAML: nested too deeply", path=path) from None
-    lines = line_map(text)
     if raw is None:
         raise ManifestError("the manifest is empty", path=path, hint="start from manifests/examples/digits-int8.yaml")
     if not isinstance(raw, dict):
         raise ManifestError(f"the manifest must be a mapping of fields, found a {type(raw).__name__}", path=path, line=1)
     for key in raw:
         if not isinstance(key, str):
-            raise ManifestError(f"field names must be strings, found {key!r}", path=path, line=line_for(lines, (key,)))
+            raise ManifestError(f"field names must be strings, found {key!r}", path=path, line=line_for(line_map(text), (key,)))
+    return raw
+
+
+def _validate_fields(raw: dict[str, Any], where: _Where, model_uri: str | None) -> Manifest:
+    """The typed sections, and the model (`--model-uri` overrides the manifest's)."""
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise _pydantic_error(exc, Manifest, path, lines) from None
+        raise _pydantic_error(exc, Manifest, where.path, where.lines) from None
     if model_uri is not None:
         try:
             check_model_uri(model_uri)
         except ValueError as exc:
-            raise ManifestError(str(exc), path=path, field="--model-uri") from None
+            raise where.error(str(exc), field="--model-uri") from None
         manifest.model = model_uri
     if manifest.model is None:
-        raise ManifestError(
-            "no model given",
-            path=path,
-            field="model",
-            hint="set `model: models:/<name>@<alias>` in the manifest or pass --model-uri",
+        raise where.error(
+            "no model given", field="model", hint="set `model: models:/<name>@<alias>` in the manifest or pass --model-uri"
         )
+    return manifest
 
-    steps = parse_steps(manifest.chain, host, path=path, lines=lines, loc=("chain",))
-    known_metrics = sorted(host.metrics)
 
-    def check_metric(name: str, loc: tuple) -> None:
-        if host.metric_for(name) is None:
-            raise ManifestError(
-                f"unknown metric `{name}`; installed metrics: {', '.join(known_metrics)}",
-                path=path,
-                line=line_for(lines, loc),
-                field=fmt_loc(loc),
-                hint=_did_you_mean(name, known_metrics),
-            )
+def _check_metric(name: str, host: PluginHost, where: _Where, loc: tuple) -> None:
+    if host.metric_for(name) is None:
+        known = sorted(host.metrics)
+        raise where.error(f"unknown metric `{name}`; installed metrics: {', '.join(known)}", loc, hint=_did_you_mean(name, known))
 
-    candidates: list[list[Step]] = []
-    moves: list[str] = []
-    if manifest.search is not None:
-        search = manifest.search
-        if search.strategy == "candidates" and not search.candidates:
-            raise ManifestError(
-                "strategy `candidates` needs at least one chain under `search.candidates`",
-                path=path,
-                line=line_for(lines, ("search", "strategy")),
-                field="search.candidates",
-                hint="add `candidates: [[{fuse: {}}, {quantize: {mode: int8}}], ...]`, or use strategy auto",
-            )
-        moves = _search_moves(search.moves, host, path=path, lines=lines)
-        if search.strategy == "auto":
-            as_written = [(name, dict(params or {})) for name, params in map(parse_chain_item, manifest.chain)]
-            usable = [host.moves[n].cls for n in moves if host.moves[n].cls().applies(as_written)]
-            if not usable:
-                needs = "; ".join(f"`{n}` needs {host.moves[n].cls.requirement or 'another chain'}" for n in moves)
-                raise ManifestError(
-                    f"strategy `auto` has no search move for this chain ({needs or 'no moves installed'})",
-                    path=path,
-                    line=line_for(lines, ("search", "strategy")),
-                    field="search.strategy",
-                    hint="change the chain so that a move applies (e.g. `- quantize: {mode: int8}`), or use strategy candidates",
-                )
-            if not manifest.gates:
-                raise ManifestError(
-                    "strategy `auto` searches until the gates pass, but there are no gates",
-                    path=path,
-                    line=line_for(lines, ("search",)),
-                    field="gates",
-                    hint="add e.g. `- {metric: accuracy, max_drop: 0.01}`",
-                )
-        for k, chain in enumerate(search.candidates):
-            candidates.append(parse_steps(chain, host, path=path, lines=lines, loc=("search", "candidates", k)))
-        for j, name in enumerate(search.objective):
-            check_metric(name, ("search", "objective", j))
 
+def _check_metric_names(manifest: Manifest, host: PluginHost, where: _Where) -> None:
+    """Every metric the evaluation section and the gates name is installed."""
     for key, names in (("metrics", manifest.evaluation.metrics or []), ("per_step", manifest.evaluation.per_step)):
         for j, name in enumerate(names):
-            check_metric(name, ("evaluation", key, j))
+            _check_metric(name, host, where, ("evaluation", key, j))
     for j, gate in enumerate(manifest.gates):
-        check_metric(gate.metric, ("gates", j, "metric"))
+        _check_metric(gate.metric, host, where, ("gates", j, "metric"))
 
-    loaded = LoadedManifest(
-        path=path,
-        manifest=manifest,
-        steps=steps,
-        raw=raw,
-        text=text,
-        lines=lines,
-        candidates=candidates,
-        moves=moves if manifest.search is not None else [],
-    )
+
+def _check_search(manifest: Manifest, host: PluginHost, where: _Where) -> tuple[list[list[Step]], list[str]]:
+    """The search section: its candidates configured, its moves known (and one that applies to
+    the chain for `auto`), its objective's metrics installed."""
+    search = manifest.search
+    if search is None:
+        return [], []
+    if search.strategy == "candidates" and not search.candidates:
+        raise where.error(
+            "strategy `candidates` needs at least one chain under `search.candidates`",
+            ("search", "strategy"),
+            field="search.candidates",
+            hint="add `candidates: [[{fuse: {}}, {quantize: {mode: int8}}], ...]`, or use strategy auto",
+        )
+    moves = _search_moves(search.moves, host, path=where.path, lines=where.lines)
+    if search.strategy == "auto":
+        as_written = [(name, dict(params or {})) for name, params in map(parse_chain_item, manifest.chain)]
+        usable = [host.moves[n].cls for n in moves if host.moves[n].cls().applies(as_written)]
+        if not usable:
+            needs = "; ".join(f"`{n}` needs {host.moves[n].cls.requirement or 'another chain'}" for n in moves)
+            raise where.error(
+                f"strategy `auto` has no search move for this chain ({needs or 'no moves installed'})",
+                ("search", "strategy"),
+                hint="change the chain so that a move applies (e.g. `- quantize: {mode: int8}`), or use strategy candidates",
+            )
+        if not manifest.gates:
+            raise where.error(
+                "strategy `auto` searches until the gates pass, but there are no gates",
+                ("search",),
+                field="gates",
+                hint="add e.g. `- {metric: accuracy, max_drop: 0.01}`",
+            )
+    candidates = [
+        parse_steps(chain, host, path=where.path, lines=where.lines, loc=("search", "candidates", k))
+        for k, chain in enumerate(search.candidates)
+    ]
+    for j, name in enumerate(search.objective):
+        _check_metric(name, host, where, ("search", "objective", j))
+    return candidates, moves
+
+
+def _check_data(loaded: LoadedManifest, host: PluginHost, where: _Where) -> None:
+    """Every data set the steps, metrics and gates need is given."""
     for data_set in sorted(loaded.required_data(host)):
-        if getattr(manifest.data, data_set) is None:
-            users = [s.name for s in steps if data_set in s.required_data()] or ["the metrics and gates"]
-            raise ManifestError(
+        if getattr(loaded.manifest.data, data_set) is None:
+            users = [s.name for s in loaded.steps if data_set in s.required_data()] or ["the metrics and gates"]
+            raise where.error(
                 f"`{data_set}` data is required by {', '.join(users)} but not given",
-                path=path,
-                line=line_for(lines, ("data",)),
+                ("data",),
                 field=f"data.{data_set}",
                 hint=f"add `data: {{{data_set}: <URI of an .npz with arrays x and y>}}`",
             )
-    check_inputs_for_metrics(loaded, host, read_data=read_data)
+
+
+def _check_registration(manifest: Manifest, where: _Where) -> None:
     if manifest.registration is not None and manifest.registration.alias and not manifest.gates:
         # Moving an alias with no gate would promote anything; require the author to say so.
-        raise ManifestError(
+        raise where.error(
             "`register.alias` is set but there are no gates to decide when to move it",
-            path=path,
-            line=line_for(lines, ("register", "alias")),
-            field="register.alias",
+            ("register", "alias"),
             hint="add at least one gate, e.g. `- {metric: accuracy, max_drop: 0.01}`",
         )
-    return loaded
 
 
 def _search_moves(names: list[str] | None, host: PluginHost, *, path: str, lines: dict) -> list[str]:

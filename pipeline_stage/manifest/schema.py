@@ -166,9 +166,7 @@ class Manifest(_Strict):
         None, alias="register", description="Where the result is registered; omit to only evaluate."
     )
     conversion: ConversionSpec = Field(default_factory=ConversionSpec)
-    search: SearchSpec | None = Field(
-        None, description="Search for a chain that passes the gates (see the README's Search section)."
-    )
+    search: SearchSpec | None = Field(None, description="Search for a chain that passes the gates (docs/search.md).")
     experiment: str = Field("pipeline-stage", min_length=1, description="MLflow experiment of the stage's runs.")
     allow_unsafe_deserialization: bool = Field(
         False, description="Load Keras models with safe_mode off (runs Lambda layers' code). Only for models you trust."
