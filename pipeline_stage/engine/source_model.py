@@ -92,29 +92,30 @@ class SourceModel:
             self.cache["serving_fn"] = signatures[self.signature]
         return self.cache["serving_fn"]
 
-    def predict_outputs(self, inputs, batch_size: int = 64) -> dict[str, np.ndarray]:
-        """Every output by name, for inputs by name (an array stands for the only input)."""
+    def predict_batch(self, inputs) -> dict[str, np.ndarray]:
+        """Every output by name for one batch of inputs by name (an array stands for the only input);
+        the caller batches (:meth:`pipeline_stage.run.evaluation.EvaluationContext.predict`)."""
         names = self.input_names
         if not isinstance(inputs, dict):
             inputs = {names[0]: inputs}
         if self.keras_model is not None:
-            feed = inputs if len(names) > 1 else inputs[names[0]]
-            return outputs_by_name(self.keras_model.predict(feed, batch_size=batch_size, verbose=0), self.output_names)
+            return keras_predict_batch(self.keras_model, inputs, self.output_names)
         if self.tflite_bytes is not None:
             cast = {k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()}
-            return outputs_by_name(self._tflite().predict_outputs(cast, batch_size=batch_size), self.output_names)
+            n = len(next(iter(cast.values())))
+            return outputs_by_name(self._tflite().predict_outputs(cast, batch_size=n), self.output_names)
         from pipeline_stage.engine.tf_env import import_tf
 
         tf = import_tf()
-        fn, n = self._serving_fn(), len(next(iter(inputs.values())))
-        chunks = [
-            fn(**{k: tf.constant(v[start : start + batch_size]) for k, v in inputs.items()}) for start in range(0, n, batch_size)
-        ]
-        return {name: np.concatenate([c[name].numpy() for c in chunks]) for name in self.output_names}
+        out = self._serving_fn()(**{k: tf.constant(v) for k, v in inputs.items()})
+        return {name: out[name].numpy() for name in self.output_names}
 
-    def predict(self, x, batch_size: int = 64) -> np.ndarray:
-        """The first output (a single-output model's prediction)."""
-        return next(iter(self.predict_outputs(x, batch_size).values()))
+
+def keras_predict_batch(model, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+    """A Keras model's outputs by name on one batch: `predict_on_batch`, the compiled step `predict`
+    runs, without the per-call data pipeline that `predict` builds (seconds over a run)."""
+    feed = inputs if len(inputs) > 1 else next(iter(inputs.values()))
+    return outputs_by_name(model.predict_on_batch(feed), output_names)
 
 
 def keras_input_names(model) -> list[str]:

@@ -7,7 +7,8 @@ A model with several outputs gets every metric computed on predictions per outpu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -16,40 +17,78 @@ from pipeline_stage.contract.metrics import Evaluation
 from pipeline_stage.contract.report import TimedComparison
 from pipeline_stage.engine.evaluate import alternating_latencies_ms, default_threads, latencies_ms
 from pipeline_stage.engine.source_model import aligned_names, outputs_by_name
+from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.run.evaluation import EvaluationContext, Outputs
 
-if TYPE_CHECKING:
-    from pipeline_stage.run.chain import ChainRunner
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model's metrics by name; with a baseline beside it, its timed metrics' rounds too."""
+
+    values: dict[str, float]
+    timed: list[TimedComparison] = field(default_factory=list)
 
 
 def measure(
-    runner: "ChainRunner", names: list[str], *, model_bytes: bytes | None, predict: Callable | None = None
+    host: PluginHost,
+    ctx: EvaluationContext,
+    names: list[str],
+    *,
+    model_bytes: bytes | None = None,
+    outputs: Callable[[], Outputs] | None = None,
+    beside: bytes | None = None,
+) -> Measurement:
+    """The metrics among `names` of one model: the baseline, a chain's step, the stage's candidate
+    or a search trial's, all measured here.
+
+    Predictions are `outputs()` (the model's outputs by name on the evaluation data) when given,
+    else the .tflite's, run in :meth:`EvaluationContext.predict`'s loop. A model with several
+    outputs also gets `<metric>.<output>` for every metric computed on predictions, and the plain
+    name is the worst output's value. With `beside` (the baseline's .tflite), the timed metrics
+    (latency) are timed in alternating rounds beside it (:func:`timed_side_by_side`); without, alone.
+    """
+    timed = timed_side_by_side(host, ctx, names, baseline_bytes=beside, candidate_bytes=model_bytes) if beside else []
+    done = {t.metric for t in timed}
+    values = _measure(host, ctx, [n for n in names if n not in done], model_bytes=model_bytes, outputs=outputs)
+    values.update({t.metric: t.candidate for t in timed})
+    return Measurement(values, timed)
+
+
+def _measure(
+    host: PluginHost,
+    ctx: EvaluationContext,
+    names: list[str],
+    *,
+    model_bytes: bytes | None,
+    outputs: Callable[[], Outputs] | None,
 ) -> dict[str, float]:
-    """Compute metrics for one model: predictions from `predict` (outputs by name) when given,
-    else from the .tflite. A model with several outputs also gets `<metric>.<output>` for every
-    metric computed on predictions, and the plain name is the worst output's value."""
-    host, ev_data = runner.host, runner.evaluation_data
-    output_names = runner.output_names
-    flex = _flex_ops(model_bytes) if model_bytes is not None and predict is None else []
+    ev_data = ctx.evaluation
+    output_names = ctx.output_names
+    flex = _flex_ops(model_bytes) if model_bytes is not None and outputs is None else []
     on_predictions = any(host.metric_class(n).uses == "predictions" for n in names)
-    if predict is None and on_predictions and not flex:
+    if outputs is None and on_predictions and not flex:
         from pipeline_stage.engine.litert_runtime import TFLiteModel
 
-        model = TFLiteModel(model_bytes, threads=runner.m.evaluation.threads or default_threads())
-        output_names = aligned_names(model.output_names, runner.output_names)  # a step may have removed some
-        batch = runner.m.evaluation.batch_size
+        model = TFLiteModel(model_bytes, threads=ctx.spec.threads or default_threads())
+        output_names = aligned_names(model.output_names, ctx.output_names)  # a step may have removed some
 
-        def predict(x):
-            feed = {k: v.astype(np.float32) for k, v in x.items()} if isinstance(x, dict) else x.astype(np.float32)
-            return outputs_by_name(model.predict_outputs(feed, batch_size=batch), runner.output_names)
+        def predict_batch(batch: dict[str, np.ndarray]) -> Outputs:
+            feed = {k: v.astype(np.float32) for k, v in batch.items()}
+            if len(feed) == 1:  # the interpreter may name the only input otherwise
+                feed = next(iter(feed.values()))
+            return outputs_by_name(model.predict_outputs(feed, batch_size=ctx.spec.batch_size), ctx.output_names)
 
-    runs = runner.m.evaluation.latency_runs
+        def outputs() -> Outputs:
+            return ctx.predict(predict_batch)
+
+    runs = ctx.spec.latency_runs
     evaluation = Evaluation(
         model_bytes=model_bytes or b"",
-        x=None if ev_data is None else runner.inputs_of(ev_data),
+        x=None if ev_data is None else ctx.inputs_of(ev_data),
         labels=None if ev_data is None else ev_data.labels(output_names),
-        predict=predict,
-        latencies=lambda: latencies_ms(model_bytes, runner.sample_inputs(), runs),
-        reference=runner.reference_outputs if ev_data is not None else None,
+        predict=(lambda x: outputs()) if outputs is not None else None,
+        latencies=lambda: latencies_ms(model_bytes, ctx.sample_inputs(), runs),
+        reference=ctx.reference_outputs if ev_data is not None else None,
         latency_runs=runs,
         output_names=output_names,
     )
@@ -80,19 +119,19 @@ def measure(
 
 
 def timed_side_by_side(
-    runner: "ChainRunner", names: list[str], *, baseline_bytes: bytes, candidate_bytes: bytes
+    host: PluginHost, ctx: EvaluationContext, names: list[str], *, baseline_bytes: bytes, candidate_bytes: bytes
 ) -> list[TimedComparison]:
     """The timed metrics among `names` (latency), baseline and candidate timed in alternating rounds
     in this process: both values from the same minutes of the same machine, and the spread of their
     difference across rounds, which a gate on them does not count. Empty when nothing is timed or a
     model holds TF Select ops (the interpreter cannot run them)."""
-    timed = [n for n in names if runner.host.metric_class(n).timed]
+    timed = [n for n in names if host.metric_class(n).timed]
     if not timed or _flex_ops(baseline_bytes) or _flex_ops(candidate_bytes):
         return []  # nothing timed; or TF Select ops, which `measure` refuses with its message
-    spec = runner.m.evaluation
+    spec = ctx.spec
     per_round = max(5, spec.latency_runs // spec.latency_rounds)
     samples = alternating_latencies_ms(
-        {"baseline": baseline_bytes, "candidate": candidate_bytes}, runner.sample_inputs(), per_round, spec.latency_rounds
+        {"baseline": baseline_bytes, "candidate": candidate_bytes}, ctx.sample_inputs(), per_round, spec.latency_rounds
     )
 
     def value(metric, model_bytes: bytes, latencies) -> float:
@@ -103,7 +142,7 @@ def timed_side_by_side(
 
     out = []
     for name in timed:
-        metric = runner.host.metric_class(name)()
+        metric = host.metric_class(name)()
         rounds = {
             who: [value(metric, data, arr) for arr in samples[who]]
             for who, data in (("baseline", baseline_bytes), ("candidate", candidate_bytes))
@@ -127,18 +166,6 @@ def timed_side_by_side(
             )
         )
     return out
-
-
-def measure_beside_baseline(
-    runner: "ChainRunner", names: list[str], *, baseline_bytes: bytes, candidate_bytes: bytes
-) -> tuple[dict[str, float], list[TimedComparison]]:
-    """The candidate's metrics among `names`: the timed ones (latency) timed beside the baseline in
-    alternating rounds (:func:`timed_side_by_side`, also returned), the others as :func:`measure`."""
-    timed = timed_side_by_side(runner, names, baseline_bytes=baseline_bytes, candidate_bytes=candidate_bytes)
-    done = {t.metric for t in timed}
-    values = measure(runner, [n for n in names if n not in done], model_bytes=candidate_bytes)
-    values.update({t.metric: t.candidate for t in timed})
-    return values, timed
 
 
 def _values(output_names: list[str], metric, evaluation: Evaluation, output: str | None, name: str) -> dict[str, float]:

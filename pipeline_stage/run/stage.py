@@ -15,6 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pipeline_stage.contract.errors import StageError
 from pipeline_stage.contract.gates import evaluate_gates
@@ -24,11 +25,13 @@ from pipeline_stage.manifest import DATA_SETS, LoadedManifest
 from pipeline_stage.mlflow_io.failures import raise_classified
 from pipeline_stage.mlflow_io.model_registry import check_may_register
 from pipeline_stage.mlflow_io.object_store import probe_all
+from pipeline_stage.mlflow_io.registry_rules import PASSED_TAG
 from pipeline_stage.mlflow_io.source import is_remote
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.reporting.html import render_plots
-from pipeline_stage.run.chain import SOURCE_RUN_PLACEHOLDER, ChainRunner
-from pipeline_stage.run.measuring import measure_beside_baseline
+from pipeline_stage.run.chain import ChainRunner
+from pipeline_stage.run.evaluation import SOURCE_RUN_PLACEHOLDER, EvaluationContext
+from pipeline_stage.run.measuring import measure
 from pipeline_stage.run.phase_clock import PhaseClock, peak_rss_mb, process_age_s
 from pipeline_stage.run.progress import Progress
 from pipeline_stage.run.workers import start_workers
@@ -43,6 +46,10 @@ class RunOptions:
     workdir: Path | None = None  # kept when given; a temporary folder otherwise
     quiet: bool = False
     new_version: bool = False  # register even if an identical passing version exists
+    # The start-up before the run (interpreter, imports, CLI): by default this process's age when
+    # the run starts (a process that does only this run); a caller that did other work first (the
+    # demo trains a model) gives what it measured before that work, or None for unknown.
+    startup_s: float | None | Literal["process"] = "process"
 
 
 class Stage:
@@ -61,7 +68,7 @@ class Stage:
         options, m = self.options, self.m
         started = self.started = time.perf_counter()
         clock = self.clock = PhaseClock()
-        startup = process_age_s()
+        startup = process_age_s() if options.startup_s == "process" else options.startup_s
         configure(options.tracking_uri)
         preflight(options.tracking_uri)
         own_tmp = tempfile.TemporaryDirectory(prefix="pipeline-stage-") if options.workdir is None else None
@@ -89,6 +96,7 @@ class Stage:
             steps=tuple(self.loaded.steps),
             run_id=run.run_id,
             quiet=options.quiet,
+            progress=self.progress,
         )
         # A search's worker processes start now: their TensorFlow imports overlap with the downloads
         # and the baseline.
@@ -111,10 +119,11 @@ class Stage:
                     custom_objects=self.host.keras_objects,
                     signature=m.signature,
                 )
-                runner = ChainRunner(self.loaded, self.host, source, workdir, progress=self.progress, context=context)
+                evaluation = EvaluationContext.for_manifest(self.loaded, self.host, source, workdir)
+                runner = ChainRunner(self.host, evaluation, m.conversion, workdir, progress=self.progress, context=context)
                 if m.search is None:
                     runner.check_chain(self.loaded.steps)
-                runner.load_all_data()
+                evaluation.load_all(self.loaded.required_data(self.host))
             work_started = time.perf_counter()
             step_tags = self._execute(report, run, runner, context)
             convert_and_evaluate = round(time.perf_counter() - work_started, 3)
@@ -126,7 +135,7 @@ class Stage:
             pool.shutdown(wait=False)  # the thread ends with its one task
             with clock.phase("register"):
                 self._register(report, run, runner, workdir, step_tags, sha256, context)
-                run.set_tags({"pipeline_stage.passed": str(report.passed).lower()})
+                run.set_tags({PASSED_TAG: str(report.passed).lower()})
             timing = {"startup_s": round(startup, 3)} if startup is not None else {}
             report.timing = Timing(convert_and_evaluate_s=convert_and_evaluate, **timing, **clock.fields())
             self._write_reports(report, run, startup, plots)
@@ -165,8 +174,10 @@ class Stage:
     def _execute(self, report: Report, run, runner: ChainRunner, context: ObserverContext) -> dict[str, str]:
         """Baseline, the chain (or the search), the candidate's measurements and the gates; returns
         the tags the chain's steps ask for on the registered version."""
+        ev = runner.evaluation
+        names = self.loaded.metric_names(labels=ev.has_labels)
         with self.clock.phase("baseline"):
-            baseline = runner.baseline()
+            baseline = runner.baseline(names)
         report.baseline, report.baseline_tflite = baseline.metrics, baseline.tflite_metrics
         report.baseline_flatbuffer, report.baseline_seconds = baseline.flatbuffer, baseline.seconds
         run.log_metrics({f"baseline.{k}": v for k, v in baseline.metrics.items()})
@@ -174,7 +185,7 @@ class Stage:
             from pipeline_stage.run.search import Search
 
             with self.clock.phase("chain"):
-                outcome = Search(runner, self.host, baseline, run, self.workers).run()
+                outcome = Search(self.loaded, runner, baseline, names, run, self.workers).run()
             result, report.search = outcome.result, outcome.summary
             tags = {**result.tags, "pipeline_stage.search.trial": str(outcome.chosen)}
         else:
@@ -185,19 +196,15 @@ class Stage:
             report.conversion = result.conversion
         (runner.workdir / "model.tflite").write_bytes(result.model_bytes)
         report.steps = result.records
-        names = runner.metric_names
         self.progress("evaluate")(f"candidate: {', '.join(names)}")
         with self.clock.phase("evaluate"):
             # latency: baseline and candidate timed side by side now, not minutes apart
-            report.candidate, report.timed = measure_beside_baseline(
-                runner, names, baseline_bytes=baseline.float_bytes, candidate_bytes=result.model_bytes
-            )
-            for t in report.timed:
-                report.baseline[t.metric] = report.baseline_tflite[t.metric] = t.baseline
+            measured = measure(self.host, ev, names, model_bytes=result.model_bytes, beside=baseline.float_bytes)
+            report.candidate, report.timed = measured.values, measured.timed
             report.gates, report.passed = evaluate_gates(
                 self.m.gates,
                 report.candidate,
-                report.baseline,
+                report.compared_baseline(),
                 runner.higher_is_better(names),
                 tolerance={t.metric: t.spread for t in report.timed},
             )
@@ -227,14 +234,14 @@ class Stage:
             report.registered = None
             run.set_tags(integrity.as_tags(report.artifacts))
             return
-        ev = runner.evaluation_data
+        ev = runner.evaluation.evaluation
         report.registered = publish(
             run,
             report,
             reg,
             tags=version_tags(report, reg, step_tags, sha256),
             tflite_path=tflite_path,
-            sample=_head(runner.inputs_of(ev), 4) if ev is not None else None,
+            sample=_head(runner.evaluation.inputs_of(ev), 4) if ev is not None else None,
             new_version=self.options.new_version,
         )
         run.set_tags(integrity.as_tags(report.artifacts))  # what `verify runs:/...` and a registry owner read

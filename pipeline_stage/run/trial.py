@@ -4,23 +4,23 @@
 answering ``done`` on its original stdout, each trial's output going to FOLDER/trial.log.
 
 The converter leaks memory on every call (tensorflow#122598), so trials run outside the stage's
-process, and a worker is replaced after a bounded number of trials. FOLDER/trial.json holds a
-complete manifest (the trial's chain, the parent's evaluation and conversion settings, local paths
-for the source model and the data) and the metric names; the child runs the chain with the same chain runner as the stage (no MLflow) and
-writes model.tflite and result.json: step records, measured metrics (a timed one, latency, timed
-in alternating rounds beside the baseline's float .tflite), conversion summary and the tags its
-steps set. Step artifacts land under FOLDER/artifacts for the parent to log.
+process, and a worker is replaced after a bounded number of trials. FOLDER/request.json is a
+:class:`~pipeline_stage.run.trial_protocol.TrialRequest`; the child runs its chain with the same
+chain runner and measuring as the stage (no MLflow), its latency timed in alternating rounds
+beside the baseline's float .tflite, and writes model.tflite and result.json (a
+:class:`~pipeline_stage.run.trial_protocol.TrialResult`). Step artifacts land under
+FOLDER/artifacts for the parent to log.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+
+from pipeline_stage.run.trial_protocol import MODEL, REQUEST, RESULT, TrialRequest, TrialResult
 
 
 class TrialLog:
@@ -39,59 +39,53 @@ class TrialLog:
         dst.mkdir(parents=True, exist_ok=True)
         shutil.copy(local, dst / Path(local).name)
 
-    def log_text(self, text: str, path: str) -> None:
-        dst = self.folder / "artifacts" / path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(text)
 
-
-def run_trial(folder: Path) -> dict[str, Any]:
+def run_trial(folder: Path) -> TrialResult:
+    """Run the trial that FOLDER/request.json asks for; write FOLDER/model.tflite."""
     from pipeline_stage.contract.report import ObserverContext, SourceRef
     from pipeline_stage.engine.source_model import load_local
     from pipeline_stage.host.plugin_host import get_host
-    from pipeline_stage.manifest import parse_manifest
+    from pipeline_stage.manifest import parse_steps
+    from pipeline_stage.manifest.loaded import digest, steps_json
     from pipeline_stage.run.chain import ChainRunner
+    from pipeline_stage.run.evaluation import EvaluationContext
+    from pipeline_stage.run.measuring import measure
     from pipeline_stage.run.progress import Progress
 
-    spec = json.loads((folder / "trial.json").read_text())
+    request = TrialRequest.model_validate_json((folder / REQUEST).read_text())
     host = get_host()
-    loaded = parse_manifest(spec["manifest"], host, path=f"<search trial {spec['index']}>")
+    where = f"<search trial {request.index}>"
+    steps = parse_steps([{name: params} for name, params in request.chain], host, path=where, lines={}, loc=("chain",))
     workdir = folder / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     source = load_local(
-        Path(spec["source"]),
-        SourceRef(uri=spec["source"]),
-        safe_mode=not loaded.manifest.allow_unsafe_deserialization,
+        Path(request.source),
+        SourceRef(uri=request.source),
+        safe_mode=not request.allow_unsafe_deserialization,
         custom_objects=host.keras_objects,
-        signature=loaded.manifest.signature,
+        signature=request.signature,
     )
-    context = ObserverContext(
-        manifest_path=loaded.path, chain_digest=loaded.chain_digest, steps=tuple(loaded.steps), run_id=None, quiet=True
-    )
-    runner = ChainRunner(loaded, host, source, workdir, progress=Progress(quiet=True), context=context)
-    if spec.get("reference"):
+    evaluation = EvaluationContext(host, source, request.data, request.evaluation, workdir=workdir)
+    if request.reference:
         import numpy as np
 
-        with np.load(spec["reference"]) as outputs:
-            runner.use_reference({name: outputs[name] for name in outputs.files})
-    result = runner.run_chain(loaded.steps, TrialLog(folder))
-    (folder / "model.tflite").write_bytes(result.model_bytes)
-    if spec.get("baseline"):  # latency: timed beside the baseline in this worker, as the stage times its candidate
-        from pipeline_stage.run.measuring import measure_beside_baseline
-
-        baseline_bytes = Path(spec["baseline"]).read_bytes()
-        metrics, timed = measure_beside_baseline(
-            runner, spec["metrics"], baseline_bytes=baseline_bytes, candidate_bytes=result.model_bytes
-        )
-    else:
-        metrics, timed = runner.measure(spec["metrics"], model_bytes=result.model_bytes), []
-    return {
-        "metrics": metrics,
-        "timed": [t.model_dump() for t in timed],
-        "steps": [r.model_dump() for r in result.records],
-        "conversion": result.conversion.model_dump() if result.conversion else None,
-        "tags": result.tags,
-    }
+        with np.load(request.reference) as outputs:
+            evaluation.use_reference({name: outputs[name] for name in outputs.files})
+    context = ObserverContext(
+        manifest_path=where,
+        chain_digest=digest(steps_json(steps), request.signature),
+        steps=tuple(steps),
+        run_id=None,
+        quiet=True,
+    )
+    runner = ChainRunner(host, evaluation, request.conversion, workdir, progress=Progress(quiet=True), context=context)
+    result = runner.run_chain(steps, TrialLog(folder))
+    (folder / MODEL).write_bytes(result.model_bytes)
+    beside = Path(request.baseline).read_bytes() if request.baseline else None
+    measured = measure(host, evaluation, request.metrics, model_bytes=result.model_bytes, beside=beside)
+    return TrialResult(
+        metrics=measured.values, timed=measured.timed, steps=result.records, conversion=result.conversion, tags=result.tags
+    )
 
 
 def main(folder: str) -> int:
@@ -102,13 +96,13 @@ def main(folder: str) -> int:
     try:
         result = run_trial(root)
     except StageError as exc:  # a chain that does not work on this model: a finding, not a crash
-        result = {"error": str(exc), "kind": type(exc).__name__}
+        result = TrialResult(error=str(exc), kind=type(exc).__name__)
     except Exception as exc:
         traceback.print_exc()
-        result = {"error": f"{type(exc).__name__}: {exc}", "kind": "crash"}
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    (root / "result.json").write_text(json.dumps(result, default=str))
-    return 0 if "error" not in result else 1
+        result = TrialResult(error=f"{type(exc).__name__}: {exc}", kind="crash")
+    result.seconds = round(time.perf_counter() - started, 3)
+    (root / RESULT).write_text(result.model_dump_json())
+    return 0 if result.error is None else 1
 
 
 def serve() -> int:

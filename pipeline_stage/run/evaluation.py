@@ -1,0 +1,185 @@
+"""The evaluation context: the data a run measures models on, built once per source model.
+
+It owns the data sets (loaded once, checked against the model's inputs), each data set's inputs as
+the model takes them, the real inputs models are timed on, and the source model's outputs on the
+evaluation data (the reference every fidelity metric compares a candidate with). Every
+prediction on the evaluation data goes through :meth:`EvaluationContext.predict`, one loop that
+hands the inputs out in batches of ``evaluation.batch_size``.
+
+The stage builds it from its manifest (:meth:`EvaluationContext.for_manifest`); a search trial
+from its request, with the data its parent loaded and the parent's reference outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from pipeline_stage.contract.data import Dataset
+from pipeline_stage.contract.errors import InputError
+from pipeline_stage.engine.evaluate import check_input_shape
+from pipeline_stage.engine.source_model import SourceModel
+from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.manifest import DATA_SETS, LoadedManifest, local_data_path
+from pipeline_stage.manifest.schema import EvaluationSpec
+from pipeline_stage.mlflow_io.source import is_remote
+
+SOURCE_RUN_PLACEHOLDER = "${source.run_id}"
+
+Inputs = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+
+class EvaluationContext:
+    """The data sets, inputs and reference outputs of one source model (see the module docstring).
+
+    `data` maps each given data set to its local path or URI (resolved: no placeholder, no relative
+    path); `needing_labels` names the measured metrics that need the evaluation data's labels.
+    """
+
+    def __init__(
+        self,
+        host: PluginHost,
+        source: SourceModel,
+        data: Mapping[str, str],
+        spec: EvaluationSpec,
+        *,
+        workdir: Path,
+        needing_labels: list[str] = (),
+    ):
+        self.host, self.source, self.spec, self.workdir = host, source, spec, workdir
+        self.data = dict(data)
+        self.needing_labels = list(needing_labels)
+        self._datasets: dict[str, Dataset] = {}
+        self._local: dict[str, Path] = {}
+        self._reference: Outputs | None = None
+
+    @classmethod
+    def for_manifest(cls, loaded: LoadedManifest, host: PluginHost, source: SourceModel, workdir: Path) -> "EvaluationContext":
+        """The context of a manifest's data, ${source.run_id} filled in and relative paths resolved."""
+        data = {name: data_uri(loaded, name, source.info.run_id) for name in DATA_SETS if getattr(loaded.manifest.data, name)}
+        return cls(host, source, data, loaded.manifest.evaluation, workdir=workdir, needing_labels=loaded.needing_labels(host))
+
+    # -- data sets ---------------------------------------------------------------------------
+    def load(self, name: str) -> Dataset:
+        """A data set, loaded once (downloaded first when it is remote), checked against the model."""
+        if name in self._datasets:
+            return self._datasets[name]
+        if name not in self.data:
+            raise InputError(f"`data.{name}` is needed but not given in the manifest", hint=f"add `data: {{{name}: <URI>}}`")
+        uri = self.data[name]
+        local = Path(uri)
+        if is_remote(uri):
+            from pipeline_stage.mlflow_io.source import download_data
+
+            local = download_data(uri, self.workdir / "data" / name, f"data.{name}")
+        elif not local.exists():
+            raise InputError(f"`data.{name}`: file `{uri}` does not exist", hint="check the path in the manifest")
+        provided = self.host.loader_for(local.suffix)
+        if provided is None:
+            known = sorted(s for p in self.host.loaders.values() for s in p.cls.suffixes)
+            raise InputError(
+                f"`data.{name}`: no data loader reads `{local.suffix or local.name}` files (known: {', '.join(known)})",
+                hint="convert the data to .npz with arrays x and y, or install a plugin with a loader",
+            )
+        dataset = provided.cls().load(local, source=f"data.{name}")
+        dataset.check(needs_labels=name == "training")
+        if name == "evaluation" and not dataset.has_labels and self.needing_labels:
+            raise InputError(
+                f"data `data.evaluation` has no labels `y`, but {', '.join(f'`{n}`' for n in self.needing_labels)} need them",
+                hint="add an array `y` to the data, or gate without labels, e.g. `- {metric: fidelity_sqnr_db, min: 20}`",
+            )
+        shapes = self.source.input_shapes
+        for input_name, array in dataset.inputs(list(shapes)).items():
+            where = f"data.{name}" if len(shapes) == 1 else f"data.{name}` input `{input_name}"
+            check_input_shape(where, array, shapes[input_name])
+        if name == "evaluation" and self.spec.max_samples:
+            dataset = dataset.take(self.spec.max_samples)
+        self._datasets[name], self._local[name] = dataset, local
+        return dataset
+
+    def load_all(self, names: set[str] = frozenset()) -> None:
+        """Load `names` and every given data set: bad data fails here, before any conversion work."""
+        for name in sorted(set(names) | set(self.data)):
+            self.load(name)
+
+    def local_paths(self) -> dict[str, str]:
+        """Where each loaded data set is on this machine (a search trial reads them from there)."""
+        return {name: str(path) for name, path in sorted(self._local.items())}
+
+    @property
+    def evaluation(self) -> Dataset | None:
+        """The evaluation data, or None when the manifest gives none."""
+        return self.load("evaluation") if "evaluation" in self.data else None
+
+    @property
+    def has_labels(self) -> bool:
+        ev = self.evaluation
+        return ev is not None and ev.has_labels
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.source.output_names
+
+    # -- inputs ------------------------------------------------------------------------------
+    def inputs_of(self, dataset: Dataset):
+        """A data set's arrays for the model's inputs: one array for a single-input model, else by name."""
+        names = self.source.input_names
+        arrays = dataset.inputs(names)
+        return arrays[names[0]] if len(names) == 1 else arrays
+
+    def sample_inputs(self):
+        """Real inputs to time and probe a model with: the evaluation data, else the calibration or
+        training data (never zeros or random arrays, which a quantized model may not survive)."""
+        for name in ("evaluation", "calibration", "training"):
+            if name in self.data:
+                return self.inputs_of(self.load(name))
+        raise InputError(
+            "measuring the model needs real inputs, but the manifest gives no data",
+            hint="add `data: {evaluation: <URI>}` (or calibration data)",
+        )
+
+    def batches(self, inputs=None) -> Iterator[Inputs]:
+        """The evaluation inputs (or `inputs`) by input name, `evaluation.batch_size` samples at a time."""
+        if inputs is None:
+            inputs = self.inputs_of(self.load("evaluation"))
+        if not isinstance(inputs, dict):
+            inputs = {self.source.input_names[0]: inputs}
+        n = len(next(iter(inputs.values())))
+        step = self.spec.batch_size
+        for start in range(0, n, step):
+            yield {k: v[start : start + step] for k, v in inputs.items()}
+
+    def predict(self, predict_batch: Callable[[Inputs], Outputs], inputs=None) -> Outputs:
+        """A model's outputs by name on the evaluation inputs (or `inputs`): the one loop every
+        prediction goes through, `predict_batch` called on one batch at a time."""
+        chunks = [predict_batch(batch) for batch in self.batches(inputs)]
+        return {name: np.concatenate([c[name] for c in chunks], axis=0) for name in chunks[0]} if chunks else {}
+
+    # -- the reference -----------------------------------------------------------------------
+    def reference_outputs(self) -> Outputs:
+        """The source model's outputs on the evaluation data by output name, computed once: the
+        baseline that fidelity metrics compare every candidate (and every search trial) with."""
+        if self._reference is None:
+            self._reference = self.predict(self.source.predict_batch)
+        return self._reference
+
+    def use_reference(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Take the baseline's outputs computed elsewhere (a search trial gets its parent's)."""
+        self._reference = {k: np.asarray(v) for k, v in outputs.items()}
+
+
+def data_uri(loaded: LoadedManifest, name: str, run_id: str | None) -> str:
+    """The manifest's URI for a data set, ${source.run_id} filled in, relative paths resolved."""
+    uri = getattr(loaded.manifest.data, name)
+    if SOURCE_RUN_PLACEHOLDER in uri:
+        if not run_id:
+            raise InputError(
+                f"`data.{name}` uses {SOURCE_RUN_PLACEHOLDER} but the source model `{loaded.manifest.model}` has no run",
+                hint="give the data's full URI",
+            )
+        uri = uri.replace(SOURCE_RUN_PLACEHOLDER, run_id)
+    local = local_data_path(uri, loaded.path)
+    return str(local) if local is not None else uri
