@@ -37,7 +37,7 @@ def optimize(
     report = run_stage(loaded, host, options)
     for name, value in (report.candidate or {}).items():
         log_metric(name, value)
-    for name, value in report.baseline.items():
+    for name, value in report.compared_baseline().items():  # what the candidate's values were compared with
         log_metric(f"baseline.{name}", value)
     for gate in report.gates:
         log_metric(f"gate.{gate.metric}.{gate.rule}", 1.0 if gate.passed else 0.0)
@@ -91,10 +91,11 @@ def promote(name: str, version: str, alias: str, tracking_uri: str) -> str:
     """Move `alias` to `name`/`version`, refusing a version that did not pass its gates or whose
     stored files do not match the digests recorded when it was registered."""
     from pipeline_stage.mlflow_io.integrity import verify_version
+    from pipeline_stage.mlflow_io.registry_rules import PASSED_TAG
 
     client = _client(tracking_uri)
     mv = client.get_model_version(name, version)
-    if mv.tags.get("pipeline_stage.passed") != "true":
+    if mv.tags.get(PASSED_TAG) != "true":
         raise RuntimeError(f"refusing to promote {name}/{version}: its gates did not pass")
     verify_version(client, name, version, mv=mv).raise_if_bad(f"refusing to promote {name}/{version}")
     client.set_registered_model_alias(name, alias, version)

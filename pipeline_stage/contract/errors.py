@@ -1,6 +1,6 @@
 """The stage's errors: one small hierarchy, turned into CLI messages and exit codes in `cli.py`.
 
-Exit codes (documented in the README):
+Exit codes (documented in the README, "Exit codes"):
     0  success
     1  anything else (tracking server unreachable, a plugin crashed, an unexpected failure)
     2  bad input: manifest, URIs, params, data, plugin wiring

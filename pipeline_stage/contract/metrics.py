@@ -9,6 +9,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from pipeline_stage.contract.errors import InputError
+from pipeline_stage.contract.plugin_class import PluginClass
 
 Outputs = dict[str, np.ndarray]
 
@@ -105,7 +106,7 @@ class Evaluation:
         )
 
 
-class Metric:
+class Metric(PluginClass):
     """Base class for an evaluation metric; subclass and register it with ``register_metrics``.
 
     * ``name``: what gates and ``evaluation.metrics`` use.
@@ -134,8 +135,3 @@ class Metric:
 
     def compute(self, evaluation: Evaluation) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    @classmethod
-    def summary(cls) -> str:
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""

@@ -34,7 +34,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pipeline_stage.contract.report import GateResult, StepRecord
+from pipeline_stage.contract.plugin_class import PluginClass
+from pipeline_stage.contract.report import GateResult, StepRecord, per_layer_errors
 
 Chain = list[tuple[str, dict[str, Any]]]
 """A chain as (step name, params) pairs, params as the manifest's author wrote them."""
@@ -81,8 +82,13 @@ class TrialView:
     passed: bool
     gates: tuple[GateResult, ...] = ()  # its verdicts; `failing_outputs` names the outputs that failed
 
+    @property
+    def per_layer(self) -> list[dict]:
+        """The per-layer quantization errors one of its steps reported (`analyze` does), worst first, or []."""
+        return per_layer_errors(self.steps)
 
-class SearchMove:
+
+class SearchMove(PluginClass):
     """Base class for a search move; subclass it and register the subclass (see the module docstring)."""
 
     name: ClassVar[str] = ""
@@ -113,8 +119,3 @@ class SearchMove:
 
     def limit(self, spec: Any, options: list[str]) -> int:
         return len(options)
-
-    @classmethod
-    def summary(cls) -> str:
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""

@@ -9,8 +9,8 @@ Nothing here imports TensorFlow, MLflow or LiteRT.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,12 +19,20 @@ if TYPE_CHECKING:
 
 
 class Record(BaseModel):
-    """A read-only part of the report. ``record["name"]`` still reads a field, so observers written
-    when the parts were plain dicts keep working."""
+    """A read-only part of the report. ``record["name"]`` still reads a field for this release, with
+    a DeprecationWarning (observers written when the parts were plain dicts); it goes in 0.2.0:
+    read ``record.name``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def __getitem__(self, key: str) -> Any:
+        import warnings
+
+        warnings.warn(
+            f'`record["{key}"]` is deprecated and goes in pipeline-stage 0.2.0: read `record.{key}`',
+            DeprecationWarning,
+            stacklevel=2,
+        )
         try:
             return getattr(self, key)
         except AttributeError:
@@ -85,6 +93,16 @@ class StepRecord(Record):
     metrics: dict[str, float] = Field(default_factory=dict)
     seconds: float = 0.0
     notes: dict[str, Any] = Field(default_factory=dict, description="What the step reported (shown per step).")
+
+
+def per_layer_errors(steps: "list[StepRecord] | tuple[StepRecord, ...]") -> list[dict[str, Any]]:
+    """Per-layer quantization errors (worst first) that a step reported under ``notes["per_layer"]``
+    (the convention analysis steps follow; the built-in ``analyze`` does), or []."""
+    for step in steps:
+        rows = step.notes.get("per_layer")
+        if isinstance(rows, list):
+            return rows
+    return []
 
 
 class ConversionRecord(Record):
@@ -269,6 +287,11 @@ class Report(BaseModel):
     seconds: float | None = None
     error: str | None = None
 
+    def compared_baseline(self) -> dict[str, float]:
+        """What the candidate's values are compared with (gates, tables): the baseline's values, a
+        timed metric's being the baseline timed beside the candidate (`timed`), not alone."""
+        return {**self.baseline, **{t.metric: t.baseline for t in self.timed}}
+
     def to_json_data(self) -> dict[str, Any]:
         """The JSON document: every field the run set, in schema order."""
         data = self.model_dump(mode="python")
@@ -291,3 +314,10 @@ class ObserverContext:
     steps: tuple["Step", ...]
     run_id: str | None
     quiet: bool
+    progress: Callable[[str], Callable[[str], None]] | None = field(default=None, repr=False, compare=False)
+
+    def log(self, label: str, message: str) -> None:
+        """A progress line on the stage's one stderr channel (plain `[label] message` lines in a pod's
+        log, coloured on a terminal); nothing when the run is quiet."""
+        if self.progress is not None and not self.quiet:
+            self.progress(label)(message)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline_stage.contract.plugin_class import PluginClass
+
 if TYPE_CHECKING:
     from pipeline_stage.contract.data import Dataset
 
@@ -38,7 +40,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Step:
+class Step(PluginClass):
     """Base class for a chain step; plugins subclass it and register the subclass.
 
     Subclasses set:
@@ -72,11 +74,6 @@ class Step:
 
     def apply(self, subject: Any, ctx: "StepContext") -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"step `{self.name}` does not implement apply()")
-
-    @classmethod
-    def summary(cls) -> str:
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
 
     def __repr__(self) -> str:
         return f"<step {self.name} {self.params.model_dump()}>"

@@ -4,7 +4,6 @@ apply the alias rule."""
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,16 @@ from pipeline_stage.contract.errors import InputError, TrackingError
 from pipeline_stage.contract.report import FileDigest, Registered, Report
 from pipeline_stage.mlflow_io import integrity
 from pipeline_stage.mlflow_io.failures import concurrent_write, is_missing, raise_classified
+from pipeline_stage.mlflow_io.registry_rules import (
+    DEDUPLICATED,
+    PASSED_TAG,
+    alias_holder,
+    find_reusable,
+    identity_of,
+    registered_first,
+    settle_alias,
+    until_ready,
+)
 from pipeline_stage.mlflow_io.stage_run import StageRun, tag_value
 from pipeline_stage.mlflow_io.tracking import redact
 
@@ -23,17 +32,6 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 RUNTIME_CODE = Path(__file__).parents[1] / "engine" / "litert_runtime.py"
 TFLITE_ARTIFACT = "tflite/model.tflite"  # stable path of the raw flatbuffer in the stage's run
 PYFUNC_DIGESTS = "pipeline_stage.sha256"  # the model_config key pyfunc_model.py checks when it loads
-
-
-def all_versions(client, name: str) -> list:
-    """Every version of a registered model (none if it does not exist)."""
-    out, token = [], None
-    while True:
-        page = client.search_model_versions(f"name='{name}'", max_results=1000, page_token=token)
-        out.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return out
 
 
 def check_may_register(client, name: str) -> None:
@@ -72,102 +70,6 @@ def check_may_register(client, name: str) -> None:
         version = answer.json().get("model_version", {}).get("version")
         if version:
             client.delete_model_version(name, version)
-
-
-def find_reusable(client, name: str, identity: dict[str, str], *, ready_only: bool = True, skip: frozenset = frozenset()) -> Any:
-    """The earliest passing version registered for the same source version and chain digest
-    (READY, or with `ready_only=False` any not FAILED_REGISTRATION); versions in `skip` are passed over.
-
-    This makes a retried step (Kubeflow retries, a re-run pipeline) reuse its earlier result
-    instead of registering version N+1 of the same thing.
-    """
-    for mv in sorted(all_versions(client, name), key=lambda v: int(v.version)):
-        tags = mv.tags or {}
-        if (
-            (mv.status == "READY" if ready_only else mv.status != "FAILED_REGISTRATION")
-            and str(mv.version) not in skip
-            and tags.get("pipeline_stage.passed") == "true"
-            and all(tags.get(k) == v for k, v in identity.items())
-        ):
-            return mv
-    return None
-
-
-def identity_of(tags: dict[str, str]) -> dict[str, str]:
-    """What makes two registrations the same result, from a version's tags: the chain digest and
-    the source version (for a source that is not a registered version: its URI and run)."""
-    keys = ("source.name", "source.version") if "source.version" in tags else ("source.uri", "source.run_id")
-    return {k: tags.get(k, "") for k in ("pipeline_stage.chain_digest", *keys)}
-
-
-DEDUPLICATED = "pipeline_stage.deduplicate"  # on versions registered without --new-version
-
-
-def _withdrawn(versions: list) -> set[str]:
-    """Versions an identical stage is withdrawing: registered without --new-version while an
-    earlier such version of the same chain on the same source exists (their stages delete them
-    and reuse the earlier one, :func:`_registered_first`), so the alias never goes to them."""
-    first: dict[tuple, int] = {}
-    for v in versions:
-        tags = v.tags or {}
-        if tags.get(DEDUPLICATED) == "true" and tags.get("pipeline_stage.passed") == "true" and v.status != "FAILED_REGISTRATION":
-            key = tuple(identity_of(tags).items())
-            first[key] = min(first.get(key, int(v.version)), int(v.version))
-    return {
-        str(v.version)
-        for v in versions
-        if (v.tags or {}).get(DEDUPLICATED) == "true"
-        and int(v.version) > first.get(tuple(identity_of(v.tags or {}).items()), int(v.version))
-    }
-
-
-def alias_winner(versions: list, alias: str, excluded: frozenset = frozenset()) -> Any:
-    """The rule: among READY versions that passed and asked for `alias`, the newest of the
-    highest `register.priority`. Failed versions never win, nor do versions being withdrawn as
-    duplicates, nor those in `excluded` (their stored files fail verification)."""
-    passed_over = _withdrawn([v for v in versions if str(v.version) not in excluded]) | set(excluded)
-    eligible = [
-        v
-        for v in versions
-        if v.status == "READY"
-        and str(v.version) not in passed_over
-        and (v.tags or {}).get("pipeline_stage.passed") == "true"
-        and (v.tags or {}).get("pipeline_stage.alias") == alias
-    ]
-    if not eligible:
-        return None
-    return max(eligible, key=lambda v: (int((v.tags or {}).get("pipeline_stage.priority", "0")), int(v.version)))
-
-
-def settle_alias(client, name: str, alias: str, *, trusted: frozenset = frozenset(), attempts: int = 20) -> str | None:
-    """Point `alias` at the rule's winner; re-check after writing, because aliases have no
-    compare-and-set: a stage that registered meanwhile saw our version, so the last writer is right.
-
-    The alias never moves to files that fail verification: a winner not in `trusted` (versions this
-    stage has just checked itself) is verified first, and passed over when it fails. A winner
-    deleted meanwhile (a duplicate withdrawn) sends the rule round again."""
-    chosen = None
-    verified, excluded = set(trusted), set()
-    for _ in range(attempts):
-        winner = alias_winner(all_versions(client, name), alias, frozenset(excluded))
-        if winner is None:
-            return None
-        version = str(winner.version)  # an int from a local store, a str over REST
-        if version == chosen:
-            return chosen
-        try:
-            if version not in verified:
-                if not integrity.verify_version(client, name, version, mv=winner).ok:
-                    excluded.add(version)
-                    continue
-                verified.add(version)
-            concurrent_write(lambda v=version: client.set_registered_model_alias(name, alias, v), idempotent=False)
-        except Exception as exc:
-            if is_missing(exc):  # deleted between the listing and now
-                continue
-            raise
-        chosen = version
-    return chosen
 
 
 @contextmanager
@@ -266,7 +168,7 @@ def register_version(
     mv = None
     alias_touched = False
     try:
-        previous = _alias_holder(client, name, alias) if alias else None
+        previous = alias_holder(client, name, alias) if alias else None
         try:
             client.get_registered_model(name)
         except mlflow.exceptions.MlflowException as exc:
@@ -287,11 +189,11 @@ def register_version(
             ),
             idempotent=False,
         )
-        mv = _until_ready(client, mv)
+        mv = until_ready(client, mv)
         if mv.status != "READY":
             raise TrackingError(f"model version {name}/{mv.version} ended in status {mv.status}")
         if identity is not None:
-            first = _registered_first(client, name, identity, mine=str(mv.version))
+            first = registered_first(client, name, identity, mine=str(mv.version))
             if first is not None:
                 # an identical stage registered the same chain on the same source first: keep its version
                 run.cleanup.run(lambda: client.delete_model_version(name, mv.version))
@@ -328,43 +230,6 @@ def register_version(
     )
 
 
-def _until_ready(client, mv, seconds: float = 300):
-    deadline = time.monotonic() + seconds
-    while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        mv = client.get_model_version(mv.name, mv.version)
-    return mv
-
-
-def _registered_first(client, name: str, identity: dict[str, str], *, mine: str) -> Any:
-    """The earliest version of the same identity if it is older than `mine` and usable (READY and
-    its stored files verified); None when `mine` is the one to keep.
-
-    Every identical stage lists the versions after creating its own, and version numbers grow in
-    creation order, so all of them see the same earliest version: exactly one keeps its own."""
-    skip: set[str] = set()
-    marked = {**identity, DEDUPLICATED: "true"}  # only versions whose stages apply this same rule
-    while True:
-        first = find_reusable(client, name, marked, ready_only=False, skip=frozenset(skip))
-        if first is None or int(first.version) >= int(mine):
-            return None
-        first = _until_ready(client, first, seconds=60)
-        if first.status == "READY" and integrity.verify_version(client, name, str(first.version), mv=first).ok:
-            return first
-        skip.add(str(first.version))  # failed, or its files do not verify: not a version to reuse
-
-
-def _alias_holder(client, name: str, alias: str) -> str | None:
-    """The version `alias` points at; None when the model or the alias does not exist (an outage
-    is raised: taking it for "no alias" would delete the alias on cleanup)."""
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except Exception as exc:
-        if is_missing(exc):
-            return None
-        raise
-
-
 def reuse_version(
     client, mv, alias: str | None, *, trusted: frozenset = frozenset(), deduplicated: str | None = None
 ) -> Registered:
@@ -395,7 +260,7 @@ def version_tags(report: Report, registration: Any, step_tags: dict[str, str], m
         "pipeline_stage.manifest_sha256": manifest_sha256,
         "pipeline_stage.version": __version__,
         "pipeline_stage.run_id": report.run_id,
-        "pipeline_stage.passed": str(report.passed).lower(),
+        PASSED_TAG: str(report.passed).lower(),
         "pipeline_stage.chain": " -> ".join(s.name for s in report.steps) or "(none)",
         "tflite_artifact": f"runs:/{report.run_id}/{TFLITE_ARTIFACT}",
         "pipeline_stage.priority": str(registration.priority),
@@ -404,7 +269,7 @@ def version_tags(report: Report, registration: Any, step_tags: dict[str, str], m
         tags["pipeline_stage.alias"] = registration.alias
     for name, value in (report.candidate or {}).items():
         tags[f"metric.{name}"] = value
-    for name, value in report.baseline.items():
+    for name, value in report.compared_baseline().items():  # what the candidate's values were compared with
         tags[f"baseline.{name}"] = value
     for g in report.gates:
         tags[f"gate.{g.metric}.{g.rule}"] = g.tag_text()

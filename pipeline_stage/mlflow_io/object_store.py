@@ -202,7 +202,7 @@ def store_error(exc: BaseException, doing: str, *, uri: str | None = None) -> St
             f"{store.name} refused access to {bucket} while {doing}: {first_line(culprit)} "
             f"(credentials: {credential_source(store)})",
             hint=f"give that identity read and write access to {bucket}, or set the credentials the pod should use "
-            "(README: Object stores)",
+            "(docs/mlflow.md: Object stores and permissions)",
         )
     return None
 

@@ -13,8 +13,8 @@ import html
 import io
 from typing import Any
 
-from pipeline_stage.contract.report import Report
-from pipeline_stage.reporting.markdown import fmt, per_layer_errors, rule_text
+from pipeline_stage.contract.report import Report, per_layer_errors
+from pipeline_stage.reporting.markdown import fmt, rule_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
@@ -82,11 +82,36 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def time_unit(values_ms: list[float]) -> tuple[float, str]:
+    """The factor and unit to show latencies in: ms, or µs when every value is under a millisecond
+    (sub-microsecond steps printed in ms run into each other: `0.00850.00875`)."""
+    return (1000.0, "µs") if values_ms and max(values_ms) < 1.0 else (1.0, "ms")
+
+
+def _tidy_ticks(axis) -> None:
+    """At most six ticks, each printed with four significant digits and no offset."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins=5))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+
+
 def _tradeoff_plot(points: list[dict[str, Any]], x_name: str, x_label: str) -> str | None:
+    drawn = tradeoff_axes(points, x_name, x_label)
+    return _png(drawn[0]) if drawn is not None else None
+
+
+def tradeoff_axes(points: list[dict[str, Any]], x_name: str, x_label: str):
+    """Accuracy against `x_name` for every variant, the trials' Pareto front dashed; (figure, axes),
+    or None with fewer than two variants. A latency is shown in µs when all are under a millisecond."""
     usable = [p for p in points if "accuracy" in p["metrics"] and x_name in p["metrics"]]
     if len(usable) < 2:
         return None
     fig, ax = _axes(5.2, 3.8)
+    scale = 1.0
+    if x_name.startswith("latency"):
+        scale, unit = time_unit([p["metrics"][x_name] for p in usable])
+        x_label = x_label.replace("(ms", f"({unit}")
     colors = {
         "baseline": "#57606a",
         "winner": "#1a7f37",
@@ -95,7 +120,7 @@ def _tradeoff_plot(points: list[dict[str, Any]], x_name: str, x_label: str) -> s
         "closest": "#bf8700",
         "error": "#8c959f",
     }
-    xy = [(p["metrics"][x_name], p["metrics"]["accuracy"]) for p in usable]
+    xy = [(p["metrics"][x_name] * scale, p["metrics"]["accuracy"]) for p in usable]
     trials = [i for i, p in enumerate(usable) if p["kind"] != "baseline"]
     front = [trials[k] for k in pareto([xy[i] for i in trials])] if trials else []
     if len(front) > 1:
@@ -116,9 +141,11 @@ def _tradeoff_plot(points: list[dict[str, Any]], x_name: str, x_label: str) -> s
             ax.annotate(str(p["index"]), xy[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(x_label)
     ax.set_ylabel("top-1 accuracy")
+    _tidy_ticks(ax.xaxis)
+    _tidy_ticks(ax.yaxis)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return fig, ax
 
 
 def _latency_plot(points: list[dict[str, Any]]) -> str | None:
@@ -127,12 +154,14 @@ def _latency_plot(points: list[dict[str, Any]]) -> str | None:
         return None
     fig, ax = _axes(5.2, 0.45 * len(usable) + 1.2)
     labels = [p["label"][:48] for p in usable]
-    values = [p["metrics"]["latency_p50_ms"] for p in usable]
+    scale, unit = time_unit([p["metrics"]["latency_p50_ms"] for p in usable])
+    values = [p["metrics"]["latency_p50_ms"] * scale for p in usable]
     colors = ["#1a7f37" if p["kind"] == "winner" else "#57606a" if p["kind"] == "baseline" else "#0969da" for p in usable]
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("latency p50 (ms, batch 1, 1 thread, XNNPACK)")
+    ax.set_xlabel(f"latency p50 ({unit}, batch 1, 1 thread, XNNPACK)")
+    _tidy_ticks(ax.xaxis)
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
@@ -226,8 +255,9 @@ def to_html(report: Report, plots: list[tuple[str, str | None]] | None = None) -
     )
     parts.append(f"<li>MLflow run: <code>{e(str(report.run_id))}</code></li></ul>")
 
+    compared = report.compared_baseline()
     rows = [
-        [name, report.baseline.get(name), value, (value / report.baseline[name]) if report.baseline.get(name) else "-"]
+        [name, compared.get(name), value, (value / compared[name]) if compared.get(name) else "-"]
         for name, value in (report.candidate or {}).items()
     ]
     parts += ["<h2>Baseline vs candidate</h2>", _table(["metric", "baseline", "candidate", "ratio"], rows)]

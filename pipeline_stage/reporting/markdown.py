@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline_stage.contract.report import GateResult, Report, StepRecord
+from pipeline_stage.contract.report import GateResult, Report
 
 
 def fmt(value: Any) -> str:
@@ -16,16 +16,6 @@ def fmt(value: Any) -> str:
             return f"{int(value):,}"
         return f"{value:.4g}"
     return str(value)
-
-
-def per_layer_errors(steps: list[StepRecord]) -> list[dict[str, Any]]:
-    """Per-layer quantization errors (worst first) that a step reported under ``notes["per_layer"]``
-    (the convention analysis steps follow; the built-in ``analyze`` does), or []."""
-    for step in steps:
-        rows = step.notes.get("per_layer")
-        if isinstance(rows, list):
-            return rows
-    return []
 
 
 def rule_text(g: GateResult) -> str:
@@ -44,8 +34,9 @@ def to_markdown(report: Report) -> str:
     else:
         lines.append("- registered: nothing")
     lines += ["", "## Baseline vs candidate", "", "| metric | baseline | candidate | ratio |", "| --- | ---: | ---: | ---: |"]
+    compared = report.compared_baseline()
     for name, cand in (report.candidate or {}).items():
-        base = report.baseline.get(name)
+        base = compared.get(name)
         ratio = fmt(cand / base) if base else "-"
         lines.append(f"| {name} | {fmt(base)} | {fmt(cand)} | {ratio} |")
     if report.gates:

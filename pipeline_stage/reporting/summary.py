@@ -33,8 +33,9 @@ def print_summary(report: Report, tracking_uri: str, console: Console | None = N
     table.add_column("baseline", justify="right")
     table.add_column("optimized", justify="right")
     table.add_column("ratio", justify="right")
+    compared = report.compared_baseline()
     for name, cand in (report.candidate or {}).items():
-        base = report.baseline.get(name)
+        base = compared.get(name)
         table.add_row(name, fmt(base), fmt(cand), fmt(cand / base) if base else "-")
     console.print(table)
     if report.gates:
