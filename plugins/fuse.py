@@ -44,18 +44,7 @@ from pipeline_stage import (
     rebuild,
     step_params,
 )
-
-LINEAR = ("Conv2D", "Dense", "DepthwiseConv2D")
-OUTPUT = "<model output>"
-SHIFT_TRANSPARENT = (
-    "MaxPooling2D",
-    "AveragePooling2D",
-    "Dropout",
-    "Flatten",
-    "GlobalAveragePooling2D",
-    "GlobalMaxPooling2D",
-    "SpatialDropout2D",
-)
+from pipeline_stage_plugins.fuse_graph import LINEAR, FoldGraph, act_name, as_float64, equalize
 
 
 class FuseParams(Params):
@@ -71,32 +60,6 @@ class FuseParams(Params):
         description="Largest allowed output difference (max abs) between the "
         "model before and after; larger means a bug, and the step fails.",
     )
-
-
-def _np(v: Any) -> np.ndarray:
-    return np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float64)
-
-
-def _act_name(layer) -> str | None:
-    """'relu', 'leaky_relu', 'linear' or something else, for a layer's own or standalone activation."""
-    cls = type(layer).__name__
-    if cls == "ReLU":
-        cfg = layer.get_config()
-        if cfg.get("max_value") is None and not cfg.get("threshold"):
-            return "relu" if not cfg.get("negative_slope") else "leaky_relu"
-        return "relu6-like"
-    if cls == "LeakyReLU":
-        return "leaky_relu"
-    if cls == "Activation" or cls in LINEAR:
-        act = layer.get_config().get("activation", "linear")
-        return act if isinstance(act, str) else "other"
-    return None
-
-
-def _flatten_tile(flatten) -> int:
-    """How many times each channel repeats in a (channels-last) Flatten's output."""
-    shape = flatten.input.shape
-    return int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
 
 
 class Fuse(Step):
@@ -119,16 +82,9 @@ class Fuse(Step):
         if not (self.params.batchnorm and bns) and not self.params.equalize:
             return model
         graph = layer_graph(model, purpose="fuse")
-        self._specs = {spec["name"]: spec for spec in graph["layers"]}
-        self._consumers: dict[str, list[str]] = {name: [] for name in self._specs}
-        for spec in graph["layers"]:
-            for name in spec["inbound"]:
-                self._consumers[name].append(spec["name"])
-        for name in graph["outputs"]:
-            self._consumers[name].append(OUTPUT)
-        self._model, self._dropped = model, set()
+        g = FoldGraph(model, graph)  # per call: a step instance holds no graph state
         names = [spec["name"] for spec in graph["layers"] if spec["class_name"] != "InputLayer"]
-        weights = {n: [_np(w) for w in model.get_layer(n).weights] for n in names}
+        weights = {n: [as_float64(w) for w in model.get_layer(n).weights] for n in names}
         configs = {n: model.get_layer(n).get_config() for n in names}
         changed = False
 
@@ -147,20 +103,20 @@ class Fuse(Step):
                 notes["left_alone"].append({"layer": bn.name, "reason": "normalizes an axis other than the last"})
                 continue
             s, t = self._scale_shift(bn)
-            prev = self._inbound(bn.name)
+            prev = g.inbound(bn.name)
             prev_layer = model.get_layer(prev) if prev in weights else None
             if (
                 prev_layer is not None
                 and type(prev_layer).__name__ in LINEAR
-                and _act_name(prev_layer) == "linear"
-                and self._users(prev) == [bn.name]
+                and act_name(prev_layer) == "linear"
+                and g.users(prev) == [bn.name]
             ):
                 kernel, bias = kernel_bias(prev_layer)
                 set_kernel_bias(prev_layer, self._scale_out(prev_layer, kernel, s), bias * s + t)
-                self._dropped.add(bn.name)
+                g.dropped.add(bn.name)
                 notes["folded_into_previous"].append(bn.name)
                 continue
-            producer, act = self._producer(prev, bn.name)
+            producer, act = g.producer(prev, bn.name)
             if producer is None:
                 notes["left_alone"].append(
                     {
@@ -175,7 +131,7 @@ class Fuse(Step):
             if np.any(s <= 0):
                 notes["left_alone"].append({"layer": bn.name, "reason": f"{int(np.sum(s <= 0))} channel scale(s) not positive"})
                 continue
-            target, reason, tile = self._shift_target(bn.name)
+            target, reason, tile = g.shift_target(bn.name)
             cfg = bn.get_config()
             if target is None and not (cfg.get("center", True) and cfg.get("scale", True)):
                 notes["left_alone"].append({"layer": bn.name, "reason": reason})
@@ -196,182 +152,28 @@ class Fuse(Step):
             else:  # DepthwiseConv2D: each input channel feeds its own outputs
                 b2 = b2 + (k2.sum(axis=(0, 1)) * shift[:, None]).reshape(-1)
             set_kernel_bias(target, k2, b2)
-            self._dropped.add(bn.name)
+            g.dropped.add(bn.name)
             notes["scale_backward_shift_forward"].append(bn.name)
         if self.params.equalize:
-            chain = self._chain(graph)
+            chain = g.chain(graph)
             if chain is None:
                 notes["equalized"] = "only for models whose layers form a chain (no branches)"
             else:
-                notes["equalized"] = self._equalize(chain, weights, kernel_bias, set_kernel_bias)
+                notes["equalized"] = equalize(chain, weights, kernel_bias, set_kernel_bias)
                 changed = changed or bool(notes["equalized"])
-        if not self._dropped and not changed:
+        if not g.dropped and not changed:
             return model
-        fused = rebuild(model, graph, dropped=self._dropped, configs=configs, weights=weights)
+        fused = rebuild(model, graph, dropped=g.dropped, configs=configs, weights=weights)
         self._check_exact(model, fused, ctx)
-        notes["batchnorm_layers_after"] = len(bns) - len(self._dropped)
+        notes["batchnorm_layers_after"] = len(bns) - len(g.dropped)
         ctx.notes.update(notes)
         return fused
 
-    # -- the graph, as it is after the foldings so far ---------------------------------------------
-    def _inbound(self, name: str) -> str | None:
-        """The one layer feeding `name` (through folded-away BNs), or None for several inputs."""
-        ins = self._specs[name]["inbound"]
-        if len(ins) != 1:
-            return None
-        prev = ins[0]
-        while prev in self._dropped:
-            prev = self._specs[prev]["inbound"][0]
-        return prev
-
-    def _users(self, name: str) -> list[str]:
-        """The layers (or OUTPUT) that use `name`'s output, through folded-away BNs."""
-        out = []
-        for user in self._consumers[name]:
-            out.extend(self._users(user) if user in self._dropped else [user])
-        return out
-
-    def _layer(self, name: str | None):
-        if name is None or name == OUTPUT or self._specs[name]["class_name"] == "InputLayer":
-            return None
-        return self._model.get_layer(name)
-
-    def _producer(self, prev: str | None, bn: str):
-        """The linear layer whose (ReLU-like) activated output only the BN uses, and that activation."""
-        layer = self._layer(prev)
-        if layer is None or self._users(prev) != [bn]:
-            return None, None
-        if type(layer).__name__ in LINEAR:
-            return layer, _act_name(layer)
-        act = _act_name(layer)
-        lin_name = self._inbound(prev)
-        linear = self._layer(lin_name)
-        if (
-            act is not None
-            and linear is not None
-            and type(linear).__name__ in LINEAR
-            and _act_name(linear) == "linear"
-            and self._users(lin_name) == [prev]
-        ):
-            return linear, act
-        return None, None
-
-    def _shift_target(self, bn: str):
-        """The next linear layer that can absorb a per-channel shift exactly, and how to tile it."""
-        tile, cur = 1, bn
-        while True:
-            users = self._users(cur)
-            if len(users) != 1 or users[0] == OUTPUT:
-                return (
-                    None,
-                    (
-                        "no linear layer after it to take the shift"
-                        if users == [OUTPUT] or not users
-                        else f"its output feeds {len(users)} places"
-                    ),
-                    1,
-                )
-            layer = self._layer(users[0])
-            cls = type(layer).__name__
-            if cls in SHIFT_TRANSPARENT:
-                tile = _flatten_tile(layer) if cls == "Flatten" else tile
-                cur = users[0]
-                continue
-            if cls == "Dense":
-                return layer, "", tile
-            if cls in ("Conv2D", "DepthwiseConv2D"):
-                cfg = layer.get_config()
-                if tile != 1:
-                    return None, "a convolution after flatten", 1
-                if cfg["padding"] == "valid" or tuple(cfg["kernel_size"]) == (1, 1):
-                    return layer, "", tile
-                return None, f"the next layer `{layer.name}` pads with zeros ('same'), which a shift does not pass", 1
-            return None, f"`{layer.name}` ({cls}) between this BN and the next linear layer does not pass a shift", 1
-
-    def _chain(self, graph) -> list | None:
-        """The kept layers in order when they form a single chain, else None."""
-        kept = [
-            spec["name"] for spec in graph["layers"] if spec["class_name"] != "InputLayer" and spec["name"] not in self._dropped
-        ]
-        for name in kept:
-            if self._inbound(name) is None or len([u for u in self._users(name) if u != OUTPUT]) > 1:
-                return None
-        return [self._model.get_layer(name) for name in kept]
-
-    @staticmethod
-    def _equalize(kept, weights, kernel_bias, set_kernel_bias, passes: int = 4) -> list[dict[str, Any]]:
-        """Cross-layer equalization over each linear -> ReLU-like -> (pooling, flatten, dropout) ->
-        linear pair in the chain; returns the pairs with their range spread before and after."""
-        pairs = []
-        for i, first in enumerate(kept):
-            if type(first).__name__ not in ("Conv2D", "Dense"):
-                continue
-            act = _act_name(first)
-            j = i + 1
-            if (
-                act == "linear"
-                and j < len(kept)
-                and _act_name(kept[j]) in ("relu", "leaky_relu")
-                and type(kept[j]).__name__ not in LINEAR
-            ):
-                act, j = _act_name(kept[j]), j + 1
-            if act not in ("relu", "leaky_relu"):
-                continue
-            tile = 1
-            while (
-                j < len(kept)
-                and type(kept[j]).__name__ in SHIFT_TRANSPARENT
-                and type(kept[j]).__name__ != "GlobalAveragePooling2D"
-            ):
-                tile = _flatten_tile(kept[j]) if type(kept[j]).__name__ == "Flatten" else tile
-                j += 1
-            if (
-                j < len(kept)
-                and type(kept[j]).__name__ in ("Conv2D", "Dense")
-                and (tile == 1 or type(kept[j]).__name__ == "Dense")
-            ):
-                pairs.append((first, kept[j], tile))
-        report = []
-        for first, second, tile in pairs:
-            spread_before = None
-            for _ in range(passes):
-                k1, b1 = kernel_bias(first)
-                k2, b2 = kernel_bias(second)
-                channels = k1.shape[-1]
-                r1 = np.abs(k1).reshape(-1, channels).max(axis=0)
-                # Input channel c of the second layer: axis -2 of a conv kernel; rows c, c+C, ... of a Dense
-                # kernel after flatten (channels-last flatten order).
-                rows = (
-                    np.abs(k2).reshape(-1, channels, k2.shape[-1])
-                    if tile > 1
-                    else np.moveaxis(np.abs(k2), -2, 0).reshape(channels, -1).T[None]
-                )
-                r2 = rows.max(axis=(0, 2)) if tile > 1 else rows[0].max(axis=0)
-                if spread_before is None:
-                    spread_before = float(r1.max() / max(r1.min(), 1e-12))
-                ok = (r1 > 1e-12) & (r2 > 1e-12)
-                scale = np.where(ok, np.sqrt(np.where(ok, r1, 1) / np.where(ok, r2, 1)), 1.0)
-                set_kernel_bias(first, k1 / scale, b1 / scale)
-                if tile > 1:
-                    k2 = (k2.reshape(-1, channels, k2.shape[-1]) * scale[None, :, None]).reshape(k2.shape)
-                else:
-                    k2 = np.moveaxis(np.moveaxis(k2, -2, -1) * scale, -1, -2)
-                set_kernel_bias(second, k2, b2)
-            r1 = np.abs(kernel_bias(first)[0]).reshape(-1, channels).max(axis=0)
-            report.append(
-                {
-                    "layers": [first.name, second.name],
-                    "channel_range_spread_before": round(spread_before, 3),
-                    "channel_range_spread_after": round(float(r1.max() / max(r1.min(), 1e-12)), 3),
-                }
-            )
-        return report
-
     @staticmethod
     def _scale_shift(bn) -> tuple[np.ndarray, np.ndarray]:
-        mean, var = _np(bn.moving_mean), _np(bn.moving_variance)
-        gamma = _np(bn.gamma) if bn.gamma is not None else np.ones_like(mean)
-        beta = _np(bn.beta) if bn.beta is not None else np.zeros_like(mean)
+        mean, var = as_float64(bn.moving_mean), as_float64(bn.moving_variance)
+        gamma = as_float64(bn.gamma) if bn.gamma is not None else np.ones_like(mean)
+        beta = as_float64(bn.beta) if bn.beta is not None else np.zeros_like(mean)
         s = gamma / np.sqrt(var + bn.epsilon)
         return s, beta - mean * s
 
@@ -391,9 +193,8 @@ class Fuse(Step):
         shape = [d if d else 1 for d in before.inputs[0].shape[1:]]
         x = np.random.default_rng(0).uniform(0, 1, size=[8, *shape]).astype(np.float32)
         try:
-            ev = ctx.load_data("evaluation")
-            x = ev.x[:64].astype(np.float32)
-        except Exception:
+            x = ctx.load_data("evaluation").x[:64].astype(np.float32)
+        except InputError:  # no evaluation data given: the seeded uniform inputs above
             pass
         diff = float(np.max(np.abs(before.predict(x, verbose=0) - after.predict(x, verbose=0))))
         ctx.notes["max_abs_output_difference"] = diff

@@ -162,16 +162,21 @@ def _quantize(chain: Chain) -> QuantizeParams | None:
     return None if params is None else QuantizeParams.model_validate(params)
 
 
-class OtherEngine(SearchMove):
-    """Quantize with the other engine (the converter <-> the LiteRT Quantizer), same params."""
+class _OnFullInt8(SearchMove):
+    """A move for chains that quantize to full int8 (the one rule every quantize move shares)."""
 
-    name = "engine"
-    kind = "alternative"
     requirement = "`quantize: {mode: int8}` in the chain"
 
     def applies(self, chain: Chain) -> bool:
         q = _quantize(chain)
         return q is not None and q.mode == "int8"
+
+
+class OtherEngine(_OnFullInt8):
+    """Quantize with the other engine (the converter <-> the LiteRT Quantizer), same params."""
+
+    name = "engine"
+    kind = "alternative"
 
     def propose(self, chain: Chain, facts: ModelFacts) -> list[tuple[str, Chain]]:
         if facts.source_kind == "tflite":
@@ -180,17 +185,12 @@ class OtherEngine(SearchMove):
         return [(f"engine {other}", edited(chain, "quantize", engine=other))]
 
 
-class OtherModes(SearchMove):
+class OtherModes(_OnFullInt8):
     """Quantize with another mode (dynamic, float16, int16x8) when full int8 cannot pass."""
 
     name = "modes"
     kind = "alternative"
     cost = 3.0  # a fallback: tried only when cheaper moves and refining found nothing
-    requirement = "`quantize: {mode: int8}` in the chain"
-
-    def applies(self, chain: Chain) -> bool:
-        q = _quantize(chain)
-        return q is not None and q.mode == "int8"
 
     def propose(self, chain: Chain, facts: ModelFacts) -> list[tuple[str, Chain]]:
         written = step_params(chain, "quantize")
@@ -208,17 +208,12 @@ class OtherModes(SearchMove):
         return out
 
 
-class _Selective(SearchMove):
+class _Selective(_OnFullInt8):
     """A refine move that keeps one more thing float in a full-int8 chain: it edits the quantize
     step's list param `param`."""
 
     kind = "refine"
     param = ""
-    requirement = "`quantize: {mode: int8}` in the chain"
-
-    def applies(self, chain: Chain) -> bool:
-        q = _quantize(chain)
-        return q is not None and q.mode == "int8"
 
     def chosen(self, chain: Chain) -> list[str]:
         return list(step_params(chain, "quantize").get(self.param, []))
@@ -251,21 +246,12 @@ class _KeepFloat(_Selective):
     requirement = "`quantize: {mode: int8}` (engine converter) in the chain"
 
     def applies(self, chain: Chain) -> bool:
-        q = _quantize(chain)
-        return q is not None and q.mode == "int8" and q.engine == "converter"
+        return super().applies(chain) and _quantize(chain).engine == "converter"
 
     def instrument(self, chain: Chain) -> Chain:
         if all(name != "analyze" for name, _ in chain):
             return [*chain, ("analyze", {"top": 1000})]
         return chain
-
-    @staticmethod
-    def per_layer(trial: TrialView) -> list[dict]:
-        for step in trial.steps:
-            rows = step.notes.get("per_layer")
-            if step.name == "analyze" and isinstance(rows, list):
-                return rows
-        return []
 
 
 class KeepFloatOps(_KeepFloat):
@@ -277,7 +263,7 @@ class KeepFloatOps(_KeepFloat):
 
     def options(self, trial: TrialView) -> list[str]:
         worst: dict[str, float] = {}
-        for row in self.per_layer(trial):
+        for row in trial.per_layer:
             worst[row["op"]] = max(worst.get(row["op"], 0.0), row["rmse/scale"])
         return [op for op, _ in sorted(worst.items(), key=lambda kv: (-kv[1], kv[0]))]
 
@@ -292,7 +278,7 @@ class KeepFloatNodes(_KeepFloat):
     label = "keep node in float"
 
     def options(self, trial: TrialView) -> list[str]:
-        return [row["tensor"] for row in self.per_layer(trial)]
+        return [row["tensor"] for row in trial.per_layer]
 
     def limit(self, spec, options: list[str]) -> int:
         return spec.max_float_nodes

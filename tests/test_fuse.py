@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline_stage.contract.errors import InputError
 from pipeline_stage.contract.steps import StepContext
 from tests.conftest import write_manifest
 from tests.helpers import invoke, read_report
 
 
 def _no_data(name):
-    raise KeyError(name)
+    raise InputError(f"`data.{name}` is needed but not given in the manifest")  # what the stage's context raises
 
 
 def _fuse(model, **params):
