@@ -48,6 +48,8 @@ _PUBLIC = {
     "PluginError": ("pipeline_stage.contract.errors", "PluginError"),
     "PluginLoadError": ("pipeline_stage.contract.errors", "PluginLoadError"),
     "TrackingError": ("pipeline_stage.contract.errors", "TrackingError"),
+    # a plugin's own tests: run with a chosen set of plugins
+    "use_plugins": ("pipeline_stage.host.plugin_host", "use_plugins"),
     # engine helpers a plugin may use
     "read_flatbuffer": ("pipeline_stage.engine.flatbuffer", "read"),
     "load_flatbuffer": ("pipeline_stage.engine.flatbuffer", "load_model"),
@@ -106,3 +108,16 @@ if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eag
     )
     from pipeline_stage.contract.report import GateResult, ObserverContext, Registered, Report, StepRecord  # noqa: F401
     from pipeline_stage.contract.steps import ConversionSettings, Params, Phase, Step, StepContext  # noqa: F401
+    from pipeline_stage.engine.convert import build_converter  # noqa: F401
+    from pipeline_stage.engine.flatbuffer import add_metadata, op_code_name  # noqa: F401
+    from pipeline_stage.engine.flatbuffer import dump_model as dump_flatbuffer  # noqa: F401
+    from pipeline_stage.engine.flatbuffer import load_model as load_flatbuffer  # noqa: F401
+    from pipeline_stage.engine.flatbuffer import read as read_flatbuffer  # noqa: F401
+    from pipeline_stage.engine.flatbuffer import text as flatbuffer_text  # noqa: F401
+    from pipeline_stage.engine.keras_graph import layer_graph, rebuild  # noqa: F401
+    from pipeline_stage.engine.litert_runtime import TFLiteModel  # noqa: F401
+    from pipeline_stage.engine.tf_env import captured_output  # noqa: F401
+    from pipeline_stage.engine.tf_env import import_tf as import_tensorflow  # noqa: F401
+    from pipeline_stage.engine.tfmot_bridge import load_weights_into  # noqa: F401
+    from pipeline_stage.engine.tfmot_bridge import run_task as run_tf_keras_task  # noqa: F401
+    from pipeline_stage.host.plugin_host import use_plugins  # noqa: F401

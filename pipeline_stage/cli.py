@@ -187,7 +187,7 @@ def verify(model_uri: str, tracking_uri: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a listing.")
 def plugins(as_json: bool) -> None:
     """List installed steps (phase, params, distribution), metrics, search moves, data loaders and plugins."""
-    from pipeline_stage.host.plugin_host import describe
+    from pipeline_stage.host.plugin_listing import describe
 
     info = describe(_host())
     if as_json:
@@ -261,8 +261,10 @@ def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: 
     from pipeline_stage import demo as demo_mod
     from pipeline_stage.manifest import load_manifest
     from pipeline_stage.mlflow_io.tracking import configure, preflight, resolve_tracking_uri
+    from pipeline_stage.run.phase_clock import process_age_s
     from pipeline_stage.run.stage import RunOptions, run_stage
 
+    startup = process_age_s()  # the stage's start-up is this, not this plus the demo's training
     host = _host()
     manifest = demo_mod.example_manifest("search-auto.yaml" if case == "search" else demo_mod.EXAMPLE_MANIFEST)
     load_manifest(manifest, host)  # a broken example fails before any training
@@ -287,7 +289,7 @@ def demo(tracking_uri: str | None, report_path: Path, epochs: int | None, case: 
     )
     loaded = load_manifest(manifest, host, model_uri=source["uri"])
     click.echo(f"[demo] running {manifest} ...", err=True)
-    _conclude(run_stage(loaded, host, RunOptions(tracking_uri=uri, report_path=report_path)), uri)
+    _conclude(run_stage(loaded, host, RunOptions(tracking_uri=uri, report_path=report_path, startup_s=startup)), uri)
 
 
 def main() -> None:

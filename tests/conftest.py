@@ -131,9 +131,9 @@ def collapse_source(mlflow_server):
 @pytest.fixture(autouse=True)
 def fresh_registry():
     """Each test builds the plugin host anew (tests install and remove plugins)."""
-    plugin_host._host = None
+    plugin_host.reset_host()
     yield
-    plugin_host._host = None
+    plugin_host.reset_host()
 
 
 @pytest.fixture(autouse=True)

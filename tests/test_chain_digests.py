@@ -18,7 +18,8 @@ PINNED = json.loads((Path(__file__).parent / "chain_digests.json").read_text())
 MODEL = "models:/pinned@champion"
 HEAD = f"model: {MODEL}\ndata: {{evaluation: e.npz, calibration: c.npz, training: t.npz}}\n"
 CHAINS = {
-    "every-step": HEAD + """chain:
+    "every-step": HEAD
+    + """chain:
   - prune: {target_sparsity: 0.5, epochs: 1, seed: 3}
   - fuse: {equalize: true}
   - quantize: {mode: int8, io: int8, per_channel: false, keep_float_nodes: [dense], calibration_samples: 50}
@@ -31,11 +32,13 @@ gates: [{metric: accuracy, max_drop: 0.02}]
     "litert": HEAD + "chain: [{quantize: {mode: dynamic, engine: litert}}]\n",
     "float16": HEAD + "chain: [quantize: {mode: float16}]\n",
     "signature": HEAD + "signature: classify\nchain: [quantize: {mode: int8}]\n",
-    "search-auto": HEAD + """chain: [quantize: {mode: int8}]
+    "search-auto": HEAD
+    + """chain: [quantize: {mode: int8}]
 gates: [{metric: accuracy, max_drop: 0.01}]
 search: {strategy: auto, budget: {trials: 6}, parallel: 2, moves: [keep_float_nodes, modes], objective: [size_bytes]}
 """,
-    "search-candidates": HEAD + """chain: [quantize: {mode: int8}]
+    "search-candidates": HEAD
+    + """chain: [quantize: {mode: int8}]
 gates: [{metric: fidelity_sqnr_db, min: 20}]
 search:
   strategy: candidates

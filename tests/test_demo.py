@@ -34,7 +34,7 @@ def test_demo_uses_a_local_store_and_registers_an_int8_model(tmp_path):
 
 
 def test_demo_search_case_finds_a_passing_chain(tmp_path):
-    """`pipeline-stage demo --case search`: the example of the README's Search section, end to end."""
+    """`pipeline-stage demo --case search`: the example of docs/search.md, end to end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     exe = str(Path(sys.executable).with_name("pipeline-stage"))
     result = subprocess.run([exe, "demo", "--case", "search"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_stage.host import plugin_host as plugin_host
-from pipeline_stage.host.plugin_host import build_host
+from pipeline_stage import use_plugins
 from tests.conftest import REPO
 from tests.fake_plugins import Steps
 from tests.figures import add
@@ -90,9 +89,8 @@ def host_with_test_plugins(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "tests" / "plugin_pkg"))
     import pipeline_stage_stamp
 
-    host = build_host(load_entry_points=False, extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp")])
-    plugin_host._host = host
-    return host
+    with use_plugins((Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp")) as host:
+        yield host
 
 
 def test_corpus_is_complete():

@@ -23,7 +23,7 @@ from tests.helpers import digits_manifest, invoke, read_report
 
 NAME = "digits-outage"
 # PIPELINE_STAGE_OUTAGE_BOUND_S for these tests: 25 s (the default, 60, only makes them slower; the
-# README's figures for 60 come from PIPELINE_STAGE_TEST_OUTAGE_BOUND_S=60)
+# docs/operations.md's figures for 60 come from PIPELINE_STAGE_TEST_OUTAGE_BOUND_S=60)
 BOUND_S = int(os.environ.get("PIPELINE_STAGE_TEST_OUTAGE_BOUND_S", "25"))
 TEXT = digits_manifest(NAME)
 

@@ -10,8 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline_stage.host import plugin_host as plugin_host
-from pipeline_stage.host.plugin_host import build_host
+from pipeline_stage import use_plugins
 from tests.conftest import REPO, free_port, write_manifest
 from tests.fake_plugins import Recorder, Steps
 from tests.figures import add
@@ -39,10 +38,8 @@ def test_plugins(monkeypatch):
     import pipeline_stage_stamp
 
     recorder = Recorder()
-    plugin_host._host = build_host(
-        load_entry_points=False, extra_plugins=[(Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp"), (recorder, "recorder")]
-    )
-    return recorder
+    with use_plugins((Steps(), "fake-steps"), (pipeline_stage_stamp, "stamp"), (recorder, "recorder")):
+        yield recorder
 
 
 def _bad_data(tmp_path, name, **arrays) -> Path:

@@ -237,12 +237,11 @@ class FakeMoves:
 
 
 def test_hook_register_search_moves_a_plugin_move_is_used_by_auto(collapse_source, tmp_path):
-    from pipeline_stage.host import plugin_host
-    from pipeline_stage.host.plugin_host import build_host
+    from pipeline_stage import use_plugins
 
-    plugin_host._host = build_host(load_entry_points=False, extra_plugins=[(FakeMoves(), "fake-moves")])
     text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n", "  strategy: auto\n  moves: [float16_instead]\n")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    with use_plugins(FakeMoves()):
+        result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "r.json")
     trials = report["search"]["trials"]

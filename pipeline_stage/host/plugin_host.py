@@ -19,11 +19,12 @@ Operators can limit what loads:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pluggy
 
@@ -282,92 +283,33 @@ def get_host() -> PluginHost:
     return _host
 
 
-def describe(host: PluginHost) -> dict[str, Any]:
-    """Everything installed, as JSON-ready data (the ``plugins`` command)."""
-
-    def params_of(cls: type) -> list[dict[str, Any]]:
-        schema = cls.Params.model_json_schema()
-        out = []
-        for pname, fld in cls.Params.model_fields.items():
-            prop = schema.get("properties", {}).get(pname, {})
-            out.append(
-                {
-                    "name": pname,
-                    "type": _type_name(prop),
-                    "default": None if fld.is_required() else _jsonable(fld.get_default(call_default_factory=True)),
-                    "required": fld.is_required(),
-                    "doc": fld.description or "",
-                }
-            )
-        return out
-
-    return {
-        "steps": [
-            {
-                "name": name,
-                "phase": p.cls.phase.value,
-                "summary": p.cls.summary(),
-                "params": params_of(p.cls),
-                "plugin": p.plugin,
-                "distribution": p.distribution,
-            }
-            for name, p in sorted(host.steps.items())
-        ],
-        "metrics": [
-            {
-                "name": name,
-                "higher_is_better": p.cls.higher_is_better,
-                "unit": p.cls.unit,
-                "summary": p.cls.summary(),
-                "plugin": p.plugin,
-                "distribution": p.distribution,
-            }
-            for name, p in sorted(host.metrics.items())
-        ],
-        "data_loaders": [
-            {"name": name, "suffixes": list(p.cls.suffixes), "plugin": p.plugin, "distribution": p.distribution}
-            for name, p in sorted(host.loaders.items())
-        ],
-        "search_moves": [
-            {
-                "name": name,
-                "kind": p.cls.kind,
-                "cost": p.cls.cost,
-                "summary": p.cls.summary(),
-                "requirement": p.cls.requirement,
-                "plugin": p.plugin,
-                "distribution": p.distribution,
-            }
-            for name, p in host.moves.items()
-        ],
-        "plugins": [
-            {
-                "name": name,
-                "distribution": host.distributions.get(name, name),
-                "hooks": sorted(h.name for h in (host.pm.get_hookcallers(plugin) or [])),
-            }
-            for name, plugin in sorted(host.pm.list_name_plugin(), key=lambda kv: kv[0])
-        ],
-    }
+def reset_host() -> None:
+    """Forget the process-wide host: the next use builds it again (from what is installed then)."""
+    global _host
+    _host = None
 
 
-def _type_name(prop: dict[str, Any]) -> str:
-    if "enum" in prop:
-        return " | ".join(repr(v) for v in prop["enum"])
-    if "const" in prop:
-        return repr(prop["const"])
-    if "anyOf" in prop:
-        return " | ".join(_type_name(p) for p in prop["anyOf"])
-    if prop.get("type") == "array":
-        return f"list[{_type_name(prop.get('items', {}))}]"
-    return prop.get("type", "any")
+@contextlib.contextmanager
+def use_plugins(*plugins: object, entry_points: bool = False) -> Iterator[PluginHost]:
+    """Run with a chosen set of plugins, in this process: the built-ins, `plugins` (modules or
+    objects with ``@hookimpl`` functions, or ``(plugin, name)`` pairs), and with `entry_points` the
+    installed ones. Every command run in this process inside the block (``pipeline-stage run``,
+    ``validate``, ``plugins``; the CLI through click's test runner) uses them; the host before it
+    comes back after. A search's trials run in worker processes, which load the installed plugins:
+    a step or metric a trial needs must be installed (a search move runs in the stage's process).
 
+    A plugin's own tests::
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value)
+        from pipeline_stage import use_plugins
+        import my_plugin
+
+        with use_plugins(my_plugin) as host:
+            assert "my_step" in host.steps
+    """
+    global _host
+    named = [p if isinstance(p, tuple) else (p, getattr(p, "__name__", None) or type(p).__name__) for p in plugins]
+    before, _host = _host, build_host(load_entry_points=entry_points, extra_plugins=named)
+    try:
+        yield _host
+    finally:
+        _host = before
