@@ -76,3 +76,13 @@ def test_the_manifest_reference_names_every_field_of_the_schema():
         if ref is not None:
             for field in schema["$defs"][ref.rsplit("/", 1)[1]].get("properties", {}):
                 assert f"| `{name}.{field}` |" in page, f"{name}.{field}"
+
+
+def test_the_readme_minimal_manifest_validates():
+    from pipeline_stage.host.plugin_host import build_host
+    from pipeline_stage.manifest import parse_manifest
+
+    text = (REPO / "README.md").read_text().split("## A minimal manifest", 1)[1]
+    manifest = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    loaded = parse_manifest(manifest, build_host(load_entry_points=False), path="README.md")
+    assert [s.name for s in loaded.steps] == ["quantize"] and loaded.manifest.registration.alias == "edge-candidate"
