@@ -93,8 +93,16 @@ def hook_reference() -> str:
         if not hasattr(spec, "pipeline_stage_spec"):
             continue
         signature = f"{name}({', '.join(inspect.signature(spec).parameters)})"
-        parts += [f"### `{signature}`", "", inspect.getdoc(spec), ""]
+        parts += [f"### `{signature}`", "", _markdown(inspect.getdoc(spec)), ""]
     return "\n".join(parts).rstrip()
+
+
+def _markdown(doc: str) -> str:
+    """A hookspec's reST docstring as Markdown: ``code`` and :class:`X` as `code`, each :param: a list item."""
+    doc = re.sub(r":(?:class|func|mod|meth):`~?([^`]+)`", r"``\1``", doc).replace("``", "`")
+    doc = re.sub(r"^:param (\w+):", r"- `\1`:", doc, flags=re.M)
+    doc = re.sub(r"^:return:", "- returns:", doc, flags=re.M)
+    return re.sub(r"\n    (?=\S)", "\n  ", doc)  # continuation lines stay in their list item
 
 
 GENERATORS = {"manifest-reference": manifest_reference, "hook-reference": hook_reference}
