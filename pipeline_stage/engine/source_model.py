@@ -101,9 +101,7 @@ class SourceModel:
         if self.keras_model is not None:
             return keras_predict_batch(self.keras_model, inputs, self.output_names)
         if self.tflite_bytes is not None:
-            cast = {k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()}
-            n = len(next(iter(cast.values())))
-            return outputs_by_name(self._tflite().predict_outputs(cast, batch_size=n), self.output_names)
+            return tflite_predict_batch(self._tflite(), inputs, self.output_names)
         from pipeline_stage.engine.tf_env import import_tf
 
         tf = import_tf()
@@ -116,6 +114,16 @@ def keras_predict_batch(model, inputs: dict[str, np.ndarray], output_names: list
     runs, without the per-call data pipeline that `predict` builds (seconds over a run)."""
     feed = inputs if len(inputs) > 1 else next(iter(inputs.values()))
     return outputs_by_name(model.predict_on_batch(feed), output_names)
+
+
+def tflite_predict_batch(model, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+    """A .tflite's outputs by name on one batch (a `TFLiteModel`, float32 inputs); the only input is
+    passed as an array, because the interpreter may name it otherwise than the source model does."""
+    feed = {k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()}
+    n = len(next(iter(feed.values())))
+    return outputs_by_name(
+        model.predict_outputs(feed if len(feed) > 1 else next(iter(feed.values())), batch_size=n), output_names
+    )
 
 
 def keras_input_names(model) -> list[str]:

@@ -16,7 +16,7 @@ from pipeline_stage.contract.errors import InputError, PluginError, StageError
 from pipeline_stage.contract.metrics import Evaluation
 from pipeline_stage.contract.report import TimedComparison
 from pipeline_stage.engine.evaluate import alternating_latencies_ms, default_threads, latencies_ms
-from pipeline_stage.engine.source_model import aligned_names, outputs_by_name
+from pipeline_stage.engine.source_model import aligned_names, tflite_predict_batch
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.run.evaluation import EvaluationContext, Outputs
 
@@ -72,14 +72,8 @@ def _measure(
         model = TFLiteModel(model_bytes, threads=ctx.spec.threads or default_threads())
         output_names = aligned_names(model.output_names, ctx.output_names)  # a step may have removed some
 
-        def predict_batch(batch: dict[str, np.ndarray]) -> Outputs:
-            feed = {k: v.astype(np.float32) for k, v in batch.items()}
-            if len(feed) == 1:  # the interpreter may name the only input otherwise
-                feed = next(iter(feed.values()))
-            return outputs_by_name(model.predict_outputs(feed, batch_size=ctx.spec.batch_size), ctx.output_names)
-
         def outputs() -> Outputs:
-            return ctx.predict(predict_batch)
+            return ctx.predict(lambda batch: tflite_predict_batch(model, batch, ctx.output_names))
 
     runs = ctx.spec.latency_runs
     evaluation = Evaluation(
