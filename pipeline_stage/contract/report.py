@@ -196,6 +196,10 @@ class SearchSummary(Record):
     why: str
     chain: str
     trials: list[TrialRecord]
+    not_tried: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="What the auto search's alternative moves proposed but never ran, each {move, origin, reason}.",
+    )
     as_written_per_layer: list[dict[str, Any]] = Field(description="Per-layer error of the first trial, worst first.")
 
 
@@ -286,6 +290,10 @@ class Report(BaseModel):
     timing: Timing | None = None
     seconds: float | None = None
     error: str | None = None
+    evaluation_notes: list[str] = Field(
+        default_factory=list,
+        description="What evaluating had to do otherwise: a batch the model could not take whole, retried in halves.",
+    )
 
     def compared_baseline(self) -> dict[str, float]:
         """What the candidate's values are compared with (gates, tables): the baseline's values, a

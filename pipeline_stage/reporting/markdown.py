@@ -68,6 +68,11 @@ def to_markdown(report: Report) -> str:
                 + " | ".join(fmt(t.metrics.get(n)) for n in names)
                 + f" | {', '.join(t.failed_gates) or '-'} |"
             )
+        if search.not_tried:
+            lines += ["", "Not tried:", "", "| move | proposal | why not |", "| --- | --- | --- |"]
+            lines += [f"| {n['move']} | {n['origin'] or '-'} | {n['reason']} |" for n in search.not_tried]
+    if report.evaluation_notes:
+        lines += ["", "## Evaluation notes", ""] + [f"- {n}" for n in report.evaluation_notes]
     lines += [
         "",
         "## Steps",

@@ -55,6 +55,7 @@ class EvaluationContext:
         self._datasets: dict[str, Dataset] = {}
         self._local: dict[str, Path] = {}
         self._reference: Outputs | None = None
+        self.notes: list[str] = []  # what evaluating had to do otherwise (a batch retried smaller), for the report
 
     @classmethod
     def for_manifest(cls, loaded: LoadedManifest, host: PluginHost, source: SourceModel, workdir: Path) -> "EvaluationContext":
@@ -154,9 +155,36 @@ class EvaluationContext:
 
     def predict(self, predict_batch: Callable[[Inputs], Outputs], inputs=None) -> Outputs:
         """A model's outputs by name on the evaluation inputs (or `inputs`): the one loop every
-        prediction goes through, `predict_batch` called on one batch at a time."""
-        chunks = [predict_batch(batch) for batch in self.batches(inputs)]
+        prediction goes through, `predict_batch` called on one batch at a time.
+
+        A batch the model cannot take whole (a kernel's size limit, such as the int16x8
+        convolution's 32-bit im2col buffer, or memory) is retried in halves, down to one sample,
+        before anything counts as an error; the smaller size that worked is kept for the rest of
+        this call and said in :attr:`notes`."""
+        chunks: list[Outputs] = []
+        fits: int | None = None
+        for batch in self.batches(inputs):
+            fits = self._predict_fitting(predict_batch, batch, fits, chunks)
         return {name: np.concatenate([c[name] for c in chunks], axis=0) for name in chunks[0]} if chunks else {}
+
+    def _predict_fitting(self, predict_batch, batch: Inputs, fits: int | None, chunks: list[Outputs]) -> int | None:
+        """Predict `batch` in pieces of `fits` samples (all of it when None), halving on failure;
+        returns the piece size that worked."""
+        n = len(next(iter(batch.values())))
+        step, start = min(n, fits or n), 0
+        while start < n:
+            try:
+                chunks.append(predict_batch({k: v[start : start + step] for k, v in batch.items()}))
+                start += step
+            except Exception as exc:
+                if step == 1:
+                    raise
+                failed, step = step, max(1, step // 2)
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                note = f"a batch of {failed} failed ({type(exc).__name__}: {first}); retried at {step}"
+                if note not in self.notes:
+                    self.notes.append(note)
+        return step if step < n or fits is not None else None
 
     # -- the reference -----------------------------------------------------------------------
     def reference_outputs(self) -> Outputs:

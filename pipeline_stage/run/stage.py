@@ -121,8 +121,7 @@ class Stage:
                 )
                 evaluation = EvaluationContext.for_manifest(self.loaded, self.host, source, workdir)
                 runner = ChainRunner(self.host, evaluation, m.conversion, workdir, progress=self.progress, context=context)
-                if m.search is None:
-                    runner.check_chain(self.loaded.steps)
+                runner.check_chain(self.loaded.steps, search=m.search is not None)
                 evaluation.load_all(self.loaded.required_data(self.host))
             work_started = time.perf_counter()
             step_tags = self._execute(report, run, runner, context)
@@ -210,6 +209,7 @@ class Stage:
             )
         run.log_metrics(report.candidate)
         run.log_metrics({f"baseline.{t.metric}": t.baseline for t in report.timed})
+        report.evaluation_notes = list(ev.notes)
         self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
         return tags
 
