@@ -59,6 +59,7 @@ _PUBLIC = {
     "flatbuffer_text": ("pipeline_stage.engine.flatbuffer", "text"),
     "TFLiteModel": ("pipeline_stage.engine.litert_runtime", "TFLiteModel"),
     "build_converter": ("pipeline_stage.engine.convert", "build_converter"),
+    "litert_per_tensor_errors": ("pipeline_stage.engine.litert_quantize", "per_tensor_errors"),
     "import_tensorflow": ("pipeline_stage.engine.tf_env", "import_tf"),
     "captured_output": ("pipeline_stage.engine.tf_env", "captured_output"),
     "layer_graph": ("pipeline_stage.engine.keras_graph", "layer_graph"),
@@ -115,6 +116,7 @@ if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eag
     from pipeline_stage.engine.flatbuffer import read as read_flatbuffer  # noqa: F401
     from pipeline_stage.engine.flatbuffer import text as flatbuffer_text  # noqa: F401
     from pipeline_stage.engine.keras_graph import layer_graph, rebuild  # noqa: F401
+    from pipeline_stage.engine.litert_quantize import per_tensor_errors as litert_per_tensor_errors  # noqa: F401
     from pipeline_stage.engine.litert_runtime import TFLiteModel  # noqa: F401
     from pipeline_stage.engine.tf_env import captured_output  # noqa: F401
     from pipeline_stage.engine.tf_env import import_tf as import_tensorflow  # noqa: F401

@@ -199,6 +199,9 @@ def plugins(as_json: bool) -> None:
         for p in step["params"]:
             default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
             click.echo(f"      {p['name']}: {p['type']} ({default}) {p['doc']}")
+        if step["support"]:
+            click.echo("      supported:")
+            click.echo(_text_table(step["support"], indent="      "))
     click.echo("Metrics:")
     for metric in info["metrics"]:
         direction = "higher is better" if metric["higher_is_better"] else "lower is better"
@@ -212,6 +215,14 @@ def plugins(as_json: bool) -> None:
     click.echo("Plugins:")
     for plugin in info["plugins"]:
         click.echo(f"  {plugin['name']} ({plugin['distribution']}): {', '.join(plugin['hooks'])}")
+
+
+def _text_table(rows: list[dict[str, str]], *, indent: str) -> str:
+    """Rows of equal keys as an aligned plain-text table."""
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    lines = [" | ".join(k.ljust(widths[k]) for k in keys)] + [" | ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(indent + line.rstrip() for line in lines)
 
 
 @cli.command()

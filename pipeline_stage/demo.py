@@ -150,6 +150,41 @@ def build_two_heads(seed: int = 0):
     return model, inputs
 
 
+def build_wide_range_trunk(seed: int = 0, features: int = 64, width: int = 96):
+    """A float .tflite with one input and three outputs (`a`, `b`, `c`) that share a trunk, whose
+    input has one feature on a scale 30,000 times the others (a raw energy beside normalized
+    spectra), weighted down by the first layer: quantizing the input's activations at 8 or 16 bits
+    (full int8, dynamic, int16x8) rounds the small features away, and every output with them; the
+    outputs share the trunk, so keeping one output's own nodes float does not help. Weight-only
+    and float16 recipes keep the activations float. Weights are set (seeded), not trained.
+    Returns (float .tflite bytes, `inputs(n)` drawing inputs for `x`)."""
+    from pipeline_stage.engine.tf_env import import_tf
+
+    tf = import_tf()
+    import keras
+
+    x = keras.Input((features,), name="x")
+    h = keras.layers.Dense(width, activation="tanh", name="trunk1")(x)
+    h = keras.layers.Dense(width, activation="tanh", name="trunk2")(h)
+    model = keras.Model(x, [keras.layers.Dense(k, name=n)(h) for n, k in (("a", 8), ("b", 4), ("c", 2))])
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.weights:
+            kernel, bias = layer.get_weights()
+            layer.set_weights([rng.normal(0, 1 / np.sqrt(kernel.shape[0]), kernel.shape).astype(np.float32), np.zeros_like(bias)])
+    kernel, bias = model.get_layer("trunk1").get_weights()
+    kernel[0, :] *= 1e-5
+    model.get_layer("trunk1").set_weights([kernel, bias])
+    flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+    def inputs(n: int) -> np.ndarray:
+        out = rng.normal(size=(n, features)).astype(np.float32)
+        out[:, 0] *= 3e4
+        return out
+
+    return flatbuffer, inputs
+
+
 def log_source_model(
     model,
     data: DigitsData,

@@ -1,6 +1,7 @@
 """Built-in step `analyze` (the optimization toolkit's analysis): op histogram, tensor size
-breakdown, and per-layer quantization error from TensorFlow's QuantizationDebugger. It changes
-nothing; it feeds the report (and the accuracy-aware search)."""
+breakdown, and per-layer quantization error, on either engine: TensorFlow's QuantizationDebugger
+for the converter, the LiteRT Quantizer's comparison of the float and the quantized model for
+litert. It changes nothing; it feeds the report (and the accuracy-aware search)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,30 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, build_converter, captured_output, hookimpl, import_tensorflow, read_flatbuffer
+from pipeline_stage import (
+    Params,
+    Phase,
+    Step,
+    build_converter,
+    captured_output,
+    hookimpl,
+    import_tensorflow,
+    litert_per_tensor_errors,
+    read_flatbuffer,
+)
 
 DTYPE_BYTES = {"FLOAT32": 4, "FLOAT16": 2, "INT8": 1, "UINT8": 1, "INT16": 2, "INT32": 4, "INT64": 8, "BOOL": 1}
 
 
 class AnalyzeParams(Params):
-    per_layer: bool = Field(True, description="Per-layer quantization error (full-int8 conversions of Keras models).")
-    samples: int = Field(50, ge=1, le=10000, description="Evaluation samples the quantization debugger runs.")
+    per_layer: bool = Field(
+        True,
+        description=(
+            "Per-layer quantization error: full-int8 conversions of Keras models (the converter's quantization "
+            "debugger), and every LiteRT Quantizer model (its float-vs-quantized comparison, per op the error it adds)."
+        ),
+    )
+    samples: int = Field(50, ge=1, le=10000, description="Evaluation samples the per-layer comparison runs.")
     top: int = Field(10, ge=1, le=1000, description="How many of the worst layers the report lists.")
 
 
@@ -49,11 +66,13 @@ class Analyze(Step):
             }
         )
         if self.params.per_layer:
-            ctx.notes["per_layer"] = self._per_layer(ctx)
+            ctx.notes["per_layer"] = self._per_layer(model_bytes, ctx)
         return model_bytes
 
-    def _per_layer(self, ctx):
+    def _per_layer(self, model_bytes, ctx):
         settings = ctx.conversion
+        if settings is not None and settings.engine == "litert" and settings.quantization is not None:
+            return self._litert(model_bytes, ctx)
         if ctx.model is None or settings is None or settings.quantization != "int8":
             return "only for full-int8 conversions of Keras models"
         if len(ctx.model.inputs) > 1:
@@ -88,6 +107,18 @@ class Analyze(Step):
             }
             for r in rows[: self.params.top]
         ]
+
+    def _litert(self, model_bytes, ctx):
+        if ctx.float_model is None:
+            return "the float model the LiteRT Quantizer quantized is not at hand"
+        rows = litert_per_tensor_errors(ctx.float_model, model_bytes, ctx.load_data("evaluation"), self.params.samples)
+        path = Path(ctx.workdir) / "layer_stats.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["op", "tensor", "rmse/scale", "relative_error"])
+            writer.writeheader()
+            writer.writerows(rows)
+        ctx.artifacts["layer_stats.csv"] = path
+        return rows[: self.params.top]
 
 
 @hookimpl

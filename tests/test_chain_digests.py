@@ -67,5 +67,32 @@ def test_every_example_is_pinned():
     assert set(digests()) == set(PINNED)
 
 
+def _digest(chain: str, extra: str = "") -> str:
+    return parse_manifest(HEAD + f"chain: [{chain}]\n{extra}", build_host(load_entry_points=False)).chain_digest
+
+
+def test_engine_auto_and_params_added_later_keep_the_digest():
+    """`engine: auto` (the default since 0.2) counts as the engine it picks for a TensorFlow source,
+    and a param added later counts only when set off its default: chains written before keep their
+    digest; what changes the recipe changes it."""
+    written = _digest("quantize: {mode: int8}")
+    assert _digest("quantize: {mode: int8, engine: converter}") == written
+    assert _digest("quantize: {mode: int8, engine: auto, weight_bits: 8, algorithm: min_max}") == written
+    assert _digest("quantize: {mode: int8, engine: litert}") != written
+    assert _digest("quantize: {mode: weight_only}") == _digest("quantize: {mode: weight_only, engine: litert}")
+    assert (
+        len({written, _digest("quantize: {mode: int8, algorithm: mse}"), _digest("quantize: {mode: int8, weight_bits: 4}")}) == 3
+    )
+
+
+def test_a_move_added_later_counts_in_a_search_digest_only_when_named():
+    gates = "gates: [{metric: accuracy, max_drop: 0.01}]\n"
+    every = _digest("quantize: {mode: int8}", gates + "search: {strategy: auto}\n")
+    before = [name for name in build_host(load_entry_points=False).moves if name != "recipes"]  # the moves of 0.1
+    assert every == _digest("quantize: {mode: int8}", gates + f"search: {{strategy: auto, moves: [{', '.join(before)}]}}\n")
+    named = _digest("quantize: {mode: int8}", gates + "search: {strategy: auto, moves: [recipes]}\n")
+    assert named != every
+
+
 if __name__ == "__main__":  # `python -m tests.test_chain_digests` prints the table to pin
     print(json.dumps(digests(), indent=1, sort_keys=True))

@@ -76,10 +76,25 @@ EXPECTED = {
     "search-unknown-objective.yaml": (8, ["`search.objective[0]`", "latency_p99_ms", "did you mean `latency_p50_ms`"]),
     "search-candidate-bad-step.yaml": (9, ["`search.candidates[0][1]`", "unknown step `quantise`", "did you mean `quantize`"]),
     "prune-without-training-data.yaml": (2, ["`data.training`", "required by prune"]),
-    "qat-with-litert-engine.yaml": (3, ["chain[0].quantize", "engine litert offers modes dynamic, int8 and int16x8, not `qat`"]),
+    "qat-with-litert-engine.yaml": (
+        3,
+        ["chain[0].quantize", "engine litert offers modes dynamic, int8, float16, int16x8, weight_only, not `qat`"],
+    ),
+    "weight-only-on-converter.yaml": (3, ["chain[0].quantize", "mode weight_only is the LiteRT Quantizer's", "engine: litert"]),
+    "converter-on-tflite-source.yaml": (
+        3,
+        ["chain[0].quantize", "the converter engine needs the TensorFlow model", "audio-tagger.tflite", "leave `engine` at auto"],
+    ),
+    "qat-on-tflite-source.yaml": (3, ["chain[0].quantize", "quantization-aware training fine-tunes the Keras model"]),
+    "blockwise-weight-only.yaml": (3, ["chain[0].quantize", "block_size applies to mode dynamic with weight_bits 4"]),
+    "recipe-file-missing.yaml": (3, ["chain[0].quantize", "recipe file `no-such-recipe.json` does not exist"]),
+    "algorithm-with-float16.yaml": (
+        3,
+        ["chain[0].quantize", "algorithm `gptq` applies to modes dynamic, int8, int16x8, weight_only"],
+    ),
     "per-tensor-float16.yaml": (
         3,
-        ["chain[0].quantize", "per_channel: false applies to post-training modes dynamic, int8 and int16x8, not `float16`"],
+        ["chain[0].quantize", "per_channel: false applies to modes dynamic, int8, int16x8, weight_only, not `float16`"],
     ),
 }
 

@@ -322,6 +322,20 @@ def test_ranking_uses_the_objective_in_order_with_tie_tolerance():
     assert closest(trials).index == 3 and closest([_trial(1, "error")]) is None
 
 
+def test_a_pass_gains_only_when_it_beats_float_on_an_objective_metric():
+    """What settles a search: a model no smaller than float (every weight kept float) gains nothing,
+    whatever else it passes; within the tie tolerance is no gain either."""
+    from pipeline_stage.run.ranking import gains
+
+    higher = {"size_bytes": False, "latency_p50_ms": False, "accuracy": True}
+    float_model = {"size_bytes": 69_124, "latency_p50_ms": 1.0, "accuracy": 0.9}
+    assert not gains(_trial(1, size_bytes=69_712), float_model, ["size_bytes"], higher, 0.05)
+    assert not gains(_trial(2, size_bytes=67_000), float_model, ["size_bytes"], higher, 0.05)  # 3%: a tie
+    assert gains(_trial(3, size_bytes=22_064), float_model, ["size_bytes"], higher, 0.05)
+    assert gains(_trial(4, size_bytes=69_712, accuracy=0.99), float_model, ["size_bytes", "accuracy"], higher, 0.05)
+    assert gains(_trial(5, latency_p50_ms=0.5), float_model, ["latency_p50_ms"], higher, 0.05)
+
+
 def test_pareto_front_keeps_what_nothing_beats_on_both_axes():
     from pipeline_stage.reporting.html import pareto
 

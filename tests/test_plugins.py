@@ -52,8 +52,8 @@ def test_schema_describes_the_manifest_and_each_step():
         i for i in schema["properties"]["chain"]["items"]["anyOf"] if i.get("type") == "object" and i["title"] == "quantize"
     )
     params = step["properties"]["quantize"]["anyOf"][0]
-    assert params["properties"]["mode"]["enum"] == ["dynamic", "int8", "float16", "int16x8", "qat"]
-    assert params["properties"]["engine"]["enum"] == ["converter", "litert"]
+    assert params["properties"]["mode"]["enum"] == ["dynamic", "int8", "float16", "int16x8", "weight_only", "qat"]
+    assert params["properties"]["engine"]["enum"] == ["auto", "converter", "litert"]
     assert "search" in schema["properties"]
     assert params["additionalProperties"] is False
 

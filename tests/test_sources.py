@@ -62,9 +62,12 @@ def test_a_tflite_source_refuses_model_steps_and_the_converter_engine(float_tfli
     fuse = invoke("run", str(_manifest(tmp_path, float_tflite, "  - fuse: {}\n  - quantize: {mode: int8, engine: litert}\n")))
     assert fuse.exit_code == 2 and "step `fuse` works on Keras models" in fuse.stderr and "is a .tflite file" in fuse.stderr
     assert "fix: " in fuse.stderr and "[baseline]" not in fuse.stderr  # refused before any work
-    converter = invoke("run", str(_manifest(tmp_path, float_tflite, "  - quantize: {mode: int8}\n")))
+    converter = invoke("run", str(_manifest(tmp_path, float_tflite, "  - quantize: {mode: int8, engine: converter}\n")))
     assert converter.exit_code == 2 and "the source is a .tflite file" in converter.stderr
-    assert "engine: litert" in converter.stderr
+    assert "leave `engine` at auto" in converter.stderr and "[baseline]" not in converter.stderr
+    # the URI shows the kind: `validate` says it already
+    checked = invoke("validate", str(_manifest(tmp_path, float_tflite, "  - quantize: {mode: qat}\n")))
+    assert checked.exit_code == 2 and "quantization-aware training fine-tunes the Keras model" in checked.stderr
 
 
 def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_server, tmp_path):
@@ -73,7 +76,15 @@ def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_s
     result = invoke("run", str(first), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     uri = read_report(tmp_path / "r.json")["registered"]["uri"]
-    second = _manifest(tmp_path, float_tflite, "  - quantize: {mode: dynamic, engine: litert}\n", model=uri)
+    # a registry URI does not show the kind: an engine that cannot take it is refused after the
+    # download, before the baseline
+    refused = _manifest(tmp_path, float_tflite, "  - quantize: {mode: dynamic, engine: converter}\n", model=uri)
+    assert invoke("validate", str(refused)).exit_code == 0
+    result = invoke("run", str(refused))
+    assert result.exit_code == 2 and "the converter engine needs the TensorFlow model" in result.stderr, result.output
+    assert "[baseline]" not in result.stderr
+    # `engine: auto` (the default) takes it with the LiteRT Quantizer
+    second = _manifest(tmp_path, float_tflite, "  - quantize: {mode: dynamic}\n", model=uri)
     second.rename(tmp_path / "second.yaml")
     result = invoke("run", str(tmp_path / "second.yaml"), "--report", str(tmp_path / "s.json"))
     assert result.exit_code == 0, result.output

@@ -10,6 +10,8 @@ The contract, for both kinds:
 * ``applies(chain)``: whether the move has anything to do with this chain. Checked when the
   manifest is validated (``auto`` needs at least one move that applies to the chain as written;
   otherwise each move's ``requirement`` is shown) and before the move is used on a trial's chain.
+* ``digest_when_named``: set it on a move a plugin adds to an existing release, so searches that
+  use every move by default keep their chain digest (the registry reuses their versions).
 * ``cost``: the expected cost of one chain it proposes, in conversions (1.0 = one conversion).
   Moves of a kind are used cheapest first, then in registration order.
 
@@ -96,6 +98,9 @@ class SearchMove(PluginClass):
     cost: ClassVar[float] = 1.0
     requirement: ClassVar[str] = ""  # what a chain needs for this move to apply, for error messages
     label: ClassVar[str] = ""  # origin of the chains it proposes, e.g. "keep node in float"
+    # A move added after searches were first digested: True keeps it out of the chain digest of a
+    # search that does not name it in `search.moves`, so such searches keep their digest.
+    digest_when_named: ClassVar[bool] = False
 
     def applies(self, chain: Chain) -> bool:
         return True

@@ -35,9 +35,25 @@ class Phase(str, enum.Enum):
 
 
 class Params(BaseModel):
-    """Base for step params: unknown keys are errors, so typos never pass silently."""
+    """Base for step params: unknown keys are errors, so typos never pass silently.
+
+    ``digest_since`` names the fields added after the step's first release: they count in the
+    chain digest only when set to other than their default, so a chain written before they existed
+    keeps its digest (the registry's reuse of a passing version depends on it). A subclass whose
+    digest must say more (the content of a file a param names, say) overrides :meth:`digest_view`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    digest_since: ClassVar[frozenset[str]] = frozenset()
+
+    def digest_view(self) -> dict[str, Any]:
+        """The params as the chain digest counts them: every field with its default filled in,
+        except a ``digest_since`` field left at its default."""
+        data = self.model_dump(mode="json")
+        for name in self.digest_since:
+            if getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
+                data.pop(name, None)
+        return data
 
 
 class Step(PluginClass):
@@ -67,6 +83,17 @@ class Step(PluginClass):
         """Data sets this configured step needs; the manifest must provide them."""
         return set()
 
+    @classmethod
+    def support_table(cls) -> list[dict[str, str]]:
+        """Rows of what the step supports (the quantize step's mode x engine x source kind), shown
+        under it by ``pipeline-stage plugins``; [] for none."""
+        return []
+
+    def check_source(self, source_kind: str) -> None:
+        """Raise :class:`~pipeline_stage.contract.errors.InputError` when this configured step cannot
+        work on a source of `source_kind` (``keras``, ``saved_model`` or ``tflite``), naming what
+        would. Called at ``validate`` when the model URI shows the kind, else before the baseline."""
+
     def expected_cost(self) -> float:
         """Rough relative cost of this configured step (1 = a conversion); a search tries cheap chains
         first. Steps that fine-tune return more."""
@@ -87,8 +114,13 @@ class ConversionSettings:
     at its default means "what the converter does by default".
     """
 
-    quantization: str | None = None  # None (float) | dynamic | int8 | float16 | int16x8 | qat
+    quantization: str | None = None  # None (float) | dynamic | int8 | float16 | int16x8 | weight_only | qat | recipe
     engine: str = "converter"  # converter (quantize during conversion) | litert (LiteRT Quantizer on the float model)
+    # engine litert: the recipe's weights and algorithm (the converter has 8-bit min-max only)
+    weight_bits: int = 8  # 8 | 4
+    block_size: int = 0  # 0: per channel / per tensor (per_channel); 32..256: blockwise weight scales
+    algorithm: str = "min_max"  # min_max | mse | octav | gptq | hadamard
+    recipe: list[dict[str, Any]] | None = None  # a LiteRT Quantizer JSON recipe, as loaded (mode `recipe`)
     inference_input_type: str = "float32"  # float32 | int8 | int16
     inference_output_type: str = "float32"
     representative_data: str | None = None  # data set name: calibration | training
@@ -134,3 +166,7 @@ class StepContext:
     # The one conversion's settings: `model` steps may add to them (prune asks for sparse storage),
     # `tflite` steps read how the model was converted.
     conversion: "ConversionSettings | None" = None
+    source_kind: str = "keras"  # keras | saved_model | tflite: what the chain started from
+    # For `tflite` steps after engine litert: the float .tflite the LiteRT Quantizer quantized
+    # (per-tensor comparisons need it); None otherwise.
+    float_model: bytes | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -169,24 +170,30 @@ def _qat(
     return (folder / "model.tflite").read_bytes()
 
 
-def _from_tflite(model_bytes: bytes, settings: ConversionSettings, representative: "Dataset | None", log_path) -> bytes:
-    """A float .tflite source: it is its own conversion; quantizing it is the LiteRT Quantizer's job
-    (the converter needs the TensorFlow model)."""
-    if settings.quantization is None:
-        return model_bytes
-    if settings.quantization == "qat" or settings.engine != "litert":
-        what = "quantization-aware training" if settings.quantization == "qat" else "the converter engine"
-        raise InputError(
-            f"the source is a .tflite file: {what} needs the TensorFlow model it was converted from",
-            hint="quantize it with the LiteRT Quantizer: `quantize: {mode: int8, engine: litert}` (modes dynamic, int8, "
-            "int16x8), or give the Keras / SavedModel model",
-        )
+def float_settings(settings: ConversionSettings) -> ConversionSettings:
+    """The float conversion `settings` build on: the converter's options without the quantization
+    (what the LiteRT Quantizer quantizes afterwards)."""
+    return ConversionSettings(
+        allow_select_tf_ops=settings.allow_select_tf_ops, allow_custom_ops=settings.allow_custom_ops, sparsity=settings.sparsity
+    )
+
+
+def _litert(float_bytes: bytes, settings: ConversionSettings, representative: "Dataset | None", log_path) -> bytes:
+    """Quantize a float .tflite with the LiteRT Quantizer; its own progress bars and reports go to the log."""
     from pipeline_stage.engine.litert_quantize import quantize
 
-    if log_path is None:
-        return quantize(model_bytes, settings, representative)
-    with captured_output(log_path):
-        return quantize(model_bytes, settings, representative)
+    try:
+        with captured_output(log_path) if log_path is not None else contextlib.nullcontext():
+            return quantize(float_bytes, settings, representative)
+    except InputError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(
+            f"the LiteRT Quantizer failed ({settings.quantization}, int{settings.weight_bits} weights, "
+            f"{settings.algorithm}): {type(exc).__name__}: {first}",
+            hint="try another recipe (docs/manifest.md lists the combinations), or engine converter for a TensorFlow source",
+        ) from None
 
 
 def convert(
@@ -198,6 +205,7 @@ def convert(
     training: "Dataset | None" = None,
     log_path: Path | None = None,
     log=lambda msg: None,
+    float_model: bytes | None = None,
 ) -> bytes:
     """Convert the (possibly transformed) model once, as `settings` ask.
 
@@ -206,38 +214,22 @@ def convert(
     :param training: fine-tuning data (mode qat).
     :param log_path: where the converter's own output goes (a temporary file when None).
     :param log: progress lines of long work (qat epochs).
+    :param float_model: engine litert: the float .tflite to quantize (converted here when None).
     """
-    if source.tflite_bytes is not None and keras_model is None:
-        return _from_tflite(source.tflite_bytes, settings, representative, log_path)
+    if settings.quantization is None and source.tflite_bytes is not None and keras_model is None:
+        return source.tflite_bytes  # a float .tflite source is its own conversion
     if settings.quantization == "qat":
         path = log_path if log_path is not None else Path(tempfile.mkdtemp(prefix="qat-")) / "convert.log"
         return _qat(source, settings, keras_model, representative, training, path, log)
-    if settings.engine == "litert" and settings.quantization is not None:
-        from pipeline_stage.engine.litert_quantize import quantize
-
-        float_settings = dataclasses.replace(
-            settings,
-            quantization=None,
-            engine="converter",
-            keep_float_ops=[],
-            keep_float_nodes=[],
-            keep_float_outputs=[],
-            inference_input_type="float32",
-            inference_output_type="float32",
+    if settings.engine == "litert":
+        if float_model is None:
+            float_model = convert(source, float_settings(settings), keras_model=keras_model, log_path=log_path)
+        return _litert(float_model, settings, representative, log_path)
+    if source.tflite_bytes is not None and keras_model is None:
+        raise InputError(
+            "the source is a .tflite file: the converter engine needs the TensorFlow model it was converted from",
+            hint="quantize it with the LiteRT Quantizer (`engine: auto` or `litert`), or give the Keras / SavedModel model",
         )
-        float_bytes = convert(source, float_settings, keras_model=keras_model, log_path=log_path)
-        try:
-            if log_path is None:
-                return quantize(float_bytes, settings, representative)
-            with captured_output(log_path):  # the quantizer's own progress bars and reports go to the log
-                return quantize(float_bytes, settings, representative)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(
-                f"the LiteRT Quantizer failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                hint="try engine converter for this model",
-            ) from None
     converter = build_converter(source, settings, keras_model=keras_model, representative=representative)
     own_log = log_path is None
     if own_log:

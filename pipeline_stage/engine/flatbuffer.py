@@ -41,6 +41,7 @@ class TensorInfo:
     is_constant: bool  # backed by a buffer with data: a weight / bias
     quant_bytes: int = 0  # quantization parameters stored with it: float32 scales + int64 zero points (+ min/max)
     scales: int = 0  # how many quantization scales: 1 per tensor, or one per channel
+    block_size: int = 0  # blockwise quantization (LiteRT Quantizer int4): weights per scale; 0 otherwise
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def read(model_bytes: bytes) -> ModelInfo:
                 )
             )
             scales = 0 if q is None or q.scale is None else len(q.scale)
-            local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer), quant, scales))
+            block = int(getattr(q.details, "blockSize", 0) or 0) if q is not None and q.details is not None else 0
+            local.append(TensorInfo(name, type_names.get(t.type, str(t.type)), shape, has_data(t.buffer), quant, scales, block))
         tensors.extend(local)
         for op in sg.operators or []:
             ops[codes[op.opcodeIndex]] += 1

@@ -1,16 +1,19 @@
 """The second quantization engine: the LiteRT Quantizer (litert-quantizer) on a float .tflite.
 
 Google documents quantization during conversion as deprecated in favour of this route: convert
-to float32, then quantize the flatbuffer with a recipe. Same params as the converter engine:
-``dynamic`` -> dynamic_wi8_afp32, ``int8`` -> static_wi8_ai8, ``int16x8`` -> static_wi8_ai16;
-``keep_float_ops`` / ``keep_float_nodes`` (and the branches of ``keep_float_outputs``) become
-``no_quantize`` rules, and so do the graph's inputs and outputs unless ``io`` asks for integer ones.
+to float32, then quantize the flatbuffer with a recipe. The settings' mode picks the recipe
+family (``dynamic`` -> dynamic_wi8_afp32, ``int8`` -> static_wi8_ai8, ``int16x8`` ->
+static_wi8_ai16, ``weight_only`` -> weight_only_wi8_afp32, ``float16`` -> float casting), and
+``weight_bits``, ``per_channel`` / ``block_size`` and ``algorithm`` fill it in; mode ``recipe``
+applies a JSON recipe as it is. ``keep_float_ops`` / ``keep_float_nodes`` (and the branches of
+``keep_float_outputs``) become ``no_quantize`` rules, and so do the graph's inputs and outputs
+unless ``io`` asks for integer ones.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,41 +23,85 @@ from pipeline_stage.contract.steps import ConversionSettings
 if TYPE_CHECKING:
     from pipeline_stage.contract.data import Dataset
 
-RECIPES = {"dynamic": "dynamic_wi8_afp32", "int8": "static_wi8_ai8", "int16x8": "static_wi8_ai16"}
+MODES = ("dynamic", "int8", "int16x8", "weight_only", "float16", "recipe")
+# The stage's algorithm names -> the LiteRT Quantizer's. `hadamard` is its decomposed rotation:
+# the custom-op variant's models corrupt the LiteRT 2.3 interpreter's heap here (the process aborts).
+ALGORITHM_KEYS = {
+    "min_max": "MIN_MAX_UNIFORM_QUANT",
+    "mse": "MSE",
+    "octav": "OCTAV",
+    "gptq": "GPTQ",
+    "hadamard": "DECOMPOSED_HADAMARD_ROTATION",
+}
 
 
-def _recipe(mode: str, per_channel: bool):
-    """The named recipe of RECIPES, built with RecipeManager so the weight granularity can be chosen
-    (the named recipe functions are these same calls with per-channel weights)."""
-    from litert_quantizer import qtyping, recipe_manager
+def _granularity(settings: ConversionSettings):
+    from litert_quantizer import qtyping
+
+    if settings.block_size:
+        return qtyping.QuantGranularity(f"BLOCKWISE_{settings.block_size}")
+    return qtyping.QuantGranularity.CHANNELWISE if settings.per_channel else qtyping.QuantGranularity.TENSORWISE
+
+
+def recipe_for(settings: ConversionSettings) -> list[dict[str, Any]]:
+    """The LiteRT Quantizer recipe `settings` ask for, built with its RecipeManager (the named
+    recipe functions are these same calls with per-channel weights and min-max ranges)."""
+    from litert_quantizer import recipe_manager
+    from litert_quantizer.algorithm_manager import AlgorithmName
     from litert_quantizer.qtyping import TFLOperationName
 
-    granularity = qtyping.QuantGranularity.CHANNELWISE if per_channel else qtyping.QuantGranularity.TENSORWISE
+    mode = settings.quantization
+    if mode == "recipe":
+        return list(settings.recipe or [])
+    if mode not in MODES:
+        raise InputError(
+            f"engine litert does not offer mode `{mode}`", hint=f"use one of {', '.join(MODES[:-1])}, or engine converter"
+        )
+    algorithm = AlgorithmName[ALGORITHM_KEYS[settings.algorithm]]
+    every = {"regex": ".*", "operation_name": TFLOperationName.ALL_SUPPORTED}
     manager = recipe_manager.RecipeManager()
-    if mode == "dynamic":
-        manager.add_dynamic_config(regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, num_bits=8, granularity=granularity)
+    if mode == "float16":
+        manager.add_weight_only_config(
+            **every, num_bits=16, granularity=_granularity(settings), algorithm_key=AlgorithmName.FLOAT_CASTING
+        )
+    elif mode == "dynamic":
+        manager.add_dynamic_config(
+            **every, num_bits=settings.weight_bits, granularity=_granularity(settings), algorithm_key=algorithm
+        )
+    elif mode == "weight_only":
+        manager.add_weight_only_config(
+            **every, num_bits=settings.weight_bits, granularity=_granularity(settings), algorithm_key=algorithm
+        )
     else:
         manager.add_static_config(
-            regex=".*",
-            operation_name=TFLOperationName.ALL_SUPPORTED,
+            **every,
             activation_num_bits=16 if mode == "int16x8" else 8,
-            weight_num_bits=8,
-            weight_granularity=granularity,
+            weight_num_bits=settings.weight_bits,
+            weight_granularity=_granularity(settings),
+            algorithm_key=algorithm,
         )
     return manager.get_quantization_recipe()
 
 
+def calibration_samples(float_bytes: bytes, representative: "Dataset", limit: int) -> tuple[str, list[dict[str, np.ndarray]]]:
+    """The float model's signature key and `limit` samples of `representative`, one per dict by
+    input name (what the LiteRT Quantizer's calibration and validation take)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_content=bytes(float_bytes)).get_signature_list()
+    key = next(iter(signatures))
+    arrays = {k: v[:limit].astype(np.float32) for k, v in representative.inputs(signatures[key]["inputs"]).items()}
+    rows = len(next(iter(arrays.values())))
+    return key, [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(rows)]
+
+
 def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "Dataset | None") -> bytes:
     """Quantize a float .tflite as `settings` ask; returns the quantized flatbuffer."""
-    from ai_edge_litert.interpreter import Interpreter
     from litert_quantizer import Quantizer
     from litert_quantizer.qtyping import TFLOperationName
 
-    mode = settings.quantization
-    if mode not in RECIPES:
-        raise InputError(f"engine litert does not offer mode `{mode}`", hint=f"use one of {sorted(RECIPES)} or engine converter")
     qt = Quantizer(bytearray(float_bytes))
-    qt.load_quantization_recipe(_recipe(mode, settings.per_channel))
+    qt.load_quantization_recipe(recipe_for(settings))
     known = {op.value for op in TFLOperationName}
     for op in settings.keep_float_ops:
         if op not in known:
@@ -83,15 +130,92 @@ def quantize(float_bytes: bytes, settings: ConversionSettings, representative: "
     calibration = None
     if qt.need_calibration:
         if representative is None:
-            raise InputError(f"quantization `{mode}` needs representative data", hint="add `data: {calibration: <URI>}`")
-        signatures = Interpreter(model_content=bytes(float_bytes)).get_signature_list()
-        key = next(iter(signatures))
-        arrays = {
-            k: v[: settings.calibration_samples].astype(np.float32)
-            for k, v in representative.inputs(signatures[key]["inputs"]).items()
-        }
-        rows = len(next(iter(arrays.values())))
-        samples = [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(rows)]
+            raise InputError(
+                f"quantization `{settings.quantization}` needs representative data", hint="add `data: {calibration: <URI>}`"
+            )
+        key, samples = calibration_samples(float_bytes, representative, settings.calibration_samples)
         calibration = qt.calibrate({key: samples}, num_threads=1)
-    result = qt.quantize(calibration, enable_progress_report=False)
-    return bytes(result.quantized_model)
+    out = bytes(qt.quantize(calibration, enable_progress_report=False).quantized_model)
+    if _unchanged(float_bytes, out):
+        # litert-quantizer 0.11 returns the float model when no op takes the recipe (weight-only
+        # blockwise, 2-bit weights): a silent no-op must not pass for a quantized model
+        raise InputError(
+            f"the LiteRT Quantizer quantized no tensor with this recipe ({settings.quantization}, "
+            f"int{settings.weight_bits} weights, block {settings.block_size or 'none'}, {settings.algorithm})",
+            hint="blockwise weights need mode dynamic with weight_bits 4; see docs/manifest.md for the combinations",
+        )
+    return out
+
+
+def _unchanged(float_bytes: bytes, out: bytes) -> bool:
+    from pipeline_stage.engine.flatbuffer import read
+
+    before, after = read(float_bytes), read(out)
+    return before.constant_dtypes() == after.constant_dtypes() and before.activation_dtypes() == after.activation_dtypes()
+
+
+def per_tensor_errors(float_bytes: bytes, quantized: bytes, inputs: "Dataset", samples: int) -> list[dict[str, Any]]:
+    """Per-layer error of a LiteRT Quantizer model: the LiteRT Quantizer's comparison of every
+    tensor of the float and the quantized model on `samples` inputs (its model validator), turned
+    into the error each op adds.
+
+    A tensor's relative error is the RMS of (quantized - float) over the float tensor's RMS; errors
+    propagate, so each op is charged what it adds over the worst of its inputs (``rmse/scale``:
+    relative error, where the converter's debugger gives quantization steps). Rows worst first.
+    """
+    from litert_quantizer import model_validator
+    from litert_quantizer.utils import validation_utils
+
+    from pipeline_stage.engine.flatbuffer import read
+
+    key, data = calibration_samples(float_bytes, inputs, samples)
+    result = model_validator.compare_model(
+        bytes(float_bytes),
+        bytes(quantized),
+        {key: data},
+        [validation_utils.ValidationErrorMetric.MSE],
+        num_threads=1,
+    )
+    mse = {name: values["mse"] for name, values in result.get_all_tensor_results().items()}
+    # a float reference RMS per tensor: the float model's own tensors on the first samples
+    power = _tensor_power(float_bytes, key, data[: min(len(data), 8)], set(mse))
+    relative = {n: float(np.sqrt(mse[n] / power[n])) if power.get(n) else 0.0 for n in mse}
+    rows = []
+    for node in read(float_bytes).nodes:
+        for out in node.outputs:
+            if out.name not in relative:
+                continue
+            before = max((relative.get(t.name, 0.0) for t in node.inputs if not t.is_constant), default=0.0)
+            rows.append(
+                {
+                    "op": node.op,
+                    "tensor": out.name,
+                    "rmse/scale": round(max(0.0, relative[out.name] - before), 4),
+                    "relative_error": round(relative[out.name], 4),
+                }
+            )
+    rows.sort(key=lambda r: (-r["rmse/scale"], r["tensor"]))
+    return rows
+
+
+def _tensor_power(model: bytes, key: str, data: list[dict[str, np.ndarray]], names: set[str]) -> dict[str, float]:
+    """Mean square of each named tensor of `model` over `data` (all tensors preserved)."""
+    import warnings
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    with warnings.catch_warnings():  # "for debugging purposes only": keeping every tensor is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = Interpreter(model_content=bytes(model), experimental_preserve_all_tensors=True)
+    runner = interpreter.get_signature_runner(key)
+    details = {d["name"]: d["index"] for d in interpreter.get_tensor_details() if d["name"] in names}
+    sums: dict[str, float] = {}
+    for sample in data:
+        runner(**sample)
+        for name, index in details.items():
+            try:
+                value = interpreter.get_tensor(index)
+            except ValueError:
+                continue
+            sums[name] = sums.get(name, 0.0) + float(np.mean(np.square(value.astype(np.float64))))
+    return {n: v / len(data) for n, v in sums.items()}

@@ -34,6 +34,7 @@ def describe(host: PluginHost) -> dict[str, Any]:
                 "phase": p.cls.phase.value,
                 "summary": p.cls.summary(),
                 "params": params_of(p.cls),
+                "support": p.cls.support_table(),
                 "plugin": p.plugin,
                 "distribution": p.distribution,
             }

@@ -14,13 +14,13 @@ from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest.schema import Manifest
 
 
-def steps_json(steps: list[Step]) -> list[list[Any]]:
-    """A chain as it will run: each step's name and params with defaults filled in."""
-    return [[s.name, s.params.model_dump(mode="json")] for s in steps]
+def digest_json(steps: list[Step]) -> list[list[Any]]:
+    """A chain as its digest counts it: each step's name and :meth:`~pipeline_stage.contract.steps.Params.digest_view`."""
+    return [[s.name, s.params.digest_view()] for s in steps]
 
 
 def digest(chain: Any, signature: str = "serving_default") -> str:
-    """The chain digest of `chain` (:func:`steps_json`, or a search's whole spec) on a signature."""
+    """The chain digest of `chain` (:func:`digest_json`, or a search's whole spec) on a signature."""
     if signature != "serving_default":  # another signature is another model
         chain = {"chain": chain, "signature": signature}
     return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
@@ -38,18 +38,20 @@ class LoadedManifest:
     lines: dict[tuple, int]
     candidates: list[list[Step]] = dc_field(default_factory=list)  # search.candidates, configured
     moves: list[str] = dc_field(default_factory=list)  # the search moves it may use, by name (all installed by default)
+    digest_moves: list[str] = dc_field(default_factory=list)  # those the chain digest counts (see loader._digest_moves)
 
     @property
     def chain_digest(self) -> str:
-        """Digest of the chain as it will run (names and params with defaults filled in)."""
-        chain: Any = steps_json(self.steps)
+        """Digest of the chain as it will run (names and params with defaults filled in, as
+        :func:`digest_json` counts them)."""
+        chain: Any = digest_json(self.steps)
         if self.manifest.search is not None:  # a search may register another chain: its whole spec counts
             search = self.manifest.search.model_dump(mode="json", exclude={"candidates"})
-            search["moves"] = self.moves  # what it may do, whether written or by default
+            search["moves"] = self.digest_moves  # what it may do, whether written or by default
             chain = {
                 "chain": chain,
                 "search": search,
-                "candidates": [steps_json(c) for c in self.candidates],
+                "candidates": [digest_json(c) for c in self.candidates],
             }
         return digest(chain, self.manifest.signature)
 

@@ -16,12 +16,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline_stage.contract.errors import ManifestError
+from pipeline_stage.contract.errors import InputError, ManifestError
 from pipeline_stage.contract.steps import Phase, Step
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest.data_checks import check_inputs_for_metrics
 from pipeline_stage.manifest.loaded import LoadedManifest
-from pipeline_stage.manifest.schema import Manifest, check_model_uri
+from pipeline_stage.manifest.schema import Manifest, check_model_uri, source_kind_of
 from pipeline_stage.manifest.yaml_text import MAX_NODES, NoDuplicatesLoader, expanded_size, fmt_loc, line_for, line_map
 
 
@@ -107,6 +107,7 @@ def parse_manifest(
     manifest = _validate_fields(raw, where, model_uri)
     steps = parse_steps(manifest.chain, host, path=path, lines=where.lines, loc=("chain",))
     candidates, moves = _check_search(manifest, host, where)
+    _check_source_kind(manifest, steps, candidates, where)
     _check_metric_names(manifest, host, where)
     loaded = LoadedManifest(
         path=path,
@@ -117,6 +118,7 @@ def parse_manifest(
         lines=where.lines,
         candidates=candidates,
         moves=moves,
+        digest_moves=_digest_moves(manifest, moves, host),
     )
     _check_data(loaded, host, where)
     check_inputs_for_metrics(loaded, host, read_data=read_data)
@@ -173,6 +175,21 @@ def _validate_fields(raw: dict[str, Any], where: _Where, model_uri: str | None) 
             "no model given", field="model", hint="set `model: models:/<name>@<alias>` in the manifest or pass --model-uri"
         )
     return manifest
+
+
+def _check_source_kind(manifest: Manifest, steps: list[Step], candidates: list[list[Step]], where: _Where) -> None:
+    """Each step's `check_source`, when the model URI shows the source kind (otherwise the stage
+    asks it after the download, before the baseline)."""
+    kind = source_kind_of(manifest.model)
+    if kind is None:
+        return
+    chains = [(("chain",), steps)] + [(("search", "candidates", k), chain) for k, chain in enumerate(candidates)]
+    for loc, chain in chains:
+        for i, step in enumerate(chain):
+            try:
+                step.check_source(kind)
+            except InputError as exc:
+                raise where.error(f"{exc.message} (model `{manifest.model}`)", loc + (i, step.name), hint=exc.hint) from None
 
 
 def _check_metric(name: str, host: PluginHost, where: _Where, loc: tuple) -> None:
@@ -251,6 +268,15 @@ def _check_registration(manifest: Manifest, where: _Where) -> None:
             ("register", "alias"),
             hint="add at least one gate, e.g. `- {metric: accuracy, max_drop: 0.01}`",
         )
+
+
+def _digest_moves(manifest: Manifest, moves: list[str], host: PluginHost) -> list[str]:
+    """The moves a search's digest counts: those it may use, less a move added after the digest
+    was defined (``SearchMove.digest_when_named``) that the manifest does not name, so a search
+    written before that move keeps its digest (a version it registered is still reused)."""
+    if manifest.search is None or manifest.search.moves is not None:
+        return list(moves)
+    return [n for n in moves if not host.moves[n].cls.digest_when_named]
 
 
 def _search_moves(names: list[str] | None, host: PluginHost, *, path: str, lines: dict) -> list[str]:

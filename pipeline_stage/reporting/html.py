@@ -304,6 +304,10 @@ def to_html(report: Report, plots: list[tuple[str, str | None]] | None = None) -
             )
             classes.append("winner" if t.index == search.winner else "closest" if t.index == search.closest else "")
         parts.append(_table(["#", "why tried", "chain", "verdict", *names, "failed gates", "seconds"], rows, classes))
+        if search.not_tried:
+            parts.append("<p>Not tried:</p>")
+            rows = [[n["move"], n["origin"] or "-", n["reason"]] for n in search.not_tried]
+            parts.append(_table(["move", "proposal", "why not"], rows, [""] * len(rows)))
 
     shown = [(title, uri) for title, uri in (plots if plots is not None else render_plots(report)) if uri]
     if shown:

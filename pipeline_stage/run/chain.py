@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from pipeline_stage.contract.errors import InputError, PluginError, StageError
 from pipeline_stage.contract.report import ConversionRecord, ObserverContext, StepRecord
 from pipeline_stage.contract.steps import ConversionSettings, Phase, Step, StepContext
+from pipeline_stage.engine.convert import float_settings
 from pipeline_stage.engine.source_model import keras_predict_batch
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest.schema import ConversionSpec
@@ -83,9 +84,13 @@ class ChainRunner:
             hint="drop the step, or give the Keras model (mlflow.tensorflow.log_model) it came from",
         )
 
-    def check_chain(self, steps: list[Step]) -> None:
-        """Refuse, before any work, a chain whose `model` steps the source cannot take."""
-        if self.source.keras_model is None:
+    def check_chain(self, steps: list[Step], *, search: bool = False) -> None:
+        """Refuse, before any work, a chain the source cannot take (each step's `check_source`; a
+        search may still change the `model` steps' neighbours, not them, so those are checked
+        only when there is no search)."""
+        for step in steps:
+            step.check_source(self.source.kind)
+        if self.source.keras_model is None and not search:
             for step in steps:
                 if step.phase is Phase.MODEL:
                     raise self._not_keras(step)
@@ -122,8 +127,11 @@ class ChainRunner:
             allow_select_tf_ops=self.conversion.allow_select_tf_ops, allow_custom_ops=self.conversion.allow_custom_ops
         )
 
-    def convert(self, settings: ConversionSettings, keras_model: Any, *, log_name: str = "convert.log") -> bytes:
-        """The one conversion of a chain (or the baseline's), with the data its settings name."""
+    def convert(
+        self, settings: ConversionSettings, keras_model: Any, *, log_name: str = "convert.log", float_model: bytes | None = None
+    ) -> bytes:
+        """The one conversion of a chain (or the baseline's), with the data its settings name
+        (`float_model`: engine litert's float .tflite, when the chain already has it)."""
         from pipeline_stage.engine.convert import convert
 
         load = self.evaluation.load
@@ -142,6 +150,7 @@ class ChainRunner:
             training=training,
             log_path=self.workdir / log_name,
             log=self.progress("convert"),
+            float_model=float_model,
         )
 
     def _apply(self, step: Step, index: int, subject: Any, ctx: StepContext) -> Any:
@@ -172,16 +181,22 @@ class ChainRunner:
         keras_model = src.keras_model
         model_bytes: bytes | None = None
         conversion: ConversionRecord | None = None
+        float_model: bytes | None = None  # engine litert: the float .tflite it quantized
         last_convert = max((i for i, s in enumerate(steps) if s.phase is Phase.CONVERT), default=None)
 
         def do_convert() -> bytes:
-            nonlocal conversion
+            nonlocal conversion, float_model
             t = time.perf_counter()
             transformed = any(s.phase is Phase.MODEL for s in steps)
-            if float_bytes is not None and not transformed and settings.quantization is None and not settings.set_by:
+            # the baseline's float conversion is this chain's when the model and the converter's
+            # options are the same
+            same_float = float_bytes is not None and not transformed and float_settings(settings) == self._settings()
+            if same_float and settings.quantization is None and not settings.set_by:
                 out = float_bytes  # nothing asked of the conversion: the baseline's is the same one
             else:
-                out = self.convert(settings, keras_model)
+                if settings.engine == "litert" and settings.quantization is not None:
+                    float_model = float_bytes if same_float else self.convert(float_settings(settings), keras_model)
+                out = self.convert(settings, keras_model, float_model=float_model)
                 sink.log_artifact(self.workdir / "convert.log")
             conversion = ConversionRecord(
                 settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "set_by"},
@@ -201,6 +216,8 @@ class ChainRunner:
                 log=self.progress(step.name),
                 model=keras_model,
                 conversion=settings,
+                source_kind=src.kind,
+                float_model=float_model,
             )
             t = time.perf_counter()
             if step.phase is Phase.MODEL:

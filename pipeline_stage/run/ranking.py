@@ -53,6 +53,25 @@ def compare(a: Ranked, b: Ranked, objective: Sequence[str], higher_is_better: di
     return -1 if a.index < b.index else 1
 
 
+def gains(
+    trial: Ranked,
+    baseline: dict[str, float],
+    names: Sequence[str],
+    higher_is_better: dict[str, bool],
+    tie_tolerance: float,
+) -> bool:
+    """Whether `trial` beats the float baseline on one of `names` by more than the tie tolerance:
+    a passing model that is no smaller (or faster) than float gains nothing."""
+    for name in names:
+        value, base = trial.metrics.get(name), baseline.get(name)
+        if value is None or base is None:
+            return True  # nothing to compare with: passing is what counts
+        if abs(value - base) > tie_tolerance * max(abs(value), abs(base)):
+            if (value > base) if higher_is_better[name] else (value < base):
+                return True
+    return False
+
+
 def rank(trials: Sequence[T], objective: Sequence[str], higher_is_better: dict[str, bool], tie_tolerance: float) -> list[T]:
     """`trials` best first (see the module docstring)."""
     key = functools.cmp_to_key(lambda a, b: compare(a, b, objective, higher_is_better, tie_tolerance))

@@ -62,6 +62,7 @@ class Search:
         self.log = runner.progress("search")
         self.started = 0.0
         self.stopped_because = "exhausted"
+        self.not_tried: list[dict[str, str]] = []
         model = runner.source.keras_model
         self.facts = ModelFacts(
             layer_classes=frozenset(type(layer).__name__ for layer in model.layers) if model is not None else frozenset(),
@@ -184,6 +185,12 @@ class Search:
         """`trials` best first by the objective."""
         return ranking.rank(trials, self.spec.objective, self.higher, self.spec.tie_tolerance)
 
+    def settles(self, trials: list[Trial]) -> bool:
+        """Whether one of `trials` passes and gains on the float baseline by the objective's first
+        metric (a pass that keeps every weight float is no reason to stop looking)."""
+        base = self.baseline.metrics
+        return any(t.passed and ranking.gains(t, base, self.spec.objective, self.higher, self.spec.tie_tolerance) for t in trials)
+
     # -- the whole search ----------------------------------------------------------------------------
     def run(self) -> SearchOutcome:
         """Run the manifest's strategy; the winner (or the closest trial) as the stage's candidate."""
@@ -213,6 +220,7 @@ class Search:
             why=why,
             chain=chain_text(winner.chain),
             trials=[t.record() for t in self.trials],
+            not_tried=self.not_tried,
             as_written_per_layer=per_layer_errors(self.trials[0].result.steps)[:20] if self.trials else [],
         )
         artifacts = winner.folder / "artifacts" / "steps"

@@ -6,7 +6,9 @@
                 by side; then, from the closest of them, each *refine* move keeps one more option
                 per round (worst first, ``parallel`` options at a time), keeping a change only when
                 it brings the gates closer (step back otherwise), until the gates pass or the budget
-                is spent; then costlier alternatives. The moves come from plugins
+                is spent; then costlier alternatives. A pass settles the search only when it gains
+                on the float baseline by an objective metric (smaller; faster when the objective
+                has only timed metrics). The moves come from plugins
                 (:mod:`pipeline_stage.contract.moves`); this module names no step.
 
 A strategy runs trials through :class:`TrialBatches` (the search, :mod:`pipeline_stage.run.search`)
@@ -35,12 +37,15 @@ class TrialBatches(Protocol):
     parallel: int
     facts: ModelFacts
     stopped_because: str
+    not_tried: list[dict[str, str]]  # proposals never run: {move, origin, reason}
 
     def run_batch(self, batch: list[tuple[str, Chain]]) -> list[Trial]: ...
 
     def budget_left(self) -> int: ...
 
     def rank(self, trials: list[Trial]) -> list[Trial]: ...
+
+    def settles(self, trials: list[Trial]) -> bool: ...
 
 
 def as_written(items: list[Any]) -> Chain:
@@ -93,23 +98,44 @@ def run_auto(search: TrialBatches) -> None:
     tiers = sorted({move.cost for move in alternatives})
 
     def proposals(cost: float) -> list[tuple[str, Chain]]:
-        return [
-            p for m in alternatives if m.cost == cost and m.applies(base) for p in m.propose(copy.deepcopy(base), search.facts)
-        ]
+        out = []
+        for move in (m for m in alternatives if m.cost == cost):
+            if not move.applies(base):
+                search.not_tried.append({"move": move.name, "origin": "", "reason": f"needs {move.requirement}"})
+                continue
+            proposed = move.propose(copy.deepcopy(base), search.facts)
+            if not proposed:
+                search.not_tried.append({"move": move.name, "origin": "", "reason": "proposes nothing for this source"})
+            out += [(origin, chain, move.name) for origin, chain in proposed]
+        return out
 
-    first = [("as written", base)] + (proposals(tiers[0]) if tiers else [])
-    done = search.run_batch([(origin, instrumented(chain)) for origin, chain in first])
-    if any(t.passed for t in done):
+    def run(batch: list[tuple[str, Chain, str]]) -> list[Trial]:
+        done = search.run_batch([(origin, chain) for origin, chain, _ in batch])
+        _skipped(search, batch[len(done) :], "the budget was spent")
+        return done
+
+    first = [("as written", base, "")] + (proposals(tiers[0]) if tiers else [])
+    done = run([(origin, instrumented(chain), move) for origin, chain, move in first])
+    if search.settles(done):
         search.stopped_because = "passed"
+        _skipped(search, [p for cost in tiers[1:] for p in proposals(cost)], "an earlier trial passed")
         return
     if _refine(search, done, refiners):
+        reason = "an earlier trial passed" if search.stopped_because == "passed" else "the budget was spent"
+        _skipped(search, [p for cost in tiers[1:] for p in proposals(cost)], reason)
         return
-    for cost in tiers[1:]:
+    for k, cost in enumerate(tiers[1:], start=1):
         if not search.budget_left():
+            _skipped(search, [p for c in tiers[k:] for p in proposals(c)], "the budget was spent")
             return
-        if any(t.passed for t in search.run_batch(proposals(cost))):
+        if search.settles(run(proposals(cost))):
             search.stopped_because = "passed"
+            _skipped(search, [p for c in tiers[k + 1 :] for p in proposals(c)], "an earlier trial passed")
             return
+
+
+def _skipped(search: TrialBatches, batch: list[tuple[str, Chain, str]], reason: str) -> None:
+    search.not_tried.extend({"move": move, "origin": origin, "reason": reason} for origin, _, move in batch)
 
 
 def _refine(search: TrialBatches, done: list[Trial], refiners: list[SearchMove]) -> bool:
@@ -124,9 +150,11 @@ def _refine(search: TrialBatches, done: list[Trial], refiners: list[SearchMove])
         if not move.applies(current.chain):
             continue
         current = _greedy(search, current, move, options[move.name])
-        if current.passed or not search.budget_left():
+        if search.settles([current]) or not search.budget_left():
             search.stopped_because = "passed" if current.passed else search.stopped_because
             return True
+        if current.passed:
+            return False  # it passes but gains nothing on float: the costlier tiers may
     return False
 
 

@@ -46,7 +46,7 @@ def run_trial(folder: Path) -> TrialResult:
     from pipeline_stage.engine.source_model import load_local
     from pipeline_stage.host.plugin_host import get_host
     from pipeline_stage.manifest import parse_steps
-    from pipeline_stage.manifest.loaded import digest, steps_json
+    from pipeline_stage.manifest.loaded import digest, digest_json
     from pipeline_stage.run.chain import ChainRunner
     from pipeline_stage.run.evaluation import EvaluationContext
     from pipeline_stage.run.measuring import measure
@@ -73,7 +73,7 @@ def run_trial(folder: Path) -> TrialResult:
             evaluation.use_reference({name: outputs[name] for name in outputs.files})
     context = ObserverContext(
         manifest_path=where,
-        chain_digest=digest(steps_json(steps), request.signature),
+        chain_digest=digest(digest_json(steps), request.signature),
         steps=tuple(steps),
         run_id=None,
         quiet=True,
