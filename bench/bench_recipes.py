@@ -52,7 +52,9 @@ def models() -> dict[str, dict]:
     data = digits_data()
     digits = train_digits_cnn(data, epochs=6)
     out["digits"] = {"keras": digits, "calib": data.calibration[0], "eval": data.evaluation[0]}
-    mobilenet = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None)
+    mobilenet = keras.applications.MobileNetV2(
+        input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None
+    )
     rng = np.random.default_rng(0)
     out["mobilenet"] = {
         "keras": mobilenet,

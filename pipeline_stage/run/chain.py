@@ -85,9 +85,9 @@ class ChainRunner:
         )
 
     def check_chain(self, steps: list[Step], *, search: bool = False) -> None:
-        """Refuse, before any work, a chain the source cannot take (each step's `check_source`; a
-        search may still change the `model` steps' neighbours, not them, so those are checked
-        only when there is no search)."""
+        """Refuse, before any work, a chain the source cannot take: each step's `check_source`, and
+        `model` steps on a source that is not a Keras model (without a search, whose other
+        candidates may do without them)."""
         for step in steps:
             step.check_source(self.source.kind)
         if self.source.keras_model is None and not search:

@@ -186,10 +186,12 @@ class Search:
         return ranking.rank(trials, self.spec.objective, self.higher, self.spec.tie_tolerance)
 
     def settles(self, trials: list[Trial]) -> bool:
-        """Whether one of `trials` passes and gains on the float baseline by the objective's first
-        metric (a pass that keeps every weight float is no reason to stop looking)."""
-        base = self.baseline.metrics
-        return any(t.passed and ranking.gains(t, base, self.spec.objective, self.higher, self.spec.tie_tolerance) for t in trials)
+        """Whether one of `trials` passes and gains on the float baseline by an objective metric (a
+        pass that keeps every weight float is no reason to stop looking). Untimed metrics decide
+        when the objective has any, so where the search stops does not depend on timing noise."""
+        untimed = [n for n in self.spec.objective if not self.host.metric_class(n).timed]
+        names, base = untimed or self.spec.objective, self.baseline.metrics
+        return any(t.passed and ranking.gains(t, base, names, self.higher, self.spec.tie_tolerance) for t in trials)
 
     # -- the whole search ----------------------------------------------------------------------------
     def run(self) -> SearchOutcome:

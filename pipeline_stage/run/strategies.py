@@ -97,7 +97,8 @@ def run_auto(search: TrialBatches) -> None:
     # tier (another quantization mode, say) only when nothing cheaper, refined, passed.
     tiers = sorted({move.cost for move in alternatives})
 
-    def proposals(cost: float) -> list[tuple[str, Chain]]:
+    def proposals(cost: float) -> list[tuple[str, Chain, str]]:
+        """The tier's (origin, chain, move) proposals; what proposes nothing is noted as not tried."""
         out = []
         for move in (m for m in alternatives if m.cost == cost):
             if not move.applies(base):
