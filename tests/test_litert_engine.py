@@ -73,6 +73,19 @@ def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_ser
     assert [t["status"] for t in trials] == ["failed"] * 3
     for trial in trials:
         assert max(v for k, v in trial["metrics"].items() if k.startswith("fidelity_sqnr_db.")) < 20, trial
+    # MLflow's dataset lineage: the run's inputs are the data it used, by role, with their digests
+    import mlflow
+
+    from pipeline_stage.contract.data import Dataset
+
+    inputs = mlflow.MlflowClient().get_run(report["run_id"]).inputs.dataset_inputs
+    by_role = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(by_role) == {"calibration", "evaluation"}
+    evaluation = by_role["evaluation"]
+    assert evaluation.name == "eval.npz" and json.loads(evaluation.source)["uri"] == str(trunk["folder"] / "eval.npz")
+    expected = Dataset(x=np.load(trunk["folder"] / "eval.npz")["x"]).digest()
+    assert json.loads(evaluation.profile) == {"samples": 300, "sha256": expected} and evaluation.digest == expected[:36]
+    assert json.loads(evaluation.schema) == {"arrays": {"x": {"dtype": "float32", "shape": [300, 64]}}}
 
 
 def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server, tmp_path):

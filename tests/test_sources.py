@@ -4,6 +4,7 @@ refused with a fix, and one stage's registered version is the next stage's sourc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +84,28 @@ def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_s
     result = invoke("run", str(refused))
     assert result.exit_code == 2 and "the converter engine needs the TensorFlow model" in result.stderr, result.output
     assert "[baseline]" not in result.stderr
-    # `engine: auto` (the default) takes it with the LiteRT Quantizer
-    second = _manifest(tmp_path, float_tflite, "  - quantize: {mode: dynamic}\n", model=uri)
-    second.rename(tmp_path / "second.yaml")
+    # `engine: auto` (the default) takes it with the LiteRT Quantizer; its data are the datasets the
+    # first stage's run logged as its inputs, by name
+    second = tmp_path / "second.yaml"
+    second.write_text(
+        f"model: {uri}\ndata: {{calibration: 'dataset:calib.npz', evaluation: 'dataset:eval.npz'}}\n"
+        "chain:\n  - quantize: {mode: dynamic}\ngates:\n  - {metric: accuracy, max_drop: 0.02}\n"
+    )
     result = invoke("run", str(tmp_path / "second.yaml"), "--report", str(tmp_path / "s.json"))
     assert result.exit_code == 0, result.output
     report = read_report(tmp_path / "s.json")
     assert report["source"]["uri"] == uri and report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
+    import mlflow
+
+    logged = {
+        i.dataset.name: json.loads(i.dataset.source)["uri"]
+        for i in mlflow.MlflowClient().get_run(report["run_id"]).inputs.dataset_inputs
+    }
+    assert logged == {"calib.npz": str(float_tflite["calib"]), "eval.npz": str(float_tflite["eval"])}
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(second.read_text().replace("dataset:eval.npz", "dataset:holdout.npz"))
+    result = invoke("run", str(unknown))
+    assert result.exit_code == 2 and "logged no dataset `holdout.npz` (logged: calib.npz, eval.npz)" in result.stderr
 
 
 def test_a_savedmodel_signature_of_choice(mlflow_server, tmp_path):

@@ -180,6 +180,9 @@ class TrialRecord(Record):
         description="Timed metrics: the trial's candidate and the baseline in alternating rounds in its worker; its gates "
         "use these values and their spread.",
     )
+    evaluation_notes: list[str] = Field(
+        default_factory=list, description="What its evaluation had to do otherwise (a batch retried smaller)."
+    )
 
 
 class SearchSummary(Record):

@@ -44,9 +44,14 @@ def check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost, *, read_d
             )
 
 
+# `dataset:<name>`: a dataset the source model's run logged as an input (mlflow.log_input), by name
+DATASET_PREFIX = "dataset:"
+
+
 def local_data_path(uri: str | None, manifest_path: str) -> Path | None:
-    """A data URI that names a local file, resolved as the run resolves it; None for remote URIs."""
-    if not uri or "://" in uri or uri.startswith(("runs:/", "models:/")) or "${" in uri:
+    """A data URI that names a local file, resolved as the run resolves it; None for remote URIs
+    and for a `dataset:<name>` (resolved from the source model's run)."""
+    if not uri or "://" in uri or uri.startswith(("runs:/", "models:/", DATASET_PREFIX)) or "${" in uri:
         return None
     local = Path(uri)
     if not local.is_absolute() and not manifest_path.startswith("<"):  # "<manifest>": text, not a file

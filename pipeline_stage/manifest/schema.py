@@ -25,7 +25,8 @@ class _Strict(BaseModel):
 
 
 class DataSpec(_Strict):
-    """Where the data comes from: any URI MLflow can download (runs:/, models:/, paths, stores)."""
+    """Where the data comes from: any URI MLflow can download (runs:/, models:/, paths, stores), or
+    `dataset:<name>`, a dataset the source model's run logged as an input (mlflow.log_input)."""
 
     calibration: str | None = Field(None, description="Representative inputs for int8 calibration (`x`).")
     evaluation: str | None = Field(

@@ -66,6 +66,46 @@ def download(uri: str, dst: Path) -> Path:
     )
 
 
+def logged_dataset_uri(run_id: str | None, name: str, role: str, field: str) -> str:
+    """Where the dataset `name` came from, as the source model's run logged it (mlflow.log_input;
+    a stage logs its own so): the URI its source records (`uri`, `url` or `path`). Several of that
+    name: the one logged with context `role` (evaluation, calibration, training)."""
+    import json
+
+    import mlflow
+
+    what = f"`{field}`: `dataset:{name}`"
+    if not run_id:
+        raise InputError(
+            f"{what} names a dataset the source model's run logged, but the source has no run", hint="give the data's URI"
+        )
+    try:
+        inputs = mlflow.MlflowClient().get_run(run_id).inputs.dataset_inputs
+    except Exception as exc:
+        raise_classified(exc, f"reading the datasets of run {run_id}")
+    found = [i for i in inputs if i.dataset.name == name]
+    if len(found) > 1:
+        found = [i for i in found if any(t.key == "mlflow.data.context" and t.value == role for t in i.tags)] or found[-1:]
+    if not found:
+        logged = ", ".join(sorted({i.dataset.name for i in inputs})) or "none"
+        raise InputError(
+            f"{what}: the source model's run {run_id} logged no dataset `{name}` (logged: {logged})",
+            hint="name one of those, or give the data's URI",
+        )
+    dataset = found[0].dataset
+    try:
+        source = json.loads(dataset.source)
+    except ValueError:
+        source = {}
+    uri = next((source[k] for k in ("uri", "url", "path") if isinstance(source, dict) and source.get(k)), None)
+    if not uri:
+        raise InputError(
+            f"{what}: its source ({dataset.source_type}) records no URI the stage can download",
+            hint="give the data's URI",
+        )
+    return uri
+
+
 def is_remote(uri: str) -> bool:
     """Whether a manifest's data URI names something to download (a runs:/, models:/ or other URI),
     not a local path."""

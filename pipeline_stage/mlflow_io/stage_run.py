@@ -177,6 +177,33 @@ class StageRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call("setting tags", self.mlflow.set_tags, tags)
 
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Record the data the run used as its inputs (MLflow's dataset lineage: the run page's
+        Datasets), each with its role as the context: `role`, `name`, `uri` (credentials already
+        redacted), `digest`, `arrays` (dtype and shape by name) and `samples`."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d["name"],
+                    digest=d["digest"][:36],  # MLflow stores at most 36 characters
+                    source_type=d["uri"].split(":/", 1)[0] if ":/" in d["uri"] else "local",
+                    source=json.dumps({"uri": d["uri"]}),
+                    schema=json.dumps({"arrays": d["arrays"]}),
+                    profile=json.dumps({"samples": d["samples"], "sha256": d["digest"]}),
+                ),
+                tags=[InputTag("mlflow.data.context", d["role"])],
+            )
+            for d in datasets
+        ]
+        if inputs:
+            self._call(
+                "logging the data sets as the run's inputs", self.client.log_inputs, self.run_id, datasets=inputs, idempotent=True
+            )
+
     def end_orphans(self, match: dict[str, str]) -> list[str]:
         """End FAILED the RUNNING runs with the same `match` tags (the chain digest and the source)
         whose stage is gone (:func:`lease_expired`), and their trial runs, with a tag saying why;

@@ -13,7 +13,7 @@ from its request, with the data its parent loaded and the parent's reference out
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from pipeline_stage.engine.evaluate import check_input_shape
 from pipeline_stage.engine.source_model import SourceModel
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest, local_data_path
+from pipeline_stage.manifest.data_checks import DATASET_PREFIX
 from pipeline_stage.manifest.schema import EvaluationSpec
 from pipeline_stage.mlflow_io.source import is_remote
 
@@ -105,6 +106,19 @@ class EvaluationContext:
         """Load `names` and every given data set: bad data fails here, before any conversion work."""
         for name in sorted(set(names) | set(self.data)):
             self.load(name)
+
+    def lineage(self) -> list[dict[str, Any]]:
+        """Each loaded data set as MLflow records a run's input: its role (`evaluation`,
+        `calibration`, `training`), the file name, the URI it came from, its content digest, its
+        arrays' dtypes and shapes and its sample count."""
+        out = []
+        for role, dataset in self._datasets.items():
+            uri = self.data[role]
+            arrays = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in dataset.arrays.items()}
+            samples = len(next(iter(dataset.arrays.values()))) if dataset.arrays else 0
+            name = uri.rstrip("/").rsplit("/", 1)[-1] or role
+            out.append({"role": role, "name": name, "uri": uri, "digest": dataset.digest(), "arrays": arrays, "samples": samples})
+        return out
 
     def local_paths(self) -> dict[str, str]:
         """Where each loaded data set is on this machine (a search trial reads them from there)."""
@@ -200,8 +214,13 @@ class EvaluationContext:
 
 
 def data_uri(loaded: LoadedManifest, name: str, run_id: str | None) -> str:
-    """The manifest's URI for a data set, ${source.run_id} filled in, relative paths resolved."""
+    """The manifest's URI for a data set, ${source.run_id} filled in, a `dataset:<name>` looked up
+    in the source model's run, relative paths resolved."""
     uri = getattr(loaded.manifest.data, name)
+    if uri.startswith(DATASET_PREFIX):
+        from pipeline_stage.mlflow_io.source import logged_dataset_uri
+
+        return logged_dataset_uri(run_id, uri[len(DATASET_PREFIX) :], name, f"data.{name}")
     if SOURCE_RUN_PLACEHOLDER in uri:
         if not run_id:
             raise InputError(

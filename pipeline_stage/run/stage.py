@@ -123,6 +123,7 @@ class Stage:
                 runner = ChainRunner(self.host, evaluation, m.conversion, workdir, progress=self.progress, context=context)
                 runner.check_chain(self.loaded.steps, search=m.search is not None)
                 evaluation.load_all(self.loaded.required_data(self.host))
+                run.log_datasets([{**d, "uri": redact(d["uri"])} for d in evaluation.lineage()])
             work_started = time.perf_counter()
             step_tags = self._execute(report, run, runner, context)
             convert_and_evaluate = round(time.perf_counter() - work_started, 3)

@@ -84,7 +84,12 @@ def run_trial(folder: Path) -> TrialResult:
     beside = Path(request.baseline).read_bytes() if request.baseline else None
     measured = measure(host, evaluation, request.metrics, model_bytes=result.model_bytes, beside=beside)
     return TrialResult(
-        metrics=measured.values, timed=measured.timed, steps=result.records, conversion=result.conversion, tags=result.tags
+        metrics=measured.values,
+        timed=measured.timed,
+        steps=result.records,
+        conversion=result.conversion,
+        tags=result.tags,
+        evaluation_notes=evaluation.notes,
     )
 
 

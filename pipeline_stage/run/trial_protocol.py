@@ -53,6 +53,7 @@ class TrialResult(BaseModel):
     steps: list[StepRecord] = Field(default_factory=list)
     conversion: ConversionRecord | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    evaluation_notes: list[str] = Field(default_factory=list, description="What its evaluation had to do otherwise.")
     error: str | None = Field(None, description="Why the trial produced no model (its first line is reported).")
     kind: str | None = Field(None, description="The error's class, or `crash` for an unexpected exception.")
     seconds: float = 0.0
@@ -101,4 +102,5 @@ class Trial:
             error=self.error,
             run_id=self.run_id,
             timed=self.result.timed,
+            evaluation_notes=self.result.evaluation_notes,
         )
