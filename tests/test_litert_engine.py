@@ -77,6 +77,7 @@ def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_ser
     import mlflow
 
     from pipeline_stage.contract.data import Dataset
+    from pipeline_stage.mlflow_io.stage_run import record_digest
 
     inputs = mlflow.MlflowClient().get_run(report["run_id"]).inputs.dataset_inputs
     by_role = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
@@ -84,7 +85,8 @@ def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_ser
     evaluation = by_role["evaluation"]
     assert evaluation.name == "eval.npz" and json.loads(evaluation.source)["uri"] == str(trunk["folder"] / "eval.npz")
     expected = Dataset(x=np.load(trunk["folder"] / "eval.npz")["x"]).digest()
-    assert json.loads(evaluation.profile) == {"samples": 300, "sha256": expected} and evaluation.digest == expected[:36]
+    assert json.loads(evaluation.profile) == {"samples": 300, "sha256": expected}
+    assert evaluation.digest == record_digest(expected, str(trunk["folder"] / "eval.npz"))
     assert json.loads(evaluation.schema) == {"arrays": {"x": {"dtype": "float32", "shape": [300, 64]}}}
 
 

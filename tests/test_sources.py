@@ -73,6 +73,15 @@ def test_a_tflite_source_refuses_model_steps_and_the_converter_engine(float_tfli
 
 def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_server, tmp_path):
     """Stages chain: a float16 stage registers a version, the next stage quantizes that version."""
+    # a stage before it logged the same content under the same file names from elsewhere: MLflow
+    # files datasets by name and digest, and the next stage must still get this stage's URIs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copies = {k: elsewhere / float_tflite[k].name for k in ("calib", "eval")}
+    for k, path in copies.items():
+        path.write_bytes(float_tflite[k].read_bytes())
+    earlier = invoke("run", str(_manifest(tmp_path, {**float_tflite, **copies}, "  - strip_ops: {}\n")))
+    assert earlier.exit_code == 0, earlier.output
     first = _manifest(tmp_path, float_tflite, "  - strip_ops: {}\n", extra="register: {name: digits-float-stage}\n")
     result = invoke("run", str(first), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -180,7 +181,8 @@ class StageRun:
     def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
         """Record the data the run used as its inputs (MLflow's dataset lineage: the run page's
         Datasets), each with its role as the context: `role`, `name`, `uri` (credentials already
-        redacted), `digest`, `arrays` (dtype and shape by name) and `samples`."""
+        redacted), `digest` (of the content; MLflow files the record under :func:`record_digest`),
+        `arrays` (dtype and shape by name) and `samples`."""
         import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -189,7 +191,7 @@ class StageRun:
             DatasetInput(
                 Dataset(
                     name=d["name"],
-                    digest=d["digest"][:36],  # MLflow stores at most 36 characters
+                    digest=record_digest(d["digest"], d["uri"]),
                     source_type=d["uri"].split(":/", 1)[0] if ":/" in d["uri"] else "local",
                     source=json.dumps({"uri": d["uri"]}),
                     schema=json.dumps({"arrays": d["arrays"]}),
@@ -298,3 +300,12 @@ class StageRun:
                 self.mlflow.end_run(status=status)  # clears the active run locally
             except Exception:
                 pass
+
+
+def record_digest(content_digest: str, uri: str) -> str:
+    """The digest MLflow files a logged dataset under: 36 hex characters of the sha256 of its
+    content digest and its URI. MLflow keeps one record per name and digest in an experiment and
+    links every later run that logs the same pair to the first record, source included; with
+    the content digest alone, a run whose data came from elsewhere would show, and hand a
+    `dataset:<name>` entry, the first run's URI (a file that may be gone)."""
+    return hashlib.sha256(f"{content_digest}\n{uri}".encode()).hexdigest()[:36]
