@@ -3,13 +3,20 @@
 A data URI in the manifest goes through ``mlflow.artifacts.download_artifacts`` (so ``runs:/``,
 ``models:/``, local paths and every artifact store MLflow supports work), then to the loader
 registered for the file's suffix (``register_data_loaders``).
+
+Data bigger than memory: a loader that ``streams`` (TFRecord), and every glob of shards, is read
+batch by batch (:meth:`DataLoader.batches`) into one ``.npy`` file per array on disk, and the data
+set's arrays are memory-mapped views of those files; the stage reads them a batch at a time and
+hands the pages back after each (:func:`release_pages`), so its memory does not grow with the
+number of samples.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import numpy as np
 
@@ -40,18 +47,17 @@ class Dataset:
             named[LABEL] = y
         self.arrays: dict[str, np.ndarray] = named
         self.source = source
+        self.content_digests: dict[str, str] = {}  # sha256 of each array's bytes, where already known
 
     def digest(self) -> str:
-        """sha256 (hex) of the arrays' names, dtypes, shapes and bytes: the same data gives the same
-        digest whatever file it came from (MLflow's dataset lineage records it)."""
+        """sha256 (hex) of the arrays' names, dtypes, shapes and the sha256 of each one's bytes: the
+        same data gives the same digest whatever file or format it came from (MLflow's dataset
+        lineage records it). Data read in a streaming pass hashed its bytes in that pass."""
         digest = hashlib.sha256()
         for name in sorted(self.arrays):
-            array = np.ascontiguousarray(self.arrays[name])
-            digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-            flat = array.reshape(-1)
-            step = max(1, (1 << 24) // max(1, array.itemsize))  # 16 MB at a time
-            for start in range(0, len(flat), step):
-                digest.update(flat[start : start + step].tobytes())
+            array = self.arrays[name]
+            content = self.content_digests.get(name) or bytes_digest(array)
+            digest.update(f"{name}:{array.dtype.str}:{tuple(array.shape)}:{content};".encode())
         return digest.hexdigest()
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -111,6 +117,11 @@ class Dataset:
     def take(self, n: int) -> "Dataset":
         return Dataset(arrays={k: v[:n] for k, v in self.arrays.items()}, source=self.source)
 
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether the arrays are read from files on disk as they are used (not held in memory)."""
+        return any(isinstance(a, np.memmap) for a in self.arrays.values())
+
     def save(self, path) -> str:
         """Write as .npz (every array under its name), the format child processes read back."""
         np.savez(path, **self.arrays)
@@ -143,11 +154,55 @@ def _is_label(name: str) -> bool:
     return name == LABEL or name.startswith(LABEL + ".")
 
 
+CHUNK_BYTES = 1 << 24  # how much of an array is read (and hashed) at a time: 16 MB
+
+
+def bytes_digest(array: np.ndarray) -> str:
+    """sha256 of an array's bytes in C order, read 16 MB at a time; a memory-mapped array's pages
+    are handed back as it goes, so hashing a set bigger than memory does not fill it."""
+    digest = hashlib.sha256()
+    rows = max(1, CHUNK_BYTES // max(1, array[:1].nbytes)) if array.ndim else 1
+    for start in range(0, len(array) if array.ndim else 1, rows):
+        digest.update(np.ascontiguousarray(array[start : start + rows] if array.ndim else array).tobytes())
+        release_pages([array])
+    return digest.hexdigest()
+
+
+def release_pages(arrays) -> None:
+    """Hand back the pages of memory-mapped arrays that were read (they stay in the page cache, out
+    of this process's resident memory); arrays held in memory are left alone."""
+    seen: set[int] = set()
+    for array in arrays:
+        mapped = getattr(array, "_mmap", None)
+        if mapped is not None and id(mapped) not in seen and hasattr(mapped, "madvise"):
+            seen.add(id(mapped))
+            try:
+                mapped.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass  # a platform without it only keeps the pages longer
+
+
 class DataLoader:
-    """Base class for a data format: subclass, set ``name`` and ``suffixes``, implement ``load``."""
+    """Base class for a data format: subclass, set ``name`` and ``suffixes``, implement ``load``
+    (the whole file as a :class:`Dataset`) or, for a format bigger than memory, set ``streams`` and
+    implement ``batches``.
+
+    * ``load(path, source)``: the file's arrays by name (``source`` names the data set in messages,
+      e.g. ``data.evaluation``).
+    * ``batches(path, source, batch_size)``: the same arrays, ``batch_size`` samples at a time. The
+      default reads ``load`` whole; the stage calls it for each shard of a glob, and for every file
+      of a loader that ``streams``, and writes the batches to disk as it goes.
+    * ``streams``: read through ``batches`` even for one file (the stage then never holds the set).
+    """
 
     name: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
+    streams: ClassVar[bool] = False
 
     def load(self, path: Path, source: str) -> Dataset:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def batches(self, path: Path, source: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        dataset = self.load(path, source)
+        for start in range(0, len(dataset), batch_size):
+            yield {k: v[start : start + batch_size] for k, v in dataset.arrays.items()}

@@ -74,7 +74,11 @@ def register_data_loaders(register: Callable[[type], None]) -> None:
     :param register: call ``register(LoaderClass)`` for each
         :class:`pipeline_stage.contract.data.DataLoader` subclass. A loader has a unique ``name``, the file
         ``suffixes`` it reads (``(".npz",)``) and ``load(path, source) -> Dataset`` (``source``
-        names the data set in messages, e.g. ``data.evaluation``).
+        names the data set in messages, e.g. ``data.evaluation``). A format bigger than memory
+        sets ``streams = True`` and implements ``batches(path, source, batch_size)``, yielding
+        arrays by name a batch at a time: the stage writes them to memory-mapped files as they
+        come (so does it with every shard of a glob, through ``batches``, whose default reads
+        ``load``).
     :return: nothing; results are collected through ``register``.
     """
 

@@ -48,6 +48,8 @@ DEFAULT_PLUGINS = (
     "pipeline_stage_plugins.analyze",
     "pipeline_stage_plugins.metrics",
     "pipeline_stage_plugins.data_npz",
+    "pipeline_stage_plugins.data_npy",
+    "pipeline_stage_plugins.data_tfrecord",
     "pipeline_stage_plugins.console",
 )
 

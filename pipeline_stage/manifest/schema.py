@@ -25,8 +25,10 @@ class _Strict(BaseModel):
 
 
 class DataSpec(_Strict):
-    """Where the data comes from: any URI MLflow can download (runs:/, models:/, paths, stores), or
-    `dataset:<name>`, a dataset the source model's run logged as an input (mlflow.log_input)."""
+    """Where the data comes from: any URI MLflow can download (runs:/, models:/, paths, stores), a
+    glob of shards in its file name (`eval-*.tfrecord`, local or in a run's artifacts), or
+    `dataset:<name>`, a dataset the source model's run logged as an input (mlflow.log_input).
+    Formats by suffix: `.npz`, `.npy`, `.tfrecord`, a folder `.arrays` of `.npy` files."""
 
     calibration: str | None = Field(None, description="Representative inputs for int8 calibration (`x`).")
     evaluation: str | None = Field(

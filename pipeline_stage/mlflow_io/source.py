@@ -112,6 +112,44 @@ def is_remote(uri: str) -> bool:
     return "://" in uri or uri.startswith(("runs:/", "models:/"))
 
 
+def is_glob(uri: str) -> bool:
+    """Whether a data URI's file name is a pattern of shards (`eval-*.tfrecord`, `part-??.npz`)."""
+    return any(c in uri.rstrip("/").rsplit("/", 1)[-1] for c in "*?[")
+
+
+def list_data_shards(uri: str, field: str) -> list[str]:
+    """The URIs of the artifacts a remote glob matches (only the file name may be a pattern),
+    sorted by name, listed in the artifact store without downloading anything."""
+    import fnmatch
+    import posixpath
+
+    import mlflow
+
+    from pipeline_stage.mlflow_io.tracking import redact
+
+    folder, pattern = uri.rstrip("/").rsplit("/", 1)
+    if is_glob(folder):
+        raise InputError(f"`{field}`: `{redact(uri)}`: only the file name may be a pattern", hint="name the folder in full")
+    try:
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=folder)
+    except Exception as exc:
+        raise_classified(
+            exc,
+            f"listing `{field}` ({redact(folder)})",
+            missing=f"`{field}`: cannot list `{redact(folder)}`",
+            missing_hint="check the run id and folder (the MLflow UI lists a run's artifacts)",
+        )
+    files = sorted(posixpath.basename(i.path) for i in listed if not i.is_dir)
+    matched = [name for name in files if fnmatch.fnmatchcase(name, pattern)]
+    if not matched:
+        there = ", ".join(files[:10]) + (", ..." if len(files) > 10 else "") if files else "nothing"
+        raise InputError(
+            f"`{field}`: no file in `{redact(folder)}` matches `{pattern}` (there: {there})",
+            hint="check the pattern (a glob such as `eval-*.tfrecord`)",
+        )
+    return [f"{folder}/{name}" for name in matched]
+
+
 def download_data(uri: str, dst: Path, field: str) -> Path:
     """Download a data set named in the manifest (`field`, e.g. ``data.evaluation``) into `dst`."""
     from pipeline_stage.mlflow_io.tracking import redact

@@ -12,12 +12,14 @@ from its request, with the data its parent loaded and the parent's reference out
 
 from __future__ import annotations
 
+import glob
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from pipeline_stage.contract.data import Dataset
+from pipeline_stage.contract.data import Dataset, release_pages
 from pipeline_stage.contract.errors import InputError
 from pipeline_stage.engine.evaluate import check_input_shape
 from pipeline_stage.engine.source_model import SourceModel
@@ -25,9 +27,12 @@ from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest, local_data_path
 from pipeline_stage.manifest.data_checks import DATASET_PREFIX
 from pipeline_stage.manifest.schema import EvaluationSpec
-from pipeline_stage.mlflow_io.source import is_remote
+from pipeline_stage.mlflow_io.source import is_glob, is_remote
+from pipeline_stage.run.data_spool import SUFFIX as SPOOL_SUFFIX
+from pipeline_stage.run.data_spool import shard_batches, spool
 
 SOURCE_RUN_PLACEHOLDER = "${source.run_id}"
+STREAM_BATCH = 256  # samples read from a streamed file at a time
 
 Inputs = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -49,8 +54,10 @@ class EvaluationContext:
         *,
         workdir: Path,
         needing_labels: list[str] = (),
+        log: Callable[[str], None] | None = None,
     ):
         self.host, self.source, self.spec, self.workdir = host, source, spec, workdir
+        self.log = log or (lambda _message: None)
         self.data = dict(data)
         self.needing_labels = list(needing_labels)
         self._datasets: dict[str, Dataset] = {}
@@ -59,34 +66,31 @@ class EvaluationContext:
         self.notes: list[str] = []  # what evaluating had to do otherwise (a batch retried smaller), for the report
 
     @classmethod
-    def for_manifest(cls, loaded: LoadedManifest, host: PluginHost, source: SourceModel, workdir: Path) -> "EvaluationContext":
-        """The context of a manifest's data, ${source.run_id} filled in and relative paths resolved."""
+    def for_manifest(
+        cls,
+        loaded: LoadedManifest,
+        host: PluginHost,
+        source: SourceModel,
+        workdir: Path,
+        log: Callable[[str], None] | None = None,
+    ) -> "EvaluationContext":
+        """The context of a manifest's data, ${source.run_id} filled in and relative paths resolved;
+        `log` hears about data read as a stream."""
         data = {name: data_uri(loaded, name, source.info.run_id) for name in DATA_SETS if getattr(loaded.manifest.data, name)}
-        return cls(host, source, data, loaded.manifest.evaluation, workdir=workdir, needing_labels=loaded.needing_labels(host))
+        return cls(
+            host, source, data, loaded.manifest.evaluation, workdir=workdir, needing_labels=loaded.needing_labels(host), log=log
+        )
 
     # -- data sets ---------------------------------------------------------------------------
     def load(self, name: str) -> Dataset:
-        """A data set, loaded once (downloaded first when it is remote), checked against the model."""
+        """A data set, loaded once (downloaded first when it is remote), checked against the model.
+        A glob of shards, and a format whose loader streams, is read batch by batch into memory-
+        mapped files (:mod:`pipeline_stage.run.data_spool`)."""
         if name in self._datasets:
             return self._datasets[name]
         if name not in self.data:
             raise InputError(f"`data.{name}` is needed but not given in the manifest", hint=f"add `data: {{{name}: <URI>}}`")
-        uri = self.data[name]
-        local = Path(uri)
-        if is_remote(uri):
-            from pipeline_stage.mlflow_io.source import download_data
-
-            local = download_data(uri, self.workdir / "data" / name, f"data.{name}")
-        elif not local.exists():
-            raise InputError(f"`data.{name}`: file `{uri}` does not exist", hint="check the path in the manifest")
-        provided = self.host.loader_for(local.suffix)
-        if provided is None:
-            known = sorted(s for p in self.host.loaders.values() for s in p.cls.suffixes)
-            raise InputError(
-                f"`data.{name}`: no data loader reads `{local.suffix or local.name}` files (known: {', '.join(known)})",
-                hint="convert the data to .npz with arrays x and y, or install a plugin with a loader",
-            )
-        dataset = provided.cls().load(local, source=f"data.{name}")
+        dataset, local = self._read(name, self.data[name])
         dataset.check(needs_labels=name == "training")
         if name == "evaluation" and not dataset.has_labels and self.needing_labels:
             raise InputError(
@@ -101,6 +105,72 @@ class EvaluationContext:
             dataset = dataset.take(self.spec.max_samples)
         self._datasets[name], self._local[name] = dataset, local
         return dataset
+
+    def _read(self, name: str, uri: str) -> tuple[Dataset, Path]:
+        """The data set at `uri` and where it now is on this machine (the file, or the folder it
+        was streamed into)."""
+        field = f"data.{name}"
+        downloads = self.workdir / "data" / name
+        if is_glob(uri):
+            shards, fetch, discard = self._shards(field, uri, downloads)
+        elif is_remote(uri):
+            from pipeline_stage.mlflow_io.source import download_data
+
+            shards, fetch, discard = [download_data(uri, downloads, field)], Path, False
+        else:
+            if not Path(uri).exists():
+                raise InputError(f"`{field}`: file `{uri}` does not exist", hint="check the path in the manifest")
+            shards, fetch, discard = [Path(uri)], Path, False
+        loader = self._loader(field, shards)
+        if len(shards) == 1 and not loader.streams:
+            local = fetch(shards[0])
+            return loader.load(local, source=field), local
+        folder = self.workdir / "data" / f"{name}{SPOOL_SUFFIX}"
+        shapes = self.source.input_shapes
+        if len(shapes) == 1:
+            shapes = {**shapes, "x": next(iter(shapes.values()))}
+        read = lambda path: loader.batches(path, field, STREAM_BATCH)  # noqa: E731
+        limit = self.spec.max_samples if name == "evaluation" else None
+        self.log(f"{field}: reading {len(shards)} file(s) as a stream ({loader.name}){' one at a time' if discard else ''}")
+        started = time.perf_counter()
+        dataset = spool(shard_batches(shards, fetch, read, discard), folder, field, shapes=shapes, limit=limit)
+        note = f"`{field}`: {len(shards)} file(s) read as a stream, {len(dataset)} samples, memory-mapped"
+        self.log(f"{note[1:].replace('`', '', 1)} in {time.perf_counter() - started:.1f}s")
+        self.notes.append(note)
+        return dataset, folder
+
+    def _shards(self, field: str, uri: str, downloads: Path) -> tuple[list, Callable, bool]:
+        """A glob's shards, sorted by name, and how to get each one's file: local files as they
+        are; a remote glob is listed in the artifact store and each shard downloaded in turn,
+        deleted once read."""
+        if is_remote(uri):
+            from pipeline_stage.mlflow_io.source import download_data, list_data_shards
+
+            return list_data_shards(uri, field), lambda shard: download_data(shard, downloads, field), True
+        shards = sorted(Path(p) for p in glob.glob(uri))
+        if not shards:
+            raise InputError(
+                f"`{field}`: no file matches `{uri}`", hint="check the pattern (a glob such as `data/eval-*.tfrecord`)"
+            )
+        return shards, Path, False
+
+    def _loader(self, field: str, shards: list):
+        suffixes = {Path(str(s)).suffix.lower() for s in shards}
+        if len(suffixes) > 1:
+            raise InputError(
+                f"`{field}`: the files matched are of several kinds ({', '.join(sorted(suffixes))})",
+                hint="match one kind of file, e.g. `eval-*.tfrecord`",
+            )
+        suffix = suffixes.pop()
+        provided = self.host.loader_for(suffix)
+        if provided is None:
+            known = sorted(s for p in self.host.loaders.values() for s in p.cls.suffixes)
+            name = Path(str(shards[0])).name
+            raise InputError(
+                f"`{field}`: no data loader reads `{suffix or name}` files (known: {', '.join(known)})",
+                hint="convert the data to .npz with arrays x and y, or install a plugin with a loader",
+            )
+        return provided.cls()
 
     def load_all(self, names: set[str] = frozenset()) -> None:
         """Load `names` and every given data set: bad data fails here, before any conversion work."""
@@ -166,6 +236,7 @@ class EvaluationContext:
         step = self.spec.batch_size
         for start in range(0, n, step):
             yield {k: v[start : start + step] for k, v in inputs.items()}
+            release_pages(inputs.values())  # memory-mapped data: the batch read is handed back
 
     def predict(self, predict_batch: Callable[[Inputs], Outputs], inputs=None) -> Outputs:
         """A model's outputs by name on the evaluation inputs (or `inputs`): the one loop every

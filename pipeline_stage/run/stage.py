@@ -119,7 +119,7 @@ class Stage:
                     custom_objects=self.host.keras_objects,
                     signature=m.signature,
                 )
-                evaluation = EvaluationContext.for_manifest(self.loaded, self.host, source, workdir)
+                evaluation = EvaluationContext.for_manifest(self.loaded, self.host, source, workdir, log=self.progress("data"))
                 runner = ChainRunner(self.host, evaluation, m.conversion, workdir, progress=self.progress, context=context)
                 runner.check_chain(self.loaded.steps, search=m.search is not None)
                 evaluation.load_all(self.loaded.required_data(self.host))

@@ -1,0 +1,256 @@
+"""Data bigger than memory: TFRecord files and globs of shards read as a stream into memory-mapped
+files, `.npy` read memory-mapped, remote shards listed and downloaded one at a time; the same
+metrics and the same content digest as the `.npz` the data came from; bad records refused with the
+file, the records and the fix; pages handed back as the data is read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_manifest
+from tests.helpers import invoke, read_report
+
+SHARDS = 3
+
+
+def _example(tf, features: dict) -> bytes:
+    def feature(value):
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            return tf.train.Feature(float_list=tf.train.FloatList(value=value.reshape(-1)))
+        if value.dtype.kind in "iu":
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=value.reshape(-1)))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[bytes(value.item())]))
+
+    return tf.train.Example(features=tf.train.Features(feature={k: feature(v) for k, v in features.items()})).SerializeToString()
+
+
+def write_shards(
+    folder: Path, x: np.ndarray, y: np.ndarray | None, shards: int = SHARDS, *, serialized: bool = False
+) -> list[Path]:
+    """x (flattened float_list, or a serialized tensor) and y (int64_list) as TFRecord shards."""
+    import tensorflow as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, per = [], -(-len(x) // shards)
+    for s in range(shards):
+        path = folder / f"eval-{s:02d}.tfrecord"
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for i in range(s * per, min(len(x), (s + 1) * per)):
+                sample = tf.io.serialize_tensor(x[i]).numpy() if serialized else x[i]
+                features = {"x": np.array(sample, dtype=object) if serialized else sample}
+                if y is not None:
+                    features["y"] = np.int64(y[i])
+                writer.write(_example(tf, features))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def digits_files(digits_data, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("streaming")
+    x, y = digits_data.evaluation
+    np.savez(folder / "calib.npz", x=digits_data.calibration[0])
+    np.savez(folder / "eval.npz", x=x, y=y)
+    write_shards(folder / "shards", x, y)
+    np.save(folder / "eval-x.npy", x)
+    return {
+        "folder": folder,
+        "calib": folder / "calib.npz",
+        "npz": folder / "eval.npz",
+        "glob": folder / "shards" / "eval-*.tfrecord",
+    }
+
+
+@pytest.fixture(scope="module")
+def keras_path(digits_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("streaming-model") / "digits.keras"
+    digits_model.save(path)
+    return path
+
+
+LABELLED = "accuracy, fidelity_sqnr_db, fidelity_cosine, top1_agreement, size_bytes"
+
+
+def _run(
+    tmp_path: Path,
+    model: Path,
+    calib: Path,
+    evaluation: str,
+    *,
+    gates: str,
+    extra: str = "",
+    name: str = "m.yaml",
+    metrics: str = LABELLED,
+):
+    path = write_manifest(
+        tmp_path,
+        f"model: {model}\ndata: {{calibration: {calib}, evaluation: '{evaluation}'}}\n"
+        f"chain:\n  - quantize: {{mode: int8}}\nevaluation: {{per_step: [], metrics: [{metrics}]}}\ngates:\n{gates}{extra}",
+        name,
+    )
+    report = tmp_path / f"{name}.json"
+    result = invoke("run", str(path), "--report", str(report))
+    return result, (read_report(report) if report.exists() else None)
+
+
+def _metrics(report: dict) -> dict[str, float]:
+    return {f"{side}.{k}": v for side in ("baseline", "candidate") for k, v in report[side].items() if isinstance(v, float)}
+
+
+def test_tfrecord_shards_stream_and_give_the_npz_metrics_and_digest(digits_files, keras_path, mlflow_server, tmp_path):
+    """A glob of TFRecord shards (flattened float_list features, reshaped to the model's 8x8x1 input)
+    measures what the `.npz` of the same samples measures, to 1e-6; the run logs the same content
+    digest for both; the report says the data was streamed."""
+    import mlflow
+
+    gates = "  - {metric: accuracy, max_drop: 0.05}\n"
+    npz, npz_report = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["npz"]), gates=gates, name="npz.yaml")
+    assert npz.exit_code == 0, npz.output
+    tfr, tfr_report = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["glob"]), gates=gates, name="tfr.yaml")
+    assert tfr.exit_code == 0, tfr.output
+    assert "data.evaluation: reading 3 file(s) as a stream (tfrecord)" in tfr.stderr
+    expected, got = _metrics(npz_report), _metrics(tfr_report)
+    assert set(got) == set(expected) and len(got) >= 8
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert any("read as a stream, 597 samples, memory-mapped" in n for n in tfr_report["evaluation_notes"])
+
+    def evaluation_input(report):
+        inputs = mlflow.MlflowClient().get_run(report["run_id"]).inputs.dataset_inputs
+        return next(i.dataset for i in inputs if any(t.value == "evaluation" for t in i.tags))
+
+    npz_data, tfr_data = evaluation_input(npz_report), evaluation_input(tfr_report)
+    assert json.loads(tfr_data.profile) == json.loads(npz_data.profile)  # same samples, same sha256
+    assert json.loads(tfr_data.schema) == {
+        "arrays": {"x": {"dtype": "float32", "shape": [597, 8, 8, 1]}, "y": {"dtype": "int64", "shape": [597]}}
+    }
+    assert tfr_data.name == "eval-*.tfrecord" and json.loads(tfr_data.source)["uri"] == str(digits_files["glob"])
+
+
+def test_remote_shards_are_listed_downloaded_one_at_a_time_and_feed_a_search(digits_files, keras_path, mlflow_server, tmp_path):
+    """`runs:/<id>/data/eval-*.tfrecord` on the production server (S3 artifacts): the shards are
+    listed in the store, read one at a time, and a search's trials read the streamed files (the
+    trials measure what the stage measures for the same chain)."""
+    import mlflow
+
+    with mlflow.start_run() as run:
+        for path in sorted(digits_files["glob"].parent.glob("eval-*.tfrecord")):
+            mlflow.log_artifact(str(path), "data")
+    uri = f"runs:/{run.info.run_id}/data/eval-*.tfrecord"
+    result, report = _run(
+        tmp_path,
+        keras_path,
+        digits_files["calib"],
+        uri,
+        gates="  - {metric: accuracy, max_drop: 0.05}\n",
+        extra="search: {strategy: auto, budget: {trials: 2}, parallel: 1}\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "reading 3 file(s) as a stream (tfrecord) one at a time" in result.stderr
+    first = report["search"]["trials"][0]
+    assert first["status"] == "passed" and first["metrics"]["accuracy"] == pytest.approx(
+        report["candidate"]["accuracy"], rel=1e-6
+    )
+    missing, _ = _run(
+        tmp_path,
+        keras_path,
+        digits_files["calib"],
+        uri.replace("eval-*", "holdout-*"),
+        gates="  - {metric: accuracy, max_drop: 0.05}\n",
+    )
+    assert missing.exit_code == 2 and "matches `holdout-*.tfrecord` (there: eval-00.tfrecord, eval-01.tfrecord" in missing.stderr
+
+
+def test_npy_is_read_memory_mapped_and_serialized_tensors_decode(digits_data, keras_path, digits_files, mlflow_server, tmp_path):
+    """One `.npy` of inputs (no labels: a fidelity gate) is read memory-mapped; TFRecord features
+    holding `tf.io.serialize_tensor` bytes decode to the same samples."""
+    from pipeline_stage_plugins.data_npy import NpyLoader
+
+    npy = digits_files["folder"] / "eval-x.npy"
+    loaded = NpyLoader().load(npy, "data.evaluation")
+    assert isinstance(loaded.x, np.memmap) and loaded.memory_mapped
+    fidelity, unlabelled = "  - {metric: fidelity_sqnr_db, min: 20}\n", "fidelity_sqnr_db, size_bytes"
+    result, report = _run(
+        tmp_path, keras_path, digits_files["calib"], str(npy), gates=fidelity, name="npy.yaml", metrics=unlabelled
+    )
+    assert result.exit_code == 0, result.output
+    x = digits_data.evaluation[0]
+    write_shards(tmp_path / "tensors", x, None, shards=1, serialized=True)
+    tensors, t_report = _run(
+        tmp_path,
+        keras_path,
+        digits_files["calib"],
+        str(tmp_path / "tensors" / "eval-00.tfrecord"),
+        gates=fidelity,
+        name="t.yaml",
+        metrics=unlabelled,
+    )
+    assert tensors.exit_code == 0, tensors.output
+    assert t_report["candidate"]["fidelity_sqnr_db"] == pytest.approx(report["candidate"]["fidelity_sqnr_db"], rel=1e-6)
+
+
+def test_bad_records_and_shards_are_refused_naming_the_file_and_the_fix(
+    digits_data, keras_path, digits_files, mlflow_server, tmp_path
+):
+    import tensorflow as tf
+
+    x, y = digits_data.evaluation
+    gates = "  - {metric: accuracy, max_drop: 0.05}\n"
+    # a record without the label the first one had
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tf.io.TFRecordWriter(str(bad / "eval.tfrecord")) as writer:
+        writer.write(_example(tf, {"x": x[0], "y": np.int64(y[0])}))
+        writer.write(_example(tf, {"x": x[1]}))
+    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(bad / "eval.tfrecord"), gates=gates)
+    assert result.exit_code == 2, result.output
+    assert "`eval.tfrecord`, records 0-1:" in result.stderr and "(the first record has `x`, `y`)" in result.stderr
+    assert "fix: give every record the same features" in result.stderr and "[baseline]" not in result.stderr
+    # not a TFRecord file at all
+    (bad / "junk.tfrecord").write_bytes(b"not a record file" * 10)
+    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(bad / "junk.tfrecord"), gates=gates)
+    assert result.exit_code == 2 and "`junk.tfrecord` is not a readable TFRecord file" in result.stderr, result.output
+    # shards that disagree: the second has no labels
+    mixed = tmp_path / "mixed"
+    write_shards(mixed, x[:100], y[:100], shards=1)
+    (mixed / "eval-00.tfrecord").rename(mixed / "eval-a.tfrecord")
+    write_shards(mixed, x[100:200], None, shards=1)
+    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(mixed / "eval-*.tfrecord"), gates=gates)
+    assert result.exit_code == 2, result.output
+    assert "`eval-a.tfrecord` has arrays x, y, but the data before had x" in result.stderr
+    # a glob that matches nothing, and one that matches two kinds of file
+    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(tmp_path / "nothing-*.tfrecord"), gates=gates)
+    assert result.exit_code == 2 and "no file matches" in result.stderr, result.output
+    np.savez(mixed / "eval-z.npz", x=x[:10], y=y[:10])
+    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(mixed / "eval-*"), gates=gates)
+    assert result.exit_code == 2 and "of several kinds (.npz, .tfrecord)" in result.stderr, result.output
+
+
+def test_reading_memory_mapped_data_hands_its_pages_back(tmp_path):
+    """Hashing (and batching) a memory-mapped array leaves almost none of it resident: the pages
+    read are handed back (Linux: the mapping's Rss in /proc/self/smaps)."""
+    from pipeline_stage.contract.data import bytes_digest
+
+    path = tmp_path / "big.npy"
+    big = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(4096, 4096))  # 64 MB
+    big[:] = 1.0
+    big.flush()
+    del big
+    mapped = np.load(path, mmap_mode="r")
+
+    def resident_kb() -> int:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.endswith(str(path)):
+                return next(int(v.split()[1]) for v in lines[i + 1 :] if v.startswith("Rss:"))
+        raise AssertionError("mapping not found")
+
+    np.asarray(mapped[:2048]).sum()  # a plain read leaves what it touched resident
+    assert resident_kb() > 30_000
+    assert bytes_digest(mapped) == bytes_digest(np.ones((4096, 4096), np.float32))
+    assert resident_kb() < 20_000  # at most one 16 MB chunk
