@@ -37,7 +37,9 @@ class TFRecordLoader(DataLoader):
             raise InputError(f"data `{source}`: `{path.name}` holds no records", hint=HINT)
         return Dataset(arrays={k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, source=source)
 
-    def batches(self, path: Path, source: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(
+        self, path: Path, source: str, batch_size: int, names: list[str] | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         tf = import_tensorflow()
         records = tf.data.TFRecordDataset([str(path)]).batch(batch_size)
         spec, start = None, 0
@@ -54,6 +56,15 @@ class TFRecordLoader(DataLoader):
                 ) from None
             if spec is None:
                 spec = _spec(tf, serialized[0].numpy(), path, source)
+                if names is not None:
+                    missing = [n for n in names if n not in spec]
+                    if missing:
+                        raise InputError(
+                            f"data `{source}`: `{path.name}` has no feature {', '.join(f'`{m}`' for m in missing)} "
+                            f"(the first record has {', '.join(f'`{k}`' for k in spec)})",
+                            hint="map the stage's names to features the records have (`features: {x: <feature>, y: <feature>}`)",
+                        )
+                    spec = {k: v for k, v in spec.items() if k in names}
             n = int(serialized.shape[0])
             try:
                 parsed = tf.io.parse_example(serialized, {k: f for k, (f, _) in spec.items()})
@@ -63,7 +74,7 @@ class TFRecordLoader(DataLoader):
                     f"has {', '.join(f'`{k}`' for k in spec)})",
                     hint="give every record the same features, each with the same number of values",
                 ) from None
-            yield {k: _decode(tf, parsed[k], kind, k) for k, (_, kind) in spec.items()}
+            yield {k: _decode(tf, parsed[k], kind, k, path, source) for k, (_, kind) in spec.items()}
             start += n
 
 
@@ -89,11 +100,19 @@ def _spec(tf, first: bytes, path: Path, source: str) -> dict:
     return spec
 
 
-def _decode(tf, values, kind: str, key: str) -> np.ndarray:
+def _decode(tf, values, kind: str, key: str, path: Path, source: str) -> np.ndarray:
     if kind == "tensor":
         from tensorflow.core.framework import tensor_pb2
 
-        return np.stack([tf.make_ndarray(tensor_pb2.TensorProto.FromString(s)) for s in values.numpy()])
+        try:
+            return np.stack([tf.make_ndarray(tensor_pb2.TensorProto.FromString(s)) for s in values.numpy()])
+        except Exception as exc:  # a DecodeError or a TypeError: bytes that are not one serialized tensor
+            raise InputError(
+                f"data `{source}`: `{path.name}`: feature `{key}` holds bytes that are not a tensor serialized with "
+                f"tf.io.serialize_tensor ({type(exc).__name__})",
+                hint="list the features the model needs, e.g. `evaluation: {uri: ..., features: {x: image, y: label}}`, "
+                "or write the tensor with tf.io.serialize_tensor",
+            ) from None
     array = values.numpy()
     is_label = key == LABEL or key.startswith(LABEL + ".")
     return array[:, 0] if is_label and array.shape[1] == 1 else array

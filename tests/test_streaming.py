@@ -254,3 +254,48 @@ def test_reading_memory_mapped_data_hands_its_pages_back(tmp_path):
     assert resident_kb() > 30_000
     assert bytes_digest(mapped) == bytes_digest(np.ones((4096, 4096), np.float32))
     assert resident_kb() < 20_000  # at most one 16 MB chunk
+
+
+def test_a_data_mapping_names_the_format_the_features_and_a_sample_limit(
+    digits_data, keras_path, digits_files, mlflow_server, tmp_path
+):
+    """`evaluation: {uri, format, features, max_samples}`: a TFRecord named `.rec` whose features
+    are `image` and `label` beside a string `id` reads as `x` and `y`, only the first 300 samples;
+    without the mapping the string feature is refused naming it and the fix; an unknown format is
+    refused at `validate`."""
+    import tensorflow as tf
+
+    x, y = digits_data.evaluation
+    path = tmp_path / "eval.rec"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(len(x)):
+            writer.write(_example(tf, {"image": x[i], "label": np.int64(y[i]), "id": np.array(f"s{i}".encode(), dtype=object)}))
+    np.savez(tmp_path / "first300.npz", x=x[:300], y=y[:300])
+    gates = "  - {metric: accuracy, max_drop: 0.05}\n"
+    entry = f"{{uri: {path}, format: tfrecord, features: {{x: image, y: label}}, max_samples: 300}}"
+    mapped = write_manifest(
+        tmp_path,
+        f"model: {keras_path}\ndata: {{calibration: {digits_files['calib']}, evaluation: {entry}}}\n"
+        f"chain:\n  - quantize: {{mode: int8}}\nevaluation: {{per_step: [], metrics: [{LABELLED}]}}\ngates:\n{gates}",
+        "mapped.yaml",
+    )
+    assert invoke("validate", str(mapped)).exit_code == 0
+    result = invoke("run", str(mapped), "--report", str(tmp_path / "mapped.json"))
+    assert result.exit_code == 0, result.output
+    expected, _ = _run(tmp_path, keras_path, digits_files["calib"], str(tmp_path / "first300.npz"), gates=gates, name="e.yaml")
+    got, want = _metrics(read_report(tmp_path / "mapped.json")), _metrics(read_report(tmp_path / "e.yaml.json"))
+    assert expected.exit_code == 0 and set(got) == set(want)
+    assert all(got[k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in want.items()), (got, want)
+    # the same file without the mapping: the string feature cannot be an array
+    plain = mapped.read_text().replace(entry, f"{{uri: {path}, format: tfrecord}}")
+    result = invoke("run", str(write_manifest(tmp_path, plain, "plain.yaml")))
+    assert result.exit_code == 2 and "feature `id` holds bytes that are not a tensor" in result.stderr, result.output
+    assert "features: {x: image, y: label}" in result.stderr
+    # a feature the records do not have
+    wrong = mapped.read_text().replace("x: image", "x: pixels")
+    result = invoke("run", str(write_manifest(tmp_path, wrong, "wrong.yaml")))
+    assert result.exit_code == 2 and "has no feature `pixels` (the first record has `id`, `image`, `label`)" in result.stderr
+    # an unknown format, at validate
+    unknown = mapped.read_text().replace("format: tfrecord", "format: parquet")
+    checked = invoke("validate", str(write_manifest(tmp_path, unknown, "unknown.yaml")))
+    assert checked.exit_code == 2 and "no data loader is named `parquet` (known: arrays, npy, npz, tfrecord)" in checked.stderr

@@ -189,9 +189,11 @@ class DataLoader:
 
     * ``load(path, source)``: the file's arrays by name (``source`` names the data set in messages,
       e.g. ``data.evaluation``).
-    * ``batches(path, source, batch_size)``: the same arrays, ``batch_size`` samples at a time. The
-      default reads ``load`` whole; the stage calls it for each shard of a glob, and for every file
-      of a loader that ``streams``, and writes the batches to disk as it goes.
+    * ``batches(path, source, batch_size, names=None)``: the same arrays, ``batch_size`` samples at
+      a time; with ``names``, only those (the manifest's ``features`` says which). The default
+      reads ``load`` whole; the stage calls it for each shard of a glob, for every file of a
+      loader that ``streams`` and for data given with options, and writes the batches to disk as
+      it goes. (An implementation may leave ``names`` out: the stage then drops the rest.)
     * ``streams``: read through ``batches`` even for one file (the stage then never holds the set).
     """
 
@@ -202,7 +204,9 @@ class DataLoader:
     def load(self, path: Path, source: str) -> Dataset:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def batches(self, path: Path, source: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(
+        self, path: Path, source: str, batch_size: int, names: list[str] | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         dataset = self.load(path, source)
         for start in range(0, len(dataset), batch_size):
-            yield {k: v[start : start + batch_size] for k, v in dataset.arrays.items()}
+            yield {k: v[start : start + batch_size] for k, v in dataset.arrays.items() if names is None or k in names}

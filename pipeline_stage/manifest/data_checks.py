@@ -27,7 +27,9 @@ def check_inputs_for_metrics(loaded: LoadedManifest, host: PluginHost, *, read_d
                 hint="add `data: {evaluation: <URI>}` (or calibration data), or measure only `size_bytes`",
             )
     needing = loaded.needing_labels(host)
-    local = local_data_path(m.data.evaluation, path)
+    entry = m.data.source("evaluation")
+    plain = entry is not None and entry.format is None and not entry.features  # else: checked as the run reads it
+    local = local_data_path(entry.uri if plain else None, path)
     if read_data and needing and local is not None and local.exists() and host.loader_for(local.suffix) is not None:
         try:
             dataset = host.loader_for(local.suffix).cls().load(local, source="data.evaluation")

@@ -21,7 +21,7 @@ from pipeline_stage.contract.steps import Phase, Step
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest.data_checks import check_inputs_for_metrics
 from pipeline_stage.manifest.loaded import LoadedManifest
-from pipeline_stage.manifest.schema import Manifest, check_model_uri, source_kind_of
+from pipeline_stage.manifest.schema import DATA_SETS, Manifest, check_model_uri, source_kind_of
 from pipeline_stage.manifest.yaml_text import MAX_NODES, NoDuplicatesLoader, expanded_size, fmt_loc, line_for, line_map
 
 
@@ -248,7 +248,15 @@ def _check_search(manifest: Manifest, host: PluginHost, where: _Where) -> tuple[
 
 
 def _check_data(loaded: LoadedManifest, host: PluginHost, where: _Where) -> None:
-    """Every data set the steps, metrics and gates need is given."""
+    """Every data set the steps, metrics and gates need is given; a `format` names a loader."""
+    for data_set in DATA_SETS:
+        entry = loaded.manifest.data.source(data_set)
+        if entry is not None and entry.format is not None and entry.format not in host.loaders:
+            raise where.error(
+                f"`data.{data_set}.format`: no data loader is named `{entry.format}` (known: {', '.join(sorted(host.loaders))})",
+                ("data", data_set, "format"),
+                hint="name one of those, or leave `format` out to choose by the file's suffix",
+            )
     for data_set in sorted(loaded.required_data(host)):
         if getattr(loaded.manifest.data, data_set) is None:
             users = [s.name for s in loaded.steps if data_set in s.required_data()] or ["the metrics and gates"]

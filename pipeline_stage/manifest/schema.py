@@ -24,17 +24,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DataSource(_Strict):
+    """A data set given as a mapping, where its URI alone does not say enough."""
+
+    uri: str = Field(
+        description="Where the data is: any URI MLflow can download, a local path, a glob of shards, or `dataset:<name>`."
+    )
+    format: str | None = Field(
+        None,
+        description="The data loader by name (`npz`, `npy`, `arrays`, `tfrecord`, or a plugin's; `pipeline-stage plugins` "
+        "lists them). Default: the one for the file's suffix.",
+    )
+    features: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where the names in the data differ from the stage's: the stage's name (a model input, `x`, `y` or "
+        "`y.<output>`) -> the array or feature in the data, e.g. `{x: image, y: label}`. Only these are read.",
+    )
+    max_samples: int | None = Field(None, ge=1, description="Read at most this many samples (the first ones).")
+
+
+DataEntry = str | DataSource | None
+
+
 class DataSpec(_Strict):
     """Where the data comes from: any URI MLflow can download (runs:/, models:/, paths, stores), a
     glob of shards in its file name (`eval-*.tfrecord`, local or in a run's artifacts), or
     `dataset:<name>`, a dataset the source model's run logged as an input (mlflow.log_input).
-    Formats by suffix: `.npz`, `.npy`, `.tfrecord`, a folder `.arrays` of `.npy` files."""
+    Formats by suffix: `.npz`, `.npy`, `.tfrecord`, a folder `.arrays` of `.npy` files. Each entry
+    may instead be a mapping `{uri, format, features, max_samples}`."""
 
-    calibration: str | None = Field(None, description="Representative inputs for int8 calibration (`x`).")
-    evaluation: str | None = Field(
+    calibration: DataEntry = Field(None, description="Representative inputs for int8 calibration (`x`).")
+    evaluation: DataEntry = Field(
         None, description="Held-out data for metrics and gates (`x`; labels `y` for metrics such as accuracy)."
     )
-    training: str | None = Field(None, description="Labelled data for fine-tuning steps (`x`, `y`).")
+    training: DataEntry = Field(None, description="Labelled data for fine-tuning steps (`x`, `y`).")
+
+    def source(self, name: str) -> DataSource | None:
+        """A data set's entry as a mapping (a plain URI is `{uri: ...}`), or None when not given."""
+        value = getattr(self, name)
+        return DataSource(uri=value) if isinstance(value, str) else value
+
+    def uri(self, name: str) -> str | None:
+        """A data set's URI as written, or None when not given."""
+        source = self.source(name)
+        return source.uri if source is not None else None
 
 
 class EvaluationSpec(_Strict):

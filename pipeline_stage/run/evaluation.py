@@ -26,7 +26,7 @@ from pipeline_stage.engine.source_model import SourceModel
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest, local_data_path
 from pipeline_stage.manifest.data_checks import DATASET_PREFIX
-from pipeline_stage.manifest.schema import EvaluationSpec
+from pipeline_stage.manifest.schema import DataSource, EvaluationSpec
 from pipeline_stage.mlflow_io.source import is_glob, is_remote
 from pipeline_stage.run.data_spool import SUFFIX as SPOOL_SUFFIX
 from pipeline_stage.run.data_spool import shard_batches, spool
@@ -55,10 +55,13 @@ class EvaluationContext:
         workdir: Path,
         needing_labels: list[str] = (),
         log: Callable[[str], None] | None = None,
+        options: Mapping[str, DataSource] | None = None,
     ):
         self.host, self.source, self.spec, self.workdir = host, source, spec, workdir
         self.log = log or (lambda _message: None)
         self.data = dict(data)
+        # a data set's `format`, `features` and `max_samples` where the manifest gave it as a mapping
+        self.options = {k: v for k, v in (options or {}).items() if v is not None and (v.format or v.features or v.max_samples)}
         self.needing_labels = list(needing_labels)
         self._datasets: dict[str, Dataset] = {}
         self._local: dict[str, Path] = {}
@@ -78,7 +81,14 @@ class EvaluationContext:
         `log` hears about data read as a stream."""
         data = {name: data_uri(loaded, name, source.info.run_id) for name in DATA_SETS if getattr(loaded.manifest.data, name)}
         return cls(
-            host, source, data, loaded.manifest.evaluation, workdir=workdir, needing_labels=loaded.needing_labels(host), log=log
+            host,
+            source,
+            data,
+            loaded.manifest.evaluation,
+            workdir=workdir,
+            needing_labels=loaded.needing_labels(host),
+            log=log,
+            options={name: loaded.manifest.data.source(name) for name in data},
         )
 
     # -- data sets ---------------------------------------------------------------------------
@@ -121,16 +131,26 @@ class EvaluationContext:
             if not Path(uri).exists():
                 raise InputError(f"`{field}`: file `{uri}` does not exist", hint="check the path in the manifest")
             shards, fetch, discard = [Path(uri)], Path, False
-        loader = self._loader(field, shards)
-        if len(shards) == 1 and not loader.streams:
+        options = self.options.get(name)
+        loader = self._loader(field, shards, options.format if options else None)
+        # Read whole only what a search trial can read back from the same file as it is.
+        if len(shards) == 1 and not loader.streams and options is None:
             local = fetch(shards[0])
             return loader.load(local, source=field), local
         folder = self.workdir / "data" / f"{name}{SPOOL_SUFFIX}"
         shapes = self.source.input_shapes
         if len(shapes) == 1:
             shapes = {**shapes, "x": next(iter(shapes.values()))}
-        read = lambda path: loader.batches(path, field, STREAM_BATCH)  # noqa: E731
-        limit = self.spec.max_samples if name == "evaluation" else None
+        features = dict(options.features) if options else {}
+
+        def read(path: Path) -> Iterator[dict[str, np.ndarray]]:
+            for arrays in loader_batches(loader, path, field, STREAM_BATCH, sorted(set(features.values())) or None):
+                yield renamed(arrays, features, field, path.name)
+
+        limits = [
+            n for n in (options.max_samples if options else None, self.spec.max_samples if name == "evaluation" else None) if n
+        ]
+        limit = min(limits) if limits else None
         self.log(f"{field}: reading {len(shards)} file(s) as a stream ({loader.name}){' one at a time' if discard else ''}")
         started = time.perf_counter()
         dataset = spool(shard_batches(shards, fetch, read, discard), folder, field, shapes=shapes, limit=limit)
@@ -154,7 +174,9 @@ class EvaluationContext:
             )
         return shards, Path, False
 
-    def _loader(self, field: str, shards: list):
+    def _loader(self, field: str, shards: list, format: str | None = None):
+        if format is not None:
+            return self.host.loaders[format].cls()  # the manifest's check made sure it exists
         suffixes = {Path(str(s)).suffix.lower() for s in shards}
         if len(suffixes) > 1:
             raise InputError(
@@ -284,10 +306,35 @@ class EvaluationContext:
         self._reference = {k: np.asarray(v) for k, v in outputs.items()}
 
 
+def loader_batches(loader, path: Path, field: str, batch_size: int, names: list[str] | None) -> Iterator[dict[str, np.ndarray]]:
+    """A loader's batches of the arrays `names` (all when None); a loader whose ``batches`` takes
+    no `names` reads them all, and the rest are dropped here."""
+    import inspect
+
+    if names is not None and "names" in inspect.signature(loader.batches).parameters:
+        yield from loader.batches(path, field, batch_size, names=names)
+        return
+    for arrays in loader.batches(path, field, batch_size):
+        yield arrays if names is None else {k: v for k, v in arrays.items() if k in names}
+
+
+def renamed(arrays: dict[str, np.ndarray], features: Mapping[str, str], field: str, file: str) -> dict[str, np.ndarray]:
+    """The arrays under the stage's names (`features`: the stage's name -> the name in the data)."""
+    if not features:
+        return arrays
+    missing = [f for f in features.values() if f not in arrays]
+    if missing:
+        raise InputError(
+            f"`{field}.features`: `{file}` has no {', '.join(f'`{m}`' for m in missing)} (it has: {', '.join(sorted(arrays)) or 'nothing'})",
+            hint="map each of the stage's names to an array or feature the data has",
+        )
+    return {stage: arrays[name] for stage, name in features.items()}
+
+
 def data_uri(loaded: LoadedManifest, name: str, run_id: str | None) -> str:
     """The manifest's URI for a data set, ${source.run_id} filled in, a `dataset:<name>` looked up
     in the source model's run, relative paths resolved."""
-    uri = getattr(loaded.manifest.data, name)
+    uri = loaded.manifest.data.uri(name)
     if uri.startswith(DATASET_PREFIX):
         from pipeline_stage.mlflow_io.source import logged_dataset_uri
 

@@ -164,7 +164,7 @@ class Stage:
         """Where the run reads and writes files: the source, the run's artifact root, data given by URI."""
         places = {f"the source model `{redact(source.uri)}`": source.uri, "the stage run's artifact root": run_artifacts}
         for name in DATA_SETS:
-            uri = getattr(self.m.data, name) or ""
+            uri = self.m.data.uri(name) or ""
             if source.run_id:
                 uri = uri.replace(SOURCE_RUN_PLACEHOLDER, source.run_id)
             if SOURCE_RUN_PLACEHOLDER not in uri and is_remote(uri):
