@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,20 +33,34 @@ STAGE_PHASES = ("startup", "resolve", "model_download", "load", "baseline", "cha
 BARE_PHASES = ("imports", "load", "baseline", "convert", "evaluate", "save")
 
 
+# Runs the command as its child and writes "wall_seconds maxrss_kb" to the file in argv[1]. The
+# launcher is a small process on purpose: Linux carries a process's peak RSS over fork and exec,
+# so a command forked straight from this (TensorFlow-laden) benchmark would report the
+# benchmark's own RSS as its floor.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed_process(cmd: list[str], cwd: Path) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS in MB of the process tree (wait4: the child and the descendants it
-    waited for), and stdout."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    """Wall seconds, peak RSS in MB of the process tree (wait4 in a small launcher: the command
+    and the descendants it waited for), and stdout."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, tempfile.NamedTemporaryFile("r") as usage:
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, usage.name, *cmd], cwd=cwd, stdout=out, stderr=err, text=True)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err.read()[-2000:]}")
-        return wall, usage.ru_maxrss / 1024, out.read()
+        wall, maxrss_kb = (float(v) for v in Path(usage.name).read_text().split())
+        return wall, maxrss_kb / 1024, out.read()
 
 
 def prepare(tmp: Path, name: str, model, calib: np.ndarray, x: np.ndarray, y: np.ndarray) -> Path:

@@ -126,7 +126,8 @@ class EvaluationContext:
         elif is_remote(uri):
             from pipeline_stage.mlflow_io.source import download_data
 
-            shards, fetch, discard = [download_data(uri, downloads, field)], Path, False
+            # streamed, the download is deleted once read (the memory-mapped files hold the data)
+            shards, fetch, discard = [download_data(uri, downloads, field)], Path, True
         else:
             if not Path(uri).exists():
                 raise InputError(f"`{field}`: file `{uri}` does not exist", hint="check the path in the manifest")
@@ -151,12 +152,13 @@ class EvaluationContext:
             n for n in (options.max_samples if options else None, self.spec.max_samples if name == "evaluation" else None) if n
         ]
         limit = min(limits) if limits else None
-        self.log(f"{field}: reading {len(shards)} file(s) as a stream ({loader.name}){' one at a time' if discard else ''}")
+        one_at_a_time = " one at a time" if discard and len(shards) > 1 else ""
+        self.log(f"{field}: reading {len(shards)} file(s) as a stream ({loader.name}){one_at_a_time}")
         started = time.perf_counter()
         dataset = spool(shard_batches(shards, fetch, read, discard), folder, field, shapes=shapes, limit=limit)
-        note = f"`{field}`: {len(shards)} file(s) read as a stream, {len(dataset)} samples, memory-mapped"
-        self.log(f"{note[1:].replace('`', '', 1)} in {time.perf_counter() - started:.1f}s")
-        self.notes.append(note)
+        read_as = f"{len(shards)} file(s) read as a stream, {len(dataset)} samples, memory-mapped"
+        self.log(f"{field}: {read_as} in {time.perf_counter() - started:.1f}s")
+        self.notes.append(f"`{field}`: {read_as}")
         return dataset, folder
 
     def _shards(self, field: str, uri: str, downloads: Path) -> tuple[list, Callable, bool]:
