@@ -31,7 +31,7 @@ def test_plugins_json_lists_steps_with_phase_params_and_distribution():
     mode = next(p for p in quantize["params"] if p["name"] == "mode")
     assert mode["default"] == "int8" and "'float16'" in mode["type"] and "full integer" in mode["doc"]
     assert {m["name"] for m in info["metrics"]} >= {"accuracy", "size_bytes", "latency_p50_ms"}
-    assert [d["name"] for d in info["data_loaders"]] == ["npz"]
+    assert [d["name"] for d in info["data_loaders"]] == ["arrays", "npy", "npz", "tfrecord"]
     assert any("register_steps" in p["hooks"] for p in info["plugins"])
 
 

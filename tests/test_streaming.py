@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline_stage import Metric
 from tests.conftest import write_manifest
 from tests.helpers import invoke, read_report
 
@@ -299,3 +300,84 @@ def test_a_data_mapping_names_the_format_the_features_and_a_sample_limit(
     unknown = mapped.read_text().replace("format: tfrecord", "format: parquet")
     checked = invoke("validate", str(write_manifest(tmp_path, unknown, "unknown.yaml")))
     assert checked.exit_code == 2 and "no data loader is named `parquet` (known: arrays, npy, npz, tfrecord)" in checked.stderr
+
+
+def test_metrics_accumulated_a_block_at_a_time_equal_their_whole_array_values():
+    """Every built-in metric on predictions, summed block by block (a few samples at a time), gives
+    what the whole-array formula gives (the LiteRT Quantizer's SNR and cosine; numpy's means) to
+    1e-6: classification scores, a regression output, with and without labels."""
+    from litert_quantizer.utils.validation_utils import cosine_similarity, signal_to_noise_ratio
+
+    from pipeline_stage.contract.metrics import Evaluation
+    from pipeline_stage_plugins import metrics as builtin
+
+    rng = np.random.default_rng(7)
+    reference = rng.normal(size=(1003, 10)).astype(np.float32)
+    candidate = reference + rng.normal(scale=0.05, size=reference.shape).astype(np.float32)
+    labels = rng.integers(0, 10, size=1003)
+    regression = {"ref": rng.normal(size=(1003, 1)).astype(np.float32), "y": rng.normal(size=1003)}
+
+    def evaluation(preds, ref, y):
+        return Evaluation(
+            model_bytes=b"", x=preds, labels=y, predict=lambda _: preds, latencies=lambda: None, reference=lambda: ref
+        )
+
+    def blockwise(metric, ev):
+        state: dict = {}
+        for chunk in ev.chunks(chunk_bytes=7 * preds_bytes(ev)):  # 7 samples a block: 144 blocks
+            metric.update(state, chunk)
+        return metric.result(state)
+
+    def preds_bytes(ev):
+        return ev.predictions[:1].nbytes
+
+    ev = evaluation(candidate, reference, labels)
+    whole = {
+        "accuracy": np.mean(candidate.argmax(1) == labels),
+        "top1_agreement": np.mean(candidate.argmax(1) == reference.argmax(1)),
+        "fidelity_sqnr_db": 10 * np.log10(signal_to_noise_ratio(candidate, reference)),
+        "fidelity_cosine": cosine_similarity(candidate, reference),
+    }
+    for name, expected in whole.items():
+        metric = next(c for c in vars(builtin).values() if getattr(c, "name", None) == name)()
+        assert blockwise(metric, ev) == pytest.approx(float(expected), rel=1e-6), name
+        assert metric.compute(ev) == pytest.approx(float(expected), rel=1e-6), name  # compute runs the blocks
+    reg = evaluation(regression["ref"] + 0.1, regression["ref"], regression["y"])
+    errors = (regression["ref"] + 0.1).reshape(-1).astype(np.float64) - regression["y"]
+    assert blockwise(builtin.MeanAbsoluteError(), reg) == pytest.approx(np.mean(np.abs(errors)), rel=1e-6)
+    assert blockwise(builtin.RootMeanSquaredError(), reg) == pytest.approx(np.sqrt(np.mean(errors**2)), rel=1e-6)
+
+
+class MeanScore(Metric):
+    """Mean score of the first output (a whole-array metric, as a third party writes one)."""
+
+    name = "mean_score"
+
+    def compute(self, evaluation) -> float:
+        return float(np.mean(np.asarray(evaluation.predictions)))
+
+
+def test_a_whole_array_metric_works_on_streamed_data_that_fits_and_is_refused_when_it_would_not(
+    digits_files, keras_path, mlflow_server, tmp_path, monkeypatch
+):
+    """A third-party metric with only `compute` gets whole (memory-mapped) arrays on streamed data
+    that fits; where the outputs would take more than half the memory left (here: the memory the
+    stage may count on set to 32 KB), it is refused by name, exit 2, before it runs."""
+    from pipeline_stage import hookimpl, use_plugins
+
+    class Plugin:
+        @hookimpl
+        def register_metrics(self, register):
+            register(MeanScore)
+
+    gates = "  - {metric: accuracy, max_drop: 0.05}\n"
+    metrics = "accuracy, mean_score"
+    with use_plugins((Plugin(), "whole-array-metric")):
+        fits, report = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["glob"]), gates=gates, metrics=metrics)
+        assert fits.exit_code == 0, fits.output
+        assert 0.0 < report["candidate"]["mean_score"] < 1.0  # softmax scores: a tenth on average
+        monkeypatch.setenv("PIPELINE_STAGE_MEMORY_BYTES", str(32 << 10))  # the outputs and labels: 29 KB
+        refused, _ = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["glob"]), gates=gates, metrics=metrics)
+    assert refused.exit_code == 2, refused.output
+    assert "metric `mean_score` (distribution `whole-array-metric`) reads whole arrays" in refused.stderr
+    assert "more than half the memory left (0.03 MB)" in refused.stderr and "update(state, chunk)" in refused.stderr

@@ -61,7 +61,10 @@ def register_metrics(register: Callable[[type], None]) -> None:
         invokes the model; False for size-like metrics), ``uses`` (``predictions``: computable on
         the Keras model too, so also after ``model``-phase steps; ``flatbuffer``: needs the
         .tflite), and ``compute(evaluation) -> float`` (raise ``ValueError`` for an output the metric
-        does not apply to). Metrics on predictions are also computed per model output, as
+        does not apply to), or instead ``update(state, chunk)`` and ``result(state) -> float``,
+        which the stage runs over the evaluation data a block of samples at a time (any size of
+        data; a ``compute``-only metric reads whole arrays and is refused, exit 2, where those
+        would not fit in memory). Metrics on predictions are also computed per model output, as
         ``<metric>.<output>``; on a multi-output model the plain name is the worst output.
     :return: nothing; results are collected through ``register``.
     """

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from functools import cached_property
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 
+from pipeline_stage.contract.data import CHUNK_BYTES, release_pages
 from pipeline_stage.contract.errors import InputError
 from pipeline_stage.contract.plugin_class import PluginClass
 
@@ -92,6 +93,42 @@ class Evaluation:
         self.seconds["latency"] = time.perf_counter() - start
         return out
 
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator["Evaluation"]:
+        """The same evaluation a block of samples at a time: predictions, labels and references
+        sliced to the block (a memory-mapped array reads only those rows, and hands them back
+        after), about `chunk_bytes` of predictions per block. References are read only by a metric
+        that asks for them."""
+        outputs = self.outputs
+        n = len(next(iter(outputs.values()))) if outputs else 0
+        per_sample = sum(v[:1].nbytes for v in outputs.values()) or 1
+        rows = max(1, chunk_bytes // per_sample)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            yield Evaluation(
+                model_bytes=self.model_bytes,
+                x=self.x,
+                labels={k: v[start:stop] for k, v in self.labels_by_output.items()},
+                predict=lambda _x, a=start, b=stop: {k: v[a:b] for k, v in outputs.items()},
+                latencies=self._latencies,
+                reference=(lambda a=start, b=stop: {k: v[a:b] for k, v in self.references.items()})
+                if self._reference is not None
+                else None,
+                latency_runs=self.latency_runs,
+                output_names=self.output_names,
+            )
+            release_pages([*outputs.values(), *self.labels_by_output.values()])
+            if self._reference is not None and "references" in self.__dict__:
+                release_pages(self.references.values())
+
+    @property
+    def held_bytes(self) -> int:
+        """What a metric that reads whole arrays would hold: the predictions, the references
+        (when already computed) and the labels."""
+        arrays = [*self.outputs.values(), *self.labels_by_output.values()]
+        if "references" in self.__dict__:
+            arrays += list(self.references.values())
+        return int(sum(a.nbytes for a in arrays))
+
     def for_output(self, name: str) -> "Evaluation":
         """The same evaluation, restricted to one output (predictions computed once, shared)."""
         return Evaluation(
@@ -122,7 +159,14 @@ class Metric(PluginClass):
     * ``timed``: computed from ``evaluation.latencies_ms``; the stage then times the baseline and the
       candidate in alternating rounds in one process, reports both medians and the spread of their
       difference across rounds, and a gate on it fails only by more than that spread.
-    * ``compute(evaluation)``: the value for one model (baseline or candidate).
+    * ``compute(evaluation)``: the value for one model (baseline or candidate), from whole arrays.
+    * or ``update(state, chunk)`` and ``result(state)``: the value accumulated over the evaluation
+      data a block of samples at a time (``chunk`` is an :class:`Evaluation` of those samples;
+      ``state`` a dict the metric keeps its sums in, float64). Such a metric never needs the whole
+      set, so it works on evaluation data of any size; ``compute`` then runs them over
+      ``evaluation.chunks()``. A metric that implements only ``compute`` reads whole arrays: fine
+      on data that fits in memory; where the outputs of a streamed data set would not (more than
+      half the memory available), the stage refuses it by name (exit 2) rather than be killed.
     """
 
     name: ClassVar[str] = ""
@@ -133,5 +177,21 @@ class Metric(PluginClass):
     timed: ClassVar[bool] = False
     unit: ClassVar[str] = ""
 
-    def compute(self, evaluation: Evaluation) -> float:  # pragma: no cover - abstract
+    @classmethod
+    def accumulates(cls) -> bool:
+        """Whether the metric is computed a block of samples at a time (it implements ``update``)."""
+        return cls.update is not Metric.update
+
+    def compute(self, evaluation: Evaluation) -> float:
+        if not type(self).accumulates():  # pragma: no cover - a metric implements one of the two
+            raise NotImplementedError
+        state: dict = {}
+        for chunk in evaluation.chunks():
+            self.update(state, chunk)
+        return float(self.result(state))
+
+    def update(self, state: dict, chunk: Evaluation) -> None:  # pragma: no cover - optional
+        raise NotImplementedError
+
+    def result(self, state: dict) -> float:  # pragma: no cover - optional
         raise NotImplementedError

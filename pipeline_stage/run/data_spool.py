@@ -9,6 +9,7 @@ instead of a copy). Memory holds one batch at a time, whatever the number of sam
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -122,3 +123,49 @@ def shard_batches(
             yield f"`{path.name}`", arrays
         if discard:
             path.unlink(missing_ok=True)
+
+
+class OutputFiles:
+    """A model's outputs by name, written a batch at a time into `folder` (one .npy per output,
+    named by position, `names.json` mapping them back), read back memory-mapped: the outputs on a
+    streamed data set are never held whole."""
+
+    def __init__(self, folder: Path):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        self.folder = folder
+        self.files: dict[str, _ArrayFile] = {}
+
+    def append(self, outputs: dict[str, np.ndarray]) -> None:
+        for name, array in outputs.items():
+            array = np.asarray(array)
+            if name not in self.files:
+                self.files[name] = _ArrayFile(self.folder / f"{len(self.files)}.npy", array)
+            self.files[name].append(array, f"output `{name}`")
+
+    def finish(self) -> dict[str, np.ndarray]:
+        names = {}
+        for name, f in self.files.items():
+            f.finish(f.trailing)
+            names[f.path.name] = name
+        (self.folder / "names.json").write_text(json.dumps(names))
+        return load_outputs(self.folder)
+
+
+def save_outputs(outputs: dict[str, np.ndarray], folder: Path) -> str:
+    """Write outputs by name as :class:`OutputFiles` does (a memory-mapped array is copied a
+    block at a time), for another process to read with :func:`load_outputs`."""
+    files = OutputFiles(folder)
+    for name, array in outputs.items():
+        rows = max(1, (1 << 24) // max(1, array[:1].nbytes))
+        for start in range(0, len(array), rows):
+            files.append({name: array[start : start + rows]})
+    files.finish()
+    return str(folder)
+
+
+def load_outputs(folder: Path) -> dict[str, np.ndarray]:
+    """Outputs by name from a folder :class:`OutputFiles` wrote, memory-mapped."""
+    names = json.loads((Path(folder) / "names.json").read_text())
+    return {name: np.load(Path(folder) / file, mmap_mode="r") for file, name in names.items()}

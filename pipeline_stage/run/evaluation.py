@@ -29,7 +29,7 @@ from pipeline_stage.manifest.data_checks import DATASET_PREFIX
 from pipeline_stage.manifest.schema import DataSource, EvaluationSpec
 from pipeline_stage.mlflow_io.source import is_glob, is_remote
 from pipeline_stage.run.data_spool import SUFFIX as SPOOL_SUFFIX
-from pipeline_stage.run.data_spool import shard_batches, spool
+from pipeline_stage.run.data_spool import OutputFiles, shard_batches, spool
 
 SOURCE_RUN_PLACEHOLDER = "${source.run_id}"
 STREAM_BATCH = 256  # samples read from a streamed file at a time
@@ -66,6 +66,7 @@ class EvaluationContext:
         self._datasets: dict[str, Dataset] = {}
         self._local: dict[str, Path] = {}
         self._reference: Outputs | None = None
+        self._predictions = 0  # how many models' outputs went to files (each its own folder)
         self.notes: list[str] = []  # what evaluating had to do otherwise (a batch retried smaller), for the report
 
     @classmethod
@@ -272,9 +273,21 @@ class EvaluationContext:
         this call and said in :attr:`notes`."""
         chunks: list[Outputs] = []
         fits: int | None = None
+        # On streamed (memory-mapped) evaluation data the outputs go to files too, a batch at a time.
+        files = self._output_files() if inputs is None and self.load("evaluation").memory_mapped else None
         for batch in self.batches(inputs):
             fits = self._predict_fitting(predict_batch, batch, fits, chunks)
+            if files is not None:
+                for chunk in chunks:
+                    files.append(chunk)
+                chunks.clear()
+        if files is not None:
+            return files.finish()
         return {name: np.concatenate([c[name] for c in chunks], axis=0) for name in chunks[0]} if chunks else {}
+
+    def _output_files(self) -> OutputFiles:
+        self._predictions += 1
+        return OutputFiles(self.workdir / "outputs" / str(self._predictions))
 
     def _predict_fitting(self, predict_batch, batch: Inputs, fits: int | None, chunks: list[Outputs]) -> int | None:
         """Predict `batch` in pieces of `fits` samples (all of it when None), halving on failure;
@@ -304,8 +317,9 @@ class EvaluationContext:
         return self._reference
 
     def use_reference(self, outputs: Mapping[str, np.ndarray]) -> None:
-        """Take the baseline's outputs computed elsewhere (a search trial gets its parent's)."""
-        self._reference = {k: np.asarray(v) for k, v in outputs.items()}
+        """Take the baseline's outputs computed elsewhere (a search trial gets its parent's,
+        memory-mapped)."""
+        self._reference = dict(outputs)
 
 
 def loader_batches(loader, path: Path, field: str, batch_size: int, names: list[str] | None) -> Iterator[dict[str, np.ndarray]]:

@@ -8,6 +8,7 @@ A model with several outputs gets every metric computed on predictions per outpu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -99,6 +100,8 @@ def _measure(
                 hint="measure only what needs no interpreter (`evaluation: {metrics: [size_bytes], per_step: []}`) "
                 "and gate on that, or replace the ops",
             )
+        if ev_data is not None and ev_data.memory_mapped and metric.uses == "predictions" and not metric.accumulates():
+            _check_fits(name, provided.distribution, evaluation)
         try:
             out.update(_values(output_names, metric, evaluation, output, name))
         except StageError:
@@ -110,6 +113,46 @@ def _measure(
                 f"metric `{name}` (distribution `{provided.distribution}`) failed: {type(exc).__name__}: {exc}"
             ) from exc
     return out
+
+
+MEMORY_ENV = "PIPELINE_STAGE_MEMORY_BYTES"  # the memory the stage may count on, where the machine's figure misleads
+
+
+def memory_available_bytes() -> int:
+    """The memory this process may still use: $PIPELINE_STAGE_MEMORY_BYTES when set, else the
+    smaller of the cgroup's room (a Kubernetes pod's limit) and the machine's available memory."""
+    import os
+
+    if os.environ.get(MEMORY_ENV):
+        return int(os.environ[MEMORY_ENV])
+    room = []
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            room.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                room.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    return min(room) if room else 1 << 62
+
+
+def _check_fits(name: str, distribution: str, evaluation: Evaluation) -> None:
+    """A metric that reads whole arrays, on streamed data: refused by name when the outputs and
+    labels (and the references, once computed) would take more than half the memory left, rather
+    than be killed."""
+    held, room = evaluation.held_bytes, memory_available_bytes()
+    if held > room // 2:
+        raise InputError(
+            f"metric `{name}` (distribution `{distribution}`) reads whole arrays, and on this evaluation data the outputs, "
+            f"labels and references take {held / 2**20:,.2f} MB, more than half the memory left ({room / 2**20:,.2f} MB)",
+            hint="give the metric update(state, chunk) and result(state), which the stage runs a block at a time "
+            "(docs/plugins.md), or measure fewer samples: `evaluation: {max_samples: N}`",
+        )
 
 
 def timed_side_by_side(

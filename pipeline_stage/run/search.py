@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
 from pipeline_stage.contract.errors import PluginError
@@ -26,6 +25,7 @@ from pipeline_stage.contract.report import SearchSummary, per_layer_errors
 from pipeline_stage.manifest import LoadedManifest
 from pipeline_stage.run import ranking
 from pipeline_stage.run.chain import Baseline, ChainResult, ChainRunner
+from pipeline_stage.run.data_spool import save_outputs
 from pipeline_stage.run.strategies import STRATEGIES
 from pipeline_stage.run.trial_protocol import MODEL, REQUEST, RESULT, Trial, TrialRequest, TrialResult
 from pipeline_stage.run.workers import TrialWorkers, parallel_trials
@@ -80,8 +80,7 @@ class Search:
         # The baseline's outputs, computed once for the search: every trial's fidelity is against them.
         self.reference_path = None
         if ev.evaluation is not None:
-            self.reference_path = str(shared / "reference.npz")
-            np.savez(self.reference_path, **ev.reference_outputs())
+            self.reference_path = save_outputs(ev.reference_outputs(), shared / "reference")
         # The baseline's float .tflite: each trial times its candidate beside it (alternating rounds)
         self.baseline_path = shared / "baseline.tflite"
         self.baseline_path.write_bytes(self.baseline.float_bytes)

@@ -67,10 +67,9 @@ def run_trial(folder: Path) -> TrialResult:
     )
     evaluation = EvaluationContext(host, source, request.data, request.evaluation, workdir=workdir)
     if request.reference:
-        import numpy as np
+        from pipeline_stage.run.data_spool import load_outputs
 
-        with np.load(request.reference) as outputs:
-            evaluation.use_reference({name: outputs[name] for name in outputs.files})
+        evaluation.use_reference(load_outputs(Path(request.reference)))
     context = ObserverContext(
         manifest_path=where,
         chain_digest=digest(digest_json(steps), request.signature),

@@ -39,7 +39,9 @@ class TrialRequest(BaseModel):
     evaluation: EvaluationSpec
     conversion: ConversionSpec
     metrics: list[str] = Field(description="What to measure on the trial's model (the stage's metrics).")
-    reference: str | None = Field(None, description="The source model's outputs on the evaluation data (.npz).")
+    reference: str | None = Field(
+        None, description="The source model's outputs on the evaluation data: a folder data_spool.load_outputs reads."
+    )
     baseline: str | None = Field(None, description="The float baseline .tflite the trial times its model beside.")
 
 
