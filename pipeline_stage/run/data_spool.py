@@ -67,7 +67,6 @@ def spool(
     *,
     shapes: dict[str, tuple] | None = None,
     limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> Dataset:
     """Write `batches` ((where, arrays by name) pairs, `where` naming the shard for messages) into
     `folder` (``<name>.arrays``), at most `limit` samples. An input whose samples are flat (one
@@ -79,9 +78,13 @@ def spool(
     files: dict[str, _ArrayFile] = {}
     rows = 0
     for where, arrays in batches:
-        if limit is not None and rows >= limit:
-            break
         if not files:
+            bad = [name for name in arrays if "/" in name or name.startswith(".")]
+            if bad:
+                raise InputError(
+                    f"{where} has arrays named {', '.join(f'`{b}`' for b in bad)}, which the stage cannot keep under that name",
+                    hint="map the stage's names to them: `{uri: ..., features: {x: <name>, y: <name>}}`",
+                )
             files = {name: _ArrayFile(folder / f"{name}.npy", np.asarray(a)) for name, a in arrays.items()}
         elif set(arrays) != set(files):
             raise InputError(
@@ -93,8 +96,8 @@ def spool(
         for name, array in arrays.items():
             files[name].append(np.asarray(array)[:take], f"{where}: `{name}`")
         rows += take
-        if progress is not None:
-            progress(rows)
+        if limit is not None and rows >= limit:
+            break  # before the next batch: a remote shard not needed is never downloaded
     if not files:
         raise InputError(f"data `{source}` has no samples", hint="write at least one record")
     digests = {}
