@@ -14,7 +14,6 @@ ratio per model, the stage's phases and both sides' peak RSS (the process tree, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    from bench.bench_stage import STAGE_PHASES, timed_process
+    from bench.bench_stage import STAGE_PHASES, alternating_rounds, bare_command
     from tests.conftest import start_mlflow_server, stop_server
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-model-scale-"))
@@ -66,33 +65,8 @@ def main() -> None:
                 "evaluation: {per_step: [], latency_runs: 100, threads: 2}\n"
                 f"gates:\n  - {{metric: size_bytes, max_ratio: 0.5}}\nregister: {{name: bench-scale-{name.lower()}}}\n"
             )
-            stage = [
-                exe,
-                "run",
-                str(folder / "m.yaml"),
-                "--tracking-uri",
-                uri,
-                "-q",
-                "--report",
-                str(folder / "r.json"),
-                "--new-version",
-            ]
-            bare = [
-                sys.executable,
-                str(REPO / "bench" / "bare_script.py"),
-                *(str(folder / f) for f in ("model.keras", "calib.npz", "eval.npz")),
-            ]
-            got: dict[str, list] = {"bare": [], "stage": [], "bare_rss": [], "stage_rss": [], "phases": []}
-            for r in range(args.repeats + 1):  # the first round warms the caches and is dropped
-                order = [("bare", bare), ("stage", stage)]
-                for side, cmd in order if r % 2 == 0 else order[::-1]:
-                    wall, rss, _ = timed_process(cmd, folder)
-                    if r == 0:
-                        continue
-                    got[side].append(wall)
-                    got[f"{side}_rss"].append(rss)
-                    if side == "stage":
-                        got["phases"].append(json.loads((folder / "r.json").read_text())["timing"])
+            stage = [exe, "run", str(folder / "m.yaml"), "--tracking-uri", uri, "-q", "--report", str(folder / "r.json")]
+            got = alternating_rounds(bare_command(folder), [*stage, "--new-version"], folder, args.repeats)
             rows.append((name, params, got))
             print(f"{name}: done", file=sys.stderr)
     finally:
@@ -116,7 +90,7 @@ def main() -> None:
     print("| model | " + " | ".join(STAGE_PHASES) + " |")
     print("| --- |" + " ---: |" * len(STAGE_PHASES))
     for name, _, got in rows:
-        cells = " | ".join(f"{statistics.median(t.get(f'{p}_s') or 0.0 for t in got['phases']):.2f}" for p in STAGE_PHASES)
+        cells = " | ".join(f"{statistics.median(t.get(f'{p}_s') or 0.0 for t in got['stage_phases']):.2f}" for p in STAGE_PHASES)
         print(f"| {name} | {cells} |")
 
 

@@ -83,8 +83,10 @@ PHASES = {
     # with S3 behind the server, MLflow 3.17 downloads through /presigned/ (a URL to the object)
     "the model downloads": Rule("GET", r"/mlflow-artifacts/(artifacts|presigned)/.*/model\.keras$", "kill"),
     "the data downloads": Rule("GET", r"/mlflow-artifacts/(artifacts|presigned)/.*/data/eval\.npz$", "kill"),
-    "the baseline is logged": Rule("POST", r"/runs/log-batch$", "kill", times=1),
+    "the params are logged": Rule("POST", r"/runs/log-batch$", "kill", times=1),
     "the artifacts upload": Rule("PUT", r"/mlflow-artifacts/artifacts/.*/model\.tflite$", "kill"),
+    # the run's metrics go in one batch once the pyfunc is logged (linked to it)
+    "the metrics are logged": Rule("POST", r"/runs/log-batch$", "kill", body=r"baseline\."),
     "the version is created": Rule("POST", r"/model-versions/create$", "kill", body=SOURCE),
     "the alias moves": Rule("POST", r"/registered-models/alias$", "kill"),
 }

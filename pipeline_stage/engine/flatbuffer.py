@@ -19,9 +19,16 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _schema():
+    """LiteRT's generated flatbuffer schema (a large module: imported once, as heavy_imports says)."""
+    from pipeline_stage.engine.heavy_imports import import_heavy
+
+    return import_heavy("ai_edge_litert.schema_py_generated")
+
+
 @functools.lru_cache(maxsize=1)
 def _builtin_names() -> dict[int, str]:
-    from ai_edge_litert import schema_py_generated as schema
+    schema = _schema()
 
     return _enum_names(schema.BuiltinOperator)
 
@@ -84,7 +91,7 @@ class ModelInfo:
 
 def read(model_bytes: bytes) -> ModelInfo:
     """Parse the flatbuffer with LiteRT's generated schema."""
-    from ai_edge_litert import schema_py_generated as schema
+    schema = _schema()
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
     type_names = _enum_names(schema.TensorType)
@@ -154,7 +161,8 @@ def dump_model(model) -> bytes:
 def add_metadata(model_bytes: bytes, name: str, data: bytes) -> bytes:
     """Return the model with a metadata entry `name` holding `data` (replacing one of that name)."""
     import numpy as np
-    from ai_edge_litert import schema_py_generated as schema
+
+    schema = _schema()
 
     model = load_model(model_bytes)
     buffer = schema.BufferT()
@@ -172,7 +180,7 @@ def output_branches(model_bytes: bytes) -> dict[str, list[str]]:
     """For each output of the model's first signature, the nodes (by output tensor name, the names
     TF's quantization debugger denylists) that feed that output and no other one: the branch that
     keeping one output in float must keep in float. A single-output model's branch is every node."""
-    from ai_edge_litert import schema_py_generated as schema
+    schema = _schema()
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
     signature = (model.signatureDefs or [None])[0]

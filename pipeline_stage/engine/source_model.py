@@ -220,8 +220,9 @@ def load_local(
         source = SourceModel(info=info, path=path, saved_model_dir=path, signature=signature)
         source._serving_fn()  # a missing signature fails here, before any work
         return source
-    import keras
+    from pipeline_stage.engine.heavy_imports import import_heavy
 
+    keras = import_heavy("keras")
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
         raise InputError(
             f"model `{info.uri}` could not be loaded ({path.name}): the file is corrupt, not a .keras zip archive",

@@ -11,7 +11,9 @@ def import_tf():
     """Return the ``tensorflow`` module with its C++ and absl chatter turned down."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # bit-identical results across runs
-    import tensorflow as tf  # noqa: PLC0415 - deliberately lazy
+    from pipeline_stage.engine.heavy_imports import import_heavy
+
+    tf = import_heavy("tensorflow")  # deliberately lazy
 
     try:
         import absl.logging

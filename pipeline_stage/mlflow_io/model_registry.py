@@ -127,6 +127,9 @@ def register_version(
     import mlflow
     from mlflow.models import infer_signature
 
+    from pipeline_stage.engine.heavy_imports import import_heavy
+
+    import_heavy("mlflow.pyfunc")  # what log_model needs (mlflow loads it lazily)
     signature = None
     if sample is not None:
         from pipeline_stage.engine.litert_runtime import TFLiteModel
@@ -152,6 +155,9 @@ def register_version(
                 f"mlflow=={mlflow.__version__}",
             ],
         )
+    # The run's metrics so far go now, linked to the logged model (log_model found none on the run
+    # to link: StageRun queues them), in one request.
+    run.flush(model_id=getattr(info, "model_id", None))
     with tempfile.TemporaryDirectory(prefix="pipeline-stage-stored-") as tmp:
         files = integrity.stored_folder(info.model_uri, Path(tmp), f"the logged model {info.model_uri}")
     stored = {f.path[len(integrity.MODEL) + 1 :]: f.sha256 for f in files}

@@ -46,8 +46,36 @@ def resolve(uri: str, client) -> SourceRef:
     return SourceRef(uri=uri, **found)
 
 
-def download(uri: str, dst: Path) -> Path:
-    """Download a model (or local path) into `dst`; return the local path."""
+def files_uri(info: SourceRef, client) -> str:
+    """Where the source model's files are: for a registered version (by number or alias), the
+    version's download URI, one request, which :func:`download` and the store probe then use as
+    they are (given `models:/`, MLflow would resolve it again for each: two requests apiece);
+    any other URI unchanged."""
+    if not (info.uri.startswith("models:/") and info.name and info.version):
+        return info.uri
+    try:
+        return client.get_model_version_download_uri(info.name, info.version)
+    except Exception as exc:
+        raise_classified(
+            exc,
+            f"resolving the files of model `{info.uri}`",
+            missing=f"model `{info.uri}` does not exist in the tracking server",
+            missing_hint="check the name, version or alias (`mlflow models` / the MLflow UI list them)",
+        )
+
+
+def download(uri: str, dst: Path, files: str | None = None) -> Path:
+    """Download a model (or local path) into `dst`; return the local path. `files` is where its
+    files are when :func:`files_uri` found that out already; `uri` names it in messages."""
+    if files is not None and files != uri:
+        dst.mkdir(parents=True, exist_ok=True)
+        return download_artifact(
+            files,
+            dst,
+            f"downloading model `{uri}`",
+            f"model `{uri}` has no files at `{files}`",
+            "check that the version's source run or logged model still has its artifacts",
+        )
     local = Path(uri)
     if not uri.startswith(("models:/", "runs:/")) and "://" not in uri:
         if not local.exists():

@@ -99,20 +99,32 @@ def lease_expiry(length: float) -> str:
 class Lease:
     """Renews a run's lease tag from a daemon thread, from construction until :meth:`stop`. A
     renewal that fails (an outage) is tried again at the next tick: the run stays live for up to
-    one lease length after the last renewal that reached the server."""
+    one lease length after the last renewal that reached the server. `expiry` is the expiry the
+    run was started with (Unix seconds)."""
 
-    def __init__(self, client, run_id: str, length: float):
+    def __init__(self, client, run_id: str, length: float, expiry: float):
         self.client, self.run_id, self.length = client, run_id, length
+        self.expiry = expiry  # the latest expiry the server holds
+        self.lapsed = False  # whether that expiry ever passed before a renewal replaced it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="run-lease", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.length / 3):
+            value = lease_expiry(self.length)
             try:
-                self.client.set_tag(self.run_id, LEASE_TAG, lease_expiry(self.length))
+                self.client.set_tag(self.run_id, LEASE_TAG, value)
             except Exception:  # the main thread meets the same outage and reports it
-                pass
+                continue
+            self.lapsed = self.lapsed or time.time() > self.expiry
+            self.expiry = float(value)
+
+    def may_have_lapsed(self) -> bool:
+        """Whether a sibling could have taken this run for gone (:func:`lease_expired` on its
+        clock): the expiry the server held passed at some moment. Judged without the skew margin,
+        so a True may be needless, a False never wrong."""
+        return self.lapsed or time.time() > self.expiry
 
     def stop(self) -> None:
         """Stop renewing. A renewal in flight is not waited for beyond a second (in an outage it
@@ -144,14 +156,20 @@ class StageRun:
         self.client = mlflow.MlflowClient()
         self.cleanup = CleanupClock()
         length = lease_seconds()
+        expiry = lease_expiry(length)
+        # Metrics and the run's closing tags wait here and go in one log_batch: linked to the
+        # logged model when there is one (flush), else when the run ends. MLflow's log_model would
+        # otherwise read every metric's history back to link it (a round trip per metric).
+        self._metrics: list = []
+        self._tags: dict[str, str] = {}
         try:
             concurrent_write(lambda: mlflow.set_experiment(experiment), idempotent=False)
             # the lease is on the run from its first moment: no sibling ever sees it without one
-            self.run = mlflow.start_run(run_name=run_name, tags={**(tags or {}), LEASE_TAG: lease_expiry(length)})
+            self.run = mlflow.start_run(run_name=run_name, tags={**(tags or {}), LEASE_TAG: expiry})
         except Exception as exc:
             raise_classified(exc, f"starting a run in experiment `{experiment}`")
         self.run_id = self.run.info.run_id
-        self.lease = Lease(self.client, self.run_id, length)
+        self.lease = Lease(self.client, self.run_id, length, float(expiry))
 
     def _call(self, doing: str, fn, *args, idempotent: bool = False, **kwargs):
         try:
@@ -165,18 +183,42 @@ class StageRun:
             self._call("logging params", self.mlflow.log_params, dict(items[i : i + 100]))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
-        if clean:
-            self._call("logging metrics", self.mlflow.log_metrics, clean, step=step)
+        """Queue metrics for the run (the non-finite left out); they reach the server with
+        :meth:`flush`, at the latest when the run ends."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._metrics.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and np.isfinite(v))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Queue tags for the run; they go with the next :meth:`flush`."""
+        self._tags.update(tags)
+
+    def flush(self, model_id: str | None = None) -> None:
+        """Send what is queued in one log_batch (MLflow splits it past its per-request limits).
+        With `model_id`, the step-0 metrics are also the logged model's (its page in the UI lists
+        them), as MLflow's log_model links a run's metrics when it finds them on the run."""
+        from mlflow.entities import Metric, RunTag
+
+        metrics, tags = self._metrics, self._tags
+        if not metrics and not tags:
+            return
+        if model_id is not None:
+            metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) if m.step == 0 else m for m in metrics]
+        self._call(
+            "logging metrics and tags",
+            self.client.log_batch,
+            self.run_id,
+            metrics=metrics,
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+        self._metrics, self._tags = [], {}
 
     def log_text(self, text: str, path: str) -> None:
         self._call(f"logging {path}", self.mlflow.log_text, text, path)
 
     def log_artifact(self, local: Path, artifact_path: str | None = None) -> None:
         self._call(f"uploading {local.name}", self.mlflow.log_artifact, str(local), artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("setting tags", self.mlflow.set_tags, tags)
 
     def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
         """Record the data the run used as its inputs (MLflow's dataset lineage: the run page's
@@ -275,19 +317,25 @@ class StageRun:
         return run_id
 
     def end(self, status: str) -> None:
-        """End the run; a failed end is retried within the cleanup clock, then given up (the next
-        run of the same chain ends it: end_orphans)."""
+        """End the run, what is queued sent first; a failed end is retried within the cleanup
+        clock, then given up (the next run of the same chain ends it: end_orphans)."""
         try:
             self.lease.stop()
             if status == "FINISHED":
+                self.flush()
                 # A stage whose lease lapsed (its renewals failed through an outage longer than
                 # the lease and the skew margin) may have been taken for gone: undo that mark.
-                tags = self.client.get_run(self.run_id).data.tags
-                if "pipeline_stage.ended_by" in tags:
-                    self.client.delete_tag(self.run_id, "pipeline_stage.ended_by")
-                    self.client.delete_tag(self.run_id, "pipeline_stage.end_reason")
-                self.client.set_terminated(self.run_id, status)
+                if self.lease.may_have_lapsed():
+                    tags = self.client.get_run(self.run_id).data.tags
+                    if "pipeline_stage.ended_by" in tags:
+                        self.client.delete_tag(self.run_id, "pipeline_stage.ended_by")
+                        self.client.delete_tag(self.run_id, "pipeline_stage.end_reason")
+                self.mlflow.end_run(status=status)  # one request: ends it on the server and here
             else:
+                try:  # what was measured before the failure still reaches the run
+                    self.cleanup.run(self.flush)
+                except Exception:
+                    pass
                 self.cleanup.run(lambda: self.client.set_terminated(self.run_id, status))
             self.lease.drop()
         except Exception as exc:
@@ -297,7 +345,7 @@ class StageRun:
             # server is gone for good, the run stays RUNNING until the next run ends it (end_orphans).
         finally:
             try:
-                self.mlflow.end_run(status=status)  # clears the active run locally
+                self.mlflow.end_run(status=status)  # clears the active run here (on the server: ended already)
             except Exception:
                 pass
 

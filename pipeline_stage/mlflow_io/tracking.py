@@ -45,6 +45,9 @@ def configure(uri: str) -> None:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A pipeline step talks to its tracking server and nothing else: MLflow's usage telemetry
+    # (a config fetch at import, events to an outside host) stays off unless the operator sets it.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # Where git is absent (the image), MLflow's run context would print GitPython's 20-line advice
     # three times per run; a pipeline step has no working tree to take a commit from anyway.
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -54,7 +57,9 @@ def configure(uri: str) -> None:
     # the operator reading a pipeline step's log.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
     warnings.filterwarnings("ignore", message=r".*(type hints to the `predict`|input example was not provided)")
-    import mlflow
+    from pipeline_stage.engine.heavy_imports import import_heavy
+
+    mlflow = import_heavy("mlflow")
 
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_REGISTRY_URI"):

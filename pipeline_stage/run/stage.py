@@ -77,6 +77,7 @@ class Stage:
         import mlflow
 
         info = source_mod.resolve(m.model, mlflow.MlflowClient())
+        files = source_mod.files_uri(info, mlflow.MlflowClient())
         if m.registration is not None:
             check_may_register(mlflow.MlflowClient(), m.registration.name)
         sha256 = hashlib.sha256(self.loaded.text.encode()).hexdigest()
@@ -102,7 +103,7 @@ class Stage:
         # and the baseline.
         self.workers = start_workers(m.search) if m.search is not None else None
         try:
-            probe_all(self._store_places(info, run.run.info.artifact_uri))
+            probe_all(self._store_places(info, files, run.run.info.artifact_uri))
             # Runs of this chain on this source that an outage left RUNNING end now, FAILED, saying why.
             report.ended_orphans = run.end_orphans(identity)
             if report.ended_orphans:
@@ -110,7 +111,7 @@ class Stage:
             run.log_params(flatten({"manifest": dict(self.loaded.raw), "model": m.model}))
             run.log_text(self.loaded.text, "manifest.yaml")
             with clock.phase("model_download"):
-                root = source_mod.download(info.uri, workdir / "source-model")
+                root = source_mod.download(info.uri, workdir / "source-model", files=files)
             with clock.phase("load"):
                 source = load_local(
                     root,
@@ -160,9 +161,9 @@ class Stage:
                 own_tmp.cleanup()
         return report
 
-    def _store_places(self, source: SourceRef, run_artifacts: str) -> dict[str, str]:
-        """Where the run reads and writes files: the source, the run's artifact root, data given by URI."""
-        places = {f"the source model `{redact(source.uri)}`": source.uri, "the stage run's artifact root": run_artifacts}
+    def _store_places(self, source: SourceRef, files: str, run_artifacts: str) -> dict[str, str]:
+        """Where the run reads and writes files: the source's `files`, the run's artifact root, data given by URI."""
+        places = {f"the source model `{redact(source.uri)}`": files, "the stage run's artifact root": run_artifacts}
         for name in DATA_SETS:
             uri = self.m.data.uri(name) or ""
             if source.run_id:
@@ -182,6 +183,7 @@ class Stage:
         report.baseline_flatbuffer, report.baseline_seconds = baseline.flatbuffer, baseline.seconds
         run.log_metrics({f"baseline.{k}": v for k, v in baseline.metrics.items()})
         if self.m.search is not None:
+            run.flush()  # a search takes a while: the run page shows the baseline meanwhile
             from pipeline_stage.run.search import Search
 
             with self.clock.phase("chain"):
