@@ -48,11 +48,11 @@ class Prune(Step):
 
         folder = ctx.workdir / "prune"
         folder.mkdir(parents=True, exist_ok=True)
-        train = ctx.load_data("training")
-        train.save(folder / "train.npz")
+        # by reference: a streamed set's own memory-mapped files (else written once), read a batch at a time
+        training = ctx.load_data("training").files(folder / "training")
         params = self.params.model_dump(mode="json")
         result = run_tf_keras_task(
-            {"task": "prune", "training": str(folder / "train.npz"), "params": params, "seed": self.params.seed},
+            {"task": "prune", "training": training, "params": params, "seed": self.params.seed},
             model,
             folder,
             log=ctx.log,

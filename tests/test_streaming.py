@@ -381,3 +381,32 @@ def test_a_whole_array_metric_works_on_streamed_data_that_fits_and_is_refused_wh
     assert refused.exit_code == 2, refused.output
     assert "metric `mean_score` (distribution `whole-array-metric`) reads whole arrays" in refused.stderr
     assert "more than half the memory left (0.03 MB)" in refused.stderr and "update(state, chunk)" in refused.stderr
+
+
+def test_pruning_fine_tunes_on_the_streamed_training_files_themselves(digits_data, digits_files, keras_path, mlflow_server, tmp_path):
+    """Training data given as TFRecord shards: prune's tf_keras child is handed the stage's own
+    memory-mapped spool files (no re-saved copy of the set) and reads them a batch at a time; the
+    pruned model still reaches its target sparsity and passes its accuracy gate."""
+    write_shards(tmp_path / "train", *digits_data.train)
+    work = tmp_path / "work"
+    path = write_manifest(
+        tmp_path,
+        f"model: {keras_path}\n"
+        f"data: {{training: '{tmp_path / 'train' / 'eval-*.tfrecord'}', calibration: {digits_files['calib']}, "
+        f"evaluation: {digits_files['npz']}}}\n"
+        "chain:\n  - prune: {target_sparsity: 0.5, epochs: 2}\n  - quantize: {mode: int8}\n"
+        "evaluation: {per_step: []}\ngates:\n  - {metric: accuracy, max_drop: 0.05}\n",
+    )
+    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--workdir", str(work))
+    assert result.exit_code == 0, result.output
+    assert "data.training: reading 3 file(s) as a stream (tfrecord)" in result.stderr
+    report = read_report(tmp_path / "r.json")
+    assert report["steps"][0]["notes"]["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
+    training = json.loads((work / "prune" / "task.json").read_text())["training"]
+    assert set(training) == {"x", "y"}
+    for name, file in training.items():
+        assert Path(file).is_relative_to(work) and not Path(file).is_relative_to(work / "prune"), file
+        mapped = np.load(file, mmap_mode="r")
+        assert mapped.shape[0] == len(digits_data.train[0])
+    assert not (work / "prune" / "training").exists() and not (work / "prune" / "train.npz").exists()
+    np.testing.assert_array_equal(np.load(training["y"]), digits_data.train[1])

@@ -123,9 +123,23 @@ class Dataset:
         return any(isinstance(a, np.memmap) for a in self.arrays.values())
 
     def save(self, path) -> str:
-        """Write as .npz (every array under its name), the format child processes read back."""
+        """Write as .npz (every array under its name)."""
         np.savez(path, **self.arrays)
         return str(path)
+
+    def files(self, folder) -> dict[str, str]:
+        """Each array as a .npy file that a child process memory-maps, by name: the file the array
+        is already mapped from whole (a streamed set's spool: nothing copied), else written once
+        into `folder`. A child given these reads the set a batch at a time, never whole."""
+        out: dict[str, str] = {}
+        for i, (name, array) in enumerate(self.arrays.items()):
+            mapped = _mapped_whole(array)
+            if mapped is None:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                mapped = str(Path(folder) / f"{i}.npy")
+                np.save(mapped, array)
+            out[name] = mapped
+        return out
 
     def check(self, *, needs_labels: bool) -> None:
         """Raise InputError for an empty or mismatched data set."""
@@ -166,6 +180,20 @@ def bytes_digest(array: np.ndarray) -> str:
         digest.update(np.ascontiguousarray(array[start : start + rows] if array.ndim else array).tobytes())
         release_pages([array])
     return digest.hexdigest()
+
+
+def _mapped_whole(array: np.ndarray) -> str | None:
+    """The .npy file a memory-mapped array maps whole (not a slice of it), else None."""
+    filename = getattr(array, "filename", None)
+    if not isinstance(array, np.memmap) or not filename or not str(filename).endswith(".npy"):
+        return None
+    try:
+        on_disk = np.load(filename, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    # a view with every row, in order, is the file itself (a slice of rows has another shape)
+    same = on_disk.shape == array.shape and on_disk.dtype == array.dtype and array.flags.c_contiguous
+    return str(filename) if same else None
 
 
 def release_pages(arrays) -> None:

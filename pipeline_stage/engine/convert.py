@@ -148,16 +148,17 @@ def _qat(
         raise InputError("quantize mode qat needs `training` and calibration data", hint="add them under `data:`")
     folder = log_path.parent / "qat"
     folder.mkdir(parents=True, exist_ok=True)
-    training.save(folder / "train.npz")
-    representative.take(settings.calibration_samples).save(folder / "calib.npz")
+    # by reference (Dataset.files): the child reads the training set a batch at a time
+    training_files = training.files(folder / "training")
+    calibration_files = representative.take(settings.calibration_samples).files(folder / "calibration")
     # The child converts the quantization-aware model with build_converter, as full int8 with these settings.
     int8 = dataclasses.replace(settings, quantization="int8", engine="converter", fine_tune={}, training_data=None)
     conversion = {k: v for k, v in dataclasses.asdict(int8).items() if k != "set_by"}
     run_task(
         {
             "task": "qat",
-            "training": str(folder / "train.npz"),
-            "calibration": str(folder / "calib.npz"),
+            "training": training_files,
+            "calibration": calibration_files,
             "params": settings.fine_tune,
             "conversion": conversion,
             "seed": settings.fine_tune.get("seed", 0),

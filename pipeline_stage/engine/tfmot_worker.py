@@ -50,9 +50,46 @@ def build(folder: Path):
     return model
 
 
-def _data(path: str):
-    with np.load(path) as d:
+def _data(spec):
+    """`x` and `y` (None without labels): from a dict of .npy files by name (Dataset.files: both
+    memory-mapped, read a batch at a time), or an .npz read whole (the roundtrip task's)."""
+    if isinstance(spec, dict):  # one input, one output (tfmot_bridge.run_task refuses more)
+        features = [k for k in spec if k != "y" and not k.startswith("y.")]
+        labels = [k for k in spec if k == "y" or k.startswith("y.")]
+        x = np.load(spec["x" if "x" in spec else features[0]], mmap_mode="r")
+        return x, (np.load(spec[labels[0]], mmap_mode="r") if labels else None)
+    with np.load(spec) as d:
         return d["x"].astype(np.float32), d["y"] if "y" in d.files else None
+
+
+def _batches(x, y, batch_size: int, seed: int):
+    """The training data for `fit`, a batch at a time from the (memory-mapped) arrays, in a new
+    order each epoch (seeded): the set is never held whole, and the pages a batch read are handed
+    back after it."""
+    import tf_keras
+
+    from pipeline_stage.contract.data import release_pages
+
+    class Batches(tf_keras.utils.Sequence):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.order = np.random.default_rng(seed).permutation(len(x))
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(x) / batch_size))
+
+        def __getitem__(self, i: int):
+            rows = np.sort(self.order[i * batch_size : (i + 1) * batch_size])  # sorted: reads go forward
+            xb, yb = np.asarray(x[rows], dtype=np.float32), np.asarray(y[rows])
+            release_pages([x, y])
+            return xb, yb
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self.order = np.random.default_rng([seed, self.epoch]).permutation(len(x))
+
+    return Batches()
 
 
 def _compile(model, params, x, y):
@@ -64,7 +101,7 @@ def _compile(model, params, x, y):
         )
     loss = params.get("loss", "auto")
     if loss == "auto":
-        out = np.asarray(model.predict(x[:16], verbose=0))
+        out = np.asarray(model.predict(np.asarray(x[:16], dtype=np.float32), verbose=0))
         probabilities = out.ndim == 2 and out.shape[1] > 1 and np.all(out >= 0) and np.allclose(out.sum(1), 1, atol=1e-3)
         if np.issubdtype(y.dtype, np.integer) and out.ndim == 2 and out.shape[1] > 1:
             loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
@@ -127,7 +164,7 @@ def prune(folder: Path, task: dict) -> dict:
     pruned = tf_keras.models.clone_model(model, clone_function=wrap)
     _compile(pruned, p, x, y)
     callbacks = [sparsity.UpdatePruningStep(), _Progress("prune", p["epochs"])]
-    pruned.fit(x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, callbacks=callbacks, shuffle=True)
+    pruned.fit(_batches(x, y, p["batch_size"], task.get("seed", 0)), epochs=p["epochs"], verbose=0, callbacks=callbacks)
     stripped = sparsity.strip_pruning(pruned)
     np.savez(folder / "weights_out.npz", **weights_by_name(stripped.layers))
     kernels = {
@@ -157,13 +194,17 @@ def qat(folder: Path, task: dict) -> dict:
         raise TaskInputError(f"tfmot cannot make this model quantization-aware: {first}", hint=hint) from None
     _compile(q_model, p, x, y)
     q_model.fit(
-        x, y, epochs=p["epochs"], batch_size=p["batch_size"], verbose=0, shuffle=True, callbacks=[_Progress("qat", p["epochs"])]
+        _batches(x, y, p["batch_size"], task.get("seed", 0)),
+        epochs=p["epochs"],
+        verbose=0,
+        callbacks=[_Progress("qat", p["epochs"])],
     )
     from pipeline_stage.contract.data import Dataset
     from pipeline_stage.contract.steps import ConversionSettings
     from pipeline_stage.engine.convert import build_converter
 
     cx, _ = _data(task["calibration"])
+    cx = np.asarray(cx, dtype=np.float32)  # calibration_samples rows: small
     converter = build_converter(
         None, ConversionSettings(**task["conversion"]), keras_model=q_model, representative=Dataset(cx, None, "calibration")
     )
