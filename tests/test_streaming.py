@@ -383,7 +383,9 @@ def test_a_whole_array_metric_works_on_streamed_data_that_fits_and_is_refused_wh
     assert "more than half the memory left (0.03 MB)" in refused.stderr and "update(state, chunk)" in refused.stderr
 
 
-def test_pruning_fine_tunes_on_the_streamed_training_files_themselves(digits_data, digits_files, keras_path, mlflow_server, tmp_path):
+def test_pruning_fine_tunes_on_the_streamed_training_files_themselves(
+    digits_data, digits_files, keras_path, mlflow_server, tmp_path
+):
     """Training data given as TFRecord shards: prune's tf_keras child is handed the stage's own
     memory-mapped spool files (no re-saved copy of the set) and reads them a batch at a time; the
     pruned model still reaches its target sparsity and passes its accuracy gate."""

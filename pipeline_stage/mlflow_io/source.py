@@ -67,17 +67,9 @@ def files_uri(info: SourceRef, client) -> str:
 def download(uri: str, dst: Path, files: str | None = None) -> Path:
     """Download a model (or local path) into `dst`; return the local path. `files` is where its
     files are when :func:`files_uri` found that out already; `uri` names it in messages."""
-    if files is not None and files != uri:
-        dst.mkdir(parents=True, exist_ok=True)
-        return download_artifact(
-            files,
-            dst,
-            f"downloading model `{uri}`",
-            f"model `{uri}` has no files at `{files}`",
-            "check that the version's source run or logged model still has its artifacts",
-        )
+    resolved = files is not None and files != uri
     local = Path(uri)
-    if not uri.startswith(("models:/", "runs:/")) and "://" not in uri:
+    if not resolved and not uri.startswith(("models:/", "runs:/")) and "://" not in uri:
         if not local.exists():
             raise InputError(
                 f"model path `{uri}` does not exist",
@@ -86,10 +78,10 @@ def download(uri: str, dst: Path, files: str | None = None) -> Path:
         return local
     dst.mkdir(parents=True, exist_ok=True)
     return download_artifact(
-        uri,
+        files if resolved else uri,
         dst,
         f"downloading model `{uri}`",
-        f"model `{uri}` does not exist in the tracking server",
+        f"model `{uri}` has no files at `{files}`" if resolved else f"model `{uri}` does not exist in the tracking server",
         "check the model URI and that its run still has the artifacts",
     )
 
