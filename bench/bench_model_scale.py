@@ -8,7 +8,7 @@ dropped), on `keras.applications` MobileNetV2, EfficientNetB0 and ResNet50 with 
 ratio per model, the stage's phases and both sides' peak RSS (the process tree, through
 `timed_process`'s launcher).
 
-    .venv/bin/python bench/bench_model_scale.py [--repeats 2]
+    .venv/bin/python bench/bench_model_scale.py [--repeats 2] [--models ResNet50]
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ print(model.count_params())
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, of the default")
     args = parser.parse_args()
+    models = [m for m in MODELS if m in args.models.split(",")]
     from bench.bench_stage import STAGE_PHASES, alternating_rounds, bare_command
     from tests.conftest import start_mlflow_server, stop_server
 
@@ -52,7 +54,7 @@ def main() -> None:
     exe = str(Path(sys.executable).with_name("pipeline-stage"))
     rows = []
     try:
-        for name in MODELS:
+        for name in models:
             folder = tmp / name
             folder.mkdir()
             # built in a child: this process stays small (and so do the peak RSS figures' floors)
@@ -84,13 +86,21 @@ def main() -> None:
         rss = f"{statistics.median(got['bare_rss']):.0f} / {statistics.median(got['stage_rss']):.0f}"
         print(f"| {name} | {params:,} | {b:.1f} | {s:.1f} | {s / b:.2f}x | {rss} |")
     print()
-    print(f"largest model's ratio over the smallest's: {ratios[MODELS[-1]] / ratios[MODELS[0]]:.2f} (target <= 1.1)")
+    print(f"largest model's ratio over the smallest's: {ratios[models[-1]] / ratios[models[0]]:.2f} (target <= 1.1)")
     print()
     print("the stage's phases (median seconds)")
     print("| model | " + " | ".join(STAGE_PHASES) + " |")
     print("| --- |" + " ---: |" * len(STAGE_PHASES))
     for name, _, got in rows:
         cells = " | ".join(f"{statistics.median(t.get(f'{p}_s') or 0.0 for t in got['stage_phases']):.2f}" for p in STAGE_PHASES)
+        print(f"| {name} | {cells} |")
+    print()
+    print("the bare script's phases (median seconds)")
+    bare_phases = list(rows[0][2]["bare_phases"][0]) if rows else []
+    print("| model | " + " | ".join(bare_phases) + " |")
+    print("| --- |" + " ---: |" * len(bare_phases))
+    for name, _, got in rows:
+        cells = " | ".join(f"{statistics.median(t.get(p) or 0.0 for t in got['bare_phases']):.2f}" for p in bare_phases)
         print(f"| {name} | {cells} |")
 
 
