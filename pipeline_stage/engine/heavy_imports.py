@@ -6,7 +6,7 @@ TensorFlow, Keras and MLflow together); the collector, triggered by the growth a
 growing heap again and again, and every full collection later in the run walks it once more
 (0.3 s each). Paused during the import and frozen after it (``gc.freeze``: the objects stay
 where they are, refcounting still frees them, collections skip them), MLflow + TensorFlow +
-Keras import in about 3.2 s instead of 4.8 s here (bench/RESULTS.md, *The model from the
+Keras import in 3.0-3.3 s instead of 4.1-4.2 s here (bench/RESULTS.md, *The model from the
 registry*). A process that never imports them is unaffected.
 """
 
