@@ -45,8 +45,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, of the default")
     args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODELS)})")
     models = [m for m in MODELS if m in args.models.split(",")]
-    from bench.bench_stage import STAGE_PHASES, alternating_rounds, bare_command
+    from bench.bench_stage import BARE_PHASES, STAGE_PHASES, alternating_rounds, bare_command
     from tests.conftest import start_mlflow_server, stop_server
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-model-scale-"))
@@ -87,20 +90,19 @@ def main() -> None:
         print(f"| {name} | {params:,} | {b:.1f} | {s:.1f} | {s / b:.2f}x | {rss} |")
     print()
     print(f"largest model's ratio over the smallest's: {ratios[models[-1]] / ratios[models[0]]:.2f} (target <= 1.1)")
+    _phase_table("the stage's phases (median seconds)", rows, "stage_phases", {p: f"{p}_s" for p in STAGE_PHASES})
+    _phase_table("the bare script's phases (median seconds)", rows, "bare_phases", {p: p for p in (*BARE_PHASES, "total")})
+
+
+def _phase_table(title: str, rows: list, side: str, columns: dict[str, str]) -> None:
+    """A markdown table of `side`'s median phase seconds per model: each column, by its heading,
+    the key it has in a round's phases (a phase a round lacks counts as 0)."""
     print()
-    print("the stage's phases (median seconds)")
-    print("| model | " + " | ".join(STAGE_PHASES) + " |")
-    print("| --- |" + " ---: |" * len(STAGE_PHASES))
+    print(title)
+    print("| model | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
     for name, _, got in rows:
-        cells = " | ".join(f"{statistics.median(t.get(f'{p}_s') or 0.0 for t in got['stage_phases']):.2f}" for p in STAGE_PHASES)
-        print(f"| {name} | {cells} |")
-    print()
-    print("the bare script's phases (median seconds)")
-    bare_phases = list(rows[0][2]["bare_phases"][0]) if rows else []
-    print("| model | " + " | ".join(bare_phases) + " |")
-    print("| --- |" + " ---: |" * len(bare_phases))
-    for name, _, got in rows:
-        cells = " | ".join(f"{statistics.median(t.get(p) or 0.0 for t in got['bare_phases']):.2f}" for p in bare_phases)
+        cells = " | ".join(f"{statistics.median(t.get(key) or 0.0 for t in got[side]):.2f}" for key in columns.values())
         print(f"| {name} | {cells} |")
 
 
