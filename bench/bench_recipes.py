@@ -3,8 +3,8 @@
 Per model and recipe: bytes per parameter (the .tflite's bytes over the float model's weight and
 bias elements), worst-output fidelity against the float .tflite on the evaluation inputs (SQNR, dB),
 and latency against float (p50, batch 1, 1 thread, XNNPACK), float and candidate timed side by side
-in alternating rounds in this one process. Every recipe is built by the stage's own engine code
-(`pipeline_stage.engine.convert` / `litert_quantize`) from the settings the `quantize` step writes.
+in alternating rounds in this one process. Every recipe is made by the stage's own engine plugins (`plugins/quantize/converter_engine.py`,
+`litert_engine.py`) from the params a manifest's `quantize` step writes.
 
 Models: `trunk` (pipeline_stage.demo.build_wide_range_trunk, a float .tflite with three outputs on
 a shared trunk and an input feature 30,000x the others: the converter cannot take it and full int8
@@ -17,7 +17,6 @@ ruins it), `digits` (the demo's digits CNN, trained on sklearn's digits), `mobil
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,14 +25,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# (label, ConversionSettings fields): the `quantize` step's params as the engine sees them
+# (label, engine, the `quantize` step's params): what a manifest writes, run by that engine plugin
 RECIPES = [
-    ("converter int8", {"quantization": "int8", "engine": "converter"}),
-    ("litert int8", {"quantization": "int8", "engine": "litert"}),
-    ("litert weight-only int8", {"quantization": "weight_only", "engine": "litert"}),
-    ("litert weight-only int4", {"quantization": "weight_only", "engine": "litert", "weight_bits": 4}),
-    ("litert dynamic int4 blockwise 32", {"quantization": "dynamic", "engine": "litert", "weight_bits": 4, "block_size": 32}),
-    ("litert float16", {"quantization": "float16", "engine": "litert"}),
+    ("converter int8", "converter", {"mode": "int8"}),
+    ("litert int8", "litert", {"mode": "int8"}),
+    ("litert weight-only int8", "litert", {"mode": "weight_only"}),
+    ("litert weight-only int4", "litert", {"mode": "weight_only", "weight_bits": 4}),
+    ("litert dynamic int4 blockwise 32", "litert", {"mode": "dynamic", "weight_bits": 4, "block_size": 32}),
+    ("litert float16", "litert", {"mode": "float16"}),
 ]
 
 
@@ -67,25 +66,38 @@ def models() -> dict[str, dict]:
     return out
 
 
-def quantized(spec: dict, fields: dict) -> bytes | str:
-    """The recipe's .tflite, or why it cannot be made."""
-    from pipeline_stage.contract.data import Dataset
-    from pipeline_stage.contract.errors import InputError
-    from pipeline_stage.contract.steps import ConversionSettings
-    from pipeline_stage.engine import convert as engine_convert
-    from pipeline_stage.engine.source_model import SourceModel
+def quantized(spec: dict, engine_name: str, params: dict) -> bytes | str:
+    """The recipe's .tflite, made by the engine plugin from the params the `quantize` step takes, or
+    why it cannot be made."""
+    import tempfile
 
-    settings = dataclasses.replace(ConversionSettings(), **fields)
-    if settings.quantization in ("int8", "int16x8"):
-        settings.representative_data = "calibration"
-    calibration = Dataset(x=spec["calib"], source="calibration")
-    if spec["keras"] is None and settings.engine == "converter":
+    from pipeline_stage import ConversionSettings, InputError, QuantizationJob, QuantizationRequest
+    from pipeline_stage.contract.data import Dataset
+    from pipeline_stage.contract.report import SourceRef
+    from pipeline_stage.host.plugin_host import build_host
+    from pipeline_stage_plugins.quantize.params import QuantizeParams
+    from pipeline_stage_plugins.source_tensorflow import KerasSource
+
+    if spec["keras"] is None and engine_name == "converter":
         return "n/a: a .tflite source (the converter needs the TensorFlow model)"
+    settings = QuantizeParams(engine=engine_name, **params)
+    calibrated = settings.mode in ("int8", "int16x8")
+    request = QuantizationRequest(engine_name, settings, settings.mode, "calibration" if calibrated else None)
+    source = KerasSource(SourceRef(uri="bench"), Path("."), spec["keras"]) if spec["keras"] is not None else None
+    work = Path(tempfile.mkdtemp(prefix="bench-recipes-"))
+    job = QuantizationJob(
+        request=request,
+        conversion=ConversionSettings(quantization=request),
+        source=source,
+        model=spec["keras"],
+        load_data=lambda name: Dataset(x=spec["calib"], source=name),
+        workdir=work,
+        log_path=work / "convert.log",
+        log=lambda line: None,
+        convert_float=lambda: spec["float"],
+    )
     try:
-        if settings.engine == "litert":
-            return engine_convert._litert(spec["float"], settings, calibration, None)
-        source = SourceModel(info=None, path=Path("."), keras_model=spec["keras"])
-        return engine_convert.convert(source, settings, keras_model=spec["keras"], representative=calibration)
+        return build_host(load_entry_points=False).engines[engine_name].cls().quantize(job)
     except InputError as exc:
         return f"error: {exc.message[:80]}"
 
@@ -128,8 +140,8 @@ def main() -> None:
     for name, spec in models().items():
         n = parameters(spec["float"])
         rows.append((name, "float", f"{len(spec['float']) / n:.2f}", "-", "1.00"))
-        for label, fields in RECIPES:
-            out = quantized(spec, fields)
+        for label, engine_name, params in RECIPES:
+            out = quantized(spec, engine_name, params)
             if isinstance(out, str):
                 rows.append((name, label, out, "", ""))
                 continue

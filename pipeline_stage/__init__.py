@@ -24,6 +24,11 @@ _PUBLIC = {
     "Phase": ("pipeline_stage.contract.steps", "Phase"),
     "StepContext": ("pipeline_stage.contract.steps", "StepContext"),
     "ConversionSettings": ("pipeline_stage.contract.steps", "ConversionSettings"),
+    "QuantizationRequest": ("pipeline_stage.contract.steps", "QuantizationRequest"),
+    "ModelSource": ("pipeline_stage.contract.sources", "ModelSource"),
+    "SourceOptions": ("pipeline_stage.contract.sources", "SourceOptions"),
+    "QuantizationEngine": ("pipeline_stage.contract.engines", "QuantizationEngine"),
+    "QuantizationJob": ("pipeline_stage.contract.engines", "QuantizationJob"),
     "Metric": ("pipeline_stage.contract.metrics", "Metric"),
     "Evaluation": ("pipeline_stage.contract.metrics", "Evaluation"),
     "DataLoader": ("pipeline_stage.contract.data", "DataLoader"),
@@ -48,6 +53,7 @@ _PUBLIC = {
     "PluginError": ("pipeline_stage.contract.errors", "PluginError"),
     "PluginLoadError": ("pipeline_stage.contract.errors", "PluginLoadError"),
     "TrackingError": ("pipeline_stage.contract.errors", "TrackingError"),
+    "first_line": ("pipeline_stage.contract.errors", "first_line"),
     # a plugin's own tests: run with a chosen set of plugins
     "use_plugins": ("pipeline_stage.host.plugin_host", "use_plugins"),
     # engine helpers a plugin may use
@@ -57,21 +63,49 @@ _PUBLIC = {
     "add_metadata": ("pipeline_stage.engine.flatbuffer", "add_metadata"),
     "op_code_name": ("pipeline_stage.engine.flatbuffer", "op_code_name"),
     "flatbuffer_text": ("pipeline_stage.engine.flatbuffer", "text"),
+    "branch_nodes": ("pipeline_stage.engine.flatbuffer", "branch_nodes"),
     "TFLiteModel": ("pipeline_stage.engine.litert_runtime", "TFLiteModel"),
+    "tflite_predict_batch": ("pipeline_stage.engine.source_model", "tflite_predict_batch"),
+    "outputs_by_name": ("pipeline_stage.engine.source_model", "outputs_by_name"),
     "build_converter": ("pipeline_stage.engine.convert", "build_converter"),
-    "litert_per_tensor_errors": ("pipeline_stage.engine.litert_quantize", "per_tensor_errors"),
+    "run_converter": ("pipeline_stage.engine.convert", "run_converter"),
     "import_tensorflow": ("pipeline_stage.engine.tf_env", "import_tf"),
+    "import_heavy": ("pipeline_stage.engine.heavy_imports", "import_heavy"),
     "captured_output": ("pipeline_stage.engine.tf_env", "captured_output"),
     "layer_graph": ("pipeline_stage.engine.keras_graph", "layer_graph"),
     "rebuild": ("pipeline_stage.engine.keras_graph", "rebuild"),
+    "weights_by_name": ("pipeline_stage.engine.keras_graph", "weights_by_name"),
+    # fine-tuning in tf_keras (tfmot): the parent side, and what a task in the child uses
     "run_tf_keras_task": ("pipeline_stage.engine.tfmot_bridge", "run_task"),
     "load_weights_into": ("pipeline_stage.engine.tfmot_bridge", "load_weights_into"),
+    "build_tf_keras_model": ("pipeline_stage.engine.tfmot_worker", "build"),
+    "fine_tuning_arrays": ("pipeline_stage.engine.tfmot_worker", "training_arrays"),
+    "fine_tuning_batches": ("pipeline_stage.engine.tfmot_worker", "batches"),
+    "compile_for_fine_tuning": ("pipeline_stage.engine.tfmot_worker", "compile_for_fine_tuning"),
+    "EpochProgress": ("pipeline_stage.engine.tfmot_worker", "EpochProgress"),
+}
+# Names that moved, kept for one release with a DeprecationWarning: name -> (module, attribute, use instead).
+_DEPRECATED = {
+    "litert_per_tensor_errors": (
+        "pipeline_stage_plugins.quantize.litert_engine",
+        "per_tensor_errors",
+        "the `per_layer_errors` a tflite step's context gives (the engine that quantized measures it)",
+    ),
 }
 
 __all__ = ["__version__", *_PUBLIC]
 
 
 def __getattr__(name: str):
+    if name in _DEPRECATED:
+        import importlib
+        import warnings
+
+        module, attr, instead = _DEPRECATED[name]
+        warnings.warn(
+            f"`pipeline_stage.{name}` is deprecated and goes in pipeline-stage 0.2.0: use {instead}", DeprecationWarning, 2
+        )
+        return getattr(importlib.import_module(module), attr)
     if name in _PUBLIC:
         import importlib
 
@@ -88,6 +122,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eagerly
     from pipeline_stage.contract.data import DataLoader, Dataset  # noqa: F401
+    from pipeline_stage.contract.engines import QuantizationEngine, QuantizationJob  # noqa: F401
     from pipeline_stage.contract.errors import (  # noqa: F401
         InputError,
         ManifestError,
@@ -95,6 +130,7 @@ if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eag
         PluginLoadError,
         StageError,
         TrackingError,
+        first_line,
     )
     from pipeline_stage.contract.hookspecs import hookimpl  # noqa: F401
     from pipeline_stage.contract.metrics import Evaluation, Metric  # noqa: F401
@@ -108,18 +144,34 @@ if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eag
         step_params,
     )
     from pipeline_stage.contract.report import GateResult, ObserverContext, Registered, Report, StepRecord  # noqa: F401
-    from pipeline_stage.contract.steps import ConversionSettings, Params, Phase, Step, StepContext  # noqa: F401
-    from pipeline_stage.engine.convert import build_converter  # noqa: F401
-    from pipeline_stage.engine.flatbuffer import add_metadata, op_code_name  # noqa: F401
+    from pipeline_stage.contract.sources import ModelSource, SourceOptions  # noqa: F401
+    from pipeline_stage.contract.steps import (  # noqa: F401
+        ConversionSettings,
+        Params,
+        Phase,
+        QuantizationRequest,
+        Step,
+        StepContext,
+    )
+    from pipeline_stage.engine.convert import build_converter, run_converter  # noqa: F401
+    from pipeline_stage.engine.flatbuffer import add_metadata, branch_nodes, op_code_name  # noqa: F401
     from pipeline_stage.engine.flatbuffer import dump_model as dump_flatbuffer  # noqa: F401
     from pipeline_stage.engine.flatbuffer import load_model as load_flatbuffer  # noqa: F401
     from pipeline_stage.engine.flatbuffer import read as read_flatbuffer  # noqa: F401
     from pipeline_stage.engine.flatbuffer import text as flatbuffer_text  # noqa: F401
-    from pipeline_stage.engine.keras_graph import layer_graph, rebuild  # noqa: F401
-    from pipeline_stage.engine.litert_quantize import per_tensor_errors as litert_per_tensor_errors  # noqa: F401
+    from pipeline_stage.engine.heavy_imports import import_heavy  # noqa: F401
+    from pipeline_stage.engine.keras_graph import layer_graph, rebuild, weights_by_name  # noqa: F401
     from pipeline_stage.engine.litert_runtime import TFLiteModel  # noqa: F401
+    from pipeline_stage.engine.source_model import outputs_by_name, tflite_predict_batch  # noqa: F401
     from pipeline_stage.engine.tf_env import captured_output  # noqa: F401
     from pipeline_stage.engine.tf_env import import_tf as import_tensorflow  # noqa: F401
     from pipeline_stage.engine.tfmot_bridge import load_weights_into  # noqa: F401
     from pipeline_stage.engine.tfmot_bridge import run_task as run_tf_keras_task  # noqa: F401
+    from pipeline_stage.engine.tfmot_worker import (  # noqa: F401
+        EpochProgress,
+        compile_for_fine_tuning,
+    )
+    from pipeline_stage.engine.tfmot_worker import batches as fine_tuning_batches  # noqa: F401
+    from pipeline_stage.engine.tfmot_worker import build as build_tf_keras_model  # noqa: F401
+    from pipeline_stage.engine.tfmot_worker import training_arrays as fine_tuning_arrays  # noqa: F401
     from pipeline_stage.host.plugin_host import use_plugins  # noqa: F401

@@ -28,7 +28,8 @@ class StageGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except StageError as exc:
-            _fail(str(exc), exc.exit_code)
+            notes = "".join(f"\n  note: {note}" for note in getattr(exc, "__notes__", []))
+            _fail(str(exc) + notes, exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except Exception as exc:  # an unexpected failure still gets one line, and exit 1
@@ -186,13 +187,27 @@ def verify(model_uri: str, tracking_uri: str | None) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a listing.")
 def plugins(as_json: bool) -> None:
-    """List installed steps (phase, params, distribution), metrics, search moves, data loaders and plugins."""
+    """List installed model sources, quantization engines, steps (phase, params, distribution), metrics,
+    search moves, data loaders and plugins."""
     from pipeline_stage.host.plugin_listing import describe
 
     info = describe(_host())
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    click.echo("Model sources (asked in this order):")
+    for source in info["sources"]:
+        reads = ", ".join([*(f"flavor {f}" for f in source["flavors"]), *source["suffixes"]]) or "by its files"
+        click.echo(f"  {source['name']} ({reads}) from {source['distribution']}: {source['summary']}")
+    click.echo("Quantization engines:")
+    for engine in info["engines"]:
+        click.echo(
+            f"  {engine['name']} (modes {', '.join(engine['modes']) or 'any'}; sources {', '.join(engine['source_kinds'])})"
+            f" from {engine['distribution']}: {engine['summary']}"
+        )
+        for p in engine["options"]:
+            default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+            click.echo(f"      options.{p['name']}: {p['type']} ({default}) {p['doc']}")
     click.echo("Steps:")
     for step in info["steps"]:
         click.echo(f"  {step['name']} [{step['phase']}] from {step['distribution']}: {step['summary']}")

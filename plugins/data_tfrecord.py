@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline_stage import DataLoader, Dataset, InputError, hookimpl, import_tensorflow
+from pipeline_stage import DataLoader, Dataset, InputError, first_line, hookimpl, import_tensorflow
 
 HINT = (
     "write one tf.train.Example per sample: a feature per model input, named after it (`x` for the only input), "
@@ -51,7 +51,7 @@ class TFRecordLoader(DataLoader):
                 return
             except tf.errors.DataLossError as exc:
                 raise InputError(
-                    f"data `{source}`: `{path.name}` is not a readable TFRecord file (after record {start}): {_first_line(exc)}",
+                    f"data `{source}`: `{path.name}` is not a readable TFRecord file (after record {start}): {first_line(exc)}",
                     hint="write it with tf.io.TFRecordWriter (uncompressed)",
                 ) from None
             if spec is None:
@@ -70,7 +70,7 @@ class TFRecordLoader(DataLoader):
                 parsed = tf.io.parse_example(serialized, {k: f for k, (f, _) in spec.items()})
             except tf.errors.InvalidArgumentError as exc:
                 raise InputError(
-                    f"data `{source}`: `{path.name}`, records {start}-{start + n - 1}: {_first_line(exc)} (the first record "
+                    f"data `{source}`: `{path.name}`, records {start}-{start + n - 1}: {first_line(exc)} (the first record "
                     f"has {', '.join(f'`{k}`' for k in spec)})",
                     hint="give every record the same features, each with the same number of values",
                 ) from None
@@ -116,11 +116,6 @@ def _decode(tf, values, kind: str, key: str, path: Path, source: str) -> np.ndar
     array = values.numpy()
     is_label = key == LABEL or key.startswith(LABEL + ".")
     return array[:, 0] if is_label and array.shape[1] == 1 else array
-
-
-def _first_line(exc: Exception) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 @hookimpl

@@ -9,11 +9,28 @@ artifact is compressed: gate or compare on the `gzip_size_bytes` metric.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
-from pipeline_stage import Params, Phase, Step, hookimpl, load_weights_into, run_tf_keras_task
+from pipeline_stage import (
+    EpochProgress,
+    Params,
+    Phase,
+    Step,
+    build_tf_keras_model,
+    compile_for_fine_tuning,
+    fine_tuning_arrays,
+    fine_tuning_batches,
+    hookimpl,
+    load_weights_into,
+    run_tf_keras_task,
+    weights_by_name,
+)
+
+SPARSE_WEIGHTS = "sparse_weights"  # the conversion hint: store the zeros sparsely where the format allows
 
 
 class PruneParams(Params):
@@ -52,13 +69,13 @@ class Prune(Step):
         training = ctx.load_data("training").files(folder / "training")
         params = self.params.model_dump(mode="json")
         result = run_tf_keras_task(
-            {"task": "prune", "training": training, "params": params, "seed": self.params.seed},
+            {"task": f"{__name__}:prune_in_tf_keras", "training": training, "params": params, "seed": self.params.seed},
             model,
             folder,
             log=ctx.log,
         )
         pruned = load_weights_into(model, folder / "weights_out.npz")
-        ctx.conversion.sparsity = True  # the converter stores the zeros sparsely where that runs (see convert.sparse_storage)
+        ctx.conversion.hints[SPARSE_WEIGHTS] = True  # the float (and float16) conversion stores the zeros sparsely
         ctx.notes.update(
             {
                 "weight_sparsity": round(result["sparsity"], 4),
@@ -68,6 +85,60 @@ class Prune(Step):
         )
         ctx.tags["pipeline_stage.prune.sparsity"] = f"{result['sparsity']:.4f}"
         return pruned
+
+
+def _sparsity(weights: list[np.ndarray]) -> float:
+    total = sum(w.size for w in weights)
+    return float(sum(int(np.sum(w == 0)) for w in weights) / total) if total else 0.0
+
+
+def prune_in_tf_keras(folder: Path, task: dict) -> dict:
+    """The tf_keras child's task (pipeline_stage.engine.tfmot_worker): tfmot magnitude pruning of the
+    rebuilt model, fine-tuned on the training data, wrappers stripped; weights_out.npz."""
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    p = task["params"]
+    model = build_tf_keras_model(folder)
+    x, y = fine_tuning_arrays(task["training"])
+    steps_per_epoch = int(np.ceil(len(x) / p["batch_size"]))
+    end_step = max(1, steps_per_epoch * p["epochs"])
+    sparsity = tfmot.sparsity.keras
+    if p["schedule"] == "constant":
+        schedule = sparsity.ConstantSparsity(p["target_sparsity"], begin_step=0, frequency=max(1, steps_per_epoch // 4))
+    else:
+        schedule = sparsity.PolynomialDecay(
+            initial_sparsity=0.0,
+            final_sparsity=p["target_sparsity"],
+            begin_step=0,
+            end_step=max(1, int(end_step * 0.8)),
+            frequency=max(1, steps_per_epoch // 4),
+        )
+    prunable = set(p.get("layer_types") or ["Conv2D", "Dense", "DepthwiseConv2D", "Conv1D", "SeparableConv2D"])
+
+    def wrap(layer):
+        if type(layer).__name__ in prunable:
+            return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule)
+        return layer
+
+    # clone_function gets the original layers, so wrapped and unwrapped layers keep their trained weights.
+    pruned = tf_keras.models.clone_model(model, clone_function=wrap)
+    compile_for_fine_tuning(pruned, p, x, y)
+    callbacks = [sparsity.UpdatePruningStep(), EpochProgress("prune", p["epochs"])]
+    pruned.fit(
+        fine_tuning_batches(x, y, p["batch_size"], task.get("seed", 0)), epochs=p["epochs"], verbose=0, callbacks=callbacks
+    )
+    stripped = sparsity.strip_pruning(pruned)
+    np.savez(folder / "weights_out.npz", **weights_by_name(stripped.layers))
+    kernels = {
+        layer.name: layer.get_weights()[0]
+        for layer in stripped.layers
+        if type(layer).__name__ in prunable and layer.get_weights()
+    }
+    return {
+        "sparsity": _sparsity(list(kernels.values())),
+        "per_layer_sparsity": {name: round(_sparsity([k]), 4) for name, k in kernels.items()},
+    }
 
 
 @hookimpl

@@ -67,6 +67,13 @@ class TrackingError(StageError):
 GATE_FAILED_EXIT = 3
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to 300
+    characters: what a one-line error quotes of its cause."""
+    text = getattr(exc, "message", None) or str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc`, then what caused it (``raise ... from``, or the exception being handled), once each."""
     seen = set()

@@ -8,8 +8,9 @@ through the entry-point group ``pipeline_stage``::
 
 Two kinds of hook:
 
-* registration hooks (``register_steps``, ``register_metrics``, ``register_data_loaders``,
-  ``register_search_moves``, ``register_keras_objects``) receive a ``register`` callback and call
+* registration hooks (``register_sources``, ``register_quantization_engines``, ``register_steps``,
+  ``register_metrics``, ``register_data_loaders``, ``register_search_moves``,
+  ``register_keras_objects``) receive a ``register`` callback and call
   it once per thing they provide. The host validates every registration (a name, the right base
   class, no duplicate) and remembers which distribution supplied it; an exception raised in one
   stops the stage with exit code 2 naming the distribution. They run at plugin-manager start-up
@@ -36,6 +37,41 @@ if TYPE_CHECKING:  # imports for annotations only: hookspecs must stay light
 PROJECT = "pipeline_stage"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_sources(register: Callable[[type], None]) -> None:
+    """Register model kinds the stage can read (Keras, SavedModel, .tflite are built-in ones).
+
+    :param register: call ``register(SourceClass)`` for each
+        :class:`pipeline_stage.contract.sources.ModelSource` subclass. The class sets ``name`` (the
+        kind: unique; what steps' ``check_source`` and engines' ``source_kinds`` name), ``title``
+        (the kind in words), ``flavors`` (MLflow flavors whose models it may hold: the stage asks
+        these sources first for a model whose MLmodel file names one), ``suffixes`` (file suffixes
+        that show the kind from a URI), and implements ``locate(root)`` (the file or folder of this
+        kind under a downloaded model, or None), ``open(path, info, options)`` (load it, safely),
+        ``input_names`` / ``output_names`` / ``input_shapes``, ``predict_batch(inputs, model=None)``
+        (the framework's own outputs: the baseline's reference) and ``to_float_tflite(conversion,
+        model, log_path)``. Sources are asked in registration order (built-ins first); a model no
+        source recognises stops the stage with exit code 2 naming the flavors found and the
+        installed sources.
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def register_quantization_engines(register: Callable[[type], None]) -> None:
+    """Register quantization engines (the TFLite converter and the LiteRT Quantizer are built-in ones).
+
+    :param register: call ``register(EngineClass)`` for each
+        :class:`pipeline_stage.contract.engines.QuantizationEngine` subclass. The class sets
+        ``name`` (unique; what ``quantize: {engine: <name>}`` names), ``modes`` (the ``quantize``
+        modes it offers), ``source_kinds`` (the source kinds it takes; empty: any, working on the
+        float .tflite), optionally ``Params`` (its options, from ``quantize: {options: {...}}``),
+        and implements ``quantize(job) -> bytes`` and optionally ``per_layer_errors(job,
+        quantized, data, samples)``.
+    :return: nothing; results are collected through ``register``.
+    """
 
 
 @hookspec

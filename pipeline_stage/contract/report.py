@@ -219,6 +219,7 @@ class SourceRef(Record):
     name: str | None = None
     version: str | None = None
     run_id: str | None = None
+    kind: str | None = Field(None, description="The model source plugin that opened it (keras, saved_model, tflite, ...).")
 
     def tags(self) -> dict[str, str]:
         out = {"source.uri": self.uri}

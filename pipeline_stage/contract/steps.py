@@ -2,9 +2,11 @@
 
 A chain runs in three phases, in this order (the manifest is checked for it before any work):
 
-``model``    Keras model in, Keras model out (pruning, QAT, BatchNorm folding, cutting outputs).
-``convert``  contributes settings to the one TFLite conversion (quantization mode, calibration
-             data, op sets). The chain runner converts exactly once, after the last ``convert`` step.
+``model``    the source's model in, the same kind out (a Keras model: pruning, BatchNorm folding,
+             cutting outputs), for sources that have one (:attr:`ModelSource.model`).
+``convert``  contributes settings to the one conversion (a quantization engine and its settings,
+             I/O types, op sets). The chain runner converts exactly once, after the last ``convert``
+             step: the source plugin converts to float, or the requested engine quantizes.
 ``tflite``   flatbuffer bytes in, flatbuffer bytes out, or analysis (metadata, op lists, plans).
 
 Nothing here imports TensorFlow: ``validate``, ``plugins`` and ``schema`` stay fast.
@@ -64,7 +66,7 @@ class Step(PluginClass):
     * ``name``: the key a manifest's ``chain`` uses; unique across installed plugins.
     * ``phase``: a :class:`Phase`.
     * ``Params``: a :class:`Params` subclass (fields typed, with defaults and ``description``).
-    * ``apply(subject, ctx)``: does the work. ``subject`` is a Keras model (phase ``model``), a
+    * ``apply(subject, ctx)``: does the work. ``subject`` is the source's model (phase ``model``), a
       :class:`ConversionSettings` to change in place (phase ``convert``), or the ``.tflite``
       bytes (phase ``tflite``); ``apply`` returns the new subject (``convert`` steps return None).
 
@@ -91,8 +93,15 @@ class Step(PluginClass):
 
     def check_source(self, source_kind: str) -> None:
         """Raise :class:`~pipeline_stage.contract.errors.InputError` when this configured step cannot
-        work on a source of `source_kind` (``keras``, ``saved_model`` or ``tflite``), naming what
-        would. Called at ``validate`` when the model URI shows the kind, else before the baseline."""
+        work on a source of `source_kind` (a source plugin's name: ``keras``, ``saved_model``,
+        ``tflite``...), naming what would. Called at ``validate`` when the model URI shows the kind,
+        else before the baseline."""
+
+    def check_plugins(self, installed: Any) -> None:
+        """Raise :class:`~pipeline_stage.contract.errors.InputError` when this configured step names
+        something the installed plugins do not provide (``quantize`` checks its ``engine``).
+        `installed` has ``steps``, ``engines`` and ``sources`` by name (each with ``cls``). Called
+        when the manifest is validated."""
 
     def expected_cost(self) -> float:
         """Rough relative cost of this configured step (1 = a conversion); a search tries cheap chains
@@ -107,33 +116,47 @@ class Step(PluginClass):
 
 
 @dataclass
-class ConversionSettings:
-    """Everything `convert` steps can ask of the one TFLite conversion.
+class QuantizationRequest:
+    """What a ``convert`` step asks of a quantization engine (:mod:`pipeline_stage.contract.engines`):
+    the engine by its registered name, the engine's own settings (opaque to the stage: the
+    ``quantize`` step passes its params), and the data sets it calibrates or fine-tunes on."""
 
-    Steps fill it in; the conversion module turns it into TFLiteConverter settings. A field left
-    at its default means "what the converter does by default".
+    engine: str
+    settings: Any
+    mode: str  # in words, for progress lines and the report: int8, dynamic, weight_only, qat, recipe...
+    calibration_data: str | None = None  # data set name: calibration | training
+    calibration_samples: int = 200
+    training_data: str | None = None  # data set name a fine-tuning engine trains on
+
+    def record(self) -> dict[str, Any]:
+        """The request as the report shows it."""
+        settings = self.settings.model_dump(mode="json") if hasattr(self.settings, "model_dump") else self.settings
+        return {
+            "quantization": self.mode,
+            "engine": self.engine,
+            "engine_settings": settings,
+            "calibration_data": self.calibration_data,
+            "calibration_samples": self.calibration_samples if self.calibration_data else None,
+            "training_data": self.training_data,
+        }
+
+
+@dataclass
+class ConversionSettings:
+    """What every conversion of a chain's model to a ``.tflite`` takes, as ``convert`` steps set it.
+
+    The stage converts the model to float once (the source plugin does it), or hands it to the
+    quantization engine ``quantization`` names. Only what any conversion needs is here: the I/O
+    types, the op sets, and ``hints`` (what a step asks of whoever converts: ``prune`` asks for
+    ``sparse_weights``; a source or an engine reads the hints it knows and ignores the others).
     """
 
-    quantization: str | None = None  # None (float) | dynamic | int8 | float16 | int16x8 | weight_only | qat | recipe
-    engine: str = "converter"  # converter (quantize during conversion) | litert (LiteRT Quantizer on the float model)
-    # engine litert: the recipe's weights and algorithm (the converter has 8-bit min-max only)
-    weight_bits: int = 8  # 8 | 4
-    block_size: int = 0  # 0: per channel / per tensor (per_channel); 32..256: blockwise weight scales
-    algorithm: str = "min_max"  # min_max | mse | octav | gptq | hadamard
-    recipe: list[dict[str, Any]] | None = None  # a LiteRT Quantizer JSON recipe, as loaded (mode `recipe`)
+    quantization: QuantizationRequest | None = None
     inference_input_type: str = "float32"  # float32 | int8 | int16
     inference_output_type: str = "float32"
-    representative_data: str | None = None  # data set name: calibration | training
-    calibration_samples: int = 200
-    per_channel: bool = True  # per-channel weight scales; False: one scale per tensor (smaller file)
     allow_select_tf_ops: bool = False
     allow_custom_ops: bool = False
-    keep_float_ops: list[str] = field(default_factory=list)  # op types left in float (selective int8)
-    keep_float_nodes: list[str] = field(default_factory=list)  # node output tensor names left in float
-    keep_float_outputs: list[str] = field(default_factory=list)  # outputs whose own branch stays float
-    sparsity: bool = False  # store pruned weights sparsely where the converter can
-    fine_tune: dict[str, Any] = field(default_factory=dict)  # qat: epochs, batch_size, learning_rate, seed
-    training_data: str | None = None  # data set name the qat fine-tuning uses
+    hints: dict[str, Any] = field(default_factory=dict)
     set_by: dict[str, str] = field(default_factory=dict)  # setting -> step that set it
 
     def claim(self, setting: str, step_name: str) -> None:
@@ -147,6 +170,27 @@ class ConversionSettings:
                 hint="keep one of them in the chain",
             )
         self.set_by[setting] = step_name
+
+    def float_part(self) -> "ConversionSettings":
+        """The float conversion these settings build on: no quantization, float I/O, the same op
+        sets and hints (what an engine that quantizes a float .tflite starts from)."""
+        return ConversionSettings(
+            allow_select_tf_ops=self.allow_select_tf_ops, allow_custom_ops=self.allow_custom_ops, hints=dict(self.hints)
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the report shows them."""
+        out: dict[str, Any] = {"quantization": None}
+        if self.quantization is not None:
+            out.update(self.quantization.record())
+        out.update(
+            inference_input_type=self.inference_input_type,
+            inference_output_type=self.inference_output_type,
+            allow_select_tf_ops=self.allow_select_tf_ops,
+            allow_custom_ops=self.allow_custom_ops,
+            hints=dict(self.hints),
+        )
+        return out
 
 
 @dataclass
@@ -162,11 +206,16 @@ class StepContext:
     # Real input samples (the evaluation data, else calibration or training data) to run or time
     # the model on; never zeros or random arrays, which a quantized model may not survive.
     samples: "Callable[[], Any] | None" = None
-    model: Any = None  # for `tflite` steps: the Keras model that was converted (None for a SavedModel)
-    # The one conversion's settings: `model` steps may add to them (prune asks for sparse storage),
+    # For `tflite` steps: the framework model that was converted (a Keras model after `model`
+    # steps), or None for a kind that has none steps edit (a SavedModel, a .tflite).
+    model: Any = None
+    # The one conversion's settings: `model` steps may add hints (prune asks for sparse weights),
     # `tflite` steps read how the model was converted.
     conversion: "ConversionSettings | None" = None
-    source_kind: str = "keras"  # keras | saved_model | tflite: what the chain started from
-    # For `tflite` steps after engine litert: the float .tflite the LiteRT Quantizer quantized
-    # (per-tensor comparisons need it); None otherwise.
+    source_kind: str = "keras"  # the source plugin's kind: keras | saved_model | tflite | ...
+    # For `tflite` steps after an engine that quantized a float .tflite: that float model (per-tensor
+    # comparisons need it); None otherwise.
     float_model: bytes | None = None
+    # For `tflite` steps after a quantization: the engine's per-layer error of a quantized model,
+    # `per_layer_errors(model_bytes, samples)` (rows worst first, or why there are none).
+    per_layer_errors: "Callable[[bytes, int], list[dict] | str] | None" = None

@@ -14,7 +14,8 @@ Operators can limit what loads:
 
 * ``PIPELINE_STAGE_LOAD_PLUGINS=a,b`` loads only these entry points (by entry-point or
   distribution name); an empty value loads none.
-* ``PIPELINE_STAGE_DISABLE_PLUGINS=a,b`` blocks these.
+* ``PIPELINE_STAGE_DISABLE_PLUGINS=a,b`` blocks these; a built-in is blocked by its module name
+  (``quantize`` or ``pipeline_stage_plugins.quantize``), and everything it provides goes with it.
 """
 
 from __future__ import annotations
@@ -30,16 +31,21 @@ import pluggy
 
 from pipeline_stage.contract import hookspecs
 from pipeline_stage.contract.data import DataLoader
+from pipeline_stage.contract.engines import QuantizationEngine
 from pipeline_stage.contract.errors import PluginLoadError
 from pipeline_stage.contract.metrics import Metric
 from pipeline_stage.contract.moves import SearchMove
+from pipeline_stage.contract.sources import ModelSource
 from pipeline_stage.contract.steps import Phase, Step
 
 ENTRY_POINT_GROUP = "pipeline_stage"
 OWN_DISTRIBUTION = "pipeline-stage"
 
-# Registration order is the order of equal-cost search moves (fuse's before quantize's).
+# Registration order is the order of equal-cost search moves (fuse's before quantize's), and the
+# order sources are asked to recognise a model (Keras before SavedModel before .tflite).
 DEFAULT_PLUGINS = (
+    "pipeline_stage_plugins.source_tensorflow",
+    "pipeline_stage_plugins.source_tflite",
     "pipeline_stage_plugins.fuse",
     "pipeline_stage_plugins.quantize",
     "pipeline_stage_plugins.prune",
@@ -65,10 +71,13 @@ class Provided:
 
 @dataclass
 class PluginHost:
-    """What the installed plugins provide (steps, metrics, data loaders, search moves, Keras objects)
-    by name, with the distribution that provided each, and the pluggy manager that calls their hooks."""
+    """What the installed plugins provide (model sources, quantization engines, steps, metrics, data
+    loaders, search moves, Keras objects) by name, with the distribution that provided each, and the
+    pluggy manager that calls their hooks."""
 
     pm: pluggy.PluginManager
+    sources: dict[str, Provided] = field(default_factory=dict)  # model kinds, in registration order
+    engines: dict[str, Provided] = field(default_factory=dict)  # quantization engines
     steps: dict[str, Provided] = field(default_factory=dict)
     metrics: dict[str, Provided] = field(default_factory=dict)
     loaders: dict[str, Provided] = field(default_factory=dict)
@@ -98,6 +107,20 @@ class PluginHost:
         if found is None:
             raise KeyError(name)
         return found[0].cls
+
+    @property
+    def source_classes(self) -> dict[str, type]:
+        """The model source classes by kind, in registration order (the order they are asked in)."""
+        return {name: provided.cls for name, provided in self.sources.items()}
+
+    def source_kind_of(self, uri: str | None) -> str | None:
+        """The source kind a model URI shows by its file suffix (a source's ``suffixes``), or None
+        when only the download tells (a folder, a registry or logged model)."""
+        path = (uri or "").split("?")[0].rstrip("/").lower()
+        for name, provided in self.sources.items():
+            if provided.cls.suffixes and path.endswith(tuple(s.lower() for s in provided.cls.suffixes)):
+                return name
+        return None
 
     def loader_for(self, suffix: str) -> Provided | None:
         for provided in self.loaders.values():
@@ -246,7 +269,11 @@ def build_host(*, load_entry_points: bool = True, extra_plugins: Iterable[tuple[
     pm.add_hookspecs(hookspecs)
     distributions: dict[str, str] = {}
     own = _own_distribution()
+    blocked = _csv_env("PIPELINE_STAGE_DISABLE_PLUGINS") or set()
     for module_name in DEFAULT_PLUGINS:
+        if {module_name, module_name.rsplit(".", 1)[1]} & blocked:
+            pm.set_blocked(module_name)  # a built-in left out: its steps, engines and moves with it
+            continue
         pm.register(importlib.import_module(module_name), module_name)
         distributions[module_name] = own
     if load_entry_points:
@@ -266,6 +293,8 @@ def build_host(*, load_entry_points: bool = True, extra_plugins: Iterable[tuple[
             "(`pipeline-stage plugins` lists the hooks each plugin implements)",
         ) from exc
     host = PluginHost(pm=pm, distributions=distributions)
+    _collect(host, "register_sources", _class_registrar("model source", ModelSource, host.sources))
+    _collect(host, "register_quantization_engines", _class_registrar("quantization engine", QuantizationEngine, host.engines))
     _collect(host, "register_steps", _class_registrar("step", Step, host.steps))
     _collect(host, "register_metrics", _class_registrar("metric", Metric, host.metrics))
     _collect(host, "register_data_loaders", _class_registrar("data loader", DataLoader, host.loaders))

@@ -1,5 +1,5 @@
-"""What `pipeline-stage plugins` shows: every installed step, metric, data loader, search move and
-plugin, as plain data (`--json` prints it as it is)."""
+"""What `pipeline-stage plugins` shows: every installed model source, quantization engine, step,
+metric, data loader, search move and plugin, as plain data (`--json` prints it as it is)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,30 @@ def describe(host: PluginHost) -> dict[str, Any]:
         return out
 
     return {
+        "sources": [
+            {
+                "name": name,
+                "title": p.cls.title,
+                "flavors": list(p.cls.flavors),
+                "suffixes": list(p.cls.suffixes),
+                "summary": p.cls.summary(),
+                "plugin": p.plugin,
+                "distribution": p.distribution,
+            }
+            for name, p in host.sources.items()
+        ],
+        "engines": [
+            {
+                "name": name,
+                "modes": list(p.cls.modes),
+                "source_kinds": list(p.cls.source_kinds) or ["any"],
+                "options": params_of(p.cls),
+                "summary": p.cls.summary(),
+                "plugin": p.plugin,
+                "distribution": p.distribution,
+            }
+            for name, p in sorted(host.engines.items())
+        ],
         "steps": [
             {
                 "name": name,

@@ -21,7 +21,7 @@ from pipeline_stage.contract.steps import Phase, Step
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest.data_checks import check_inputs_for_metrics
 from pipeline_stage.manifest.loaded import LoadedManifest
-from pipeline_stage.manifest.schema import DATA_SETS, Manifest, check_model_uri, source_kind_of
+from pipeline_stage.manifest.schema import DATA_SETS, Manifest, check_model_uri
 from pipeline_stage.manifest.yaml_text import MAX_NODES, NoDuplicatesLoader, expanded_size, fmt_loc, line_for, line_map
 
 
@@ -107,7 +107,7 @@ def parse_manifest(
     manifest = _validate_fields(raw, where, model_uri)
     steps = parse_steps(manifest.chain, host, path=path, lines=where.lines, loc=("chain",))
     candidates, moves = _check_search(manifest, host, where)
-    _check_source_kind(manifest, steps, candidates, where)
+    _check_source_kind(manifest, steps, candidates, host, where)
     _check_metric_names(manifest, host, where)
     loaded = LoadedManifest(
         path=path,
@@ -177,10 +177,12 @@ def _validate_fields(raw: dict[str, Any], where: _Where, model_uri: str | None) 
     return manifest
 
 
-def _check_source_kind(manifest: Manifest, steps: list[Step], candidates: list[list[Step]], where: _Where) -> None:
+def _check_source_kind(
+    manifest: Manifest, steps: list[Step], candidates: list[list[Step]], host: PluginHost, where: _Where
+) -> None:
     """Each step's `check_source`, when the model URI shows the source kind (otherwise the stage
     asks it after the download, before the baseline)."""
-    kind = source_kind_of(manifest.model)
+    kind = host.source_kind_of(manifest.model)
     if kind is None:
         return
     chains = [(("chain",), steps)] + [(("search", "candidates", k), chain) for k, chain in enumerate(candidates)]
@@ -339,7 +341,7 @@ def parse_steps(items: list[Any], host: PluginHost, *, path: str, lines: dict, l
         except ValidationError as exc:
             raise _pydantic_error(exc, cls.Params, path, lines, prefix=item_loc + (name,), what=f" for step `{name}`") from None
         try:
-            steps.append(cls(step_params))
+            step = cls(step_params)
         except Exception as exc:
             raise ManifestError(
                 f"step `{name}` rejected its params: {exc}",
@@ -347,6 +349,13 @@ def parse_steps(items: list[Any], host: PluginHost, *, path: str, lines: dict, l
                 line=line_for(lines, item_loc + (name,)),
                 field=fmt_loc(item_loc + (name,)),
             ) from None
+        try:
+            step.check_plugins(host)
+        except InputError as exc:
+            raise ManifestError(
+                exc.message, path=path, line=line_for(lines, item_loc + (name,)), field=fmt_loc(item_loc + (name,)), hint=exc.hint
+            ) from None
+        steps.append(step)
 
     for i in range(1, len(steps)):
         prev, cur = steps[i - 1], steps[i]

@@ -216,15 +216,6 @@ class Manifest(_Strict):
         return value
 
 
-def source_kind_of(uri: str | None) -> str | None:
-    """The source kind a model URI shows by its suffix: ``tflite`` (.tflite), ``keras`` (.keras,
-    .h5), or None when only the download tells (a folder, a registry or logged model)."""
-    path = (uri or "").split("?")[0].rstrip("/").lower()
-    if path.endswith(".tflite"):
-        return "tflite"
-    return "keras" if path.endswith((".keras", ".h5")) else None
-
-
 def check_model_uri(uri: str) -> None:
     """Raise ValueError for a model URI that can never resolve."""
     if uri.startswith("models:/"):

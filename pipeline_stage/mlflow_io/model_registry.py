@@ -3,6 +3,7 @@ apply the alias rule."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -26,7 +27,9 @@ from pipeline_stage.mlflow_io.registry_rules import (
     until_ready,
 )
 from pipeline_stage.mlflow_io.stage_run import StageRun, tag_value
-from pipeline_stage.mlflow_io.tracking import redact
+from pipeline_stage.mlflow_io.tracking import first_line, redact
+
+logger = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 RUNTIME_CODE = Path(__file__).parents[1] / "engine" / "litert_runtime.py"
@@ -119,11 +122,53 @@ def register_version(
     version is created with those digests among its tags (`record` gets them too), so no version
     is ever without them, and a store that kept other bytes than the stage measured fails here.
     The version is complete (artifacts, tags) before the alias moves; if anything fails after the
-    version was created, the version is deleted again so no half-registered version remains.
+    version was created, the version is deleted again so no half-registered version remains (a
+    rollback that fails is logged and noted on the error).
 
     With `identity` (a passing run without --new-version), identical stages that registered at the
     same moment keep one version: the earliest; the others delete theirs and reuse it.
     """
+    info = _log_pyfunc(run, tflite_path, sample)
+    files = _stored_digests(info, tflite_path)
+    record(files)
+    tags = {**tags, **integrity.as_tags(files), **({DEDUPLICATED: "true"} if identity is not None else {})}
+    client = run.client
+    undo = _Undo(run, name, alias)
+    try:
+        undo.previous = alias_holder(client, name, alias) if alias else None
+        mv = undo.version = _create_version(run, name, info, tags)
+        if identity is not None:
+            first = registered_first(client, name, identity, mine=str(mv.version))
+            if first is not None:
+                # an identical stage registered the same chain on the same source first: keep its version
+                run.cleanup.run(lambda: client.delete_model_version(name, mv.version))
+                return reuse_version(client, first, alias, trusted=frozenset({str(first.version)}), deduplicated=str(mv.version))
+        undo.alias_touched = bool(alias)
+        holder = settle_alias(client, name, alias, trusted=frozenset({str(mv.version)})) if alias else None
+    except Exception as exc:
+        failed = undo.all()
+        try:
+            raise_classified(exc, f"registering a version of `{name}`")
+        except BaseException as raised:
+            for note in failed:
+                raised.add_note(note)
+            raise
+    return Registered(
+        name=name,
+        version=str(mv.version),
+        alias=alias if holder == str(mv.version) else None,
+        alias_holder=holder,
+        uri=f"models:/{name}/{mv.version}",
+        reused=False,
+        run_id=run.run_id,
+        model_uri=info.model_uri,
+        tflite_uri=f"runs:/{run.run_id}/{TFLITE_ARTIFACT}",
+    )
+
+
+def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None):
+    """The .tflite logged as a pyfunc model (its signature from a run on `sample`), the run's queued
+    metrics sent linked to it; MLflow's ModelInfo."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -140,7 +185,6 @@ def register_version(
         signature = infer_signature(x, outputs if len(outputs) > 1 else next(iter(outputs.values())))
     from importlib.metadata import version as dist_version
 
-    expected = _pyfunc_files(tflite_path)
     with _requirements_read_from_here():
         info = mlflow.pyfunc.log_model(
             name="tflite_model",
@@ -148,7 +192,7 @@ def register_version(
             artifacts={"tflite": str(tflite_path)},
             code_paths=[str(RUNTIME_CODE)],
             signature=signature,
-            model_config={PYFUNC_DIGESTS: expected},
+            model_config={PYFUNC_DIGESTS: _pyfunc_files(tflite_path)},
             pip_requirements=[
                 f"ai-edge-litert=={dist_version('ai-edge-litert')}",
                 f"numpy=={np.__version__}",
@@ -158,6 +202,13 @@ def register_version(
     # The run's metrics so far go now, linked to the logged model (log_model found none on the run
     # to link: StageRun queues them), in one request.
     run.flush(model_id=getattr(info, "model_id", None))
+    return info
+
+
+def _stored_digests(info, tflite_path: Path) -> list[FileDigest]:
+    """The logged model's files as the store holds them, read back and digested (refused when they
+    differ from what was uploaded), and the run's raw .tflite."""
+    expected = _pyfunc_files(tflite_path)
     with tempfile.TemporaryDirectory(prefix="pipeline-stage-stored-") as tmp:
         files = integrity.stored_folder(info.model_uri, Path(tmp), f"the logged model {info.model_uri}")
     stored = {f.path[len(integrity.MODEL) + 1 :]: f.sha256 for f in files}
@@ -167,73 +218,77 @@ def register_version(
             f"the artifact store holds other bytes than the stage uploaded for {info.model_uri}: {', '.join(changed)}",
             hint="the store altered or truncated the upload; retry the step",
         )
-    files.append(integrity.digest_file(tflite_path, f"{integrity.RUN}/{TFLITE_ARTIFACT}"))
-    record(files)
-    tags = {**tags, **integrity.as_tags(files), **({DEDUPLICATED: "true"} if identity is not None else {})}
+    return [*files, integrity.digest_file(tflite_path, f"{integrity.RUN}/{TFLITE_ARTIFACT}")]
+
+
+def _create_version(run: StageRun, name: str, info, tags: dict[str, str]):
+    """The registered model (created if missing: another stage creating it at the same moment is as
+    good) and a new READY version of it with all its tags."""
+    import mlflow
+
     client = run.client
-    mv = None
-    alias_touched = False
     try:
-        previous = alias_holder(client, name, alias) if alias else None
-        try:
-            client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException as exc:
-            if not is_missing(exc):
-                raise
-            # another stage may create it at the same moment: that is as good
-            concurrent_write(
-                lambda: client.create_registered_model(name, description="TFLite models optimized by pipeline-stage"),
-                idempotent=True,
-            )
-        mv = concurrent_write(
-            lambda: client.create_model_version(
-                name=name,
-                source=info.model_uri,
-                run_id=run.run_id,
-                tags={k: tag_value(v) for k, v in tags.items()},
-                model_id=getattr(info, "model_id", None),
-            ),
-            idempotent=False,
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if not is_missing(exc):
+            raise
+        concurrent_write(
+            lambda: client.create_registered_model(name, description="TFLite models optimized by pipeline-stage"),
+            idempotent=True,
         )
-        mv = until_ready(client, mv)
-        if mv.status != "READY":
-            raise TrackingError(f"model version {name}/{mv.version} ended in status {mv.status}")
-        if identity is not None:
-            first = registered_first(client, name, identity, mine=str(mv.version))
-            if first is not None:
-                # an identical stage registered the same chain on the same source first: keep its version
-                run.cleanup.run(lambda: client.delete_model_version(name, mv.version))
-                return reuse_version(client, first, alias, trusted=frozenset({str(first.version)}), deduplicated=str(mv.version))
-        alias_touched = bool(alias)
-        holder = settle_alias(client, name, alias, trusted=frozenset({str(mv.version)})) if alias else None
-    except Exception as exc:
-        # Undo within the run's cleanup clock (a server that comes back within it gets it done;
-        # one gone for good leaves a READY, tagged version without the alias, which a retry reuses).
-        if alias_touched:  # put the alias back where it was
-            try:
-                if previous is not None:
-                    run.cleanup.run(lambda: client.set_registered_model_alias(name, alias, previous))
-                else:
-                    run.cleanup.run(lambda: client.delete_registered_model_alias(name, alias))
-            except Exception:
-                pass
-        if mv is not None:
-            try:
-                run.cleanup.run(lambda: client.delete_model_version(name, mv.version))
-            except Exception:
-                pass
-        raise_classified(exc, f"registering a version of `{name}`")
-    return Registered(
-        name=name,
-        version=str(mv.version),
-        alias=alias if holder == str(mv.version) else None,
-        alias_holder=holder,
-        uri=f"models:/{name}/{mv.version}",
-        reused=False,
-        run_id=run.run_id,
-        model_uri=info.model_uri,
-        tflite_uri=f"runs:/{run.run_id}/{TFLITE_ARTIFACT}",
+    mv = concurrent_write(
+        lambda: client.create_model_version(
+            name=name,
+            source=info.model_uri,
+            run_id=run.run_id,
+            tags={k: tag_value(v) for k, v in tags.items()},
+            model_id=getattr(info, "model_id", None),
+        ),
+        idempotent=False,
     )
+    mv = until_ready(client, mv)
+    if mv.status != "READY":
+        raise TrackingError(f"model version {name}/{mv.version} ended in status {mv.status}")
+    return mv
+
+
+class _Undo:
+    """What a failed registration undoes, within the run's cleanup clock: the alias put back where
+    it was (if it was touched), the half-made version deleted. A server that comes back within the
+    clock gets it done; one gone for good leaves a READY, tagged version without the alias, which
+    a retry reuses."""
+
+    def __init__(self, run: StageRun, name: str, alias: str | None):
+        self.stage_run, self.name, self.alias = run, name, alias
+        self.previous: str | None = None
+        self.version = None
+        self.alias_touched = False
+
+    def all(self) -> list[str]:
+        """Undo; returns a sentence for each undo that failed (each also logged)."""
+        client, name, alias, failed = self.stage_run.client, self.name, self.alias, []
+        steps = []
+        if self.alias_touched:
+            if self.previous is not None:
+                steps.append(
+                    (
+                        f"put alias `{alias}` back on version {self.previous}",
+                        lambda: client.set_registered_model_alias(name, alias, self.previous),
+                    )
+                )
+            else:
+                steps.append((f"remove alias `{alias}`", lambda: client.delete_registered_model_alias(name, alias)))
+        if self.version is not None:
+            version = self.version.version
+            steps.append((f"delete the half-made version {name}/{version}", lambda: client.delete_model_version(name, version)))
+        for what, undo in steps:
+            try:
+                self.stage_run.cleanup.run(undo)
+            except Exception as exc:
+                sentence = f"rollback failed: could not {what}: {type(exc).__name__}: {first_line(exc)}"
+                logger.warning("%s", sentence)
+                failed.append(sentence)
+        return failed
 
 
 def reuse_version(

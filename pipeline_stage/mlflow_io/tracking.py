@@ -8,6 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
+from pipeline_stage.contract import errors
 from pipeline_stage.contract.errors import InputError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -30,8 +31,7 @@ def redact(text: str) -> str:
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, redacted and cut to 300 characters (for one-line errors)."""
-    text = str(exc).strip().splitlines()
-    return redact(text[0] if text else type(exc).__name__)[:300]
+    return redact(errors.first_line(exc))
 
 
 def resolve_tracking_uri(cli_value: str | None) -> str:
@@ -64,6 +64,14 @@ def configure(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_REGISTRY_URI"):
         mlflow.set_registry_uri(uri)
+
+
+def client():
+    """An ``MlflowClient`` for the configured tracking URI (after :func:`preflight`: a store this
+    install cannot open is refused there, with the fix)."""
+    import mlflow
+
+    return mlflow.MlflowClient()
 
 
 def local_store_usable(uri: str) -> None:

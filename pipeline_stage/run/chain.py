@@ -1,7 +1,8 @@
 """The chain runner: one source model and chains run on it, each to a typed result.
 
-It converts the float baseline once and runs a chain: ``model`` steps on the Keras model, the one
-conversion after the last ``convert`` step, ``tflite`` steps on the bytes, each step measured
+It converts the float baseline once and runs a chain: ``model`` steps on the source's model, the
+one conversion after the last ``convert`` step (the source plugin's float conversion, or the
+quantization engine a step asked for), ``tflite`` steps on the bytes, each step measured
 (:mod:`pipeline_stage.run.measuring`) on the evaluation context's data
 (:mod:`pipeline_stage.run.evaluation`). It knows phases and steps, never a particular plugin, and
 nothing of MLflow runs: what a chain logs goes to a :class:`RunSink` (the stage's MLflow run, or a
@@ -10,17 +11,16 @@ search trial's folder). The stage and the search trials use this public API only
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline_stage.contract.engines import QuantizationEngine, QuantizationJob
 from pipeline_stage.contract.errors import InputError, PluginError, StageError
 from pipeline_stage.contract.report import ConversionRecord, ObserverContext, StepRecord
 from pipeline_stage.contract.steps import ConversionSettings, Phase, Step, StepContext
-from pipeline_stage.engine.convert import float_settings
-from pipeline_stage.engine.source_model import keras_predict_batch
+from pipeline_stage.engine.tf_env import captured_output
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest.schema import ConversionSpec
 from pipeline_stage.run.evaluation import EvaluationContext
@@ -77,23 +77,24 @@ class ChainRunner:
         self.host, self.evaluation, self.source = host, evaluation, evaluation.source
         self.conversion, self.workdir, self.progress, self.context = conversion, workdir, progress, context
 
-    def _not_keras(self, step: Step) -> InputError:
-        what = "a .tflite file" if self.source.kind == "tflite" else "a SavedModel"
+    def _not_editable(self, step: Step) -> InputError:
+        src = self.source
         return InputError(
-            f"step `{step.name}` works on Keras models, but `{self.source.info.uri}` is {what}",
+            f"step `{step.name}` edits the source's model (phase model), but `{src.info.uri}` is "
+            f"{src.title or src.name}, which has none it can edit",
             hint="drop the step, or give the Keras model (mlflow.tensorflow.log_model) it came from",
         )
 
     def check_chain(self, steps: list[Step], *, search: bool = False) -> None:
         """Refuse, before any work, a chain the source cannot take: each step's `check_source`, and
-        `model` steps on a source that is not a Keras model (without a search, whose other
+        `model` steps on a source without a model they can edit (without a search, whose other
         candidates may do without them)."""
         for step in steps:
-            step.check_source(self.source.kind)
-        if self.source.keras_model is None and not search:
+            step.check_source(self.source.name)
+        if self.source.model is None and not search:
             for step in steps:
                 if step.phase is Phase.MODEL:
-                    raise self._not_keras(step)
+                    raise self._not_editable(step)
 
     def higher_is_better(self, names: list[str]) -> dict[str, bool]:
         return {n: self.host.metric_class(n).higher_is_better for n in names}
@@ -110,7 +111,7 @@ class ChainRunner:
         self.progress("baseline")(
             "float conversion, then " + (f"evaluation on {len(ev)} samples" if ev is not None else "measurements")
         )
-        float_bytes = self.convert(self._settings(), self.source.keras_model, log_name="convert-baseline.log")
+        float_bytes = self.source.to_float_tflite(self._settings(), self.source.model, self.workdir / "convert-baseline.log")
         tflite_metrics = measure(self.host, self.evaluation, names, model_bytes=float_bytes).values
         metrics = dict(tflite_metrics)
         # the source model's own predictions are the reference outputs, computed once
@@ -127,31 +128,43 @@ class ChainRunner:
             allow_select_tf_ops=self.conversion.allow_select_tf_ops, allow_custom_ops=self.conversion.allow_custom_ops
         )
 
-    def convert(
-        self, settings: ConversionSettings, keras_model: Any, *, log_name: str = "convert.log", float_model: bytes | None = None
-    ) -> bytes:
-        """The one conversion of a chain (or the baseline's), with the data its settings name
-        (`float_model`: engine litert's float .tflite, when the chain already has it)."""
-        from pipeline_stage.engine.convert import convert
-
-        load = self.evaluation.load
-        representative = load(settings.representative_data) if settings.representative_data else None
-        training = load(settings.training_data) if settings.training_data else None
-        if representative is not None:
-            self.progress("convert")(
-                f"{settings.quantization} ({settings.engine}): calibrating on "
-                f"{min(len(representative), settings.calibration_samples)} samples"
+    def engine(self, name: str) -> QuantizationEngine:
+        """The installed quantization engine `name`, checked against the source's kind."""
+        provided = self.host.engines.get(name)
+        if provided is None:
+            raise InputError(
+                f"no quantization engine `{name}` is installed (engines: {', '.join(sorted(self.host.engines)) or 'none'})",
+                hint="install the plugin that provides it (`pipeline-stage plugins` lists the engines)",
             )
-        return convert(
-            self.source,
-            settings,
-            keras_model=keras_model,
-            representative=representative,
-            training=training,
-            log_path=self.workdir / log_name,
-            log=self.progress("convert"),
-            float_model=float_model,
-        )
+        engine = provided.cls()
+        if not engine.accepts(self.source.name):
+            raise InputError(
+                f"engine `{name}` does not take {self.source.title or self.source.name} (it takes: {', '.join(engine.source_kinds)})",
+                hint="use another engine (`engine: auto` picks one that takes it)",
+            )
+        return engine
+
+    def quantize(self, engine: QuantizationEngine, job: QuantizationJob) -> bytes:
+        """The engine's quantized .tflite; what it raises other than a StageError names the engine."""
+        request = job.request
+        if request.calibration_data:
+            data = self.evaluation.load(request.calibration_data)
+            self.progress("convert")(
+                f"{request.mode} ({request.engine}): calibrating on {min(len(data), request.calibration_samples)} samples"
+            )
+        try:
+            with captured_output(job.log_path):  # what the engine prints goes to the conversion's log
+                out = engine.quantize(job)
+        except StageError:
+            raise
+        except Exception as exc:
+            dist = self.host.engines[engine.name].distribution
+            raise PluginError(
+                f"quantization engine `{engine.name}` (distribution `{dist}`) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(out, (bytes, bytearray)):
+            raise PluginError(f"quantization engine `{engine.name}` returned {type(out).__name__}, expected the .tflite bytes")
+        return bytes(out)
 
     def _apply(self, step: Step, index: int, subject: Any, ctx: StepContext) -> Any:
         try:
@@ -169,73 +182,54 @@ class ChainRunner:
         step measured on `evaluation.per_step`.
 
         `float_bytes` (the baseline's float conversion) is reused when the chain asks nothing of the
-        conversion.
+        conversion, and as the float model an engine quantizes when the model and the float options
+        are the baseline's.
         """
-        from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-
         src, hook, ev = self.source, self.host.hook, self.evaluation
         per_step = list(ev.spec.per_step)
         settings = self._settings()
         records: list[StepRecord] = []
         tags: dict[str, str] = {}
-        keras_model = src.keras_model
+        model = src.model
         model_bytes: bytes | None = None
-        conversion: ConversionRecord | None = None
-        float_model: bytes | None = None  # engine litert: the float .tflite it quantized
+        conversion: Conversion | None = None
         last_convert = max((i for i, s in enumerate(steps) if s.phase is Phase.CONVERT), default=None)
-
-        def do_convert() -> bytes:
-            nonlocal conversion, float_model
-            t = time.perf_counter()
-            transformed = any(s.phase is Phase.MODEL for s in steps)
-            # the baseline's float conversion is this chain's when the model and the converter's
-            # options are the same
-            same_float = float_bytes is not None and not transformed and float_settings(settings) == self._settings()
-            if same_float and settings.quantization is None and not settings.set_by:
-                out = float_bytes  # nothing asked of the conversion: the baseline's is the same one
-            else:
-                if settings.engine == "litert" and settings.quantization is not None:
-                    float_model = float_bytes if same_float else self.convert(float_settings(settings), keras_model)
-                out = self.convert(settings, keras_model, float_model=float_model)
-                sink.log_artifact(self.workdir / "convert.log")
-            conversion = ConversionRecord(
-                settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "set_by"},
-                seconds=round(time.perf_counter() - t, 3),
-                flatbuffer=read_flatbuffer(out).summary(),
-            )
-            return out
+        transformed = any(s.phase is Phase.MODEL for s in steps)
 
         for i, step in enumerate(steps):
             if step.phase is Phase.TFLITE and model_bytes is None:
-                model_bytes = do_convert()
+                conversion = self._convert(settings, model, sink, float_bytes if not transformed else None)
+                model_bytes = conversion.model_bytes
             hook.before_step(step=step, index=i, context=self.context)
             ctx = StepContext(
                 workdir=self.workdir,
                 load_data=ev.load,
                 samples=ev.sample_inputs,
                 log=self.progress(step.name),
-                model=keras_model,
+                model=model,
                 conversion=settings,
-                source_kind=src.kind,
-                float_model=float_model,
+                source_kind=src.name,
+                float_model=conversion.float_model if conversion else None,
+                per_layer_errors=conversion.per_layer_errors if conversion else None,
             )
             t = time.perf_counter()
             if step.phase is Phase.MODEL:
-                if keras_model is None:
-                    raise self._not_keras(step)
-                keras_model = self._apply(step, i, keras_model, ctx)
-                model_now = keras_model
+                if model is None:
+                    raise self._not_editable(step)
+                model = self._apply(step, i, model, ctx)
+                model_now = model
                 metrics = measure(
                     self.host,
                     ev,
                     self.prediction_metrics(per_step),
-                    outputs=lambda: ev.predict(lambda batch: keras_predict_batch(model_now, batch, ev.output_names)),
+                    outputs=lambda: ev.predict(lambda batch: src.predict_batch(batch, model=model_now)),
                 ).values
             elif step.phase is Phase.CONVERT:
                 self._apply(step, i, settings, ctx)
                 metrics = {}
                 if i == last_convert:
-                    model_bytes = do_convert()
+                    conversion = self._convert(settings, model, sink, float_bytes if not transformed else None)
+                    model_bytes = conversion.model_bytes
                     metrics = measure(self.host, ev, per_step, model_bytes=model_bytes).values
             else:
                 model_bytes = self._apply(step, i, model_bytes, ctx)
@@ -258,5 +252,69 @@ class ChainRunner:
             sink.log_metrics({f"step.{i}.{step.name}.{k}": v for k, v in metrics.items()})
             hook.after_step(step=step, record=record, context=self.context)
         if model_bytes is None:
-            model_bytes = do_convert()
-        return ChainResult(model_bytes, records, conversion, tags)
+            conversion = self._convert(settings, model, sink, float_bytes if not transformed else None)
+            model_bytes = conversion.model_bytes
+        return ChainResult(model_bytes, records, conversion.record if conversion else None, tags)
+
+    def _convert(self, settings: ConversionSettings, model: Any, sink: RunSink, baseline_float: bytes | None) -> "Conversion":
+        """The chain's one conversion: the baseline's float model when nothing is asked of it, the
+        source's float conversion, or the requested engine's quantization (handed the float model,
+        the baseline's when the float options are the baseline's)."""
+        from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
+
+        t = time.perf_counter()
+        log_path = self.workdir / "convert.log"
+        same_float = baseline_float is not None and settings.float_part() == self._settings()
+        request = settings.quantization
+        floats: dict[str, bytes] = {}
+
+        def convert_float() -> bytes:
+            if "bytes" not in floats:
+                floats["bytes"] = (
+                    baseline_float if same_float else self.source.to_float_tflite(settings.float_part(), model, log_path)
+                )
+            return floats["bytes"]
+
+        per_layer = None
+        if request is None and same_float and not settings.set_by:
+            out = baseline_float  # nothing asked of the conversion: the baseline's is the same one
+        elif request is None:
+            out = self.source.to_float_tflite(settings, model, log_path)
+        else:
+            engine = self.engine(request.engine)
+            job = QuantizationJob(
+                request=request,
+                conversion=settings,
+                source=self.source,
+                model=model,
+                load_data=self.evaluation.load,
+                workdir=self.workdir,
+                log_path=log_path,
+                log=self.progress("convert"),
+                convert_float=convert_float,
+            )
+            out = self.quantize(engine, job)
+            evaluation = self.evaluation.load
+
+            def per_layer(quantized: bytes, samples: int) -> list[dict] | str:
+                return engine.per_layer_errors(job, quantized, evaluation("evaluation"), samples)
+
+        if log_path.exists():
+            sink.log_artifact(log_path)
+        record = ConversionRecord(
+            settings=settings.record(),
+            seconds=round(time.perf_counter() - t, 3),
+            flatbuffer=read_flatbuffer(out).summary(),
+        )
+        return Conversion(out, record, floats.get("bytes"), per_layer)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A chain's conversion: the .tflite, its record, the float model an engine quantized (when it
+    asked for one) and the engine's per-layer error (None without a quantization)."""
+
+    model_bytes: bytes
+    record: ConversionRecord
+    float_model: bytes | None
+    per_layer_errors: Any

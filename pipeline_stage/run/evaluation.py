@@ -21,8 +21,8 @@ import numpy as np
 
 from pipeline_stage.contract.data import Dataset, release_pages
 from pipeline_stage.contract.errors import InputError
+from pipeline_stage.contract.sources import ModelSource
 from pipeline_stage.engine.evaluate import check_input_shape
-from pipeline_stage.engine.source_model import SourceModel
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest, local_data_path
 from pipeline_stage.manifest.data_checks import DATASET_PREFIX
@@ -48,7 +48,7 @@ class EvaluationContext:
     def __init__(
         self,
         host: PluginHost,
-        source: SourceModel,
+        source: ModelSource,
         data: Mapping[str, str],
         spec: EvaluationSpec,
         *,
@@ -74,7 +74,7 @@ class EvaluationContext:
         cls,
         loaded: LoadedManifest,
         host: PluginHost,
-        source: SourceModel,
+        source: ModelSource,
         workdir: Path,
         log: Callable[[str], None] | None = None,
     ) -> "EvaluationContext":

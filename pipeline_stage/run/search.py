@@ -63,11 +63,7 @@ class Search:
         self.started = 0.0
         self.stopped_because = "exhausted"
         self.not_tried: list[dict[str, str]] = []
-        model = runner.source.keras_model
-        self.facts = ModelFacts(
-            layer_classes=frozenset(type(layer).__name__ for layer in model.layers) if model is not None else frozenset(),
-            source_kind=runner.source.kind,
-        )
+        self.facts = ModelFacts(layer_classes=runner.source.layer_classes(), source_kind=runner.source.name)
 
     # -- running trials --------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -76,7 +72,7 @@ class Search:
         shared = self.root / "shared"
         shared.mkdir(parents=True, exist_ok=True)
         src, ev = self.runner.source, self.runner.evaluation
-        self.source_path = str(src.saved_model_dir if src.saved_model_dir is not None else src.path)
+        self.source_path = str(src.path)
         # The baseline's outputs, computed once for the search: every trial's fidelity is against them.
         self.reference_path = None
         if ev.evaluation is not None:
@@ -96,6 +92,7 @@ class Search:
             index=trial.index,
             chain=seeded,
             source=self.source_path,
+            source_kind=self.runner.source.name,
             signature=m.signature,
             allow_unsafe_deserialization=m.allow_unsafe_deserialization,
             data=ev.local_paths(),

@@ -9,32 +9,39 @@ an exception; exceptions are errors.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from pipeline_stage.contract.errors import StageError
 from pipeline_stage.contract.gates import evaluate_gates
 from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report, SourceRef, Timing
+from pipeline_stage.contract.sources import SourceOptions
+from pipeline_stage.engine.source_model import open_source
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest
+from pipeline_stage.mlflow_io import integrity
+from pipeline_stage.mlflow_io import source as source_mod
 from pipeline_stage.mlflow_io.failures import raise_classified
-from pipeline_stage.mlflow_io.model_registry import check_may_register
+from pipeline_stage.mlflow_io.model_registry import TFLITE_ARTIFACT, check_may_register, publish, version_tags
 from pipeline_stage.mlflow_io.object_store import probe_all
 from pipeline_stage.mlflow_io.registry_rules import PASSED_TAG
-from pipeline_stage.mlflow_io.source import is_remote
+from pipeline_stage.mlflow_io.stage_run import StageRun, flatten
+from pipeline_stage.mlflow_io.tracking import client as tracking_client
 from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
+from pipeline_stage.reporting.files import render, write_json
 from pipeline_stage.reporting.html import render_plots
 from pipeline_stage.run.chain import ChainRunner
 from pipeline_stage.run.evaluation import SOURCE_RUN_PLACEHOLDER, EvaluationContext
 from pipeline_stage.run.measuring import measure
 from pipeline_stage.run.phase_clock import PhaseClock, peak_rss_mb, process_age_s
 from pipeline_stage.run.progress import Progress
-from pipeline_stage.run.workers import start_workers
+from pipeline_stage.run.workers import TrialWorkers, start_workers
 from pipeline_stage.version import __version__
 
 
@@ -53,113 +60,150 @@ class RunOptions:
 
 
 class Stage:
-    """One execution of a manifest (see the module docstring)."""
+    """One execution of a manifest (see the module docstring): :meth:`run` goes through its phases,
+    each a method: open (tracking, the source, the permission), start (the report and the MLflow
+    run), load (the model, the data, the chain runner), execute (baseline, chain or search,
+    candidate, gates), finish (registration, reports), and fail or close."""
 
     def __init__(self, loaded: LoadedManifest, host: PluginHost, options: RunOptions):
         self.loaded, self.m, self.host, self.options = loaded, loaded.manifest, host, options
         self.progress = Progress(options.quiet)
+        self.clock = PhaseClock()
+        self.started = time.perf_counter()
+        self.startup: float | None = None
+        self.own_tmp = tempfile.TemporaryDirectory(prefix="pipeline-stage-") if options.workdir is None else None
+        self.workdir = Path(self.own_tmp.name) if self.own_tmp is not None else options.workdir
+        self.manifest_sha256 = hashlib.sha256(loaded.text.encode()).hexdigest()
+        self.client = None  # MlflowClient, once tracking is configured
+        self.report: Report | None = None
+        self.workers: TrialWorkers | None = None
+        self.convert_and_evaluate: float | None = None  # from the baseline's conversion to the gates
 
     def run(self) -> Report:
         """Run the manifest; return the report (``report.passed`` says whether every gate passed)."""
-        from pipeline_stage.engine.source_model import load_local
-        from pipeline_stage.mlflow_io import source as source_mod
-        from pipeline_stage.mlflow_io.stage_run import StageRun, flatten
+        self.started = time.perf_counter()
+        self.startup = process_age_s() if self.options.startup_s == "process" else self.options.startup_s
+        info, files = self._open()
+        run, context = self._start(info)
+        try:
+            runner = self._load(info, files, run, context)
+            step_tags = self._execute(run, runner, context)
+            self._finish(run, runner, step_tags, context)
+        except BaseException as exc:
+            self._fail(exc, run, context)
+        finally:
+            self._close()
+        return self.report
 
-        options, m = self.options, self.m
-        started = self.started = time.perf_counter()
-        clock = self.clock = PhaseClock()
-        startup = process_age_s() if options.startup_s == "process" else options.startup_s
-        configure(options.tracking_uri)
-        preflight(options.tracking_uri)
-        own_tmp = tempfile.TemporaryDirectory(prefix="pipeline-stage-") if options.workdir is None else None
-        workdir = Path(own_tmp.name) if own_tmp is not None else options.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        import mlflow
+    def _open(self) -> tuple[SourceRef, str]:
+        """Tracking configured and reachable, the work folder, the source resolved to where its
+        files are, and the permission to register checked: before any MLflow run exists."""
+        configure(self.options.tracking_uri)
+        preflight(self.options.tracking_uri)
+        self.client = tracking_client()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        info = source_mod.resolve(self.m.model, self.client)
+        files = source_mod.files_uri(info, self.client)
+        if self.m.registration is not None:
+            check_may_register(self.client, self.m.registration.name)
+        return info, files
 
-        info = source_mod.resolve(m.model, mlflow.MlflowClient())
-        files = source_mod.files_uri(info, mlflow.MlflowClient())
-        if m.registration is not None:
-            check_may_register(mlflow.MlflowClient(), m.registration.name)
-        sha256 = hashlib.sha256(self.loaded.text.encode()).hexdigest()
-        report = Report(
-            manifest=ManifestRef(path=self.loaded.path, chain_digest=self.loaded.chain_digest, sha256=sha256),
+    def _start(self, info: SourceRef) -> tuple[StageRun, ObserverContext]:
+        """The report, the MLflow run (tagged with the chain and the source), the observers'
+        context, and a search's worker processes (their imports overlap the downloads)."""
+        self.report = Report(
+            manifest=ManifestRef(path=self.loaded.path, chain_digest=self.loaded.chain_digest, sha256=self.manifest_sha256),
             source=info,
-            tracking_uri=redact(options.tracking_uri),
+            tracking_uri=redact(self.options.tracking_uri),
             package_version=__version__,
         )
-        identity = {"pipeline_stage.chain_digest": self.loaded.chain_digest, **{k: redact(v) for k, v in info.tags().items()}}
-        run = StageRun(m.experiment, tags={**identity, "pipeline_stage.version": __version__})
-        report.run_id = run.run_id
-        clock.add("resolve", time.perf_counter() - started)
+        run = StageRun(self.m.experiment, tags={**self._identity(info), "pipeline_stage.version": __version__})
+        self.report.run_id = run.run_id
+        self.clock.add("resolve", time.perf_counter() - self.started)
         context = ObserverContext(
             manifest_path=self.loaded.path,
             chain_digest=self.loaded.chain_digest,
             steps=tuple(self.loaded.steps),
             run_id=run.run_id,
-            quiet=options.quiet,
+            quiet=self.options.quiet,
             progress=self.progress,
         )
-        # A search's worker processes start now: their TensorFlow imports overlap with the downloads
-        # and the baseline.
-        self.workers = start_workers(m.search) if m.search is not None else None
+        self.workers = start_workers(self.m.search) if self.m.search is not None else None
+        return run, context
+
+    def _identity(self, info: SourceRef) -> dict[str, str]:
+        """The tags that make two runs the same stage: the chain digest and the source."""
+        return {"pipeline_stage.chain_digest": self.loaded.chain_digest, **{k: redact(v) for k, v in info.tags().items()}}
+
+    def _load(self, info: SourceRef, files: str, run: StageRun, context: ObserverContext) -> ChainRunner:
+        """The stores probed, runs an outage left RUNNING ended, the manifest logged, the model
+        downloaded and opened by its source plugin, the data loaded: the chain runner on them."""
+        report, m = self.report, self.m
+        probe_all(self._store_places(info, files, run.run.info.artifact_uri))
+        # Runs of this chain on this source that an outage left RUNNING end now, FAILED, saying why.
+        report.ended_orphans = run.end_orphans(self._identity(info))
+        if report.ended_orphans:
+            self.progress("tracking")(f"ended {len(report.ended_orphans)} run(s) an outage left RUNNING")
+        run.log_params(flatten({"manifest": dict(self.loaded.raw), "model": m.model}))
+        run.log_text(self.loaded.text, "manifest.yaml")
+        with self.clock.phase("model_download"):
+            root = source_mod.download(info.uri, self.workdir / "source-model", files=files)
+        with self.clock.phase("load"):
+            options = SourceOptions(
+                allow_unsafe_deserialization=m.allow_unsafe_deserialization,
+                custom_objects=self.host.keras_objects,
+                signature=m.signature,
+            )
+            source = open_source(root, info, self.host.source_classes, options)
+            report.source = info.model_copy(update={"kind": source.name})
+            evaluation = EvaluationContext.for_manifest(self.loaded, self.host, source, self.workdir, log=self.progress("data"))
+            runner = ChainRunner(self.host, evaluation, m.conversion, self.workdir, progress=self.progress, context=context)
+            runner.check_chain(self.loaded.steps, search=m.search is not None)
+            evaluation.load_all(self.loaded.required_data(self.host))
+            run.log_datasets([{**d, "uri": redact(d["uri"])} for d in evaluation.lineage()])
+        return runner
+
+    def _finish(self, run: StageRun, runner: ChainRunner, step_tags: dict[str, str], context: ObserverContext) -> None:
+        """The version registered (the plots render meanwhile), the timing, the reports, the run ended."""
+        report = self.report
+        report.seconds = round(time.perf_counter() - self.started, 3)
+        # The plots need the measurements only: rendered while the version registers, which
+        # mostly waits on the server (the GIL is free then).
+        pool = ThreadPoolExecutor(1, thread_name_prefix="plots")
+        plots = pool.submit(render_plots, report)
+        pool.shutdown(wait=False)  # the thread ends with its one task
+        with self.clock.phase("register"):
+            self._register(run, runner, step_tags, context)
+            run.set_tags({PASSED_TAG: str(report.passed).lower()})
+        timing = {"startup_s": round(self.startup, 3)} if self.startup is not None else {}
+        report.timing = Timing(convert_and_evaluate_s=self.convert_and_evaluate, **timing, **self.clock.fields())
+        self._write_reports(run, plots)
+        run.end("FINISHED")
+
+    def _fail(self, exc: BaseException, run: StageRun, context: ObserverContext) -> NoReturn:
+        """The error in the report, observers told, the local report written, the run ended
+        FAILED (KILLED on an interrupt); the error raised again, classified when MLflow's."""
+        self.report.error = redact(str(exc))
         try:
-            probe_all(self._store_places(info, files, run.run.info.artifact_uri))
-            # Runs of this chain on this source that an outage left RUNNING end now, FAILED, saying why.
-            report.ended_orphans = run.end_orphans(identity)
-            if report.ended_orphans:
-                self.progress("tracking")(f"ended {len(report.ended_orphans)} run(s) an outage left RUNNING")
-            run.log_params(flatten({"manifest": dict(self.loaded.raw), "model": m.model}))
-            run.log_text(self.loaded.text, "manifest.yaml")
-            with clock.phase("model_download"):
-                root = source_mod.download(info.uri, workdir / "source-model", files=files)
-            with clock.phase("load"):
-                source = load_local(
-                    root,
-                    info,
-                    safe_mode=not m.allow_unsafe_deserialization,
-                    custom_objects=self.host.keras_objects,
-                    signature=m.signature,
-                )
-                evaluation = EvaluationContext.for_manifest(self.loaded, self.host, source, workdir, log=self.progress("data"))
-                runner = ChainRunner(self.host, evaluation, m.conversion, workdir, progress=self.progress, context=context)
-                runner.check_chain(self.loaded.steps, search=m.search is not None)
-                evaluation.load_all(self.loaded.required_data(self.host))
-                run.log_datasets([{**d, "uri": redact(d["uri"])} for d in evaluation.lineage()])
-            work_started = time.perf_counter()
-            step_tags = self._execute(report, run, runner, context)
-            convert_and_evaluate = round(time.perf_counter() - work_started, 3)
-            report.seconds = round(time.perf_counter() - started, 3)
-            # The plots need the measurements only: rendered while the version registers, which
-            # mostly waits on the server (the GIL is free then).
-            pool = ThreadPoolExecutor(1, thread_name_prefix="plots")
-            plots = pool.submit(render_plots, report)
-            pool.shutdown(wait=False)  # the thread ends with its one task
-            with clock.phase("register"):
-                self._register(report, run, runner, workdir, step_tags, sha256, context)
-                run.set_tags({PASSED_TAG: str(report.passed).lower()})
-            timing = {"startup_s": round(startup, 3)} if startup is not None else {}
-            report.timing = Timing(convert_and_evaluate_s=convert_and_evaluate, **timing, **clock.fields())
-            self._write_reports(report, run, startup, plots)
-            run.end("FINISHED")
-        except BaseException as exc:
-            report.error = redact(str(exc))
-            try:
-                self.host.hook.on_stage_error(error=exc, context=context)
-            finally:
-                self._write_local_report(report)
-                run.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
-            if isinstance(exc, StageError) or not isinstance(exc, Exception):
-                raise
-            raise_classified(exc, "talking to MLflow")  # unchanged unless it comes from the server
+            self.host.hook.on_stage_error(error=exc, context=context)
         finally:
-            if self.workers is not None:
-                self.workers.close()
-            if options.output_path is not None and (workdir / "model.tflite").exists():
-                options.output_path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(workdir / "model.tflite", options.output_path)
-            if own_tmp is not None:
-                own_tmp.cleanup()
-        return report
+            self._write_local_report()
+            run.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+        if isinstance(exc, StageError) or not isinstance(exc, Exception):
+            raise exc
+        raise_classified(exc, "talking to MLflow")  # unchanged unless it comes from the server
+        raise exc
+
+    def _close(self) -> None:
+        """Workers stopped, the .tflite copied where Kubeflow wants it, the work folder removed (if ours)."""
+        if self.workers is not None:
+            self.workers.close()
+        output = self.options.output_path
+        if output is not None and (self.workdir / "model.tflite").exists():
+            output.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.workdir / "model.tflite", output)
+        if self.own_tmp is not None:
+            self.own_tmp.cleanup()
 
     def _store_places(self, source: SourceRef, files: str, run_artifacts: str) -> dict[str, str]:
         """Where the run reads and writes files: the source's `files`, the run's artifact root, data given by URI."""
@@ -168,14 +212,15 @@ class Stage:
             uri = self.m.data.uri(name) or ""
             if source.run_id:
                 uri = uri.replace(SOURCE_RUN_PLACEHOLDER, source.run_id)
-            if SOURCE_RUN_PLACEHOLDER not in uri and is_remote(uri):
+            if SOURCE_RUN_PLACEHOLDER not in uri and source_mod.is_remote(uri):
                 places[f"`data.{name}`"] = uri
         return places
 
-    def _execute(self, report: Report, run, runner: ChainRunner, context: ObserverContext) -> dict[str, str]:
+    def _execute(self, run: StageRun, runner: ChainRunner, context: ObserverContext) -> dict[str, str]:
         """Baseline, the chain (or the search), the candidate's measurements and the gates; returns
         the tags the chain's steps ask for on the registered version."""
-        ev = runner.evaluation
+        report, ev = self.report, runner.evaluation
+        work_started = time.perf_counter()
         names = self.loaded.metric_names(labels=ev.has_labels)
         with self.clock.phase("baseline"):
             baseline = runner.baseline(names)
@@ -214,22 +259,14 @@ class Stage:
         run.log_metrics({f"baseline.{t.metric}": t.baseline for t in report.timed})
         report.evaluation_notes = list(ev.notes)
         self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
+        self.convert_and_evaluate = round(time.perf_counter() - work_started, 3)
         return tags
 
-    def _register(
-        self,
-        report: Report,
-        run,
-        runner: ChainRunner,
-        workdir: Path,
-        step_tags: dict[str, str],
-        sha256: str,
-        context: ObserverContext,
-    ) -> None:
-        from pipeline_stage.mlflow_io import integrity
-        from pipeline_stage.mlflow_io.model_registry import TFLITE_ARTIFACT, publish, version_tags
-
-        tflite_path = workdir / "model.tflite"
+    def _register(self, run: StageRun, runner: ChainRunner, step_tags: dict[str, str], context: ObserverContext) -> None:
+        """The .tflite logged to the run; registered as a version (or an identical one reused) when
+        the gates passed or the manifest registers failures too; the digests recorded."""
+        report = self.report
+        tflite_path = self.workdir / "model.tflite"
         run.log_artifact(tflite_path, str(Path(TFLITE_ARTIFACT).parent))
         report.artifacts = [integrity.digest_file(tflite_path, f"{integrity.RUN}/{TFLITE_ARTIFACT}")]
         reg = self.m.registration
@@ -242,7 +279,7 @@ class Stage:
             run,
             report,
             reg,
-            tags=version_tags(report, reg, step_tags, sha256),
+            tags=version_tags(report, reg, step_tags, self.manifest_sha256),
             tflite_path=tflite_path,
             sample=_head(runner.evaluation.inputs_of(ev), 4) if ev is not None else None,
             new_version=self.options.new_version,
@@ -250,23 +287,18 @@ class Stage:
         run.set_tags(integrity.as_tags(report.artifacts))  # what `verify runs:/...` and a registry owner read
         self.host.hook.after_register(registered=report.registered, context=context)
 
-    def _write_local_report(self, report: Report, rendered: dict[str, str] | None = None) -> None:
-        from pipeline_stage.reporting.files import render, write_json
-
-        path = self.options.report_path
+    def _write_local_report(self, rendered: dict[str, str] | None = None) -> None:
+        report, path = self.report, self.options.report_path
         if path is None:
             return
         write_json(path, report.to_json_data())
         for suffix, text in (render(report) if rendered is None else rendered).items():
             path.with_suffix(suffix).write_text(text)
 
-    def _write_reports(self, report: Report, run, startup: float | None, plots: Future) -> None:
+    def _write_reports(self, run: StageRun, plots: Future) -> None:
         """report.md / .html, then report.json, which alone holds the time these took (the wait for
         the plots included) and the total."""
-        import json
-
-        from pipeline_stage.reporting.files import render
-
+        report = self.report
         started = time.perf_counter()
         rendered = render(report, plots.result())
         for suffix, text in rendered.items():
@@ -274,12 +306,12 @@ class Stage:
         report.timing = report.timing.model_copy(
             update={
                 "reports_s": round(time.perf_counter() - started, 3),
-                "total_s": round((startup or 0.0) + time.perf_counter() - self.started, 3),
+                "total_s": round((self.startup or 0.0) + time.perf_counter() - self.started, 3),
                 "peak_rss_mb": peak_rss_mb(),
             }
         )
         run.log_text(json.dumps(report.to_json_data(), indent=2, default=str), "report.json")
-        self._write_local_report(report, rendered)
+        self._write_local_report(rendered)
 
 
 def _head(inputs, n: int):

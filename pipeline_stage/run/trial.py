@@ -43,7 +43,8 @@ class TrialLog:
 def run_trial(folder: Path) -> TrialResult:
     """Run the trial that FOLDER/request.json asks for; write FOLDER/model.tflite."""
     from pipeline_stage.contract.report import ObserverContext, SourceRef
-    from pipeline_stage.engine.source_model import load_local
+    from pipeline_stage.contract.sources import SourceOptions
+    from pipeline_stage.engine.source_model import open_source
     from pipeline_stage.host.plugin_host import get_host
     from pipeline_stage.manifest import parse_steps
     from pipeline_stage.manifest.loaded import digest, digest_json
@@ -58,13 +59,12 @@ def run_trial(folder: Path) -> TrialResult:
     steps = parse_steps([{name: params} for name, params in request.chain], host, path=where, lines={}, loc=("chain",))
     workdir = folder / "work"
     workdir.mkdir(parents=True, exist_ok=True)
-    source = load_local(
-        Path(request.source),
-        SourceRef(uri=request.source),
-        safe_mode=not request.allow_unsafe_deserialization,
+    options = SourceOptions(
+        allow_unsafe_deserialization=request.allow_unsafe_deserialization,
         custom_objects=host.keras_objects,
         signature=request.signature,
     )
+    source = open_source(Path(request.source), SourceRef(uri=request.source), host.source_classes, options, request.source_kind)
     evaluation = EvaluationContext(host, source, request.data, request.evaluation, workdir=workdir)
     if request.reference:
         from pipeline_stage.run.data_spool import load_outputs

@@ -33,6 +33,9 @@ class TrialRequest(BaseModel):
     index: int = Field(description="The trial's number in the search (1-based).")
     chain: list[tuple[str, dict[str, Any]]] = Field(description="(step name, params) pairs, as the author or a move wrote them.")
     source: str = Field(description="The source model on local disk (the parent's download).")
+    source_kind: str | None = Field(
+        None, description="The source plugin that opened it in the parent (None: recognise it again)."
+    )
     signature: str = "serving_default"
     allow_unsafe_deserialization: bool = False
     data: dict[str, str] = Field(description="Each data set the parent loaded, by its local path.")

@@ -1,0 +1,113 @@
+"""Model sources: the kinds of model the stage reads, each a class a plugin registers.
+
+A source plugin registers a :class:`ModelSource` subclass through ``register_sources(register)``.
+The class recognises what a downloaded MLflow model (or a local path) holds, by the MLmodel file's
+flavors (``flavors``) and by its files (:meth:`ModelSource.locate`), and opens it
+(:meth:`ModelSource.open`, safely: no code from the registry runs unless the manifest allows it).
+An instance is one loaded model: its inputs and outputs by name, the baseline's predictor (the
+framework's own outputs, so the conversion's error is measured, not assumed) and its conversion to
+a float ``.tflite``. ``model`` steps edit :attr:`ModelSource.model` where the kind has one (a
+Keras model), and quantization engines that work during conversion read the source too.
+
+The built-in kinds (``keras``, ``saved_model``, ``tflite``) are plugins written with this API.
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline_stage.contract.plugin_class import PluginClass
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pipeline_stage.contract.report import SourceRef
+    from pipeline_stage.contract.steps import ConversionSettings
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """What the manifest says about loading the source."""
+
+    # Load code the model carries (a Keras Lambda layer, a pickled module): only for trusted models.
+    allow_unsafe_deserialization: bool = False
+    custom_objects: dict[str, Any] = field(default_factory=dict)  # from the register_keras_objects hook
+    signature: str = "serving_default"  # the manifest's `signature:` (kinds with ``takes_signature``)
+
+
+class ModelSource(PluginClass):
+    """Base class of a model kind; plugins subclass it and register the subclass.
+
+    Subclasses set ``name`` (the kind: what steps' ``check_source`` and engines' ``source_kinds``
+    name), ``title`` (the kind in words, for messages: "a Keras model"), ``flavors`` (MLflow flavors
+    whose models it may hold), ``suffixes`` (file suffixes that show the kind from a URI, so
+    ``validate`` can check the chain against it), and implement :meth:`locate`, :meth:`open`, the
+    input/output properties, :meth:`predict_batch` and :meth:`to_float_tflite`.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    flavors: ClassVar[tuple[str, ...]] = ()
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    # Whether `signature:` in the manifest means something for this kind (a SavedModel's signature
+    # key); for the others a `signature:` is refused naming the kind.
+    takes_signature: ClassVar[bool] = False
+
+    def __init__(self, info: "SourceRef", path: Path):
+        self.info = info
+        self.path = path  # the file or folder it was opened from (search trials reopen it)
+        self.cache: dict[str, Any] = {}
+
+    # -- recognising and opening ------------------------------------------------------------------
+    @classmethod
+    def locate(cls, root: Path) -> Path | None:
+        """The file or folder under `root` (a download, or a local path that may itself be the
+        model) that holds a model of this kind, or None."""
+        return None
+
+    @classmethod
+    def open(cls, path: Path, info: "SourceRef", options: SourceOptions) -> "ModelSource":
+        """Load the model at `path` (what :meth:`locate` returned). Raise
+        :class:`~pipeline_stage.contract.errors.InputError` naming the model and the fix for a model
+        that cannot be loaded, or whose loading would run code the manifest did not allow."""
+        raise NotImplementedError(f"source `{cls.name}` does not implement open()")
+
+    # -- the loaded model ---------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The framework's model object that ``model``-phase steps edit (a Keras model), or None
+        when this kind has none they can edit."""
+        return None
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model's inputs by name (a data set names its arrays after them)."""
+        raise NotImplementedError
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's outputs by name (labels ``y.<output>`` and metrics ``<metric>.<output>`` use them)."""
+        raise NotImplementedError
+
+    @property
+    def input_shapes(self) -> dict[str, tuple]:
+        """Each input's shape without the batch axis (-1 for a dynamic dimension)."""
+        raise NotImplementedError
+
+    def predict_batch(self, inputs: dict[str, "np.ndarray"], model: Any = None) -> dict[str, "np.ndarray"]:
+        """Every output by name for one batch of inputs by name: the framework's own outputs (the
+        baseline's reference). `model`: a version of :attr:`model` that ``model`` steps returned."""
+        raise NotImplementedError
+
+    def to_float_tflite(self, conversion: "ConversionSettings", model: Any, log_path: Path) -> bytes:
+        """The float ``.tflite`` of this model (or of `model`, what ``model`` steps made of it),
+        with what `conversion` asks of every conversion (I/O types, op sets, hints); the
+        converter's own output goes to `log_path`."""
+        raise NotImplementedError
+
+    def layer_classes(self, model: Any = None) -> frozenset[str]:
+        """The model's layer classes, for search moves that only apply to some (empty: unknown)."""
+        return frozenset()
