@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
-import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline_stage.host import plugin_host as plugin_host
-from tests.services import S3, Postgres, free_port, start_mlflow_server, stop_server  # noqa: F401 - tests import them here
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "manifests" / "examples"
+from tests import helpers
+from tests.services import S3, Postgres, production_server, stop_server
 
 
 @pytest.fixture(scope="session")
@@ -35,31 +33,6 @@ def s3(tmp_path_factory):
         yield store
     finally:
         store.stop()
-
-
-@contextlib.contextmanager
-def pointed_at(uri: str, env: dict[str, str] | None = None):
-    """This process's MLflow client pointed at `uri`, with `env` set, both restored afterwards."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in (env or {}).items():
-            patch.setenv(key, value)
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(before)
-
-
-def production_server(root: Path, postgres: Postgres, s3: S3, name: str, *, direct: bool = False, port: int | None = None):
-    """`mlflow server` on PostgreSQL (database `name`) with artifacts in S3 (bucket `name`):
-    proxied by the server, or with `direct` written by the clients themselves."""
-    backend, bucket = postgres.database(name.replace("-", "_")), s3.bucket(name)
-    return start_mlflow_server(
-        root, port, backend=backend, artifacts=f"s3://{bucket}/artifacts", direct=direct, workers=2, env=s3.env
-    )
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +62,7 @@ def direct(tmp_path_factory, postgres, s3, digits_model, digits_data):
     from pipeline_stage.demo import log_source_model
 
     proc, uri = production_server(tmp_path_factory.mktemp("direct"), postgres, s3, "direct", direct=True)
-    with pointed_at(uri, s3.env):
+    with helpers.pointed_at(uri, s3.env):
         log_source_model(digits_model, digits_data, name="digits-direct", alias="champion")
     yield uri, s3
     stop_server(proc)
@@ -149,18 +122,42 @@ def restore_tracking_uri():
         sys.modules["mlflow"].set_tracking_uri(before)
 
 
-def write_manifest(tmp_path: Path, text: str, name: str = "manifest.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+@pytest.fixture
+def manifest(tmp_path):
+    """The tests' one manifest builder: ``manifest(text=None, *, name="m.yaml", folder=None, **sections)``
+    writes :func:`tests.helpers.manifest_yaml`'s text (the sections in the order given: a string as
+    written, anything else as flow YAML) to `folder` (default the test's tmp_path); its path."""
+
+    def write(text: str | None = None, *, name: str = "m.yaml", folder: Path | None = None, **sections: Any) -> Path:
+        return helpers.write_manifest(folder or tmp_path, text, name=name, **sections)
+
+    return write
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real `pipeline-stage` executable."""
-    exe = str(Path(sys.executable).with_name("pipeline-stage"))
-    return subprocess.run(
-        [exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout
-    )
+@pytest.fixture
+def run_stage(tmp_path):
+    """The tests' one way to run the stage: ``run_stage(manifest, *args, report=True, output=True)``
+    runs `pipeline-stage run` in this process with `--report` and `--output` in tmp_path; a
+    :class:`tests.helpers.StageResult` (exit code, output, `.report`, `.model_bytes`)."""
+    return functools.partial(helpers.run_stage, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def invoke():
+    """``invoke(*args)``: `pipeline-stage ARGS` in this process (validate, plugins, verify, ...)."""
+    return helpers.invoke
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(*args, env=None)``: the real `pipeline-stage` executable in a process of its own."""
+    return helpers.run_cli
+
+
+@pytest.fixture(scope="session")
+def versions_of():
+    """``versions_of(name)``: the registered model's versions on the tracking server."""
+    return helpers.versions_of
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -174,6 +171,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("reliability figures")
     for key in sorted(FIGURES):
         terminalreporter.write_line(f"{key}: {FIGURES[key]}")
-    out = REPO / "build" / "reliability-figures.json"
+    out = helpers.REPO / "build" / "reliability-figures.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(FIGURES, indent=2, sort_keys=True))

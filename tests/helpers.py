@@ -1,18 +1,97 @@
-"""Helpers for the tests: run the CLI in-process, read registered versions."""
+"""What the tests share besides fixtures: the one manifest builder, the one way to run the stage,
+and small readers. Test modules use them through the fixtures of the same names in conftest.py
+(`manifest`, `run_stage`, `invoke`, `versions_of`); module-scoped fixtures call them directly."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from click.testing import CliRunner
+import yaml
 
-from pipeline_stage.cli import cli
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "manifests" / "examples"
+_RUNS = itertools.count(1)  # numbers each run's report and .tflite, unique in the session
+
+
+def manifest_yaml(text: str | None = None, *, extra: str = "", **sections: Any) -> str:
+    """Manifest text: `text` as it is, then each section in the order given (None: left out), then
+    `extra` (YAML text) as it is. A string section is YAML as written (indented lines: the block
+    under the key); anything else is dumped as flow-style YAML."""
+    out = text or ""
+    for key, value in sections.items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            out += f"{key}:\n{value}" if value.startswith("  ") else f"{key}: {value}\n"
+            out += "" if out.endswith("\n") else "\n"
+        else:
+            out += f"{key}: {yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()}\n"
+    return out + extra
+
+
+def write_manifest(folder: Path, text: str | None = None, *, name: str = "m.yaml", **sections: Any) -> Path:
+    """:func:`manifest_yaml`'s text written to `folder` / `name`; its path."""
+    path = Path(folder) / name
+    path.write_text(manifest_yaml(text, **sections))
+    return path
+
+
+@dataclass
+class StageResult:
+    """One `pipeline-stage run`: its exit code and output, and where its report and .tflite went."""
+
+    exit_code: int
+    output: str  # stdout and stderr, as the console shows them
+    stdout: str
+    stderr: str
+    report_path: Path | None
+    output_path: Path | None
+
+    @property
+    def report(self) -> dict:
+        """report.json, as the run wrote it."""
+        return read_report(self.report_path)
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The final .tflite (`--output`)."""
+        return self.output_path.read_bytes()
+
+
+def run_stage(folder: Path, path: Path | str, *args: str, report: bool = True, output: bool = True) -> StageResult:
+    """`pipeline-stage run PATH ARGS` in this process (TensorFlow stays imported between tests),
+    with `--report` and `--output` into `folder` (numbered per run there) unless turned off."""
+    n = next(_RUNS)
+    report_path = Path(folder) / f"report-{n}.json" if report else None
+    output_path = Path(folder) / f"model-{n}.tflite" if output else None
+    extra = [*(["--report", str(report_path)] if report_path else []), *(["--output", str(output_path)] if output_path else [])]
+    result = invoke("run", str(path), *extra, *args)
+    return StageResult(result.exit_code, result.output, result.stdout, result.stderr, report_path, output_path)
 
 
 def invoke(*args: str):
     """Run `pipeline-stage ARGS` in this process (TensorFlow stays imported between tests)."""
+    from click.testing import CliRunner
+
+    from pipeline_stage.cli import cli
+
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `pipeline-stage` executable in a process of its own."""
+    exe = str(Path(sys.executable).with_name("pipeline-stage"))
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout
+    )
 
 
 def versions_of(name: str) -> list:
@@ -25,13 +104,61 @@ def read_report(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def digits_manifest(register_name: str) -> str:
-    """The digits CNN from the session's source (`digits-cnn@champion`), dynamic range, one accuracy
-    gate, registered as `register_name` with alias `prod`: the run the fault tests break."""
-    return (
-        "model: models:/digits-cnn@champion\n"
-        "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-        "chain:\n  - quantize: {mode: dynamic}\n"
-        "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-        f"register: {{name: {register_name}, alias: prod}}\n"
+def digits_manifest(register_name: str, chain: str = "{mode: dynamic}") -> str:
+    """The digits CNN from the session's source (`digits-cnn@champion`), dynamic range by default, one
+    accuracy gate, registered as `register_name` with alias `prod`: the run the fault tests break."""
+    return manifest_yaml(
+        model="models:/digits-cnn@champion",
+        data={"evaluation": "runs:/${source.run_id}/data/eval.npz"},
+        chain=f"  - quantize: {chain}\n",
+        gates="  - {metric: accuracy, max_drop: 0.02}\n",
+        register={"name": register_name, "alias": "prod"},
     )
+
+
+@contextlib.contextmanager
+def pointed_at(uri: str, env: dict[str, str] | None = None):
+    """This process's MLflow client pointed at `uri`, with `env` set, both restored afterwards."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    import pytest
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before)
+
+
+def kfp_manifest(name: str, mode: str = "int8", max_ratio: float = 0.9) -> str:
+    """The manifest the KFP component gets (no `model:`: the pipeline passes --model-uri)."""
+    return manifest_yaml(
+        data={"calibration": "runs:/${source.run_id}/data/calib.npz", "evaluation": "runs:/${source.run_id}/data/eval.npz"},
+        chain=[{"quantize": {"mode": mode}}],
+        gates=[{"metric": "accuracy", "max_drop": 0.02}, {"metric": "size_bytes", "max_ratio": max_ratio}],
+        register={"name": name},
+    )
+
+
+def tflite_of(registered: dict) -> bytes:
+    """The raw .tflite a registered version's `tflite_uri` names, downloaded."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=registered["tflite_uri"])
+    return Path(local).read_bytes()
+
+
+def dist_info(root: Path, dist: str, version: str, entry_points: str, modules: dict[str, str]) -> Path:
+    """A distribution as pip leaves it in site-packages: modules plus a .dist-info folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[pipeline_stage]\n{entry_points}\n")
+    for name, code in modules.items():
+        (root / f"{name}.py").write_text(code)
+    return root

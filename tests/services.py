@@ -219,3 +219,12 @@ def start_mlflow_server(
 
     _wait(healthy, "mlflow server", proc, log, seconds=180)
     return proc, uri
+
+
+def production_server(root: Path, postgres: Postgres, s3: S3, name: str, *, direct: bool = False, port: int | None = None):
+    """`mlflow server` on PostgreSQL (database `name`) with artifacts in S3 (bucket `name`):
+    proxied by the server, or with `direct` written by the clients themselves."""
+    backend, bucket = postgres.database(name.replace("-", "_")), s3.bucket(name)
+    return start_mlflow_server(
+        root, port, backend=backend, artifacts=f"s3://{bucket}/artifacts", direct=direct, workers=2, env=s3.env
+    )

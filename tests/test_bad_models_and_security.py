@@ -12,9 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from tests.conftest import run_cli, write_manifest
 from tests.figures import add
-from tests.helpers import invoke, read_report, versions_of
 
 ACME_PLUGIN = textwrap.dedent('''
     """An in-house plugin that supplies the custom layer its team's models use."""
@@ -49,7 +47,7 @@ def _site_with_plugin(root: Path) -> Path:
     return root
 
 
-def test_custom_layer_needs_a_plugin_and_works_with_one(tmp_path, digits_data):
+def test_custom_layer_needs_a_plugin_and_works_with_one(tmp_path, digits_data, manifest, run_cli):
     add("bad inputs tried: models and data")
     site = _site_with_plugin(tmp_path / "site")
     x, y = digits_data.evaluation
@@ -62,8 +60,8 @@ def test_custom_layer_needs_a_plugin_and_works_with_one(tmp_path, digits_data):
         m.save({str(tmp_path / "custom.keras")!r})
     """)
     subprocess.run([sys.executable, "-c", build], check=True, capture_output=True)
-    path = write_manifest(
-        tmp_path, f"model: {tmp_path / 'custom.keras'}\ndata: {{evaluation: eval.npz}}\nchain:\n  - quantize: {{mode: float16}}\n"
+    path = manifest(
+        f"model: {tmp_path / 'custom.keras'}\ndata: {{evaluation: eval.npz}}\nchain:\n  - quantize: {{mode: float16}}\n"
     )
     env = {"PIPELINE_STAGE_DISABLE_PLUGINS": ""}
     missing = run_cli("run", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", env=env)
@@ -73,33 +71,33 @@ def test_custom_layer_needs_a_plugin_and_works_with_one(tmp_path, digits_data):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_lambda_layer_is_refused_unless_explicitly_allowed(tmp_path, mlflow_server):
+def test_lambda_layer_is_refused_unless_explicitly_allowed(tmp_path, mlflow_server, run_stage, manifest):
     add("bad inputs tried: models and data")
     import keras
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(2)])
     model.save(tmp_path / "lambda.keras")
     text = f"model: {tmp_path / 'lambda.keras'}\nchain: []\n"
-    refused = invoke("run", str(write_manifest(tmp_path, text)))
+    refused = run_stage(manifest(text))
     assert refused.exit_code == 2
     assert "Lambda" in refused.stderr and "allow_unsafe_deserialization: true" in refused.stderr
-    allowed = invoke("run", str(write_manifest(tmp_path, text + "allow_unsafe_deserialization: true\n", "ok.yaml")))
+    allowed = run_stage(manifest(text + "allow_unsafe_deserialization: true\n", name="ok.yaml"))
     assert allowed.exit_code == 0, allowed.output
 
 
-def test_corrupt_model_artifact(tmp_path, mlflow_server):
+def test_corrupt_model_artifact(tmp_path, mlflow_server, run_stage, manifest, versions_of):
     add("bad inputs tried: models and data")
     with mlflow.start_run() as run:
         (tmp_path / "model.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
         mlflow.log_artifact(str(tmp_path / "model.keras"), "model")
     text = f"model: runs:/{run.info.run_id}/model\nchain: []\nregister: {{name: digits-corrupt}}\n"
-    result = invoke("run", str(write_manifest(tmp_path, text)))
+    result = run_stage(manifest(text))
     assert result.exit_code == 2, result.output
     assert "could not be loaded (model.keras)" in result.stderr and "corrupt" in result.stderr
     assert versions_of("digits-corrupt") == []
 
 
-def test_unconvertible_ops_are_named_and_select_ops_can_be_allowed(tmp_path, mlflow_server):
+def test_unconvertible_ops_are_named_and_select_ops_can_be_allowed(tmp_path, mlflow_server, run_stage, manifest):
     add("bad inputs tried: models and data")
     import tensorflow as tf
 
@@ -114,7 +112,7 @@ def test_unconvertible_ops_are_named_and_select_ops_can_be_allowed(tmp_path, mlf
     module = Model()
     tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.serve})
     text = f"model: {tmp_path / 'sm'}\nchain: []\nregister: {{name: digits-erfinv}}\n"
-    refused = invoke("run", str(write_manifest(tmp_path, text)))
+    refused = run_stage(manifest(text))
     assert refused.exit_code == 2, refused.output
     assert "TFLite cannot convert these ops with builtins: tf.MatrixInverse" in refused.stderr
     assert "allow_select_tf_ops: true" in refused.stderr
@@ -123,42 +121,42 @@ def test_unconvertible_ops_are_named_and_select_ops_can_be_allowed(tmp_path, mlf
     allowed = text + "conversion: {allow_select_tf_ops: true}\n"
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).uniform(size=(8, 4, 4)).astype(np.float32))
     with_data = allowed + f"data: {{evaluation: {tmp_path / 'x.npz'}}}\n"
-    cannot_run = invoke("run", str(write_manifest(tmp_path, with_data, "flex.yaml")))
+    cannot_run = run_stage(manifest(with_data, name="flex.yaml"))
     assert cannot_run.exit_code == 2 and "contains TF Select ops (FlexMatrixInverse)" in cannot_run.stderr, cannot_run.output
-    sized = write_manifest(tmp_path, allowed + "evaluation: {metrics: [size_bytes], per_step: []}\n", "ok.yaml")
-    result = invoke("run", str(sized), "--report", str(tmp_path / "r.json"))
+    sized = manifest(allowed + "evaluation: {metrics: [size_bytes], per_step: []}\n", name="ok.yaml")
+    result = run_stage(sized)
     assert result.exit_code == 0, result.output
-    assert "CUSTOM:FlexMatrixInverse" in read_report(tmp_path / "r.json")["conversion"]["flatbuffer"]["ops"]
+    assert "CUSTOM:FlexMatrixInverse" in result.report["conversion"]["flatbuffer"]["ops"]
 
 
-def test_yaml_python_tags_are_refused_not_executed(tmp_path):
+def test_yaml_python_tags_are_refused_not_executed(tmp_path, manifest, invoke):
     marker = tmp_path / "pwned"
     text = f"model: !!python/object/apply:os.system ['touch {marker}']\nchain: []\n"
-    result = invoke("validate", str(write_manifest(tmp_path, text)))
+    result = invoke("validate", str(manifest(text)))
     assert result.exit_code == 2 and "invalid YAML" in result.stderr
     assert not marker.exists()
 
 
-def test_pickled_data_is_refused(tmp_path, digits_source):
+def test_pickled_data_is_refused(tmp_path, digits_source, run_stage, manifest):
     add("bad inputs tried: models and data")
     np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3))
     text = f"model: models:/digits-cnn@champion\ndata: {{evaluation: {tmp_path / 'objects.npz'}}}\nchain: []\n"
-    result = invoke("run", str(write_manifest(tmp_path, text)))
+    result = run_stage(manifest(text))
     assert result.exit_code == 2 and "not a readable .npz" in result.stderr
 
 
-def test_data_uri_cannot_escape_its_download_folder(tmp_path, digits_source):
+def test_data_uri_cannot_escape_its_download_folder(tmp_path, digits_source, run_stage, manifest):
     add("bad inputs tried: models and data")
     text = (
         "model: models:/digits-cnn@champion\n"
         "data: {evaluation: 'runs:/${source.run_id}/../../../../../../etc/passwd'}\nchain: []\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)))
+    result = run_stage(manifest(text))
     assert result.exit_code == 2, result.output
     assert Path("/etc/passwd").read_text().splitlines()[0] not in result.output
 
 
-def test_secrets_never_reach_params_tags_reports_or_logs(tmp_path, digits_source, mlflow_server, monkeypatch):
+def test_secrets_never_reach_params_tags_reports_or_logs(tmp_path, digits_source, mlflow_server, monkeypatch, manifest, run_cli):
     secret = "s3cr3t-Passw0rd"
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-" + secret)
     uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
@@ -168,7 +166,7 @@ def test_secrets_never_reach_params_tags_reports_or_logs(tmp_path, digits_source
         "chain:\n  - quantize: {mode: dynamic}\n"
         "gates:\n  - {metric: accuracy, max_drop: 0.05}\nregister: {name: digits-secret, alias: ok}\n"
     )
-    result = run_cli("run", str(write_manifest(tmp_path, text)), "--tracking-uri", uri, "--report", str(tmp_path / "r.json"))
+    result = run_cli("run", str(manifest(text)), "--tracking-uri", uri, "--report", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     report_text = (tmp_path / "r.json").read_text() + (tmp_path / "r.md").read_text()
     client = mlflow.MlflowClient()

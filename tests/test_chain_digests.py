@@ -72,7 +72,7 @@ def _digest(chain: str, extra: str = "") -> str:
 
 
 def test_engine_auto_and_params_added_later_keep_the_digest():
-    """`engine: auto` (the default since 0.2) counts as the engine it picks for a TensorFlow source,
+    """`engine: auto` (the default since it came) counts as the engine it picks for a TensorFlow source,
     and a param added later counts only when set off its default: chains written before keep their
     digest; what changes the recipe changes it."""
     written = _digest("quantize: {mode: int8}")

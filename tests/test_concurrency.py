@@ -16,9 +16,9 @@ import mlflow
 import pytest
 
 from pipeline_stage.mlflow_io.stage_run import LEASE_TAG
-from tests.conftest import start_mlflow_server, stop_server, write_manifest
 from tests.figures import add
-from tests.helpers import invoke, read_report
+from tests.helpers import read_report
+from tests.services import start_mlflow_server, stop_server
 
 EXE = str(Path(sys.executable).with_name("pipeline-stage"))
 STAGES = 8
@@ -84,11 +84,11 @@ def server(request, digits_source, mlflow_server):
     return request.getfixturevalue("sqlite_server") if request.param == "sqlite" else mlflow_server
 
 
-def test_eight_stages_at_once_lose_nothing(server, tmp_path):
+def test_eight_stages_at_once_lose_nothing(server, tmp_path, manifest):
     """Same source, same chain, one target name, --new-version: every stage exits 0 and leaves a
     READY, tagged version; the alias is on the newest; no run was ended by a sibling."""
     name = f"digits-eight-{tmp_path.name[-12:]}"
-    path = write_manifest(tmp_path, _text(name, f"eight-{tmp_path.name[-12:]}"))
+    path = manifest(_text(name, f"eight-{tmp_path.name[-12:]}"))
     results = _all_at_once(path, server, STAGES, "--new-version")
     add("concurrent runs", STAGES)
     assert [code for code, _, _ in results] == [0] * STAGES, [err[-600:] for code, err, _ in results if code]
@@ -111,11 +111,11 @@ def test_eight_stages_at_once_lose_nothing(server, tmp_path):
     assert all(LEASE_TAG not in run.data.tags for run in runs)  # released when each run ended
 
 
-def test_identical_stages_without_new_version_keep_one_version(digits_source, mlflow_server, tmp_path):
+def test_identical_stages_without_new_version_keep_one_version(digits_source, mlflow_server, tmp_path, manifest):
     """The rule for identical stages started together: the earliest version stays, the others
     delete theirs and report it reused (`registered.deduplicated` names the one they dropped)."""
     name = "digits-identical"
-    path = write_manifest(tmp_path, _text(name, "identical"))
+    path = manifest(_text(name, "identical"))
     results = _all_at_once(path, mlflow_server, 4)
     add("concurrent runs", 4)
     assert [code for code, _, _ in results] == [0] * 4, [err[-600:] for code, err, _ in results if code]
@@ -130,11 +130,11 @@ def test_identical_stages_without_new_version_keep_one_version(digits_source, ml
     assert client.get_model_version_by_alias(name, "prod").version == kept
 
 
-def test_a_killed_stage_becomes_an_orphan_only_once_its_lease_lapsed(server, tmp_path, monkeypatch):
+def test_a_killed_stage_becomes_an_orphan_only_once_its_lease_lapsed(server, tmp_path, monkeypatch, run_stage, manifest):
     """A stage killed with SIGKILL mid-run: a later stage of the same chain leaves its run alone
     while the lease holds, and ends it (FAILED, saying why) once the lease has expired."""
     experiment = f"lease-{tmp_path.name[-12:]}"
-    path = write_manifest(tmp_path, _text(f"digits-lease-{tmp_path.name[-12:]}", experiment))
+    path = manifest(_text(f"digits-lease-{tmp_path.name[-12:]}", experiment))
     client = mlflow.MlflowClient(tracking_uri=server, registry_uri=server)
     victim = _stage(path, server, env={"PIPELINE_STAGE_LEASE_S": "8"})
     run = None
@@ -151,18 +151,18 @@ def test_a_killed_stage_becomes_an_orphan_only_once_its_lease_lapsed(server, tmp
     # while the lease holds (here: a skew margin of 10 minutes), the run is a live stage's
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     monkeypatch.setenv("PIPELINE_STAGE_LEASE_SKEW_S", "600")
-    first = invoke("run", str(path), "--report", str(tmp_path / "first.json"), "--tracking-uri", server)
+    first = run_stage(path, "--tracking-uri", server)
     assert first.exit_code == 0, first.output
-    assert read_report(tmp_path / "first.json")["ended_orphans"] == []
+    assert first.report["ended_orphans"] == []
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
 
     # once the lease has expired (no margin), the next stage of the same chain ends it
     expiry = float(client.get_run(run.info.run_id).data.tags[LEASE_TAG])
     time.sleep(max(0.0, expiry - time.time()) + 0.5)
     monkeypatch.setenv("PIPELINE_STAGE_LEASE_SKEW_S", "0")
-    later = invoke("run", str(path), "--report", str(tmp_path / "later.json"), "--tracking-uri", server)
+    later = run_stage(path, "--tracking-uri", server)
     assert later.exit_code == 0, later.output
-    report = read_report(tmp_path / "later.json")
+    report = later.report
     assert report["ended_orphans"] == [run.info.run_id]
     orphan = client.get_run(run.info.run_id)
     assert orphan.info.status == "FAILED"

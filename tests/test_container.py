@@ -11,7 +11,7 @@ import sys
 import mlflow
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.services import _wait, stop_server
 
 TAG = "localhost/pipeline-stage:test"
@@ -283,10 +283,10 @@ def test_the_component_runs_in_its_image_under_kfp_docker_runner(docker_runner, 
     """KFP's own executor path in the container: the component's command through the image's
     entrypoint, the executor input and output files, the artifact URIs."""
     from pipeline_stage.kfp_components import optimize_tflite
-    from tests.test_kfp import manifest_text
+    from tests.helpers import kfp_manifest
 
     task = optimize_tflite(
-        manifest=manifest_text("digits-docker"), model_uri="models:/digits-cnn@champion", tracking_uri=mlflow_server
+        manifest=kfp_manifest("digits-docker"), model_uri="models:/digits-cnn@champion", tracking_uri=mlflow_server
     )
     assert task.outputs["passed"] is True and task.outputs["model_version"] == "1"
     model = task.outputs["tflite"]
@@ -298,7 +298,7 @@ def test_the_component_runs_in_its_image_under_kfp_docker_runner(docker_runner, 
     assert "<img class='plot'" in open(task.outputs["report_html"].path).read()
 
     failed = optimize_tflite(
-        manifest=manifest_text("digits-docker-fail", max_ratio=0.01),
+        manifest=kfp_manifest("digits-docker-fail", max_ratio=0.01),
         model_uri="models:/digits-cnn@champion",
         tracking_uri=mlflow_server,
     )
@@ -308,7 +308,7 @@ def test_the_component_runs_in_its_image_under_kfp_docker_runner(docker_runner, 
     capfd.readouterr()
     with pytest.raises(RuntimeError):
         optimize_tflite(
-            manifest=manifest_text("digits-docker-bad", mode="int9"),
+            manifest=kfp_manifest("digits-docker-bad", mode="int9"),
             model_uri="models:/digits-cnn@champion",
             tracking_uri=mlflow_server,
         )

@@ -78,7 +78,7 @@ def test_the_manifest_reference_names_every_field_of_the_schema():
                 assert f"| `{name}.{field}` |" in page, f"{name}.{field}"
 
 
-def test_the_readme_minimal_manifest_validates():
+def test_the_readme_minimal_manifest_validates(manifest):
     from pipeline_stage.host.plugin_host import build_host
     from pipeline_stage.manifest import parse_manifest
 
@@ -86,3 +86,19 @@ def test_the_readme_minimal_manifest_validates():
     manifest = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     loaded = parse_manifest(manifest, build_host(load_entry_points=False), path="README.md")
     assert [s.name for s in loaded.steps] == ["quantize"] and loaded.manifest.registration.alias == "edge-candidate"
+
+
+def test_the_plugin_guide_examples_are_the_tested_code():
+    """The worked examples in docs/plugins.md are the code the tests run (datasette's cog rule)."""
+    import inspect
+
+    from tests.fake_plugins import LinearSource
+
+    page = (REPO / "docs" / "plugins.md").read_text()
+    examples = {
+        "linear-source": inspect.getsource(LinearSource),
+        "acme-engine": (REPO / "tests" / "engine_pkg" / "pipeline_stage_acme" / "__init__.py").read_text(),
+    }
+    for name, code in examples.items():
+        shown = block(page, f"example:{name}").strip().removeprefix("```python").removesuffix("```").strip()
+        assert shown == code.strip(), f"docs/plugins.md's {name} example differs from the code the tests run"

@@ -10,42 +10,23 @@ import pytest
 
 from pipeline_stage.contract.report import Report
 from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-from tests.conftest import EXAMPLES, write_manifest
-from tests.helpers import invoke, read_report, versions_of
+from tests import helpers
+from tests.helpers import EXAMPLES, tflite_of
 
-DATA = """data:
-  calibration: runs:/${source.run_id}/data/calib.npz
-  evaluation: runs:/${source.run_id}/data/eval.npz
-"""
-
-
-def manifest(
-    tmp_path: Path,
-    chain: str,
-    *,
-    gates: str = "  - {metric: accuracy, max_drop: 0.02}\n",
-    register: str = "",
-    model: str = "models:/digits-cnn@champion",
-    extra: str = "",
-    name="m.yaml",
-) -> Path:
-    text = f"model: {model}\n{DATA}chain:\n{chain}gates:\n{gates}{register}{extra}"
-    return write_manifest(tmp_path, text, name)
-
-
-def tflite_of(registered: dict) -> bytes:
-    local = mlflow.artifacts.download_artifacts(artifact_uri=registered["tflite_uri"])
-    return Path(local).read_bytes()
+# The digits CNN from the session's source, its data, one accuracy gate: what these tests vary.
+DIGITS = dict(
+    model="models:/digits-cnn@champion",
+    data={"calibration": "runs:/${source.run_id}/data/calib.npz", "evaluation": "runs:/${source.run_id}/data/eval.npz"},
+    gates=[{"metric": "accuracy", "max_drop": 0.02}],
+)
 
 
 @pytest.fixture(scope="module")
 def int8_run(digits_source, tmp_path_factory):
     """The example manifest, as the README runs it, against the session's server."""
-    tmp = tmp_path_factory.mktemp("int8")
-    report_path = tmp / "report.json"
-    result = invoke("run", str(EXAMPLES / "digits-int8.yaml"), "--report", str(report_path))
+    result = helpers.run_stage(tmp_path_factory.mktemp("int8"), EXAMPLES / "digits-int8.yaml")
     assert result.exit_code == 0, result.output
-    return read_report(report_path), result
+    return result.report, result
 
 
 def test_int8_report_has_the_promised_keys(int8_run):
@@ -155,11 +136,11 @@ def test_run_keeps_report_manifest_and_raw_tflite(int8_run):
 
 
 @pytest.mark.parametrize("mode", ["float16", "dynamic", "int16x8"])
-def test_other_modes_write_their_types(digits_source, tmp_path, mode):
-    path = manifest(tmp_path, f"  - quantize: {{mode: {mode}}}\n", register="register: {name: digits-" + mode + "}\n")
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "out.tflite"))
+def test_other_modes_write_their_types(digits_source, tmp_path, mode, run_stage, manifest):
+    path = manifest(**DIGITS, chain=f"  - quantize: {{mode: {mode}}}\n", extra="register: {name: digits-" + mode + "}\n")
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    info = read_flatbuffer((tmp_path / "out.tflite").read_bytes())
+    info = read_flatbuffer(result.model_bytes)
     weights = [t for t in info.tensors if t.is_constant and len(t.shape) >= 2]  # kernels, not biases
     if mode == "float16":
         assert {t.dtype for t in weights} == {"FLOAT16"}, weights
@@ -172,70 +153,68 @@ def test_other_modes_write_their_types(digits_source, tmp_path, mode):
         big = [t for t in weights if np.prod(t.shape) >= 1024]
         assert big and {t.dtype for t in big} == {"INT8"}, weights
     assert "FLOAT32" in info.activation_dtypes() and "INT8" not in info.activation_dtypes()
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["registered"]["alias"] is None and report["registered"]["version"] == "1"
 
 
 @pytest.mark.parametrize("engine", ["converter", "litert"])
-def test_int8_io_makes_input_and_output_int8(digits_source, tmp_path, digits_data, engine):
-    path = manifest(tmp_path, f"  - quantize: {{mode: int8, io: int8, engine: {engine}}}\n")
-    result = invoke("run", str(path), "--output", str(tmp_path / "io.tflite"), "--report", str(tmp_path / "r.json"))
+def test_int8_io_makes_input_and_output_int8(digits_source, tmp_path, digits_data, engine, run_stage, manifest):
+    path = manifest(**DIGITS, chain=f"  - quantize: {{mode: int8, io: int8, engine: {engine}}}\n")
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_content=(tmp_path / "io.tflite").read_bytes())
+    it = Interpreter(model_content=result.model_bytes)
     assert it.get_input_details()[0]["dtype"] == np.int8
     assert it.get_output_details()[0]["dtype"] == np.int8
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.02  # I/O was quantized right
     assert report["registered"] is None  # no register section: evaluate only
 
 
-def test_failed_gate_exits_3_and_registers_nothing(digits_source, tmp_path):
+def test_failed_gate_exits_3_and_registers_nothing(digits_source, tmp_path, run_stage, manifest, versions_of):
     path = manifest(
-        tmp_path,
-        "  - quantize: {mode: dynamic}\n",
-        gates="  - {metric: size_bytes, max_ratio: 0.01}\n",
-        register="register: {name: digits-gated, alias: prod}\n",
+        **{**DIGITS, "gates": "  - {metric: size_bytes, max_ratio: 0.01}\n"},
+        chain="  - quantize: {mode: dynamic}\n",
+        extra="register: {name: digits-gated, alias: prod}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
+    result = run_stage(path)
     assert result.exit_code == 3, result.output
     assert "gate failed: size_bytes max_ratio" in result.output
     assert versions_of("digits-gated") == []
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["passed"] is False and report["registered"] is None
     # the run keeps the artifact and the report for inspection
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(report["run_id"])}
     assert {"report.json", "tflite"} <= names
 
 
-def test_on_failure_register_tags_failed_and_never_moves_alias(digits_source, tmp_path):
+def test_on_failure_register_tags_failed_and_never_moves_alias(digits_source, tmp_path, run_stage, manifest):
     reg = "register: {name: digits-onfail, alias: prod, on_failure: register}\n"
-    good = manifest(tmp_path, "  - quantize: {mode: dynamic}\n", register=reg, name="good.yaml")
-    assert invoke("run", str(good)).exit_code == 0
+    good = manifest(**DIGITS, chain="  - quantize: {mode: dynamic}\n", extra=reg, name="good.yaml")
+    assert run_stage(good).exit_code == 0
     bad = manifest(
-        tmp_path,
-        "  - quantize: {mode: dynamic}\n",
-        register=reg,
+        **{**DIGITS, "gates": "  - {metric: size_bytes, max_ratio: 0.01}\n"},
+        chain="  - quantize: {mode: dynamic}\n",
+        extra=reg,
         name="bad.yaml",
-        gates="  - {metric: size_bytes, max_ratio: 0.01}\n",
     )
-    result = invoke("run", str(bad), "--report", str(tmp_path / "r.json"))
+    result = run_stage(bad)
     assert result.exit_code == 3
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias("digits-onfail", "prod").version == "1"
     failed = client.get_model_version("digits-onfail", "2")
     assert failed.tags["pipeline_stage.passed"] == "false"
     assert failed.tags["gate.size_bytes.max_ratio"].startswith("fail")
-    assert read_report(tmp_path / "r.json")["registered"]["alias"] is None
+    assert result.report["registered"]["alias"] is None
 
 
-def test_model_uri_override_by_version_run_and_local_path(digits_source, digits_model, tmp_path):
-    path = manifest(tmp_path, "  - quantize: {mode: float16}\n", model="models:/does-not-matter@x")
+def test_model_uri_override_by_version_run_and_local_path(digits_source, digits_model, tmp_path, run_stage, manifest):
+    path = manifest(**{**DIGITS, "model": "models:/does-not-matter@x"}, chain="  - quantize: {mode: float16}\n")
     for uri in (f"models:/digits-cnn/{digits_source['version']}", f"runs:/{digits_source['run_id']}/model"):
-        result = invoke("run", str(path), "--model-uri", uri, "--report", str(tmp_path / "r.json"))
+        result = run_stage(path, "--model-uri", uri)
         assert result.exit_code == 0, (uri, result.output)
-        assert read_report(tmp_path / "r.json")["source"]["run_id"] == digits_source["run_id"]
+        assert result.report["source"]["run_id"] == digits_source["run_id"]
     # a local .keras file: data must then be given as paths (no source run)
     local = tmp_path / "digits.keras"
     digits_model.save(local)
@@ -244,26 +223,26 @@ def test_model_uri_override_by_version_run_and_local_path(digits_source, digits_
         f"model: {local}\ndata: {{evaluation: {data_dir}/eval.npz}}\nchain:\n  - quantize: {{mode: float16}}\n"
         "gates:\n  - {metric: accuracy, max_drop: 0.01}\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text, "local.yaml")), "--report", str(tmp_path / "l.json"))
+    result = run_stage(manifest(text, name="local.yaml"))
     assert result.exit_code == 0, result.output
-    assert read_report(tmp_path / "l.json")["candidate"]["accuracy"] > 0.9
+    assert result.report["candidate"]["accuracy"] > 0.9
 
 
-def test_selective_int8_keeps_named_ops_in_float(digits_source, tmp_path):
-    path = manifest(tmp_path, "  - quantize: {mode: int8, keep_float_ops: [FULLY_CONNECTED]}\n")
-    result = invoke("run", str(path), "--output", str(tmp_path / "sel.tflite"), "--report", str(tmp_path / "r.json"))
+def test_selective_int8_keeps_named_ops_in_float(digits_source, tmp_path, run_stage, manifest):
+    path = manifest(**DIGITS, chain="  - quantize: {mode: int8, keep_float_ops: [FULLY_CONNECTED]}\n")
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    info = read_flatbuffer((tmp_path / "sel.tflite").read_bytes())
+    info = read_flatbuffer(result.model_bytes)
     kernels = {t.dtype for t in info.tensors if t.is_constant and len(t.shape) == 4}
     dense = [t for t in info.tensors if t.is_constant and len(t.shape) == 2]
     assert kernels == {"INT8"}, kernels  # the convolutions are int8
     assert dense and {t.dtype for t in dense} == {"FLOAT32"}, dense  # the dense layer stayed float
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["steps"][0]["notes"]["conversion"]["kept_float"]["ops"] == ["FULLY_CONNECTED"]
 
 
 @pytest.mark.parametrize("engine", ["converter", "litert"])
-def test_per_tensor_int8_has_one_scale_per_weight_tensor(int8_run, digits_source, tmp_path, engine):
+def test_per_tensor_int8_has_one_scale_per_weight_tensor(int8_run, digits_source, tmp_path, engine, run_stage, manifest):
     """per_channel: false -> every int8 kernel carries one scale (the default carries one per channel)."""
 
     def kernel_scales(model_bytes: bytes) -> list[int]:
@@ -273,16 +252,16 @@ def test_per_tensor_int8_has_one_scale_per_weight_tensor(int8_run, digits_source
     path = (
         EXAMPLES / "digits-int8-smallest.yaml"
         if engine == "converter"
-        else manifest(tmp_path, "  - quantize: {mode: int8, per_channel: false, engine: litert}\n")
+        else manifest(**DIGITS, chain="  - quantize: {mode: int8, per_channel: false, engine: litert}\n")
     )
-    result = invoke("run", str(path), "--output", str(tmp_path / "pt.tflite"), "--report", str(tmp_path / "r.json"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    per_tensor = (tmp_path / "pt.tflite").read_bytes()
+    per_tensor = result.model_bytes
     per_channel = tflite_of(int8_run[0]["registered"])
     assert kernel_scales(per_channel) and max(kernel_scales(per_channel)) > 1  # the default: a scale a channel
     assert kernel_scales(per_tensor) and set(kernel_scales(per_tensor)) == {1}
     assert read_flatbuffer(per_tensor).quantization_param_bytes() < read_flatbuffer(per_channel).quantization_param_bytes()
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["steps"][0]["notes"]["conversion"]["weight_scales"] == "per tensor"
     assert report["baseline"]["accuracy"] - report["candidate"]["accuracy"] <= 0.02
     if engine == "converter":

@@ -9,10 +9,10 @@ import time
 import mlflow
 import pytest
 
-from tests.conftest import write_manifest
+from tests import helpers
 from tests.faultproxy import SOURCE, FaultProxy, Rule
 from tests.figures import add
-from tests.helpers import digits_manifest, invoke, read_report, versions_of
+from tests.helpers import digits_manifest
 
 NAME = "digits-faults"
 TEXT = digits_manifest(NAME)
@@ -31,8 +31,8 @@ def proxy(mlflow_server, monkeypatch):
 @pytest.fixture(scope="module")
 def baseline_version(digits_source, tmp_path_factory):
     """A good version 1 holding the alias, so we can see that failures never move it."""
-    path = write_manifest(tmp_path_factory.mktemp("faults"), TEXT)
-    assert invoke("run", str(path)).exit_code == 0
+    folder = tmp_path_factory.mktemp("faults")
+    assert helpers.run_stage(folder, helpers.write_manifest(folder, TEXT)).exit_code == 0
     assert mlflow.MlflowClient().get_model_version_by_alias(NAME, "prod").version == "1"
     return "1"
 
@@ -49,12 +49,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fault_mid_run_fails_cleanly(case, proxy, baseline_version, tmp_path):
+def test_fault_mid_run_fails_cleanly(case, proxy, baseline_version, tmp_path, run_stage, manifest, versions_of):
     proxy.rules = CASES[case]
     # a different chain each time, so the run cannot reuse version 1
-    path = write_manifest(tmp_path, TEXT.replace("{mode: dynamic}", "{mode: float16}"))
+    path = manifest(TEXT.replace("{mode: dynamic}", "{mode: float16}"))
     start = time.monotonic()
-    result = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "r.json"))
+    result = run_stage(path, "--tracking-uri", proxy.uri)
     elapsed = time.monotonic() - start
     add("faults injected")
     assert any(rule.hits for rule in proxy.rules), (proxy.log[-5:], result.output)
@@ -68,7 +68,27 @@ def test_fault_mid_run_fails_cleanly(case, proxy, baseline_version, tmp_path):
     holder = client.get_model_version_by_alias(NAME, "prod").version
     add("wrong promotions", int(holder != baseline_version))
     assert holder == baseline_version
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["error"]
     assert client.get_run(report["run_id"]).info.status == "FAILED"
     add("faults survived")
+
+
+def test_a_rollback_that_fails_says_so(proxy, baseline_version, tmp_path, monkeypatch, run_stage, manifest, versions_of):
+    """The alias move fails and so does every undo (the server answers 5xx to the alias and to the
+    version's deletion until the cleanup clock is spent): the error says what was left, in notes
+    under it, and the log says it too; the alias never moved."""
+    monkeypatch.setenv("PIPELINE_STAGE_OUTAGE_BOUND_S", "5")
+    proxy.rules = [Rule("POST", r"/registered-models/alias$", "500"), Rule("DELETE", r"/model-versions/delete$", "500")]
+    path = manifest(TEXT.replace("{mode: dynamic}", "{mode: float16}"))
+    result = run_stage(path, "--tracking-uri", proxy.uri)
+    assert result.exit_code == 1, result.output
+    assert proxy.rules[0].hits, proxy.log[-8:]
+    assert "note: rollback failed: could not put alias `prod` back on version 1" in result.stderr, result.stderr
+    assert "note: rollback failed: could not delete the half-made version digits-faults/" in result.stderr
+    client = mlflow.MlflowClient()  # straight to the server
+    assert client.get_model_version_by_alias(NAME, "prod").version == baseline_version
+    left = [v for v in versions_of(NAME) if v.version != baseline_version]
+    assert len(left) == 1 and left[0].status == "READY" and not left[0].aliases  # what the notes name, never promoted
+    proxy.rules = []
+    client.delete_model_version(NAME, left[0].version)  # the operator's cleanup the notes ask for

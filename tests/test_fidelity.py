@@ -10,8 +10,6 @@ import pytest
 
 from pipeline_stage.contract.metrics import Evaluation
 from pipeline_stage_plugins.metrics import FidelityCosine, FidelitySqnr, Top1Agreement
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report, versions_of
 
 
 def _evaluation(candidate: np.ndarray, reference: np.ndarray) -> Evaluation:
@@ -51,7 +49,7 @@ def _unlabelled(tmp_path: Path, digits_data) -> tuple[Path, Path]:
     return calib, evaluation
 
 
-def test_unlabelled_data_and_a_fidelity_gate(digits_source, digits_model, digits_data, tmp_path):
+def test_unlabelled_data_and_a_fidelity_gate(digits_source, digits_model, digits_data, tmp_path, run_stage, manifest):
     """No labels anywhere: the default metrics are fidelity, size and latency, and a fidelity gate
     decides. The stage's SQNR matches one computed here with the LiteRT interpreter."""
     from ai_edge_litert.interpreter import Interpreter
@@ -62,13 +60,13 @@ def test_unlabelled_data_and_a_fidelity_gate(digits_source, digits_model, digits
         "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: fidelity_sqnr_db, min: 15}\n"
         "register: {name: digits-fidelity, alias: unlabelled-ok}\n"
     )
-    path = write_manifest(tmp_path, text)
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    path = manifest(text)
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert set(report["candidate"]) == {"fidelity_sqnr_db", "size_bytes", "latency_p50_ms"}
     assert report["baseline_tflite"]["fidelity_sqnr_db"] > 60  # the float conversion is the Keras model
-    interpreter = Interpreter(model_path=str(tmp_path / "m.tflite"))
+    interpreter = Interpreter(model_path=str(result.output_path))
     runner = interpreter.get_signature_runner()
     x = digits_data.evaluation[0].astype(np.float32)
     out = np.concatenate(
@@ -80,37 +78,37 @@ def test_unlabelled_data_and_a_fidelity_gate(digits_source, digits_model, digits
     assert report["registered"]["alias"] == "unlabelled-ok"
 
 
-def test_accuracy_without_labels_is_refused_before_any_work(digits_data, tmp_path):
+def test_accuracy_without_labels_is_refused_before_any_work(digits_data, tmp_path, manifest, invoke):
     calib, evaluation = _unlabelled(tmp_path, digits_data)
     text = (
         f"model: models:/digits-cnn@champion\ndata: {{calibration: {calib}, evaluation: {evaluation}}}\n"
         "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: accuracy, max_drop: 0.01}\n"
     )
-    result = invoke("validate", str(write_manifest(tmp_path, text)))
+    result = invoke("validate", str(manifest(text)))
     assert result.exit_code == 2
     assert "`data.evaluation`" in result.stderr and "has no labels `y`, but `accuracy` need them" in result.stderr
     assert "fix: " in result.stderr and "fidelity_sqnr_db" in result.stderr
 
 
-def test_latency_needs_real_inputs(tmp_path):
+def test_latency_needs_real_inputs(tmp_path, manifest, invoke):
     text = "model: models:/digits-cnn@champion\nchain:\n  - quantize: {mode: dynamic}\nevaluation: {metrics: [latency_p50_ms]}\n"
-    result = invoke("validate", str(write_manifest(tmp_path, text)))
+    result = invoke("validate", str(manifest(text)))
     assert result.exit_code == 2 and "runs the model on real inputs, but the manifest gives no data" in result.stderr
 
 
-def test_latency_is_timed_on_calibration_data_without_evaluation_data(digits_source, digits_data, tmp_path):
+def test_latency_is_timed_on_calibration_data_without_evaluation_data(digits_source, digits_data, tmp_path, run_stage, manifest):
     calib, _ = _unlabelled(tmp_path, digits_data)
     text = (
         f"model: models:/digits-cnn@champion\ndata: {{calibration: {calib}}}\nchain:\n  - quantize: {{mode: int8}}\n"
         "gates:\n  - {metric: size_bytes, max_ratio: 0.5}\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert set(report["candidate"]) == {"size_bytes", "latency_p50_ms"} and report["candidate"]["latency_p50_ms"] > 0
 
 
-def test_a_fidelity_gate_catches_the_int8_collapse_without_labels(collapse_source, tmp_path):
+def test_a_fidelity_gate_catches_the_int8_collapse_without_labels(collapse_source, tmp_path, run_stage, manifest, versions_of):
     """Plain int8 on the BN-after-ReLU model: a fidelity gate fails it (exit 3), nothing is registered."""
     text = (
         "model: models:/digits-bn-raw@champion\n"
@@ -118,9 +116,9 @@ def test_a_fidelity_gate_catches_the_int8_collapse_without_labels(collapse_sourc
         "chain:\n  - quantize: {mode: int8}\nevaluation: {metrics: [fidelity_sqnr_db, top1_agreement, size_bytes]}\n"
         "gates:\n  - {metric: fidelity_sqnr_db, min: 20}\nregister: {name: digits-bn-fidelity, alias: never}\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 3, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["candidate"]["fidelity_sqnr_db"] < 20 and report["candidate"]["top1_agreement"] < 0.9
     assert "gate failed: fidelity_sqnr_db min 20.0" in result.stderr
     assert versions_of("digits-bn-fidelity") == []

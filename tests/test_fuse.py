@@ -8,8 +8,6 @@ import pytest
 
 from pipeline_stage.contract.errors import InputError
 from pipeline_stage.contract.steps import StepContext
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report
 
 
 def _no_data(name):
@@ -52,7 +50,7 @@ def bn_after_relu_source(mlflow_server, digits_data):
     return log_source_model(model, digits_data, name="digits-bn-after-relu", alias="champion"), model
 
 
-def test_fuse_then_int8_through_the_stage(bn_after_relu_source, tmp_path):
+def test_fuse_then_int8_through_the_stage(bn_after_relu_source, tmp_path, run_stage, manifest):
     text = (
         "model: models:/digits-bn-after-relu@champion\n"
         "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
@@ -60,9 +58,9 @@ def test_fuse_then_int8_through_the_stage(bn_after_relu_source, tmp_path):
         "evaluation: {per_step: [accuracy, size_bytes]}\n"
         "gates:\n  - {metric: accuracy, max_drop: 0.01}\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     fuse = report["steps"][0]
     assert fuse["phase"] == "model"
     assert fuse["notes"]["scale_backward_shift_forward"] and fuse["notes"]["folded_into_previous"]
@@ -160,28 +158,18 @@ COLLAPSE = (
 )
 
 
-def test_fuse_rescues_int8_where_plain_int8_collapses(collapse_source, tmp_path):
+def test_fuse_rescues_int8_where_plain_int8_collapses(collapse_source, tmp_path, run_stage, manifest):
     """The issue's case: BN after ReLU on real data; plain int8 fails the gate, fuse + int8 passes."""
-    plain = invoke(
-        "run",
-        str(write_manifest(tmp_path, COLLAPSE % "  - quantize: {mode: int8}\n", "plain.yaml")),
-        "--report",
-        str(tmp_path / "plain.json"),
-    )
+    plain = run_stage(manifest(COLLAPSE % "  - quantize: {mode: int8}\n", name="plain.yaml"))
     assert plain.exit_code == 3, plain.output
-    plain_report = read_report(tmp_path / "plain.json")
+    plain_report = plain.report
     keras_acc = plain_report["baseline"]["accuracy"]
     assert keras_acc > 0.95
     assert plain_report["candidate"]["accuracy"] < keras_acc - 0.1  # collapses, not a rounding loss
 
-    fused = invoke(
-        "run",
-        str(write_manifest(tmp_path, COLLAPSE % "  - fuse: {}\n  - quantize: {mode: int8}\n", "fused.yaml")),
-        "--report",
-        str(tmp_path / "fused.json"),
-    )
+    fused = run_stage(manifest(COLLAPSE % "  - fuse: {}\n  - quantize: {mode: int8}\n", name="fused.yaml"))
     assert fused.exit_code == 0, fused.output
-    report = read_report(tmp_path / "fused.json")
+    report = fused.report
     assert report["candidate"]["accuracy"] >= keras_acc - 0.01
     notes = report["steps"][0]["notes"]
     # The first BN's next conv pads with zeros: its scale moves backward, its shift stays as an add.

@@ -12,9 +12,8 @@ import pytest
 
 from pipeline_stage.contract.errors import IntegrityError
 from pipeline_stage.kfp_support import promote
-from tests.conftest import run_cli, write_manifest
+from tests import helpers
 from tests.figures import add
-from tests.helpers import invoke, read_report
 
 TEXT = (
     "model: models:/digits-cnn@champion\n"
@@ -25,11 +24,11 @@ TEXT = (
 )
 
 
-def _register(tmp_path: Path, name: str, tag: str, *args: str) -> dict:
-    path = write_manifest(tmp_path, TEXT.replace("NAME", name), f"{tag}.yaml")
-    result = invoke("run", str(path), "--report", str(tmp_path / f"{tag}.json"), *args)
+def _register(folder: Path, name: str, tag: str, *args: str) -> dict:
+    path = helpers.write_manifest(folder, TEXT.replace("NAME", name), name=f"{tag}.yaml")
+    result = helpers.run_stage(folder, path, *args)
     assert result.exit_code == 0, result.output
-    return read_report(tmp_path / f"{tag}.json")
+    return result.report
 
 
 def _flip(s3, key_suffix: str, keys_containing: str, offset: int) -> list[str]:
@@ -53,7 +52,7 @@ def registered(digits_source, mlflow_server, tmp_path_factory):
     return _register(tmp_path_factory.mktemp("integrity"), "digits-integrity", "first")
 
 
-def test_digests_are_recorded_everywhere_and_untouched_files_verify(registered, tmp_path):
+def test_digests_are_recorded_everywhere_and_untouched_files_verify(registered, tmp_path, run_cli):
     client = mlflow.MlflowClient()
     reg = registered["registered"]
     files = {f["path"]: f for f in registered["artifacts"]}
@@ -83,7 +82,7 @@ def test_digests_are_recorded_everywhere_and_untouched_files_verify(registered, 
     ids=["tflite", "code"],
 )
 def test_an_altered_stored_file_is_refused_by_verify_the_pyfunc_and_promote(
-    stored, contains, offset, digits_source, mlflow_server, s3, tmp_path
+    stored, contains, offset, digits_source, mlflow_server, s3, tmp_path, run_cli
 ):
     name = f"digits-tampered-{stored.split('/')[0].split('.')[0]}"
     report = _register(tmp_path, name, "base", "--new-version")

@@ -9,22 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO
-
-CHAIN_GATES = """data:
-  calibration: runs:/${{source.run_id}}/data/calib.npz
-  evaluation: runs:/${{source.run_id}}/data/eval.npz
-chain:
-  - quantize: {{mode: {mode}}}
-gates:
-  - {{metric: accuracy, max_drop: 0.02}}
-  - {{metric: size_bytes, max_ratio: {max_ratio}}}
-register: {{name: {name}}}
-"""
-
-
-def manifest_text(name: str, mode: str = "int8", max_ratio: float = 0.9) -> str:
-    return CHAIN_GATES.format(name=name, mode=mode, max_ratio=max_ratio)
+from tests.helpers import REPO, kfp_manifest
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +55,7 @@ def test_component_interface():
 def test_optimize_component_outputs(kfp_local, digits_source):
     from pipeline_stage.kfp_components import optimize_tflite
 
-    task = optimize_tflite(manifest=manifest_text("digits-kfp-task"), model_uri="models:/digits-cnn@champion")
+    task = optimize_tflite(manifest=kfp_manifest("digits-kfp-task"), model_uri="models:/digits-cnn@champion")
     assert task.outputs["passed"] is True and task.outputs["model_version"] == "1"
     model = task.outputs["tflite"]
     assert model.metadata["registered_name"] == "digits-kfp-task" and model.metadata["registered_version"] == "1"
@@ -90,7 +75,7 @@ def test_optimize_component_outputs(kfp_local, digits_source):
 def test_failed_gate_is_an_output_not_a_crash(kfp_local, digits_source):
     from pipeline_stage.kfp_components import optimize_tflite
 
-    task = optimize_tflite(manifest=manifest_text("digits-kfp-fail", max_ratio=0.01), model_uri="models:/digits-cnn@champion")
+    task = optimize_tflite(manifest=kfp_manifest("digits-kfp-fail", max_ratio=0.01), model_uri="models:/digits-cnn@champion")
     assert task.outputs["passed"] is False and task.outputs["model_version"] == ""
     assert task.outputs["metrics"].metadata["gate.size_bytes.max_ratio"] == 0.0
 
@@ -99,7 +84,7 @@ def test_train_optimize_promote_pipeline(kfp_local, mlflow_server):
     from pipeline_stage.kfp_components import train_optimize_promote
 
     train_optimize_promote(
-        manifest=manifest_text("digits-kfp-p1"), alias="production-edge", epochs=6, source_model="digits-kfp-source"
+        manifest=kfp_manifest("digits-kfp-p1"), alias="production-edge", epochs=6, source_model="digits-kfp-source"
     )
     client = mlflow.MlflowClient()
     promoted = client.get_model_version_by_alias("digits-kfp-p1", "production-edge")
@@ -107,7 +92,7 @@ def test_train_optimize_promote_pipeline(kfp_local, mlflow_server):
     assert promoted.tags["source.name"] == "digits-kfp-source"
     # a failing manifest: the If branch is skipped and no alias exists
     train_optimize_promote(
-        manifest=manifest_text("digits-kfp-p1-fail", max_ratio=0.01), epochs=6, source_model="digits-kfp-source"
+        manifest=kfp_manifest("digits-kfp-p1-fail", max_ratio=0.01), epochs=6, source_model="digits-kfp-source"
     )
     assert client.search_model_versions("name='digits-kfp-p1-fail'") == []
 
@@ -115,8 +100,8 @@ def test_train_optimize_promote_pipeline(kfp_local, mlflow_server):
 def test_fan_out_pipeline_promotes_the_best_passing_candidate(kfp_local, digits_source):
     from pipeline_stage.kfp_components import fan_out_optimize
 
-    manifests = [manifest_text("digits-kfp-fan", mode) for mode in ("float16", "int8")]
-    manifests.append(manifest_text("digits-kfp-fan", "int8", max_ratio=0.01))  # fails its gate
+    manifests = [kfp_manifest("digits-kfp-fan", mode) for mode in ("float16", "int8")]
+    manifests.append(kfp_manifest("digits-kfp-fan", "int8", max_ratio=0.01))  # fails its gate
     fan_out_optimize(model_uri="models:/digits-cnn@champion", manifests=manifests, objective="size_bytes")
     client = mlflow.MlflowClient()
     versions = client.search_model_versions("name='digits-kfp-fan'")

@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 
 from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report, versions_of
 
 FIDELITY_GATE = "  - {metric: fidelity_sqnr_db, min: 20}\n"
 
@@ -33,16 +31,11 @@ def trunk(tmp_path_factory) -> dict:
     np.savez(folder / "calib.npz", x=inputs(200))
     evaluation = inputs(300)
     np.savez(folder / "eval.npz", x=evaluation)
-    return {"folder": folder, "model": folder / "trunk.tflite", "float": flatbuffer, "eval": evaluation}
-
-
-def _manifest(tmp_path: Path, src: dict, chain: str, *, gates: str = FIDELITY_GATE, extra: str = "", name="m.yaml") -> Path:
-    folder = src["folder"]
-    text = (
-        f"model: {src['model']}\ndata: {{calibration: {folder / 'calib.npz'}, evaluation: {folder / 'eval.npz'}}}\n"
-        f"chain:\n{chain}" + (f"gates:\n{gates}" if gates else "") + extra
-    )
-    return write_manifest(tmp_path, text, name)
+    sections = {
+        "model": str(folder / "trunk.tflite"),
+        "data": {"calibration": str(folder / "calib.npz"), "evaluation": str(folder / "eval.npz")},
+    }
+    return {"folder": folder, "model": folder / "trunk.tflite", "float": flatbuffer, "eval": evaluation, "sections": sections}
 
 
 def _sqnr(model: bytes, reference: bytes, x: np.ndarray) -> dict[str, float]:
@@ -57,18 +50,16 @@ def _sqnr(model: bytes, reference: bytes, x: np.ndarray) -> dict[str, float]:
     return {k: float(10 * np.log10(np.sum(want[k] ** 2) / np.sum((want[k] - got[k]) ** 2))) for k in want}
 
 
-def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_server, tmp_path):
+def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_server, tmp_path, run_stage, manifest):
     """The plain chain runs on a .tflite source (engine auto: the LiteRT Quantizer), and full int8,
     dynamic and int16x8 all fail 20 dB on every output: the subject is as hard as it should be."""
     extra = (
         "search:\n  strategy: candidates\n  candidates:\n"
         "    - [{quantize: {mode: dynamic}}]\n    - [{quantize: {mode: int16x8}}]\n"
     )
-    result = invoke(
-        "run", str(_manifest(tmp_path, trunk, "  - quantize: {mode: int8}\n", extra=extra)), "--report", str(tmp_path / "r.json")
-    )
+    result = run_stage(manifest(**trunk["sections"], chain="  - quantize: {mode: int8}\n", gates=FIDELITY_GATE, extra=extra))
     assert result.exit_code == 3, result.output  # a gate verdict, not a refusal
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     trials = report["search"]["trials"]
     assert [t["status"] for t in trials] == ["failed"] * 3
     for trial in trials:
@@ -90,20 +81,20 @@ def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_ser
     assert json.loads(evaluation.schema) == {"arrays": {"x": {"dtype": "float32", "shape": [300, 64]}}}
 
 
-def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server, tmp_path):
+def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server, tmp_path, run_stage, versions_of, manifest):
     """The plain chain with `search: {strategy: auto}`: int8 fails, refining keeps the fully-connected
     ops float (passes, but no smaller than float: not a reason to stop), the LiteRT Quantizer's recipe
     tier finds weight-only int8, and the smallest passing model is registered. Ranked by size here:
     which of two float-compute models is faster depends on the CPU."""
-    path = _manifest(
-        tmp_path,
-        trunk,
-        "  - quantize: {mode: int8}\n",
+    path = manifest(
+        **trunk["sections"],
+        chain="  - quantize: {mode: int8}\n",
+        gates=FIDELITY_GATE,
         extra="search: {strategy: auto, objective: size_bytes}\nregister: {name: trunk-auto, alias: edge}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     search = report["search"]
     trials = {t["origin"]: t for t in search["trials"]}
     assert trials["as written"]["status"] == "failed"
@@ -118,7 +109,7 @@ def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server,
     # what it did not try, and why
     assert {"move": "modes", "origin": "mode float16", "reason": "an earlier trial passed"} in search["not_tried"]
     assert any(n["move"] == "engine" and "nothing for this source" in n["reason"] for n in search["not_tried"])
-    tflite = (tmp_path / "m.tflite").read_bytes()
+    tflite = result.model_bytes
     assert len(tflite) < 0.5 * trunk["model"].stat().st_size
     assert all(v >= 20 for v in _sqnr(tflite, trunk["float"], trunk["eval"]).values())
     assert read_flatbuffer(tflite).constant_dtypes()["INT8"] >= 5  # five weight matrices, int8
@@ -128,20 +119,20 @@ def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server,
     # layer, where the input's small features are rounded away, is the worst
     worst = search["as_written_per_layer"][0]
     assert worst["op"] == "FULLY_CONNECTED" and worst["rmse/scale"] > 0.5
-    assert "Not tried:" in (tmp_path / "r.md").read_text()
+    assert "Not tried:" in result.report_path.with_suffix(".md").read_text()
 
 
-def test_blockwise_int4_weights_reach_the_flatbuffer_and_the_delegate_plan(trunk, tmp_path):
+def test_blockwise_int4_weights_reach_the_flatbuffer_and_the_delegate_plan(trunk, tmp_path, run_stage, manifest):
     chain = (
         "  - quantize: {mode: dynamic, weight_bits: 4, block_size: 32}\n"
         "  - delegates: {targets: [xnnpack, gpu], benchmark: false}\n  - analyze: {top: 5}\n"
     )
-    path = _manifest(tmp_path, trunk, chain, gates="")
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    path = manifest(**trunk["sections"], chain=chain)
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    weights = [t for t in read_flatbuffer((tmp_path / "m.tflite").read_bytes()).tensors if t.is_constant and t.dtype == "INT4"]
+    weights = [t for t in read_flatbuffer(result.model_bytes).tensors if t.is_constant and t.dtype == "INT4"]
     assert len(weights) == 5 and {t.block_size for t in weights} == {32}
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     notes = report["steps"][0]["notes"]["conversion"]
     assert notes["engine"] == "litert" and notes["recipe"] == "int4 weights blockwise 32, dynamic int8 activations, min_max"
     plan = report["steps"][1]["notes"]["targets"]
@@ -151,7 +142,7 @@ def test_blockwise_int4_weights_reach_the_flatbuffer_and_the_delegate_plan(trunk
     assert isinstance(per_layer, list) and per_layer and {"op", "tensor", "rmse/scale"} <= set(per_layer[0])
 
 
-def test_a_litert_recipe_file_is_applied_and_counts_in_the_digest(trunk, tmp_path, monkeypatch):
+def test_a_litert_recipe_file_is_applied_and_counts_in_the_digest(trunk, tmp_path, monkeypatch, run_stage, invoke, manifest):
     import litert_quantizer
 
     from pipeline_stage.host.plugin_host import build_host
@@ -159,11 +150,11 @@ def test_a_litert_recipe_file_is_applied_and_counts_in_the_digest(trunk, tmp_pat
 
     monkeypatch.chdir(tmp_path)  # a recipe path is relative to the working directory
     shutil.copy(Path(litert_quantizer.__file__).parent / "recipes" / "dynamic_wi8_afp32_recipe.json", "recipe.json")
-    path = _manifest(tmp_path, trunk, "  - quantize: {recipe: recipe.json}\n", gates="")
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    path = manifest(**trunk["sections"], chain="  - quantize: {recipe: recipe.json}\n")
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    assert read_flatbuffer((tmp_path / "m.tflite").read_bytes()).constant_dtypes()["INT8"] == 5
-    notes = read_report(tmp_path / "r.json")["steps"][0]["notes"]["conversion"]
+    assert read_flatbuffer(result.model_bytes).constant_dtypes()["INT8"] == 5
+    notes = result.report["steps"][0]["notes"]["conversion"]
     assert notes["quantization"] == "recipe" and notes["recipe"].startswith("recipe file recipe.json (sha256 ")
     host = build_host(load_entry_points=False)
     before = load_manifest(path, host).chain_digest
@@ -172,12 +163,12 @@ def test_a_litert_recipe_file_is_applied_and_counts_in_the_digest(trunk, tmp_pat
     Path("recipe.json").write_text(json.dumps(recipe))
     assert load_manifest(path, host).chain_digest != before
     # a recipe file decides the recipe: params that would too are refused
-    clash = _manifest(tmp_path, trunk, "  - quantize: {recipe: recipe.json, mode: dynamic}\n", gates="", name="c.yaml")
+    clash = manifest(**trunk["sections"], chain="  - quantize: {recipe: recipe.json, mode: dynamic}\n", name="c.yaml")
     refused = invoke("validate", str(clash))
     assert refused.exit_code == 2 and "leave mode unset beside `recipe`" in refused.stderr
 
 
-def test_a_batch_too_big_for_a_kernel_is_retried_smaller_with_the_same_metrics(tmp_path):
+def test_a_batch_too_big_for_a_kernel_is_retried_smaller_with_the_same_metrics(tmp_path, run_stage, manifest):
     """int16x8 convolutions use an im2col buffer indexed with 32 bits: a 15x15 convolution on
     32x32x8 inputs at a batch of 1,200 exceeds it and fails to prepare. The evaluation retries in
     halves and says so, and the metrics equal those of a run at a batch that fits."""
@@ -188,26 +179,27 @@ def test_a_batch_too_big_for_a_kernel_is_retried_smaller_with_the_same_metrics(t
     model = keras.Model(x, keras.layers.Conv2D(2, 15, padding="same", activation="relu")(x))
     (tmp_path / "conv.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).normal(size=(1200, 32, 32, 8)).astype(np.float32))
-    reports = {}
+    reports, pages = {}, {}
     for batch in (1200, 100):
         text = (
             f"model: {tmp_path / 'conv.tflite'}\ndata: {{calibration: {tmp_path / 'data.npz'}, evaluation: {tmp_path / 'data.npz'}}}\n"
             "chain:\n  - quantize: {mode: int16x8, calibration_samples: 20}\n"
             f"evaluation: {{batch_size: {batch}, metrics: [fidelity_sqnr_db, fidelity_cosine]}}\n"
         )
-        path = write_manifest(tmp_path, text, f"b{batch}.yaml")
-        result = invoke("run", str(path), "--report", str(tmp_path / f"{batch}.json"))
+        path = manifest(text, name=f"b{batch}.yaml")
+        result = run_stage(path)
         assert result.exit_code == 0, result.output
-        reports[batch] = read_report(tmp_path / f"{batch}.json")
+        reports[batch] = result.report
+        pages[batch] = result.report_path.with_suffix(".md").read_text()
     notes = reports[1200]["evaluation_notes"]
     assert any("a batch of 1200 failed" in n and "im2col" in n and "retried at 600" in n for n in notes), notes
     assert reports[100]["evaluation_notes"] == []
     for name, value in reports[100]["candidate"].items():
         assert reports[1200]["candidate"][name] == pytest.approx(value, rel=1e-6), name
-    assert "## Evaluation notes" in (tmp_path / "1200.md").read_text()
+    assert "## Evaluation notes" in pages[1200]
 
 
-def test_a_tensorflow_source_takes_litert_only_recipes_on_engine_auto(digits_model, digits_data, tmp_path):
+def test_a_tensorflow_source_takes_litert_only_recipes_on_engine_auto(digits_model, digits_data, tmp_path, run_stage, manifest):
     """`engine: auto` on a Keras source: int8 stays on the converter (its digest unchanged, see
     test_chain_digests), weight-only goes to the LiteRT Quantizer."""
     digits_model.save(tmp_path / "digits.keras")
@@ -216,10 +208,10 @@ def test_a_tensorflow_source_takes_litert_only_recipes_on_engine_auto(digits_mod
         f"model: {tmp_path / 'digits.keras'}\ndata: {{evaluation: {tmp_path / 'eval.npz'}}}\n"
         "chain:\n  - quantize: {mode: weight_only}\ngates:\n  - {metric: accuracy, max_drop: 0.02}\n"
     )
-    path = write_manifest(tmp_path, text)
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    path = manifest(text)
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    notes = read_report(tmp_path / "r.json")["steps"][0]["notes"]["conversion"]
+    notes = result.report["steps"][0]["notes"]["conversion"]
     assert notes == {
         "quantization": "weight_only",
         "io": "float32",
@@ -227,5 +219,5 @@ def test_a_tensorflow_source_takes_litert_only_recipes_on_engine_auto(digits_mod
         "engine_chosen_by": "auto",
         "recipe": "int8 weights per channel, float activations, min_max",
     }
-    info = read_flatbuffer((tmp_path / "m.tflite").read_bytes())
+    info = read_flatbuffer(result.model_bytes)
     assert info.constant_dtypes()["INT8"] > 0 and info.ops["DEQUANTIZE"] > 0  # int8 weights, dequantized to float

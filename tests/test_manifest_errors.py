@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline_stage import use_plugins
-from tests.conftest import REPO
 from tests.fake_plugins import Steps
 from tests.figures import add
-from tests.helpers import invoke
+from tests.helpers import REPO
 
 BAD = Path(__file__).parent / "manifests" / "bad"
 
@@ -114,7 +113,7 @@ def test_corpus_is_complete():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_bad_manifest_is_refused_clearly(name, host_with_test_plugins):
+def test_bad_manifest_is_refused_clearly(name, host_with_test_plugins, invoke):
     line, needles = EXPECTED[name]
     path = BAD / name
     result = invoke("validate", str(path))
@@ -129,13 +128,13 @@ def test_bad_manifest_is_refused_clearly(name, host_with_test_plugins):
         assert needle in message, message
 
 
-def test_missing_manifest_file(tmp_path):
+def test_missing_manifest_file(tmp_path, invoke):
     result = invoke("validate", str(tmp_path / "nope.yaml"))
     assert result.exit_code == 2
     assert "nope.yaml: file not found" in result.stderr
 
 
-def test_model_uri_flag_is_checked_too(tmp_path):
+def test_model_uri_flag_is_checked_too(tmp_path, invoke):
     path = tmp_path / "m.yaml"
     path.write_text("chain:\n  - quantize: {mode: dynamic}\n")
     result = invoke("validate", str(path), "--model-uri", "models:/only-a-name")
@@ -143,7 +142,7 @@ def test_model_uri_flag_is_checked_too(tmp_path):
     assert invoke("validate", str(path), "--model-uri", "models:/digits/3").exit_code == 0
 
 
-def test_examples_validate(host_with_test_plugins):
+def test_examples_validate(host_with_test_plugins, invoke):
     for path in sorted((REPO / "manifests" / "examples").glob("*.yaml")):
         result = invoke("validate", str(path))
         assert result.exit_code == 0, (path, result.output)

@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 from pipeline_stage.contract.errors import ManifestError
 from pipeline_stage.host.plugin_host import build_host
 from pipeline_stage.manifest import parse_manifest
-from tests.conftest import EXAMPLES
 from tests.figures import add
-from tests.helpers import invoke
+from tests.helpers import EXAMPLES
 
 REGISTRY = build_host(load_entry_points=False)
 EXAMPLE = (EXAMPLES / "digits-int8.yaml").read_text()
@@ -102,7 +101,7 @@ def test_arbitrary_text(text):
 
 @settings(max_examples=25, deadline=None)
 @given(documents)
-def test_cli_always_exits_0_or_2(tmp_path_factory, doc):
+def test_cli_always_exits_0_or_2(tmp_path_factory, invoke, doc):  # hypothesis fills the last argument
     path = tmp_path_factory.mktemp("fuzz") / "m.yaml"
     path.write_text(yaml.safe_dump(doc))
     result = invoke("validate", str(path))

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report
 
 
 def rgb32(x: np.ndarray) -> np.ndarray:
@@ -34,24 +32,22 @@ def mnv2(mlflow_server, digits_data):
     return log_source_model(model, data, name="digits-mnv2", alias="champion"), model, data
 
 
-def test_mobilenet_fuse_int8_and_delegates(mnv2, tmp_path):
+def test_mobilenet_fuse_int8_and_delegates(mnv2, tmp_path, run_stage, manifest):
     text = (
         "model: models:/digits-mnv2@champion\n"
         "data: {calibration: 'runs:/${source.run_id}/data/calib.npz', evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
         "chain:\n  - fuse: {}\n  - quantize: {mode: int8}\n  - delegates: {targets: [xnnpack, gpu, edgetpu], runs: 20}\n"
         "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
     )
-    result = invoke(
-        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
-    )
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["baseline"]["accuracy"] > 0.5  # it learned something in 4 epochs
     fuse = report["steps"][0]["notes"]
     # Every BN follows a convolution: all fold into it, exactly.
     assert fuse["batchnorm_layers"] == len(fuse["folded_into_previous"]) > 30 and fuse["batchnorm_layers_after"] == 0
     assert fuse["max_abs_output_difference"] < 1e-3
-    info = read_flatbuffer((tmp_path / "m.tflite").read_bytes())
+    info = read_flatbuffer(result.model_bytes)
     assert info.ops["DEPTHWISE_CONV_2D"] >= 10 and info.ops["ADD"] >= 5  # residual adds kept
     weights = {t.dtype for t in info.tensors if t.is_constant and len(t.shape) == 4}
     assert weights == {"INT8"}
@@ -69,7 +65,7 @@ def test_mobilenet_crosses_the_tf_keras_bridge_exactly(mnv2, tmp_path):
     assert np.max(np.abs(np.load(tmp_path / "bridge" / "outputs.npy") - model.predict(x, verbose=0))) < 1e-4
 
 
-def test_litert_quantizer_output_survives_tflite_steps(mnv2, tmp_path):
+def test_litert_quantizer_output_survives_tflite_steps(mnv2, tmp_path, run_stage, manifest):
     """Over 256 KB of weights the LiteRT Quantizer stores buffers after the flatbuffer (offset/size);
     the steps that rewrite the file (strip_ops, delegates' metadata) must carry them across. The
     per-tensor per-channel contrast is measured here too, on a model where it matters."""
@@ -81,12 +77,10 @@ def test_litert_quantizer_output_survives_tflite_steps(mnv2, tmp_path):
         "evaluation: {metrics: [accuracy, size_bytes]}\n"
         "gates:\n  - {metric: accuracy, max_drop: 0.05}\n  - {metric: size_bytes, max_ratio: 0.3}\n"
     )
-    result = invoke(
-        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
-    )
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
-    model_bytes = (tmp_path / "m.tflite").read_bytes()
+    report = result.report
+    model_bytes = result.model_bytes
     info = read_flatbuffer(model_bytes)
     kernels = [t for t in info.tensors if t.is_constant and t.dtype == "INT8"]
     assert len(kernels) > 50 and {t.scales for t in kernels} == {1}

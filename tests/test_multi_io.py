@@ -4,13 +4,8 @@ come per output and a gate sees the worst one; checked independently with the Li
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report, versions_of
 
 OUTPUTS = ("label", "level")
 
@@ -28,16 +23,7 @@ def two_heads(tmp_path_factory) -> dict:
     np.savez(folder / "calib.npz", **calib)
     np.savez(folder / "eval.npz", **evaluation, **{"y.label": truth["label"].argmax(-1), "y.level": truth["level"]})
     np.savez(folder / "eval-x.npz", **evaluation)
-    return {"model": model, "folder": folder, "eval": evaluation}
-
-
-def _manifest(tmp_path: Path, src: dict, chain: str, gates: str, *, evaluation: str = "eval.npz", extra: str = "", name="m.yaml"):
-    folder = src["folder"]
-    text = (
-        f"model: {folder / 'two_heads.keras'}\ndata: {{calibration: {folder / 'calib.npz'}, evaluation: {folder / evaluation}}}\n"
-        f"chain:\n{chain}gates:\n{gates}{extra}"
-    )
-    return write_manifest(tmp_path, text, name)
+    return {"model": model, "folder": folder, "eval": evaluation, "model_path": str(folder / "two_heads.keras")}
 
 
 def _sqnr(tflite: bytes, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
@@ -57,27 +43,27 @@ def _sqnr_per_output(tflite: bytes, src: dict) -> dict[str, float]:
     return _sqnr(tflite, src["eval"], src["model"].predict(src["eval"], verbose=0))
 
 
-def test_several_inputs_and_outputs_end_to_end_with_metrics_per_output(two_heads, mlflow_server, tmp_path):
-    path = _manifest(
-        tmp_path,
-        two_heads,
-        "  - quantize: {mode: float16}\n",
-        "  - {metric: accuracy.label, max_drop: 0.01}\n  - {metric: mae.level, max: 0.05}\n"
+def test_several_inputs_and_outputs_end_to_end_with_metrics_per_output(two_heads, mlflow_server, tmp_path, run_stage, manifest):
+    path = manifest(
+        model=two_heads["model_path"],
+        data={"calibration": str(two_heads["folder"] / "calib.npz"), "evaluation": str(two_heads["folder"] / "eval.npz")},
+        chain="  - quantize: {mode: float16}\n",
+        gates="  - {metric: accuracy.label, max_drop: 0.01}\n  - {metric: mae.level, max: 0.05}\n"
         "  - {metric: fidelity_sqnr_db, min: 30}\n",
         extra="evaluation: {metrics: [accuracy, mae, fidelity_sqnr_db, size_bytes]}\nregister: {name: two-heads, alias: ok}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     candidate = report["candidate"]
     assert {"accuracy.label", "mae.level", "fidelity_sqnr_db.label", "fidelity_sqnr_db.level"} <= set(candidate)
     assert "accuracy.level" not in candidate  # a regression output has no accuracy
     assert candidate["fidelity_sqnr_db"] == min(candidate["fidelity_sqnr_db.label"], candidate["fidelity_sqnr_db.level"])
-    independent = _sqnr_per_output((tmp_path / "m.tflite").read_bytes(), two_heads)
+    independent = _sqnr_per_output(result.model_bytes, two_heads)
     for o in OUTPUTS:
         # within 2%: at 70+ dB the error is float rounding, computed a little differently here
         assert candidate[f"fidelity_sqnr_db.{o}"] == pytest.approx(independent[o], rel=0.02)
-    page = (tmp_path / "r.html").read_text()
+    page = result.report_path.with_suffix(".html").read_text()
     assert "alt='fidelity per output (SQNR against the baseline&#x27;s outputs)' src='data:image/png;base64," in page
     # the registered pyfunc takes both inputs by name and gives both outputs by name
     import mlflow
@@ -87,59 +73,60 @@ def test_several_inputs_and_outputs_end_to_end_with_metrics_per_output(two_heads
     assert set(out) == set(OUTPUTS) and out["label"].shape == (5, 3) and out["level"].shape == (5, 1)
 
 
-def test_int8_damage_to_one_output_fails_a_fidelity_gate_without_labels(two_heads, mlflow_server, tmp_path):
-    path = _manifest(
-        tmp_path,
-        two_heads,
-        "  - quantize: {mode: int8}\n",
-        "  - {metric: fidelity_sqnr_db, min: 20}\n",
-        evaluation="eval-x.npz",
+def test_int8_damage_to_one_output_fails_a_fidelity_gate_without_labels(
+    two_heads, mlflow_server, tmp_path, run_stage, versions_of, manifest
+):
+    path = manifest(
+        model=two_heads["model_path"],
+        data={"calibration": str(two_heads["folder"] / "calib.npz"), "evaluation": str(two_heads["folder"] / "eval-x.npz")},
+        chain="  - quantize: {mode: int8}\n",
+        gates="  - {metric: fidelity_sqnr_db, min: 20}\n",
         extra="register: {name: two-heads-int8, alias: never}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
+    result = run_stage(path)
     assert result.exit_code == 3, result.output
-    candidate = read_report(tmp_path / "r.json")["candidate"]
+    candidate = result.report["candidate"]
     assert candidate["fidelity_sqnr_db.level"] < 20 <= candidate["fidelity_sqnr_db.label"]
     # the message and the report say which output failed
     assert "gate failed: fidelity_sqnr_db min 20.0 (value " in result.stderr and "output `level`)" in result.stderr
-    assert read_report(tmp_path / "r.json")["gates"][0]["worst_output"] == "level"
+    assert result.report["gates"][0]["worst_output"] == "level"
     assert "accuracy" not in candidate  # no labels: no accuracy by default
     assert versions_of("two-heads-int8") == []
 
 
-def test_the_search_registers_a_chain_whose_every_output_passes(two_heads, mlflow_server, tmp_path):
-    path = _manifest(
-        tmp_path,
-        two_heads,
-        "  - quantize: {mode: int8}\n",
-        "  - {metric: fidelity_sqnr_db, min: 20}\n",
-        evaluation="eval-x.npz",
+def test_the_search_registers_a_chain_whose_every_output_passes(two_heads, mlflow_server, tmp_path, run_stage, manifest):
+    path = manifest(
+        model=two_heads["model_path"],
+        data={"calibration": str(two_heads["folder"] / "calib.npz"), "evaluation": str(two_heads["folder"] / "eval-x.npz")},
+        chain="  - quantize: {mode: int8}\n",
+        gates="  - {metric: fidelity_sqnr_db, min: 20}\n",
         extra="search:\n  strategy: candidates\n  objective: size_bytes\n  candidates:\n"
         "    - [{quantize: {mode: dynamic}}]\n    - [{quantize: {mode: float16}}]\n"
         "register: {name: two-heads-search, alias: best}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     statuses = {t["chain"]: t["status"] for t in report["search"]["trials"]}
     assert statuses["quantize(mode=int8)"] == "failed"
-    assert all(v >= 20 for v in _sqnr_per_output((tmp_path / "m.tflite").read_bytes(), two_heads).values())
+    assert all(v >= 20 for v in _sqnr_per_output(result.model_bytes, two_heads).values())
     assert report["registered"]["alias"] == "best"
 
 
-def test_litert_engine_calibrates_every_input_and_keeps_an_outputs_branch_in_float(two_heads, mlflow_server, tmp_path):
+def test_litert_engine_calibrates_every_input_and_keeps_an_outputs_branch_in_float(
+    two_heads, mlflow_server, tmp_path, run_stage, manifest
+):
     """The LiteRT Quantizer on the two-input model, `level`'s own nodes kept float (no_quantize rules):
     the shared layers stay int8, the branch is float, and `level` recovers from ~0 dB (plain int8)."""
-    path = _manifest(
-        tmp_path,
-        two_heads,
-        "  - quantize: {mode: int8, engine: litert, keep_float_outputs: [level]}\n",
-        "  - {metric: fidelity_sqnr_db, min: 10}\n",
-        evaluation="eval-x.npz",
+    path = manifest(
+        model=two_heads["model_path"],
+        data={"calibration": str(two_heads["folder"] / "calib.npz"), "evaluation": str(two_heads["folder"] / "eval-x.npz")},
+        chain="  - quantize: {mode: int8, engine: litert, keep_float_outputs: [level]}\n",
+        gates="  - {metric: fidelity_sqnr_db, min: 10}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    tflite = (tmp_path / "m.tflite").read_bytes()
+    tflite = result.model_bytes
     assert all(v >= 10 for v in _sqnr_per_output(tflite, two_heads).values())
     from pipeline_stage import read_flatbuffer
 
@@ -149,15 +136,14 @@ def test_litert_engine_calibrates_every_input_and_keeps_an_outputs_branch_in_flo
         if n.op == "FULLY_CONNECTED" and "/" in n.outputs[0].name
     }
     assert dense["shared_1"] == dense["label_1"] == "INT8" and dense["wide_1"] == "FLOAT32", dense
-    bad = _manifest(
-        tmp_path,
-        two_heads,
-        "  - quantize: {mode: int8, keep_float_outputs: [levle]}\n",
-        "  - {metric: fidelity_sqnr_db, min: 20}\n",
-        evaluation="eval-x.npz",
+    bad = manifest(
+        model=two_heads["model_path"],
+        data={"calibration": str(two_heads["folder"] / "calib.npz"), "evaluation": str(two_heads["folder"] / "eval-x.npz")},
+        chain="  - quantize: {mode: int8, keep_float_outputs: [levle]}\n",
+        gates="  - {metric: fidelity_sqnr_db, min: 20}\n",
         name="bad.yaml",
     )
-    result = invoke("run", str(bad))
+    result = run_stage(bad)
     assert result.exit_code == 2 and "`levle`, not an output of the model" in result.stderr and "label, level" in result.stderr
 
 
@@ -178,7 +164,7 @@ def test_the_registered_pyfunc_has_a_predict_type_hint_mlflow_accepts():
     assert out.strip().splitlines()[-1] == "[]", out
 
 
-def test_data_must_name_every_input_with_the_right_shape(two_heads, tmp_path):
+def test_data_must_name_every_input_with_the_right_shape(two_heads, tmp_path, run_stage, manifest):
     folder = two_heads["folder"]
     np.savez(tmp_path / "only-audio.npz", audio=two_heads["eval"]["audio"])
     np.savez(tmp_path / "bad-shape.npz", audio=two_heads["eval"]["audio"], meta=np.zeros((300, 5), np.float32))
@@ -190,35 +176,34 @@ def test_data_must_name_every_input_with_the_right_shape(two_heads, tmp_path):
             f"model: {folder / 'two_heads.keras'}\ndata: {{evaluation: {tmp_path / data}}}\nchain:\n  - quantize: {{mode: float16}}\n"
             "gates:\n  - {metric: fidelity_sqnr_db, min: 20}\n"
         )
-        result = invoke("run", str(write_manifest(tmp_path, text, data + ".yaml")))
+        result = run_stage(manifest(text, name=data + ".yaml"))
         assert result.exit_code == 2 and needle in result.stderr, result.output
 
 
-def test_auto_search_falls_back_to_another_mode_when_int8_cannot_pass(two_heads, mlflow_server, tmp_path):
+def test_auto_search_falls_back_to_another_mode_when_int8_cannot_pass(two_heads, mlflow_server, tmp_path, run_stage, manifest):
     """Without the move that keeps an output's nodes in float, no int8 chain passes (the damage is
     in an activation's range); the `modes` move, a costlier alternative, is tried after the cheaper
     moves found nothing, and a passing mode is registered."""
-    path = _manifest(
-        tmp_path,
-        two_heads,
-        "  - quantize: {mode: int8}\n",
-        "  - {metric: fidelity_sqnr_db, min: 20}\n",
-        evaluation="eval-x.npz",
+    path = manifest(
+        model=two_heads["model_path"],
+        data={"calibration": str(two_heads["folder"] / "calib.npz"), "evaluation": str(two_heads["folder"] / "eval-x.npz")},
+        chain="  - quantize: {mode: int8}\n",
+        gates="  - {metric: fidelity_sqnr_db, min: 20}\n",
         extra="search: {strategy: auto, objective: size_bytes, moves: [engine, keep_float_ops, keep_float_nodes, modes]}\n"
         "register: {name: two-heads-auto, alias: best}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    search = read_report(tmp_path / "r.json")["search"]
+    search = result.report["search"]
     origins = [t["origin"] for t in search["trials"]]
     assert origins[0] == "as written" and {"mode dynamic", "mode float16", "mode int16x8"} <= set(origins)
     assert origins.index("mode dynamic") > origins.index("as written")
     winner = next(t for t in search["trials"] if t["index"] == search["winner"])
     assert winner["origin"].startswith("mode ")
-    assert all(v >= 20 for v in _sqnr_per_output((tmp_path / "m.tflite").read_bytes(), two_heads).values())
+    assert all(v >= 20 for v in _sqnr_per_output(result.model_bytes, two_heads).values())
 
 
-def test_dynamic_height_and_width_take_the_data_shapes(mlflow_server, tmp_path):
+def test_dynamic_height_and_width_take_the_data_shapes(mlflow_server, tmp_path, run_stage, manifest):
     """A fully convolutional model with dynamic height and width: the data's 24x20 images decide the
     shapes the interpreter runs, and int8 is gated on per-pixel outputs without labels."""
     import keras
@@ -235,15 +220,13 @@ def test_dynamic_height_and_width_take_the_data_shapes(mlflow_server, tmp_path):
         f"model: {tmp_path / 'fcn.keras'}\ndata: {{calibration: {tmp_path / 'images.npz'}, evaluation: {tmp_path / 'images.npz'}}}\n"
         "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: fidelity_sqnr_db, min: 20}\n"
     )
-    result = invoke(
-        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
-    )
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["candidate"]["fidelity_sqnr_db"] >= 20 and report["candidate"]["latency_p50_ms"] > 0
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(tmp_path / "m.tflite"))
+    interpreter = Interpreter(model_path=str(result.output_path))
     assert list(interpreter.get_input_details()[0]["shape_signature"]) == [-1, -1, -1, 3]
 
 
@@ -298,16 +281,13 @@ def three_heads(tmp_path_factory) -> dict:
     np.savez(folder / "calib.npz", image_features=calib)
     np.savez(folder / "eval.npz", image_features=evaluation)
     reference = {k: v.numpy() for k, v in module.serve(tf.constant(evaluation)).items()}
-    return {"folder": folder, "eval": evaluation, "reference": reference}
-
-
-def _three_heads_manifest(tmp_path: Path, src: dict, extra: str) -> Path:
-    folder = src["folder"]
-    text = (
-        f"model: {folder / 'saved_model'}\ndata: {{calibration: {folder / 'calib.npz'}, evaluation: {folder / 'eval.npz'}}}\n"
-        "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: fidelity_sqnr_db, min: 20}\n" + extra
-    )
-    return write_manifest(tmp_path, text)
+    data = {"calibration": str(folder / "calib.npz"), "evaluation": str(folder / "eval.npz")}
+    return {
+        "folder": folder,
+        "eval": evaluation,
+        "reference": reference,
+        "sections": {"model": str(folder / "saved_model"), "data": data},
+    }
 
 
 def _sqnr_three_heads(tflite: bytes, src: dict) -> dict[str, float]:
@@ -315,35 +295,45 @@ def _sqnr_three_heads(tflite: bytes, src: dict) -> dict[str, float]:
     return _sqnr(tflite, {"image_features": src["eval"]}, src["reference"])
 
 
-def test_three_outputs_without_labels_plain_int8_exits_3_naming_the_damaged_output(three_heads, mlflow_server, tmp_path):
-    path = _three_heads_manifest(tmp_path, three_heads, "register: {name: three-heads-int8, alias: never}\n")
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+def test_three_outputs_without_labels_plain_int8_exits_3_naming_the_damaged_output(
+    three_heads, mlflow_server, tmp_path, run_stage, versions_of, manifest
+):
+    path = manifest(
+        **three_heads["sections"],
+        chain=[{"quantize": {"mode": "int8"}}],
+        gates=[{"metric": "fidelity_sqnr_db", "min": 20}],
+        extra="register: {name: three-heads-int8, alias: never}\n",
+    )
+    result = run_stage(path)
     assert result.exit_code == 3, result.output
-    independent = _sqnr_three_heads((tmp_path / "m.tflite").read_bytes(), three_heads)
+    independent = _sqnr_three_heads(result.model_bytes, three_heads)
     assert independent["landmarks"] < 20 <= min(independent["scores"], independent["boxes"])
-    gate = read_report(tmp_path / "r.json")["gates"][0]
+    gate = result.report["gates"][0]
     assert gate["worst_output"] == "landmarks" and gate["failing_outputs"] == ["landmarks"]
     assert "output `landmarks`" in result.stderr
     assert versions_of("three-heads-int8") == []
 
 
-def test_the_search_keeps_the_damaged_outputs_nodes_in_float_and_registers_int8(three_heads, mlflow_server, tmp_path):
+def test_the_search_keeps_the_damaged_outputs_nodes_in_float_and_registers_int8(
+    three_heads, mlflow_server, tmp_path, run_stage, versions_of, manifest
+):
     """`auto` on the three-output SavedModel: the keep_float_outputs move keeps the nodes that feed
     only `landmarks` in float; the rest stays int8, and every output is at least 20 dB (checked here
     with the LiteRT interpreter against the SavedModel). With every move, the search would go on to
     the LiteRT Quantizer's recipes: on this 4.5 KB model the int8 result is no smaller than float."""
-    path = _three_heads_manifest(
-        tmp_path,
-        three_heads,
-        "search: {strategy: auto, objective: size_bytes, moves: [keep_float_outputs]}\nregister: {name: three-heads, alias: best}\n",
+    path = manifest(
+        **three_heads["sections"],
+        chain=[{"quantize": {"mode": "int8"}}],
+        gates=[{"metric": "fidelity_sqnr_db", "min": 20}],
+        extra="search: {strategy: auto, objective: size_bytes, moves: [keep_float_outputs]}\nregister: {name: three-heads, alias: best}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     winner = next(t for t in report["search"]["trials"] if t["index"] == report["search"]["winner"])
     assert winner["origin"] == "keep output's nodes in float: landmarks"
     assert "keep_float_outputs=['landmarks']" in winner["chain"]
-    tflite = (tmp_path / "m.tflite").read_bytes()
+    tflite = result.model_bytes
     assert all(v >= 20 for v in _sqnr_three_heads(tflite, three_heads).values())
     from pipeline_stage import read_flatbuffer
 

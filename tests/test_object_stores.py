@@ -8,16 +8,15 @@ import hashlib
 import os
 import socket
 import subprocess
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
 from pipeline_stage.mlflow_io.tracking import redact
-from tests.conftest import pointed_at, run_cli, stop_server, write_manifest
-from tests.helpers import read_report, versions_of
-from tests.services import BIN, S3_ENV, _wait, free_port
+from tests import helpers
+from tests.helpers import pointed_at, read_report
+from tests.services import BIN, S3_ENV, _wait, free_port, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +27,6 @@ def local_source(tmp_path_factory, digits_model, digits_data):
     x, y = digits_data.evaluation
     np.savez(root / "eval.npz", x=x, y=y)
     return root
-
-
-def _manifest(tmp_path: Path, model: str, data: str, experiment: str, name: str) -> Path:
-    return write_manifest(
-        tmp_path,
-        f"model: {model}\n"
-        f"data: {{evaluation: '{data}'}}\n"
-        f"experiment: {experiment}\n"
-        "chain:\n  - quantize: {mode: dynamic}\n"
-        "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-        f"register: {{name: {name}, alias: prod}}\n",
-    )
 
 
 def _experiment(uri: str, name: str, artifact_location: str) -> None:
@@ -55,11 +42,13 @@ def _run_statuses(uri: str, experiment: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_direct_layout_reads_and_writes_the_bucket_itself(direct, tmp_path):
+def test_direct_layout_reads_and_writes_the_bucket_itself(direct, tmp_path, versions_of, run_cli, manifest):
     """Source and data from `s3://direct`, the .tflite into it, digests checked by `verify`."""
     uri, s3 = direct
-    path = _manifest(
-        tmp_path, "models:/digits-direct@champion", "runs:/${source.run_id}/data/eval.npz", "direct-stage", "digits-direct-tflite"
+    path = manifest(
+        **_sections(
+            "models:/digits-direct@champion", "runs:/${source.run_id}/data/eval.npz", "direct-stage", "digits-direct-tflite"
+        )
     )
     result = run_cli("run", str(path), "-q", "--report", str(tmp_path / "r.json"), env={**s3.env, "MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,20 +67,34 @@ def test_direct_layout_reads_and_writes_the_bucket_itself(direct, tmp_path):
     assert "testing" not in result.stderr + checked.stderr + checked.stdout  # the keys are never printed
 
 
-def _refused(direct, local_source, tmp_path, experiment: str, location: str, env: dict | None = None):
+def _sections(model: str, data: str, experiment: str, name: str) -> dict:
+    """The stage these tests run: `model` and its evaluation `data`, dynamic range, registered as `name`."""
+    return dict(
+        model=model,
+        data={"evaluation": data},
+        experiment=experiment,
+        chain=[{"quantize": {"mode": "dynamic"}}],
+        gates=[{"metric": "accuracy", "max_drop": 0.02}],
+        register={"name": name, "alias": "prod"},
+    )
+
+
+def _refused(direct, local_source, manifest, experiment: str, location: str, env: dict | None = None):
     uri, s3 = direct
     _experiment(uri, experiment, location)
-    path = _manifest(tmp_path, str(local_source / "digits.keras"), str(local_source / "eval.npz"), experiment, f"{experiment}-m")
-    result = run_cli("run", str(path), "-q", env={**s3.env, "MLFLOW_TRACKING_URI": uri, **(env or {})})
+    path = manifest(
+        **_sections(str(local_source / "digits.keras"), str(local_source / "eval.npz"), experiment, f"{experiment}-m")
+    )
+    result = helpers.run_cli("run", str(path), "-q", env={**s3.env, "MLFLOW_TRACKING_URI": uri, **(env or {})})
     assert _run_statuses(uri, experiment) == ["FAILED"]  # the run ended, saying so
     with pointed_at(uri):
-        assert versions_of(f"{experiment}-m") == []  # nothing registered
+        assert helpers.versions_of(f"{experiment}-m") == []  # nothing registered
     return result
 
 
 @pytest.mark.slow
-def test_no_such_bucket_is_bad_input_naming_it_and_the_credentials(direct, local_source, tmp_path):
-    result = _refused(direct, local_source, tmp_path, "no-bucket", "s3://no-such-bucket/runs")
+def test_no_such_bucket_is_bad_input_naming_it_and_the_credentials(direct, local_source, tmp_path, manifest):
+    result = _refused(direct, local_source, manifest, "no-bucket", "s3://no-such-bucket/runs")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "S3 bucket s3://no-such-bucket does not exist" in result.stderr
     assert "credentials: environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)" in result.stderr
@@ -99,25 +102,25 @@ def test_no_such_bucket_is_bad_input_naming_it_and_the_credentials(direct, local
 
 
 @pytest.mark.slow
-def test_a_store_that_does_not_answer_is_an_outage(direct, local_source, tmp_path):
+def test_a_store_that_does_not_answer_is_an_outage(direct, local_source, tmp_path, manifest):
     closed = f"http://127.0.0.1:{free_port()}"
     result = _refused(
-        direct, local_source, tmp_path, "no-answer", "s3://direct/no-answer", env={"MLFLOW_S3_ENDPOINT_URL": closed}
+        direct, local_source, manifest, "no-answer", "s3://direct/no-answer", env={"MLFLOW_S3_ENDPOINT_URL": closed}
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "S3 (s3://direct) did not answer" in result.stderr and "retry the step" in result.stderr
 
 
 @pytest.mark.slow
-def test_a_store_without_its_client_names_the_extra(direct, local_source, tmp_path):
+def test_a_store_without_its_client_names_the_extra(direct, local_source, tmp_path, manifest):
     """This venv has no Azure client (the `azure` extra is not in `test`): a real missing client."""
-    result = _refused(direct, local_source, tmp_path, "on-azure", "wasbs://runs@acct.blob.core.windows.net/x")
+    result = _refused(direct, local_source, manifest, "on-azure", "wasbs://runs@acct.blob.core.windows.net/x")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Azure Blob Storage" in result.stderr and "pip install 'pipeline-stage[azure]'" in result.stderr
 
 
 @pytest.mark.slow
-def test_access_refused_names_the_bucket_and_the_credential_source(direct, local_source, tmp_path):
+def test_access_refused_names_the_bucket_and_the_credential_source(direct, local_source, tmp_path, manifest):
     """A second moto server that checks IAM (INITIAL_NO_AUTH_ACTION_COUNT): the first three
     requests make a user with no policy, its key and a bucket; the stage then uses that key."""
     import boto3
@@ -146,7 +149,7 @@ def test_access_refused_names_the_bucket_and_the_credential_source(direct, local
         result = _refused(
             direct,
             local_source,
-            tmp_path,
+            manifest,
             "locked",
             "s3://locked/runs",
             env={

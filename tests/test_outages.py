@@ -16,10 +16,10 @@ import mlflow
 import pytest
 
 from pipeline_stage.mlflow_io.stage_run import LEASE_TAG
-from tests.conftest import free_port, production_server, stop_server, write_manifest
 from tests.faultproxy import SOURCE, FaultProxy, Rule
 from tests.figures import add, peak
-from tests.helpers import digits_manifest, invoke, read_report
+from tests.helpers import digits_manifest
+from tests.services import free_port, production_server, stop_server
 
 NAME = "digits-outage"
 # PIPELINE_STAGE_OUTAGE_BOUND_S for these tests: 25 s (the default, 60, only makes them slower; the
@@ -103,14 +103,16 @@ def _versions(client) -> list:
 
 
 @pytest.mark.parametrize("phase", list(PHASES))
-def test_a_server_killed_while_the_run_goes_is_exit_1_within_the_bound_and_a_retry_completes(phase, server, proxy, tmp_path):
+def test_a_server_killed_while_the_run_goes_is_exit_1_within_the_bound_and_a_retry_completes(
+    phase, server, proxy, tmp_path, run_stage, manifest
+):
     client = server.client()
     before = {v.version for v in _versions(client)} if client.search_registered_models(f"name='{NAME}'") else set()
     for v in before:  # each phase starts from no version of its own
         client.delete_model_version(NAME, v)
     proxy.rules = [PHASES[phase]]
-    path = write_manifest(tmp_path, TEXT)
-    result = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "r.json"))
+    path = manifest(TEXT)
+    result = run_stage(path, "--tracking-uri", proxy.uri)
     exited = time.monotonic()
     add("outages injected")
     assert proxy.killed_at is not None, (phase, proxy.log[-8:], result.output)
@@ -119,7 +121,7 @@ def test_a_server_killed_while_the_run_goes_is_exit_1_within_the_bound_and_a_ret
     assert exited - proxy.killed_at < BOUND_S, exited - proxy.killed_at
     add("outages (server killed) that exited 1 within the bound")
     peak(f"seconds from the kill to exit 1, {phase} (bound {BOUND_S})", exited - proxy.killed_at)
-    failed_run = read_report(tmp_path / "r.json").get("run_id") if (tmp_path / "r.json").exists() else None
+    failed_run = result.report.get("run_id") if result.report_path.exists() else None
 
     server.restart()
     versions = _versions(client)
@@ -134,9 +136,9 @@ def test_a_server_killed_while_the_run_goes_is_exit_1_within_the_bound_and_a_ret
     if failed_run is not None:  # the lease of the killed stage's run lapses (what a retry waits for)
         lease = client.get_run(failed_run).data.tags.get(LEASE_TAG)
         time.sleep(max(0.0, float(lease) - time.time()) + 0.5 if lease else 0.0)
-    retry = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "retry.json"))
+    retry = run_stage(path, "--tracking-uri", proxy.uri)
     assert retry.exit_code == 0, retry.output
-    report = read_report(tmp_path / "retry.json")
+    report = retry.report
     versions = _versions(client)
     assert len(versions) == 1 and versions[0].status == "READY", [(v.version, v.status) for v in versions]
     assert client.get_model_version_by_alias(NAME, "prod").version == versions[0].version

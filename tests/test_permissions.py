@@ -8,7 +8,8 @@ import mlflow
 import pytest
 import requests
 
-from tests.conftest import pointed_at, run_cli, write_manifest
+from tests import helpers
+from tests.helpers import pointed_at
 from tests.services import start_mlflow_server, stop_server
 
 ADMIN, ADMIN_PASSWORD = "admin", "admin-Secret-4242"
@@ -44,19 +45,19 @@ def auth_server(tmp_path_factory, digits_model, digits_data):
     stop_server(proc)
 
 
-def _as_alice(uri: str, tmp_path):
-    tmp_path.mkdir()
-    path = write_manifest(
-        tmp_path,
-        f"model: models:/{SOURCE}@champion\n"
-        "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
-        f"experiment: {EXPERIMENT}\n"
-        "chain:\n  - quantize: {mode: dynamic}\n"
-        "gates:\n  - {metric: accuracy, max_drop: 0.02}\n"
-        f"register: {{name: {TARGET}, alias: prod}}\n",
+def _as_alice(uri: str, folder):
+    folder.mkdir()
+    path = helpers.write_manifest(
+        folder,
+        model=f"models:/{SOURCE}@champion",
+        data={"evaluation": "runs:/${source.run_id}/data/eval.npz"},
+        experiment=EXPERIMENT,
+        chain=[{"quantize": {"mode": "dynamic"}}],
+        gates=[{"metric": "accuracy", "max_drop": 0.02}],
+        register={"name": TARGET, "alias": "prod"},
     )
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": USER_PASSWORD}
-    return run_cli("run", str(path), "--report", str(tmp_path / "r.json"), env=env)
+    return helpers.run_cli("run", str(path), "--report", str(folder / "r.json"), env=env)
 
 
 @pytest.mark.slow

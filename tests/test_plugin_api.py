@@ -20,9 +20,7 @@ from pipeline_stage.contract.report import Report
 from pipeline_stage.host.plugin_host import build_host
 from pipeline_stage.host.plugin_listing import describe
 from pipeline_stage.manifest import parse_manifest
-from tests.conftest import REPO, run_cli
-from tests.helpers import invoke
-from tests.test_plugins import _dist_info
+from tests.helpers import REPO, dist_info
 
 HOOKS = {name: f for name, f in vars(hookspecs).items() if hasattr(f, "pipeline_stage_spec")}
 PLUGIN_GUIDE = (REPO / "docs" / "plugins.md").read_text()
@@ -193,9 +191,9 @@ def test_search_moves_are_registered_validated_and_chosen_by_name():
         parse_manifest(text.replace("noop,", "nope,"), host)
 
 
-def test_misspelled_hook_stops_the_stage_naming_its_distribution(tmp_path):
+def test_misspelled_hook_stops_the_stage_naming_its_distribution(tmp_path, run_cli):
     code = "from pipeline_stage import hookimpl\n@hookimpl\ndef register_step(register):  # missing s\n    pass\n"
-    site = _dist_info(
+    site = dist_info(
         tmp_path / "site", "pipeline-stage-typo", "0.2.0", "typo = pipeline_stage_typo", {"pipeline_stage_typo": code}
     )
     result = run_cli("validate", str(REPO / "manifests/examples/digits-int8.yaml"), env={"PYTHONPATH": str(site)})
@@ -254,7 +252,7 @@ def test_use_plugins_runs_with_a_chosen_set_and_restores_the_host():
 
 
 # -- the typed report ---------------------------------------------------------------------------------
-def test_schema_report_prints_the_report_json_schema():
+def test_schema_report_prints_the_report_json_schema(invoke):
     result = invoke("schema", "--report")
     assert result.exit_code == 0
     schema = json.loads(result.stdout)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 
 from pipeline_stage.demo import DigitsData
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +34,18 @@ TEXT = (
 )
 
 
-def test_lstm_loop_is_refused_with_the_op_named(lstm_sources, tmp_path):
-    result = invoke("run", str(write_manifest(tmp_path, TEXT.format(name="digits-lstm-loop", mode="dynamic"))))
+def test_lstm_loop_is_refused_with_the_op_named(lstm_sources, tmp_path, run_stage, manifest):
+    result = run_stage(manifest(TEXT.format(name="digits-lstm-loop", mode="dynamic")))
     assert result.exit_code == 2, result.output
     assert "tf.TensorListReserve" in result.stderr and "allow_select_tf_ops" in result.stderr
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "int8"])
-def test_unrolled_lstm_quantizes_and_keeps_accuracy(lstm_sources, tmp_path, mode):
-    path = write_manifest(tmp_path, TEXT.format(name="digits-lstm-unrolled", mode=mode))
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
+def test_unrolled_lstm_quantizes_and_keeps_accuracy(lstm_sources, tmp_path, mode, run_stage, manifest):
+    path = manifest(TEXT.format(name="digits-lstm-unrolled", mode=mode))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["baseline"]["accuracy"] > 0.8
     fb = report["conversion"]["flatbuffer"]
     assert fb["weight_dtypes"]["INT8"] >= 2

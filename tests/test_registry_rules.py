@@ -11,9 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-from tests.conftest import write_manifest
 from tests.figures import add
-from tests.helpers import invoke, read_report, versions_of
 
 
 def _text(name: str, mode: str, *, alias: str = "edge", priority: int = 0, max_ratio: float = 0.9) -> str:
@@ -26,25 +24,27 @@ def _text(name: str, mode: str, *, alias: str = "edge", priority: int = 0, max_r
     )
 
 
-def test_rerun_reuses_the_version_and_new_version_flag_forces_one(digits_source, tmp_path):
-    path = write_manifest(tmp_path, _text("digits-retry", "dynamic"))
-    first = invoke("run", str(path), "--report", str(tmp_path / "1.json"))
-    again = invoke("run", str(path), "--report", str(tmp_path / "2.json"))
+def test_rerun_reuses_the_version_and_new_version_flag_forces_one(digits_source, tmp_path, run_stage, manifest, versions_of):
+    path = manifest(_text("digits-retry", "dynamic"))
+    first = run_stage(path)
+    again = run_stage(path)
     assert first.exit_code == 0 and again.exit_code == 0, again.output
-    r1, r2 = read_report(tmp_path / "1.json"), read_report(tmp_path / "2.json")
+    r1, r2 = first.report, again.report
     assert r2["registered"]["reused"] is True and r2["registered"]["version"] == r1["registered"]["version"] == "1"
     assert len(versions_of("digits-retry")) == 1
-    forced = invoke("run", str(path), "--new-version", "--report", str(tmp_path / "3.json"))
+    forced = run_stage(path, "--new-version")
     assert forced.exit_code == 0
-    assert read_report(tmp_path / "3.json")["registered"]["version"] == "2"
+    assert forced.report["registered"]["version"] == "2"
     # a different chain is a different result
-    other = write_manifest(tmp_path, _text("digits-retry", "float16"), "other.yaml")
-    assert invoke("run", str(other)).exit_code == 0
+    other = manifest(_text("digits-retry", "float16"), name="other.yaml")
+    assert run_stage(other).exit_code == 0
     assert len(versions_of("digits-retry")) == 3
     assert mlflow.MlflowClient().get_model_version_by_alias("digits-retry", "edge").version == "3"
 
 
-def test_concurrent_stages_keep_every_version_and_the_alias_follows_the_rule(digits_source, tmp_path, mlflow_server):
+def test_concurrent_stages_keep_every_version_and_the_alias_follows_the_rule(
+    digits_source, tmp_path, mlflow_server, manifest, versions_of
+):
     """Four stages at once into one model name (separate processes, as separate pods would be):
     two int8 with priority 1, one float16 with priority 0, one that fails its gate."""
     jobs = [("int8", 1, 0.9), ("int8-io", 1, 0.9), ("float16", 0, 0.9), ("dynamic", 5, 0.01)]
@@ -53,7 +53,7 @@ def test_concurrent_stages_keep_every_version_and_the_alias_follows_the_rule(dig
         text = _text("digits-concurrent", mode.split("-")[0], priority=priority, max_ratio=ratio)
         if mode == "int8-io":
             text = text.replace("{mode: int8}", "{mode: int8, io: int8}")
-        paths.append(write_manifest(tmp_path, text, f"c{i}.yaml"))
+        paths.append(manifest(text, name=f"c{i}.yaml"))
     exe = str(Path(sys.executable).with_name("pipeline-stage"))
 
     def run(path):

@@ -10,9 +10,8 @@ from collections import Counter
 import mlflow
 import pytest
 
-from tests.conftest import write_manifest
 from tests.faultproxy import FaultProxy, Rule
-from tests.helpers import digits_manifest, invoke, read_report
+from tests.helpers import digits_manifest
 
 # What the first run of digits_manifest from the registry makes (its experiment and registered
 # model created), measured: 73 requests; 93 before the round trips were cut (9 metric histories
@@ -32,9 +31,9 @@ def _calls(proxy: FaultProxy) -> Counter:
     return Counter((method, path.split("?", 1)[0].replace("/api/2.0/mlflow", "")) for method, path, _ in proxy.log)
 
 
-def test_a_run_from_the_registry_makes_only_the_round_trips_it_needs(digits_source, proxy, tmp_path):
-    path = write_manifest(tmp_path, digits_manifest("digits-round-trips"))
-    result = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "r.json"), "--new-version")
+def test_a_run_from_the_registry_makes_only_the_round_trips_it_needs(digits_source, proxy, tmp_path, run_stage, manifest):
+    path = manifest(digits_manifest("digits-round-trips"))
+    result = run_stage(path, "--tracking-uri", proxy.uri, "--new-version")
     assert result.exit_code == 0, result.output
     calls = _calls(proxy)
     assert calls[("GET", "/metrics/get-history")] == 0, calls
@@ -45,7 +44,7 @@ def test_a_run_from_the_registry_makes_only_the_round_trips_it_needs(digits_sour
     assert calls[("POST", "/runs/update")] == 1, calls  # the run ended once
     assert len(proxy.log) <= BUDGET, (len(proxy.log), calls)
 
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     client = mlflow.MlflowClient()
     run = client.get_run(report["run_id"])
     assert run.info.status == "FINISHED"
@@ -58,27 +57,27 @@ def test_a_run_from_the_registry_makes_only_the_round_trips_it_needs(digits_sour
     assert linked["baseline.accuracy"] == run.data.metrics["baseline.accuracy"]
 
 
-def test_metrics_measured_before_a_failure_still_reach_the_run(digits_source, proxy, tmp_path):
+def test_metrics_measured_before_a_failure_still_reach_the_run(digits_source, proxy, tmp_path, run_stage, manifest):
     # the run's .tflite upload is refused: the stage fails after the baseline and the candidate were
     # measured, before anything was linked to a logged model
     proxy.rules = [Rule("PUT", r"/mlflow-artifacts/artifacts/.*/tflite/model\.tflite$", "500")]
-    path = write_manifest(tmp_path, digits_manifest("digits-round-trips-fail").replace("{mode: dynamic}", "{mode: float16}"))
-    result = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "r.json"))
+    path = manifest(digits_manifest("digits-round-trips-fail").replace("{mode: dynamic}", "{mode: float16}"))
+    result = run_stage(path, "--tracking-uri", proxy.uri)
     assert result.exit_code == 1, result.output
     assert proxy.rules[0].hits
-    run = mlflow.MlflowClient().get_run(read_report(tmp_path / "r.json")["run_id"])
+    run = mlflow.MlflowClient().get_run(result.report["run_id"])
     assert run.info.status == "FAILED"
     assert {"accuracy", "baseline.accuracy"} <= set(run.data.metrics), run.data.metrics
 
 
-def test_a_gate_that_fails_leaves_its_metrics_and_verdict_on_the_run(digits_source, proxy, tmp_path):
+def test_a_gate_that_fails_leaves_its_metrics_and_verdict_on_the_run(digits_source, proxy, tmp_path, run_stage, manifest):
     text = digits_manifest("digits-round-trips-gate").replace(
         "{metric: accuracy, max_drop: 0.02}", "{metric: size_bytes, max_ratio: 0.01}"
     )
-    path = write_manifest(tmp_path, text)
-    result = invoke("run", str(path), "--tracking-uri", proxy.uri, "--report", str(tmp_path / "r.json"))
+    path = manifest(text)
+    result = run_stage(path, "--tracking-uri", proxy.uri)
     assert result.exit_code == 3, result.output
-    run = mlflow.MlflowClient().get_run(read_report(tmp_path / "r.json")["run_id"])
+    run = mlflow.MlflowClient().get_run(result.report["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["pipeline_stage.passed"] == "false"
     assert {"accuracy", "baseline.accuracy"} <= set(run.data.metrics)

@@ -11,25 +11,19 @@ import numpy as np
 import pytest
 
 from pipeline_stage import use_plugins
-from tests.conftest import REPO, free_port, write_manifest
 from tests.fake_plugins import Recorder, Steps
 from tests.figures import add
-from tests.helpers import invoke, read_report, versions_of
+from tests.helpers import REPO
+from tests.services import free_port
 
-REGISTER = "register: {name: digits-bad-input, alias: should-not-move}\n"
-GATES = "gates:\n  - {metric: accuracy, max_drop: 0.05}\n"
-
-
-def _manifest(
-    tmp_path,
-    *,
+# The stage these tests break: the digits CNN, dynamic range, one gate, an alias that must never move.
+BAD_INPUT = dict(
     model="models:/digits-cnn@champion",
-    evaluation="runs:/${source.run_id}/data/eval.npz",
-    chain="  - quantize: {mode: dynamic}\n",
-    name="m.yaml",
-) -> Path:
-    text = f"model: {model}\ndata:\n  evaluation: {evaluation}\nchain:\n{chain}{GATES}{REGISTER}"
-    return write_manifest(tmp_path, text, name)
+    data={"evaluation": "runs:/${source.run_id}/data/eval.npz"},
+    chain=[{"quantize": {"mode": "dynamic"}}],
+    gates=[{"metric": "accuracy", "max_drop": 0.05}],
+    register={"name": "digits-bad-input", "alias": "should-not-move"},
+)
 
 
 @pytest.fixture
@@ -48,7 +42,9 @@ def _bad_data(tmp_path, name, **arrays) -> Path:
     return path
 
 
-def test_bad_inputs_at_run_time_exit_2_and_register_nothing(digits_source, digits_data, tmp_path):
+def test_bad_inputs_at_run_time_exit_2_and_register_nothing(
+    digits_source, digits_data, tmp_path, run_stage, manifest, versions_of
+):
     x, y = digits_data.evaluation
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
@@ -70,16 +66,16 @@ def test_bad_inputs_at_run_time_exit_2_and_register_nothing(digits_source, digit
         ),
         "no x": (dict(evaluation=_bad_data(tmp_path, "nox.npz", features=x[:10], y=y[:10])), "has no array for model input"),
         "corrupt": (dict(evaluation=corrupt), "not a readable .npz"),
-        "wrong format": (dict(evaluation=write_manifest(tmp_path, "a,b\n", "data.csv")), "no data loader reads `.csv`"),
+        "wrong format": (dict(evaluation=manifest("a,b\n", name="data.csv")), "no data loader reads `.csv`"),
         "string features": (
             dict(evaluation=_bad_data(tmp_path, "str.npz", x=np.array([["a"]] * 3), y=np.zeros(3))),
             "expected a numeric array",
         ),
     }
     for label, (kwargs, needle) in cases.items():
-        kwargs = {k: str(v) for k, v in kwargs.items()}
-        path = _manifest(tmp_path, **kwargs)
-        result = invoke("run", str(path))
+        changed = {"model": str(kwargs["model"])} if "model" in kwargs else {"data": {"evaluation": str(kwargs["evaluation"])}}
+        path = manifest(**{**BAD_INPUT, **changed})
+        result = run_stage(path)
         add("bad inputs tried: run-time data and URIs")
         assert result.exit_code == 2, (label, result.output)
         assert needle in result.stderr, (label, result.stderr)
@@ -87,38 +83,38 @@ def test_bad_inputs_at_run_time_exit_2_and_register_nothing(digits_source, digit
     assert versions_of("digits-bad-input") == []
 
 
-def test_unreachable_tracking_server_exits_1_in_bounded_time(tmp_path):
-    path = _manifest(tmp_path)
+def test_unreachable_tracking_server_exits_1_in_bounded_time(tmp_path, run_stage, manifest):
+    path = manifest(**BAD_INPUT)
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    result = invoke("run", str(path), "--tracking-uri", uri)
+    result = run_stage(path, "--tracking-uri", uri)
     assert result.exit_code == 1, result.output
     assert uri in result.stderr and "unreachable" in result.stderr
     assert time.monotonic() - start < 30
 
 
-def test_hook_on_stage_error_and_a_crashing_plugin_names_step_and_distribution(digits_source, tmp_path, test_plugins):
-    path = _manifest(tmp_path, chain="  - quantize: {mode: dynamic}\n  - explode: {}\n")
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"))
+def test_hook_on_stage_error_and_a_crashing_plugin_names_step_and_distribution(
+    digits_source, tmp_path, test_plugins, run_stage, versions_of, manifest
+):
+    path = manifest(**{**BAD_INPUT, "chain": [{"quantize": {"mode": "dynamic"}}, {"explode": {}}]})
+    result = run_stage(path)
     assert result.exit_code == 1, result.output
     assert "step 2 `explode` (distribution `fake-steps`) failed: RuntimeError: boom" in result.stderr
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert "boom" in report["error"]
     assert mlflow.MlflowClient().get_run(report["run_id"]).info.status == "FAILED"
     assert ("on_stage_error", "PluginError") in test_plugins.calls
     assert versions_of("digits-bad-input") == []
 
 
-def test_hooks_before_step_after_step_after_gates_after_register_across_all_phases(digits_source, tmp_path, test_plugins):
-    chain = "  - identity_model: {}\n  - quantize: {mode: float16}\n  - stamp: {value: build-42}\n"
-    text = (
-        "model: models:/digits-cnn@champion\ndata:\n  evaluation: runs:/${source.run_id}/data/eval.npz\n"
-        f"chain:\n{chain}evaluation:\n  per_step: [accuracy, size_bytes]\n{GATES}"
-        "register: {name: digits-all-phases, alias: ok}\n"
-    )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+def test_hooks_before_step_after_step_after_gates_after_register_across_all_phases(
+    digits_source, tmp_path, test_plugins, run_stage, manifest
+):
+    chain = [{"identity_model": {}}, {"quantize": {"mode": "float16"}}, {"stamp": {"value": "build-42"}}]
+    sections = {**BAD_INPUT, "chain": chain, "register": {"name": "digits-all-phases", "alias": "ok"}}
+    result = run_stage(manifest(**sections, evaluation={"per_step": ["accuracy", "size_bytes"]}))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     steps = report["steps"]
     assert [s["phase"] for s in steps] == ["model", "convert", "tflite"]
     assert set(steps[0]["metrics"]) == {"accuracy"}  # size is a flatbuffer metric: none before conversion

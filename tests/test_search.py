@@ -7,15 +7,15 @@ import mlflow
 import pytest
 
 from pipeline_stage import SearchMove, edited, hookimpl, step_params
-from tests.conftest import EXAMPLES, write_manifest
-from tests.helpers import invoke, read_report, versions_of
+from tests import helpers
+from tests.helpers import EXAMPLES
 
 
 @pytest.fixture(scope="module")
 def auto_run(collapse_source, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auto")
-    result = invoke("run", str(EXAMPLES / "search-auto.yaml"), "--report", str(tmp / "r.json"), "--workdir", str(tmp / "w"))
-    return result, read_report(tmp / "r.json"), tmp
+    result = helpers.run_stage(tmp, EXAMPLES / "search-auto.yaml", "--workdir", str(tmp / "w"))
+    return result, result.report, tmp
 
 
 def test_auto_search_finds_a_passing_chain_where_int8_fails(auto_run):
@@ -70,11 +70,11 @@ def test_every_trial_is_a_nested_run_and_the_winner_is_registered(auto_run):
     assert client.get_model_version_by_alias(report["registered"]["name"], "edge-candidate").version == version.version
 
 
-def test_search_is_deterministic(auto_run, tmp_path):
+def test_search_is_deterministic(auto_run, tmp_path, run_stage):
     _, first, _ = auto_run
-    result = invoke("run", str(EXAMPLES / "search-auto.yaml"), "--new-version", "--report", str(tmp_path / "r.json"))
+    result = run_stage(EXAMPLES / "search-auto.yaml", "--new-version")
     assert result.exit_code == 0, result.output
-    second = read_report(tmp_path / "r.json")
+    second = result.report
 
     def outline(report):
         return [
@@ -97,14 +97,14 @@ SEARCH = (
 )
 
 
-def test_auto_keeps_the_worst_ops_in_float_when_fuse_is_not_allowed(collapse_source, tmp_path):
+def test_auto_keeps_the_worst_ops_in_float_when_fuse_is_not_allowed(collapse_source, tmp_path, run_stage, manifest):
     text = SEARCH % (
         "  - {metric: accuracy, max_drop: 0.01}\n",
         "  strategy: auto\n  moves: [keep_float_nodes]\n  budget: {trials: 10}\n",
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     trials = report["search"]["trials"]
     assert trials[0]["status"] == "failed" and all("fuse" not in t["chain"] for t in trials)
     winner = next(t for t in trials if t["index"] == report["search"]["winner"])
@@ -112,22 +112,24 @@ def test_auto_keeps_the_worst_ops_in_float_when_fuse_is_not_allowed(collapse_sou
     assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.01
     # Only what was kept is float: the convolutions are still int8.
     from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-    from tests.test_end_to_end import tflite_of
+    from tests.helpers import tflite_of
 
     info = read_flatbuffer(tflite_of(report["registered"]))
     assert "INT8" in info.summary()["weight_dtypes"]
 
 
-def test_when_nothing_passes_nothing_is_promoted_and_the_closest_is_reported(collapse_source, tmp_path):
+def test_when_nothing_passes_nothing_is_promoted_and_the_closest_is_reported(
+    collapse_source, tmp_path, run_stage, manifest, versions_of
+):
     text = SEARCH % (
         "  - {metric: accuracy, max_drop: 0.01}\n  - {metric: size_bytes, max_ratio: 0.05}\n",
         "  strategy: candidates\n  candidates:\n    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
         "    - [{quantize: {mode: dynamic}}]\n",
     )
     before = len(versions_of("search-tests"))
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 3, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     search = report["search"]
     assert search["winner"] is None and search["closest"] is not None
     assert "not promoted" in search["why"]
@@ -137,7 +139,7 @@ def test_when_nothing_passes_nothing_is_promoted_and_the_closest_is_reported(col
     assert len(versions_of("search-tests")) == before  # on_failure: skip registers nothing
 
 
-def test_candidates_run_cheapest_first_and_the_objective_picks(collapse_source, tmp_path):
+def test_candidates_run_cheapest_first_and_the_objective_picks(collapse_source, tmp_path, run_stage, manifest):
     text = SEARCH % (
         "  - {metric: accuracy, max_drop: 0.02}\n",
         "  strategy: candidates\n  objective: [size_bytes]\n  candidates:\n"
@@ -146,13 +148,13 @@ def test_candidates_run_cheapest_first_and_the_objective_picks(collapse_source, 
         "    - [{quantize: {mode: float16}}]\n",
     )
     text = text.replace("data: {", "data: {training: 'runs:/${source.run_id}/data/train.npz', ")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    trials = read_report(tmp_path / "r.json")["search"]["trials"]
+    trials = result.report["search"]["trials"]
     assert [t["origin"] for t in trials] == ["as written", "candidate 3", "candidate 2", "candidate 1"]  # prune fine-tunes: last
     passing = [t for t in trials if t["status"] == "passed"]
     best = min(t["metrics"]["size_bytes"] for t in passing)
-    winner = read_report(tmp_path / "r.json")["search"]["winner"]
+    winner = result.report["search"]["winner"]
     assert next(t for t in trials if t["index"] == winner)["metrics"]["size_bytes"] <= best * 1.05
 
 
@@ -164,8 +166,8 @@ def test_html_report_renders_with_its_plots_in_headless_chromium(auto_run, tmp_p
     import matplotlib.image
     import numpy as np
 
-    _, report, tmp = auto_run
-    page = tmp / "r.html"
+    result, report, tmp = auto_run
+    page = result.report_path.with_suffix(".html")
     text = page.read_text()
     assert "Search" in text and "Pareto front" not in text  # the legend is inside the PNG, not the HTML
     assert "http://" not in text.split("<body>")[1] and "https://" not in text  # self-contained
@@ -185,7 +187,7 @@ def test_html_report_renders_with_its_plots_in_headless_chromium(auto_run, tmp_p
     assert logged.count("<img class='plot'") == plots
 
 
-def test_a_trial_that_errors_is_recorded_and_the_search_goes_on(collapse_source, tmp_path):
+def test_a_trial_that_errors_is_recorded_and_the_search_goes_on(collapse_source, tmp_path, run_stage, manifest):
     text = SEARCH % (
         "  - {metric: accuracy, max_drop: 0.01}\n",
         "  strategy: candidates\n  objective: [size_bytes]\n  stop_at_first_pass: true\n  parallel: 2\n  candidates:\n"
@@ -193,9 +195,9 @@ def test_a_trial_that_errors_is_recorded_and_the_search_goes_on(collapse_source,
         "    - [{fuse: {}}, {quantize: {mode: int8}}]\n"
         "    - [{fuse: {}}, {quantize: {mode: float16}}]\n",
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    search = read_report(tmp_path / "r.json")["search"]
+    search = result.report["search"]
     trials = {t["origin"]: t for t in search["trials"]}
     bad = trials["candidate 1"]
     assert bad["status"] == "error" and "NOT_AN_OP" in bad["error"]
@@ -207,11 +209,11 @@ def test_a_trial_that_errors_is_recorded_and_the_search_goes_on(collapse_source,
     assert next(t for t in search["trials"] if t["index"] == search["winner"])["origin"] == "candidate 2"
 
 
-def test_the_trial_budget_stops_the_search(collapse_source, tmp_path):
+def test_the_trial_budget_stops_the_search(collapse_source, tmp_path, run_stage, manifest):
     text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n", "  strategy: auto\n  budget: {trials: 1}\n")
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 3, result.output
-    search = read_report(tmp_path / "r.json")["search"]
+    search = result.report["search"]
     assert [t["origin"] for t in search["trials"]] == ["as written"]
     assert search["stopped_because"] == "budget.trials" and search["closest"] == 1
 
@@ -236,14 +238,14 @@ class FakeMoves:
         register(Float16Instead)
 
 
-def test_hook_register_search_moves_a_plugin_move_is_used_by_auto(collapse_source, tmp_path):
+def test_hook_register_search_moves_a_plugin_move_is_used_by_auto(collapse_source, tmp_path, run_stage, manifest):
     from pipeline_stage import use_plugins
 
     text = SEARCH % ("  - {metric: accuracy, max_drop: 0.01}\n", "  strategy: auto\n  moves: [float16_instead]\n")
     with use_plugins(FakeMoves()):
-        result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+        result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     trials = report["search"]["trials"]
     assert [t["origin"] for t in trials] == ["as written", "float16 instead (fake plugin)"]
     assert trials[0]["status"] == "failed" and trials[1]["status"] == "passed"

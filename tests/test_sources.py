@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report
 
 
 @pytest.fixture(scope="module")
@@ -27,51 +25,81 @@ def float_tflite(digits_model, digits_data, tmp_path_factory) -> dict[str, Path]
     return {"model": path, "calib": folder / "calib.npz", "eval": folder / "eval.npz"}
 
 
-def _manifest(tmp_path: Path, src: dict[str, Path], chain: str, *, model: str | None = None, extra: str = "") -> Path:
-    text = (
-        f"model: {model or src['model']}\ndata: {{calibration: {src['calib']}, evaluation: {src['eval']}}}\n"
-        f"chain:\n{chain}gates:\n  - {{metric: accuracy, max_drop: 0.02}}\n{extra}"
-    )
-    return write_manifest(tmp_path, text)
+ACCURACY_GATE = [{"metric": "accuracy", "max_drop": 0.02}]
 
 
-def test_a_float_tflite_is_quantized_by_the_litert_quantizer_and_chained(float_tflite, mlflow_server, tmp_path):
-    path = _manifest(
-        tmp_path,
-        float_tflite,
-        "  - quantize: {mode: int8, engine: litert}\n  - analyze: {}\n",
+def _data(src: dict[str, Path]) -> dict[str, str]:
+    return {"calibration": str(src["calib"]), "evaluation": str(src["eval"])}
+
+
+def test_a_float_tflite_is_quantized_by_the_litert_quantizer_and_chained(
+    float_tflite, mlflow_server, tmp_path, run_stage, manifest
+):
+    path = manifest(
+        model=str(float_tflite["model"]),
+        data=_data(float_tflite),
+        chain="  - quantize: {mode: int8, engine: litert}\n  - analyze: {}\n",
+        gates=ACCURACY_GATE,
         extra="register: {name: digits-from-tflite, alias: chained}\n",
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(path)
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     # the baseline is the .tflite itself, not a conversion of anything
     assert report["baseline_tflite"]["size_bytes"] == float_tflite["model"].stat().st_size
     assert report["baseline"]["accuracy"] == report["baseline_tflite"]["accuracy"]
-    assert read_flatbuffer((tmp_path / "m.tflite").read_bytes()).constant_dtypes()["INT8"] > 0
+    assert read_flatbuffer(result.model_bytes).constant_dtypes()["INT8"] > 0
     assert report["candidate"]["accuracy"] >= report["baseline"]["accuracy"] - 0.02
     # the registered version is a source for the next stage (a tflite-phase chain on it)
     uri = report["registered"]["uri"]
-    nxt = _manifest(tmp_path, float_tflite, "  - delegates: {targets: [xnnpack], benchmark: false}\n", model=uri)
+    nxt = manifest(
+        model=uri, data=_data(float_tflite), chain="  - delegates: {targets: [xnnpack], benchmark: false}\n", gates=ACCURACY_GATE
+    )
     nxt.rename(tmp_path / "next.yaml")
-    again = invoke("run", str(tmp_path / "next.yaml"), "--report", str(tmp_path / "n.json"))
+    again = run_stage(tmp_path / "next.yaml")
     # that version is int8 already: a stage refuses to re-optimize a quantized model, and says so
     assert again.exit_code == 2 and "already quantized" in again.stderr, again.output
 
 
-def test_a_tflite_source_refuses_model_steps_and_the_converter_engine(float_tflite, mlflow_server, tmp_path):
-    fuse = invoke("run", str(_manifest(tmp_path, float_tflite, "  - fuse: {}\n  - quantize: {mode: int8, engine: litert}\n")))
-    assert fuse.exit_code == 2 and "step `fuse` works on Keras models" in fuse.stderr and "is a .tflite file" in fuse.stderr
+def test_a_tflite_source_refuses_model_steps_and_the_converter_engine(
+    float_tflite, mlflow_server, tmp_path, run_stage, invoke, manifest
+):
+    fuse = run_stage(
+        manifest(
+            model=str(float_tflite["model"]),
+            data=_data(float_tflite),
+            chain="  - fuse: {}\n  - quantize: {mode: int8, engine: litert}\n",
+            gates=ACCURACY_GATE,
+        )
+    )
+    assert fuse.exit_code == 2 and "step `fuse` edits the source's model" in fuse.stderr and "is a .tflite file" in fuse.stderr
     assert "fix: " in fuse.stderr and "[baseline]" not in fuse.stderr  # refused before any work
-    converter = invoke("run", str(_manifest(tmp_path, float_tflite, "  - quantize: {mode: int8, engine: converter}\n")))
-    assert converter.exit_code == 2 and "the source is a .tflite file" in converter.stderr
+    converter = run_stage(
+        manifest(
+            model=str(float_tflite["model"]),
+            data=_data(float_tflite),
+            chain="  - quantize: {mode: int8, engine: converter}\n",
+            gates=ACCURACY_GATE,
+        )
+    )
+    assert converter.exit_code == 2 and "the source is a `tflite` model" in converter.stderr
     assert "leave `engine` at auto" in converter.stderr and "[baseline]" not in converter.stderr
     # the URI shows the kind: `validate` says it already
-    checked = invoke("validate", str(_manifest(tmp_path, float_tflite, "  - quantize: {mode: qat}\n")))
+    checked = invoke(
+        "validate",
+        str(
+            manifest(
+                model=str(float_tflite["model"]),
+                data=_data(float_tflite),
+                chain="  - quantize: {mode: qat}\n",
+                gates=ACCURACY_GATE,
+            )
+        ),
+    )
     assert checked.exit_code == 2 and "quantization-aware training fine-tunes the Keras model" in checked.stderr
 
 
-def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_server, tmp_path):
+def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_server, tmp_path, run_stage, invoke, manifest):
     """Stages chain: a float16 stage registers a version, the next stage quantizes that version."""
     # a stage before it logged the same content under the same file names from elsewhere: MLflow
     # files datasets by name and digest, and the next stage must still get this stage's URIs
@@ -80,17 +108,32 @@ def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_s
     copies = {k: elsewhere / float_tflite[k].name for k in ("calib", "eval")}
     for k, path in copies.items():
         path.write_bytes(float_tflite[k].read_bytes())
-    earlier = invoke("run", str(_manifest(tmp_path, {**float_tflite, **copies}, "  - strip_ops: {}\n")))
+    earlier = run_stage(
+        manifest(
+            model=str(float_tflite["model"]),
+            data=_data({**float_tflite, **copies}),
+            chain="  - strip_ops: {}\n",
+            gates=ACCURACY_GATE,
+        )
+    )
     assert earlier.exit_code == 0, earlier.output
-    first = _manifest(tmp_path, float_tflite, "  - strip_ops: {}\n", extra="register: {name: digits-float-stage}\n")
-    result = invoke("run", str(first), "--report", str(tmp_path / "r.json"))
+    first = manifest(
+        model=str(float_tflite["model"]),
+        data=_data(float_tflite),
+        chain="  - strip_ops: {}\n",
+        gates=ACCURACY_GATE,
+        extra="register: {name: digits-float-stage}\n",
+    )
+    result = run_stage(first)
     assert result.exit_code == 0, result.output
-    uri = read_report(tmp_path / "r.json")["registered"]["uri"]
+    uri = result.report["registered"]["uri"]
     # a registry URI does not show the kind: an engine that cannot take it is refused after the
     # download, before the baseline
-    refused = _manifest(tmp_path, float_tflite, "  - quantize: {mode: dynamic, engine: converter}\n", model=uri)
+    refused = manifest(
+        model=uri, data=_data(float_tflite), chain="  - quantize: {mode: dynamic, engine: converter}\n", gates=ACCURACY_GATE
+    )
     assert invoke("validate", str(refused)).exit_code == 0
-    result = invoke("run", str(refused))
+    result = run_stage(refused)
     assert result.exit_code == 2 and "the converter engine needs the TensorFlow model" in result.stderr, result.output
     assert "[baseline]" not in result.stderr
     # `engine: auto` (the default) takes it with the LiteRT Quantizer; its data are the datasets the
@@ -100,9 +143,9 @@ def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_s
         f"model: {uri}\ndata: {{calibration: 'dataset:calib.npz', evaluation: 'dataset:eval.npz'}}\n"
         "chain:\n  - quantize: {mode: dynamic}\ngates:\n  - {metric: accuracy, max_drop: 0.02}\n"
     )
-    result = invoke("run", str(tmp_path / "second.yaml"), "--report", str(tmp_path / "s.json"))
+    result = run_stage(tmp_path / "second.yaml")
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "s.json")
+    report = result.report
     assert report["source"]["uri"] == uri and report["candidate"]["size_bytes"] < 0.5 * report["baseline"]["size_bytes"]
     import mlflow
 
@@ -113,11 +156,11 @@ def test_a_float_tflite_registered_by_a_stage_is_a_source(float_tflite, mlflow_s
     assert logged == {"calib.npz": str(float_tflite["calib"]), "eval.npz": str(float_tflite["eval"])}
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text(second.read_text().replace("dataset:eval.npz", "dataset:holdout.npz"))
-    result = invoke("run", str(unknown))
+    result = run_stage(unknown)
     assert result.exit_code == 2 and "logged no dataset `holdout.npz` (logged: calib.npz, eval.npz)" in result.stderr
 
 
-def test_a_savedmodel_signature_of_choice(mlflow_server, tmp_path):
+def test_a_savedmodel_signature_of_choice(mlflow_server, tmp_path, run_stage, manifest):
     """A tf.Module with two signatures: `signature: double` optimizes that one (checked on the
     .tflite's outputs with the LiteRT interpreter); an unknown signature is refused, naming them."""
     import tensorflow as tf
@@ -145,17 +188,17 @@ def test_a_savedmodel_signature_of_choice(mlflow_server, tmp_path):
         f"model: {tmp_path / 'sm'}\nsignature: double\ndata: {{evaluation: {tmp_path / 'x.npz'}}}\n"
         "chain: []\ngates:\n  - {metric: fidelity_sqnr_db, min: 60}\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--output", str(tmp_path / "m.tflite"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    runner = Interpreter(model_path=str(tmp_path / "m.tflite")).get_signature_runner()
+    runner = Interpreter(model_path=str(result.output_path)).get_signature_runner()
     name = next(iter(runner.get_input_details()))
     out = next(iter(runner(**{name: x}).values()))
     np.testing.assert_allclose(out, 2.0 * x @ weights, rtol=1e-5)
-    missing = invoke("run", str(write_manifest(tmp_path, text.replace("double", "triple"), "bad.yaml")))
+    missing = run_stage(manifest(text.replace("double", "triple"), name="bad.yaml"))
     assert missing.exit_code == 2 and "has no signature `triple` (signatures: double, serving_default)" in missing.stderr
 
 
-def test_a_model_logged_with_the_keras_flavor_loads(digits_model, digits_data, mlflow_server, tmp_path):
+def test_a_model_logged_with_the_keras_flavor_loads(digits_model, digits_data, mlflow_server, tmp_path, run_stage, manifest):
     """MLflow's keras flavor (mlflow.keras.log_model) as well as the tensorflow flavor the demo uses."""
     import mlflow
 
@@ -166,12 +209,12 @@ def test_a_model_logged_with_the_keras_flavor_loads(digits_model, digits_data, m
         f"model: models:/digits-keras-flavor/{info.registered_model_version}\ndata: {{evaluation: {tmp_path / 'eval.npz'}}}\n"
         "chain:\n  - quantize: {mode: float16}\ngates:\n  - {metric: accuracy, max_drop: 0.01}\n  - {metric: fidelity_sqnr_db, min: 30}\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    assert read_report(tmp_path / "r.json")["source"]["name"] == "digits-keras-flavor"
+    assert result.report["source"]["name"] == "digits-keras-flavor"
 
 
-def test_a_savedmodel_with_two_inputs_and_two_outputs_and_no_labels(mlflow_server, tmp_path):
+def test_a_savedmodel_with_two_inputs_and_two_outputs_and_no_labels(mlflow_server, tmp_path, run_stage, manifest):
     """A tf.Module signature with inputs `a`, `b` and outputs `sum`, `product`: calibrated on both
     inputs, measured on both outputs, gated on fidelity alone."""
     import tensorflow as tf
@@ -196,8 +239,8 @@ def test_a_savedmodel_with_two_inputs_and_two_outputs_and_no_labels(mlflow_serve
         f"model: {tmp_path / 'sm'}\ndata: {{calibration: {tmp_path / 'ab.npz'}, evaluation: {tmp_path / 'ab.npz'}}}\n"
         "chain:\n  - quantize: {mode: int8}\ngates:\n  - {metric: fidelity_sqnr_db, min: 20}\n"
     )
-    result = invoke("run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"))
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    candidate = read_report(tmp_path / "r.json")["candidate"]
+    candidate = result.report["candidate"]
     assert {"fidelity_sqnr_db.sum", "fidelity_sqnr_db.product"} <= set(candidate)
     assert candidate["fidelity_sqnr_db"] == min(candidate["fidelity_sqnr_db.sum"], candidate["fidelity_sqnr_db.product"]) >= 20

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from pipeline_stage import Metric
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report
 
 SHARDS = 3
 
@@ -74,58 +72,49 @@ def keras_path(digits_model, tmp_path_factory) -> Path:
     return path
 
 
-LABELLED = "accuracy, fidelity_sqnr_db, fidelity_cosine, top1_agreement, size_bytes"
+LABELLED = ["accuracy", "fidelity_sqnr_db", "fidelity_cosine", "top1_agreement", "size_bytes"]
 
 
-def _run(
-    tmp_path: Path,
-    model: Path,
-    calib: Path,
-    evaluation: str,
-    *,
-    gates: str,
-    extra: str = "",
-    name: str = "m.yaml",
-    metrics: str = LABELLED,
-):
-    path = write_manifest(
-        tmp_path,
-        f"model: {model}\ndata: {{calibration: {calib}, evaluation: '{evaluation}'}}\n"
-        f"chain:\n  - quantize: {{mode: int8}}\nevaluation: {{per_step: [], metrics: [{metrics}]}}\ngates:\n{gates}{extra}",
-        name,
+def _sections(model: Path, calib: Path, evaluation: str, gates: str, metrics: list[str] = LABELLED) -> dict:
+    """The stage these tests run: full int8 of `model`, measured on `evaluation` (a file, a glob, a URI)."""
+    return dict(
+        model=str(model),
+        data={"calibration": str(calib), "evaluation": evaluation},
+        chain=[{"quantize": {"mode": "int8"}}],
+        evaluation={"per_step": [], "metrics": metrics},
+        gates=gates,
     )
-    report = tmp_path / f"{name}.json"
-    result = invoke("run", str(path), "--report", str(report))
-    return result, (read_report(report) if report.exists() else None)
 
 
 def _metrics(report: dict) -> dict[str, float]:
     return {f"{side}.{k}": v for side in ("baseline", "candidate") for k, v in report[side].items() if isinstance(v, float)}
 
 
-def test_tfrecord_shards_stream_and_give_the_npz_metrics_and_digest(digits_files, keras_path, mlflow_server, tmp_path):
+def test_tfrecord_shards_stream_and_give_the_npz_metrics_and_digest(
+    digits_files, keras_path, mlflow_server, tmp_path, run_stage, manifest
+):
     """A glob of TFRecord shards (flattened float_list features, reshaped to the model's 8x8x1 input)
     measures what the `.npz` of the same samples measures, to 1e-6; the run logs the same content
     digest for both; the report says the data was streamed."""
     import mlflow
 
     gates = "  - {metric: accuracy, max_drop: 0.05}\n"
-    npz, npz_report = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["npz"]), gates=gates, name="npz.yaml")
+    npz = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(digits_files["npz"]), gates), name="npz.yaml"))
     assert npz.exit_code == 0, npz.output
-    tfr, tfr_report = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["glob"]), gates=gates, name="tfr.yaml")
+    tfr = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(digits_files["glob"]), gates), name="tfr.yaml"))
     assert tfr.exit_code == 0, tfr.output
     assert "data.evaluation: reading 3 file(s) as a stream (tfrecord)" in tfr.stderr
-    expected, got = _metrics(npz_report), _metrics(tfr_report)
+    expected, got = _metrics(npz.report), _metrics(tfr.report)
     assert set(got) == set(expected) and len(got) >= 8
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    assert any("read as a stream, 597 samples, memory-mapped" in n for n in tfr_report["evaluation_notes"])
+    assert any("read as a stream, 597 samples, memory-mapped" in n for n in tfr.report["evaluation_notes"])
 
     def evaluation_input(report):
         inputs = mlflow.MlflowClient().get_run(report["run_id"]).inputs.dataset_inputs
         return next(i.dataset for i in inputs if any(t.value == "evaluation" for t in i.tags))
 
-    npz_data, tfr_data = evaluation_input(npz_report), evaluation_input(tfr_report)
+    npz_data, tfr_data = evaluation_input(npz.report), evaluation_input(tfr.report)
     assert json.loads(tfr_data.profile) == json.loads(npz_data.profile)  # same samples, same sha256
     assert json.loads(tfr_data.schema) == {
         "arrays": {"x": {"dtype": "float32", "shape": [597, 8, 8, 1]}, "y": {"dtype": "int64", "shape": [597]}}
@@ -133,7 +122,9 @@ def test_tfrecord_shards_stream_and_give_the_npz_metrics_and_digest(digits_files
     assert tfr_data.name == "eval-*.tfrecord" and json.loads(tfr_data.source)["uri"] == str(digits_files["glob"])
 
 
-def test_remote_shards_are_listed_downloaded_one_at_a_time_and_feed_a_search(digits_files, keras_path, mlflow_server, tmp_path):
+def test_remote_shards_are_listed_downloaded_one_at_a_time_and_feed_a_search(
+    digits_files, keras_path, mlflow_server, tmp_path, run_stage, manifest
+):
     """`runs:/<id>/data/eval-*.tfrecord` on the production server (S3 artifacts): the shards are
     listed in the store, read one at a time, and a search's trials read the streamed files (the
     trials measure what the stage measures for the same chain)."""
@@ -143,34 +134,34 @@ def test_remote_shards_are_listed_downloaded_one_at_a_time_and_feed_a_search(dig
         for path in sorted(digits_files["glob"].parent.glob("eval-*.tfrecord")):
             mlflow.log_artifact(str(path), "data")
     uri = f"runs:/{run.info.run_id}/data/eval-*.tfrecord"
-    result, report = _run(
-        tmp_path,
-        keras_path,
-        digits_files["calib"],
-        uri,
-        gates="  - {metric: accuracy, max_drop: 0.05}\n",
-        extra="search: {strategy: auto, budget: {trials: 2}, parallel: 1}\n",
+    result = run_stage(
+        manifest(
+            **_sections(keras_path, digits_files["calib"], uri, "  - {metric: accuracy, max_drop: 0.05}\n"),
+            extra="search: {strategy: auto, budget: {trials: 2}, parallel: 1}\n",
+        )
     )
     assert result.exit_code == 0, result.output
     assert "reading 3 file(s) as a stream (tfrecord) one at a time" in result.stderr
     # the winner, not the first trial: the default objective ranks by latency first, so which of two
     # passing trials wins depends on the CPU's timing (the trials' accuracies differ)
-    search = report["search"]
+    search = result.report["search"]
     winner = next(t for t in search["trials"] if t["index"] == search["winner"])
     assert winner["status"] == "passed" and winner["metrics"]["accuracy"] == pytest.approx(
-        report["candidate"]["accuracy"], rel=1e-6
+        result.report["candidate"]["accuracy"], rel=1e-6
     )
-    missing, _ = _run(
-        tmp_path,
-        keras_path,
-        digits_files["calib"],
-        uri.replace("eval-*", "holdout-*"),
-        gates="  - {metric: accuracy, max_drop: 0.05}\n",
+    missing = run_stage(
+        manifest(
+            **_sections(
+                keras_path, digits_files["calib"], uri.replace("eval-*", "holdout-*"), "  - {metric: accuracy, max_drop: 0.05}\n"
+            )
+        )
     )
     assert missing.exit_code == 2 and "matches `holdout-*.tfrecord` (there: eval-00.tfrecord, eval-01.tfrecord" in missing.stderr
 
 
-def test_npy_is_read_memory_mapped_and_serialized_tensors_decode(digits_data, keras_path, digits_files, mlflow_server, tmp_path):
+def test_npy_is_read_memory_mapped_and_serialized_tensors_decode(
+    digits_data, keras_path, digits_files, mlflow_server, tmp_path, run_stage, manifest
+):
     """One `.npy` of inputs (no labels: a fidelity gate) is read memory-mapped; TFRecord features
     holding `tf.io.serialize_tensor` bytes decode to the same samples."""
     from pipeline_stage_plugins.data_npy import NpyLoader
@@ -178,28 +169,25 @@ def test_npy_is_read_memory_mapped_and_serialized_tensors_decode(digits_data, ke
     npy = digits_files["folder"] / "eval-x.npy"
     loaded = NpyLoader().load(npy, "data.evaluation")
     assert isinstance(loaded.x, np.memmap) and loaded.memory_mapped
-    fidelity, unlabelled = "  - {metric: fidelity_sqnr_db, min: 20}\n", "fidelity_sqnr_db, size_bytes"
-    result, report = _run(
-        tmp_path, keras_path, digits_files["calib"], str(npy), gates=fidelity, name="npy.yaml", metrics=unlabelled
-    )
+    fidelity, unlabelled = "  - {metric: fidelity_sqnr_db, min: 20}\n", ["fidelity_sqnr_db", "size_bytes"]
+    result = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(npy), fidelity, unlabelled), name="npy.yaml"))
     assert result.exit_code == 0, result.output
     x = digits_data.evaluation[0]
     write_shards(tmp_path / "tensors", x, None, shards=1, serialized=True)
-    tensors, t_report = _run(
-        tmp_path,
-        keras_path,
-        digits_files["calib"],
-        str(tmp_path / "tensors" / "eval-00.tfrecord"),
-        gates=fidelity,
-        name="t.yaml",
-        metrics=unlabelled,
+    tensors = run_stage(
+        manifest(
+            **_sections(keras_path, digits_files["calib"], str(tmp_path / "tensors" / "eval-00.tfrecord"), fidelity, unlabelled),
+            name="t.yaml",
+        )
     )
     assert tensors.exit_code == 0, tensors.output
-    assert t_report["candidate"]["fidelity_sqnr_db"] == pytest.approx(report["candidate"]["fidelity_sqnr_db"], rel=1e-6)
+    assert tensors.report["candidate"]["fidelity_sqnr_db"] == pytest.approx(
+        result.report["candidate"]["fidelity_sqnr_db"], rel=1e-6
+    )
 
 
 def test_bad_records_and_shards_are_refused_naming_the_file_and_the_fix(
-    digits_data, keras_path, digits_files, mlflow_server, tmp_path
+    digits_data, keras_path, digits_files, mlflow_server, tmp_path, run_stage, manifest
 ):
     import tensorflow as tf
 
@@ -211,27 +199,27 @@ def test_bad_records_and_shards_are_refused_naming_the_file_and_the_fix(
     with tf.io.TFRecordWriter(str(bad / "eval.tfrecord")) as writer:
         writer.write(_example(tf, {"x": x[0], "y": np.int64(y[0])}))
         writer.write(_example(tf, {"x": x[1]}))
-    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(bad / "eval.tfrecord"), gates=gates)
+    result = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(bad / "eval.tfrecord"), gates)))
     assert result.exit_code == 2, result.output
     assert "`eval.tfrecord`, records 0-1:" in result.stderr and "(the first record has `x`, `y`)" in result.stderr
     assert "fix: give every record the same features" in result.stderr and "[baseline]" not in result.stderr
     # not a TFRecord file at all
     (bad / "junk.tfrecord").write_bytes(b"not a record file" * 10)
-    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(bad / "junk.tfrecord"), gates=gates)
+    result = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(bad / "junk.tfrecord"), gates)))
     assert result.exit_code == 2 and "`junk.tfrecord` is not a readable TFRecord file" in result.stderr, result.output
     # shards that disagree: the second has no labels
     mixed = tmp_path / "mixed"
     write_shards(mixed, x[:100], y[:100], shards=1)
     (mixed / "eval-00.tfrecord").rename(mixed / "eval-a.tfrecord")
     write_shards(mixed, x[100:200], None, shards=1)
-    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(mixed / "eval-*.tfrecord"), gates=gates)
+    result = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(mixed / "eval-*.tfrecord"), gates)))
     assert result.exit_code == 2, result.output
     assert "`eval-a.tfrecord` has arrays x, y, but the data before had x" in result.stderr
     # a glob that matches nothing, and one that matches two kinds of file
-    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(tmp_path / "nothing-*.tfrecord"), gates=gates)
+    result = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(tmp_path / "nothing-*.tfrecord"), gates)))
     assert result.exit_code == 2 and "no file matches" in result.stderr, result.output
     np.savez(mixed / "eval-z.npz", x=x[:10], y=y[:10])
-    result, _ = _run(tmp_path, keras_path, digits_files["calib"], str(mixed / "eval-*"), gates=gates)
+    result = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(mixed / "eval-*"), gates)))
     assert result.exit_code == 2 and "of several kinds (.npz, .tfrecord)" in result.stderr, result.output
 
 
@@ -261,7 +249,7 @@ def test_reading_memory_mapped_data_hands_its_pages_back(tmp_path):
 
 
 def test_a_data_mapping_names_the_format_the_features_and_a_sample_limit(
-    digits_data, keras_path, digits_files, mlflow_server, tmp_path
+    digits_data, keras_path, digits_files, mlflow_server, tmp_path, run_stage, manifest, invoke
 ):
     """`evaluation: {uri, format, features, max_samples}`: a TFRecord named `.rec` whose features
     are `image` and `label` beside a string `id` reads as `x` and `y`, only the first 300 samples;
@@ -277,31 +265,31 @@ def test_a_data_mapping_names_the_format_the_features_and_a_sample_limit(
     np.savez(tmp_path / "first300.npz", x=x[:300], y=y[:300])
     gates = "  - {metric: accuracy, max_drop: 0.05}\n"
     entry = f"{{uri: {path}, format: tfrecord, features: {{x: image, y: label}}, max_samples: 300}}"
-    mapped = write_manifest(
-        tmp_path,
-        f"model: {keras_path}\ndata: {{calibration: {digits_files['calib']}, evaluation: {entry}}}\n"
-        f"chain:\n  - quantize: {{mode: int8}}\nevaluation: {{per_step: [], metrics: [{LABELLED}]}}\ngates:\n{gates}",
-        "mapped.yaml",
+    sections = _sections(keras_path, digits_files["calib"], "", gates)
+    mapped = manifest(
+        **{**sections, "data": f"{{calibration: {digits_files['calib']}, evaluation: {entry}}}"}, name="mapped.yaml"
     )
     assert invoke("validate", str(mapped)).exit_code == 0
-    result = invoke("run", str(mapped), "--report", str(tmp_path / "mapped.json"))
+    result = run_stage(mapped)
     assert result.exit_code == 0, result.output
-    expected, _ = _run(tmp_path, keras_path, digits_files["calib"], str(tmp_path / "first300.npz"), gates=gates, name="e.yaml")
-    got, want = _metrics(read_report(tmp_path / "mapped.json")), _metrics(read_report(tmp_path / "e.yaml.json"))
+    expected = run_stage(
+        manifest(**_sections(keras_path, digits_files["calib"], str(tmp_path / "first300.npz"), gates), name="e.yaml")
+    )
+    got, want = _metrics(result.report), _metrics(expected.report)
     assert expected.exit_code == 0 and set(got) == set(want)
     assert all(got[k] == pytest.approx(v, rel=1e-6, abs=1e-9) for k, v in want.items()), (got, want)
     # the same file without the mapping: the string feature cannot be an array
     plain = mapped.read_text().replace(entry, f"{{uri: {path}, format: tfrecord}}")
-    result = invoke("run", str(write_manifest(tmp_path, plain, "plain.yaml")))
+    result = run_stage(manifest(plain, name="plain.yaml"))
     assert result.exit_code == 2 and "feature `id` holds bytes that are not a tensor" in result.stderr, result.output
     assert "features: {x: image, y: label}" in result.stderr
     # a feature the records do not have
     wrong = mapped.read_text().replace("x: image", "x: pixels")
-    result = invoke("run", str(write_manifest(tmp_path, wrong, "wrong.yaml")))
+    result = run_stage(manifest(wrong, name="wrong.yaml"))
     assert result.exit_code == 2 and "has no feature `pixels` (the first record has `id`, `image`, `label`)" in result.stderr
     # an unknown format, at validate
     unknown = mapped.read_text().replace("format: tfrecord", "format: parquet")
-    checked = invoke("validate", str(write_manifest(tmp_path, unknown, "unknown.yaml")))
+    checked = invoke("validate", str(manifest(unknown, name="unknown.yaml")))
     assert checked.exit_code == 2 and "no data loader is named `parquet` (known: arrays, npy, npz, tfrecord)" in checked.stderr
 
 
@@ -361,7 +349,7 @@ class MeanScore(Metric):
 
 
 def test_a_whole_array_metric_works_on_streamed_data_that_fits_and_is_refused_when_it_would_not(
-    digits_files, keras_path, mlflow_server, tmp_path, monkeypatch
+    digits_files, keras_path, mlflow_server, tmp_path, monkeypatch, run_stage, manifest
 ):
     """A third-party metric with only `compute` gets whole (memory-mapped) arrays on streamed data
     that fits; where the outputs would take more than half the memory left (here: the memory the
@@ -374,38 +362,37 @@ def test_a_whole_array_metric_works_on_streamed_data_that_fits_and_is_refused_wh
             register(MeanScore)
 
     gates = "  - {metric: accuracy, max_drop: 0.05}\n"
-    metrics = "accuracy, mean_score"
+    metrics = ["accuracy", "mean_score"]
     with use_plugins((Plugin(), "whole-array-metric")):
-        fits, report = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["glob"]), gates=gates, metrics=metrics)
+        fits = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(digits_files["glob"]), gates, metrics)))
         assert fits.exit_code == 0, fits.output
-        assert 0.0 < report["candidate"]["mean_score"] < 1.0  # softmax scores: a tenth on average
+        assert 0.0 < fits.report["candidate"]["mean_score"] < 1.0  # softmax scores: a tenth on average
         monkeypatch.setenv("PIPELINE_STAGE_MEMORY_BYTES", str(32 << 10))  # the outputs and labels: 29 KB
-        refused, _ = _run(tmp_path, keras_path, digits_files["calib"], str(digits_files["glob"]), gates=gates, metrics=metrics)
+        refused = run_stage(manifest(**_sections(keras_path, digits_files["calib"], str(digits_files["glob"]), gates, metrics)))
     assert refused.exit_code == 2, refused.output
     assert "metric `mean_score` (distribution `whole-array-metric`) reads whole arrays" in refused.stderr
     assert "more than half the memory left (0.03 MB)" in refused.stderr and "update(state, chunk)" in refused.stderr
 
 
 def test_pruning_fine_tunes_on_the_streamed_training_files_themselves(
-    digits_data, digits_files, keras_path, mlflow_server, tmp_path
+    digits_data, digits_files, keras_path, mlflow_server, tmp_path, run_stage, manifest
 ):
     """Training data given as TFRecord shards: prune's tf_keras child is handed the stage's own
     memory-mapped spool files (no re-saved copy of the set) and reads them a batch at a time; the
     pruned model still reaches its target sparsity and passes its accuracy gate."""
     write_shards(tmp_path / "train", *digits_data.train)
     work = tmp_path / "work"
-    path = write_manifest(
-        tmp_path,
+    path = manifest(
         f"model: {keras_path}\n"
         f"data: {{training: '{tmp_path / 'train' / 'eval-*.tfrecord'}', calibration: {digits_files['calib']}, "
         f"evaluation: {digits_files['npz']}}}\n"
         "chain:\n  - prune: {target_sparsity: 0.5, epochs: 2}\n  - quantize: {mode: int8}\n"
-        "evaluation: {per_step: []}\ngates:\n  - {metric: accuracy, max_drop: 0.05}\n",
+        "evaluation: {per_step: []}\ngates:\n  - {metric: accuracy, max_drop: 0.05}\n"
     )
-    result = invoke("run", str(path), "--report", str(tmp_path / "r.json"), "--workdir", str(work))
+    result = run_stage(path, "--workdir", str(work))
     assert result.exit_code == 0, result.output
     assert "data.training: reading 3 file(s) as a stream (tfrecord)" in result.stderr
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["steps"][0]["notes"]["weight_sparsity"] == pytest.approx(0.5, abs=0.02)
     training = json.loads((work / "prune" / "task.json").read_text())["training"]
     assert set(training) == {"x", "y"}

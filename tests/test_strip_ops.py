@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from pipeline_stage.engine.flatbuffer import read
-from tests.conftest import write_manifest
-from tests.helpers import invoke, read_report
 
 
 @pytest.fixture(scope="session")
@@ -41,29 +39,27 @@ def aux_head_source(mlflow_server, digits_data):
     return run.info.run_id
 
 
-def test_strip_aux_head_and_write_ops_json(aux_head_source, tmp_path):
+def test_strip_aux_head_and_write_ops_json(aux_head_source, tmp_path, run_stage, manifest):
     text = (
         "model: models:/digits-aux-head@champion\n"
         "data: {evaluation: 'runs:/${source.run_id}/data/eval.npz'}\n"
         "chain:\n  - strip_ops: {outputs: [probabilities], drop_names: true}\n"
         "gates:\n  - {metric: accuracy, max_drop: 0.001}\n  - {metric: size_bytes, max_ratio: 0.5}\n"
     )
-    result = invoke(
-        "run", str(write_manifest(tmp_path, text)), "--report", str(tmp_path / "r.json"), "--output", str(tmp_path / "m.tflite")
-    )
+    result = run_stage(manifest(text))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     notes = report["steps"][0]["notes"]
     assert notes["removed_outputs"] == ["aux"] and notes["dropped_metadata"] == ["CONVERSION_METADATA"]
     assert notes["bytes_saved"] > 0.5 * notes["bytes_before"]  # the aux head's 64x512 weights are gone
-    info = read((tmp_path / "m.tflite").read_bytes())
+    info = read(result.model_bytes)
     assert info.ops["FULLY_CONNECTED"] == 1 and report["baseline_flatbuffer"]["ops"]["FULLY_CONNECTED"] == 3
     assert "CONVERSION_METADATA" not in info.metadata and "min_runtime_version" in info.metadata
     # drop_names: no tensor names left, the signature (which names its own inputs/outputs) still runs
     assert info.tensor_name_bytes() == 0 and notes["dropped_name_bytes"] > 0
     from ai_edge_litert.interpreter import Interpreter
 
-    assert Interpreter(model_content=(tmp_path / "m.tflite").read_bytes()).get_signature_list() == {
+    assert Interpreter(model_content=result.model_bytes).get_signature_list() == {
         "serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}
     }
     ops = json.loads(
@@ -72,8 +68,8 @@ def test_strip_aux_head_and_write_ops_json(aux_head_source, tmp_path):
     assert {o["op"] for o in ops["builtin_ops"]} == set(info.ops) and ops["custom_ops"] == []
 
 
-def test_unknown_output_is_a_clear_error(aux_head_source, tmp_path):
+def test_unknown_output_is_a_clear_error(aux_head_source, tmp_path, run_stage, manifest):
     text = "model: models:/digits-aux-head@champion\nchain:\n  - strip_ops: {outputs: [logits]}\n"
-    result = invoke("run", str(write_manifest(tmp_path, text)))
+    result = run_stage(manifest(text))
     assert result.exit_code == 2
     assert "no output ['logits'] in signature `serving_default` (outputs: ['aux', 'probabilities'])" in result.stderr

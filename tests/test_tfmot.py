@@ -9,8 +9,8 @@ import pytest
 
 from pipeline_stage.contract.errors import InputError
 from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
-from tests.conftest import EXAMPLES
-from tests.helpers import invoke, read_report, versions_of
+from tests import helpers
+from tests.helpers import EXAMPLES
 
 
 def test_bridge_round_trip_is_exact(digits_model, digits_data, tmp_path):
@@ -126,11 +126,12 @@ def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
     """The bridge carries LayerNormalization; tfmot's QAT registry does not: a clear error naming it."""
     import keras
 
+    from pipeline_stage import ConversionSettings, QuantizationJob, QuantizationRequest
     from pipeline_stage.contract.data import Dataset
     from pipeline_stage.contract.report import SourceRef
-    from pipeline_stage.contract.steps import ConversionSettings
-    from pipeline_stage.engine.convert import convert
-    from pipeline_stage.engine.source_model import SourceModel
+    from pipeline_stage_plugins.quantize.converter_engine import ConverterEngine
+    from pipeline_stage_plugins.quantize.params import QuantizeParams
+    from pipeline_stage_plugins.source_tensorflow import KerasSource
 
     model = keras.Sequential(
         [
@@ -141,20 +142,26 @@ def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
         ]
     )
     data = Dataset(digits_data.train[0][:64], digits_data.train[1][:64], "training")
-    settings = ConversionSettings(
-        quantization="qat",
-        representative_data="calibration",
+    request = QuantizationRequest(
+        engine="converter",
+        settings=QuantizeParams(mode="qat", qat_epochs=1),
+        mode="qat",
+        calibration_data="calibration",
         training_data="training",
-        fine_tune={"epochs": 1, "learning_rate": 1e-4, "batch_size": 32, "seed": 0},
+    )
+    job = QuantizationJob(
+        request=request,
+        conversion=ConversionSettings(quantization=request),
+        source=KerasSource(SourceRef(uri="test"), tmp_path / "model.keras", model),
+        model=model,
+        load_data=lambda name: data,
+        workdir=tmp_path,
+        log_path=tmp_path / "convert.log",
+        log=lambda line: None,
+        convert_float=lambda: b"",
     )
     with pytest.raises(InputError) as caught:
-        convert(
-            SourceModel(info=SourceRef(uri="test"), path=None, keras_model=model),
-            settings,
-            representative=data,
-            training=data,
-            log_path=tmp_path / "convert.log",
-        )
+        ConverterEngine().quantize(job)
     assert "tfmot cannot make this model quantization-aware" in str(caught.value) and "LayerNormalization" in str(caught.value)
     assert "mode: int8" in caught.value.hint and "fuse" not in caught.value.hint  # no BN here: fuse would not help
 
@@ -162,8 +169,8 @@ def test_qat_refuses_a_layer_tfmot_cannot_quantize(digits_data, tmp_path):
 @pytest.fixture(scope="module")
 def prune_run(digits_source, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prune")
-    result = invoke("run", str(EXAMPLES / "digits-prune.yaml"), "--report", str(tmp / "r.json"), "--workdir", str(tmp / "work"))
-    return result, read_report(tmp / "r.json"), tmp
+    result = helpers.run_stage(tmp, EXAMPLES / "digits-prune.yaml", "--workdir", str(tmp / "work"))
+    return result, result.report, tmp
 
 
 def test_prune_reaches_target_sparsity_and_shrinks_gzip(prune_run):
@@ -195,12 +202,10 @@ def test_pruned_int8_weights_are_sparse_in_the_flatbuffer(prune_run):
     assert zeros >= 0.45
 
 
-def test_qat_fine_tunes_and_converts_to_int8(digits_source, tmp_path):
-    result = invoke(
-        "run", str(EXAMPLES / "digits-qat.yaml"), "--report", str(tmp_path / "r.json"), "--workdir", str(tmp_path / "w")
-    )
+def test_qat_fine_tunes_and_converts_to_int8(digits_source, tmp_path, run_stage, versions_of):
+    result = run_stage(EXAMPLES / "digits-qat.yaml", "--workdir", str(tmp_path / "w"))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     assert report["conversion"]["settings"]["quantization"] == "qat"
     assert (tmp_path / "w" / "qat" / "worker.log").exists()
     info = read_flatbuffer((tmp_path / "w" / "model.tflite").read_bytes())
@@ -210,17 +215,10 @@ def test_qat_fine_tunes_and_converts_to_int8(digits_source, tmp_path):
     assert versions_of("digits-cnn-tflite")
 
 
-def test_litert_quantizer_engine_writes_int8(digits_source, tmp_path):
-    result = invoke(
-        "run",
-        str(EXAMPLES / "digits-litert-quantizer.yaml"),
-        "--report",
-        str(tmp_path / "r.json"),
-        "--workdir",
-        str(tmp_path / "w"),
-    )
+def test_litert_quantizer_engine_writes_int8(digits_source, tmp_path, run_stage):
+    result = run_stage(EXAMPLES / "digits-litert-quantizer.yaml", "--workdir", str(tmp_path / "w"))
     assert result.exit_code == 0, result.output
-    report = read_report(tmp_path / "r.json")
+    report = result.report
     model_bytes = (tmp_path / "w" / "model.tflite").read_bytes()
     summary = read_flatbuffer(model_bytes).summary()
     assert "INT8" in summary["weight_dtypes"] and "INT8" in str(summary["activation_dtypes"])
