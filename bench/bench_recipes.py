@@ -24,6 +24,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 # (label, engine, the `quantize` step's params): what a manifest writes, run by that engine plugin
 RECIPES = [
@@ -69,35 +70,15 @@ def models() -> dict[str, dict]:
 def quantized(spec: dict, engine_name: str, params: dict) -> bytes | str:
     """The recipe's .tflite, made by the engine plugin from the params the `quantize` step takes, or
     why it cannot be made."""
-    import tempfile
+    from quantizing import quantized as quantize
 
-    from pipeline_stage import ConversionSettings, InputError, QuantizationJob, QuantizationRequest
+    from pipeline_stage import InputError
     from pipeline_stage.contract.data import Dataset
-    from pipeline_stage.contract.report import SourceRef
-    from pipeline_stage.host.plugin_host import build_host
-    from pipeline_stage_plugins.quantize.params import QuantizeParams
-    from pipeline_stage_plugins.source_tensorflow import KerasSource
 
     if spec["keras"] is None and engine_name == "converter":
         return "n/a: a .tflite source (the converter needs the TensorFlow model)"
-    settings = QuantizeParams(engine=engine_name, **params)
-    calibrated = settings.mode in ("int8", "int16x8")
-    request = QuantizationRequest(engine_name, settings, settings.mode, "calibration" if calibrated else None)
-    source = KerasSource(SourceRef(uri="bench"), Path("."), spec["keras"]) if spec["keras"] is not None else None
-    work = Path(tempfile.mkdtemp(prefix="bench-recipes-"))
-    job = QuantizationJob(
-        request=request,
-        conversion=ConversionSettings(quantization=request),
-        source=source,
-        model=spec["keras"],
-        load_data=lambda name: Dataset(x=spec["calib"], source=name),
-        workdir=work,
-        log_path=work / "convert.log",
-        log=lambda line: None,
-        convert_float=lambda: spec["float"],
-    )
     try:
-        return build_host(load_entry_points=False).engines[engine_name].cls().quantize(job)
+        return quantize(spec["keras"], spec["float"], engine_name, params, Dataset(x=spec["calib"], source="calibration"))
     except InputError as exc:
         return f"error: {exc.message[:80]}"
 

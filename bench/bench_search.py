@@ -92,10 +92,11 @@ def main() -> None:
     found = json.loads((search_work / "report.json").read_text())
     from pipeline_stage.contract.report import SourceRef
     from pipeline_stage.contract.steps import ConversionSettings
-    from pipeline_stage.engine.convert import convert
-    from pipeline_stage.engine.source_model import SourceModel
+    from pipeline_stage_plugins.source_tensorflow import KerasSource
 
-    float_bytes = convert(SourceModel(info=SourceRef(uri="bench"), path=Path("."), keras_model=model), ConversionSettings())
+    float_bytes = KerasSource(SourceRef(uri="bench"), Path("."), model).to_float_tflite(
+        ConversionSettings(), None, tmp / "float.log"
+    )
     variants = {
         "float TFLite": float_bytes,
         "plain int8": (plain_work / "model.tflite").read_bytes(),

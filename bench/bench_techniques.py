@@ -8,7 +8,7 @@ modes) and speedup vs float; size and bytes/param again after `strip_ops: {drop_
 every row, the float one included. Modes: float, dynamic, float16, int8, int8 with per-tensor
 weight scales, int16x8 with the converter; dynamic, int8 and per-tensor int8 with the LiteRT
 Quantizer (engine litert); qat (tfmot, 2 epochs); prune (tfmot, 50%, 2 epochs) + int8.
-Conversions use the stage's own convert() and the built-in prune and strip_ops steps; models run
+Conversions use the stage's own source and engine plugins and the built-in prune and strip_ops steps; models run
 in the LiteRT interpreter. The last tables break the MobileNetV2 int8 flatbuffers down by kind.
 
     .venv/bin/python bench/bench_techniques.py [--runs 200] [--epochs 3] [--size 96]
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODES = [
     "float",
@@ -86,15 +87,16 @@ def main() -> None:
     import gzip
     import tempfile
 
+    from quantizing import quantized
+
     from pipeline_stage.contract.data import Dataset
     from pipeline_stage.contract.report import SourceRef
     from pipeline_stage.contract.steps import ConversionSettings, StepContext
     from pipeline_stage.demo import digits_data
-    from pipeline_stage.engine.convert import convert
     from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
     from pipeline_stage.engine.litert_runtime import TFLiteModel
-    from pipeline_stage.engine.source_model import SourceModel
     from pipeline_stage_plugins.prune import Prune, PruneParams
+    from pipeline_stage_plugins.source_tensorflow import KerasSource
     from pipeline_stage_plugins.strip_ops import StripOps, StripParams
 
     data = digits_data()
@@ -105,28 +107,26 @@ def main() -> None:
         train = Dataset(prep(data.train[0]), data.train[1], "training")
         keras_acc = float(np.mean(model.predict(xe, verbose=0).argmax(-1) == ye))
         params = model.count_params()
-        src = SourceModel(info=SourceRef(uri="bench"), path=Path("."), keras_model=model)
         rows = {}
         for mode in MODES:
             work = Path(tempfile.mkdtemp(prefix="bench-"))
             quant = mode.split()[0].replace("prune+", "")
-            settings = ConversionSettings(
-                quantization=None if quant == "float" else quant,
-                engine="litert" if "litert" in mode else "converter",
-                per_channel="per-tensor" not in mode,
-                representative_data="calibration" if quant in ("int8", "int16x8", "qat") else None,
-            )
+            engine = "litert" if "litert" in mode else "converter"
+            params = {"mode": quant, "per_channel": "per-tensor" not in mode}
+            if quant == "qat":
+                params.update(qat_epochs=2, qat_learning_rate=1e-4, qat_batch_size=32)
+            settings = ConversionSettings()
             keras_model = model
             try:
-                if quant == "qat":
-                    settings.training_data = "training"
-                    settings.fine_tune = {"epochs": 2, "learning_rate": 1e-4, "batch_size": 32, "seed": 0}
                 if mode.startswith("prune"):
                     ctx = StepContext(workdir=work, load_data=lambda name: train, log=lambda m: None, conversion=settings)
                     keras_model = Prune(PruneParams(target_sparsity=0.5, epochs=2)).apply(model, ctx)
-                fb = convert(
-                    src, settings, keras_model=keras_model, representative=calib, training=train, log_path=work / "convert.log"
-                )
+                if quant == "float":
+                    fb = KerasSource(SourceRef(uri="bench"), Path("."), keras_model).to_float_tflite(
+                        settings, keras_model, work / "f.log"
+                    )
+                else:
+                    fb = quantized(keras_model, None, engine, params, calib, train, hints=settings.hints)
             except Exception as exc:  # a mode that does not work on this model is a row, not a crash
                 rows[mode] = str(exc).splitlines()[0][:90]
                 continue

@@ -65,6 +65,10 @@ _PUBLIC = {
     "flatbuffer_text": ("pipeline_stage.engine.flatbuffer", "text"),
     "branch_nodes": ("pipeline_stage.engine.flatbuffer", "branch_nodes"),
     "TFLiteModel": ("pipeline_stage.engine.litert_runtime", "TFLiteModel"),
+    "make_interpreter": ("pipeline_stage.engine.litert_runtime", "make_interpreter"),
+    "shipped_tflite_for_engines": ("pipeline_stage.engine.shipped_tflite", "engine_ready"),
+    "shipped_tflite_carry_over": ("pipeline_stage.engine.shipped_tflite", "carry_over"),
+    "tflite_quantization_state": ("pipeline_stage.engine.shipped_tflite", "quantization_state"),
     "tflite_predict_batch": ("pipeline_stage.engine.source_model", "tflite_predict_batch"),
     "outputs_by_name": ("pipeline_stage.engine.source_model", "outputs_by_name"),
     "build_converter": ("pipeline_stage.engine.convert", "build_converter"),
@@ -161,7 +165,10 @@ if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eag
     from pipeline_stage.engine.flatbuffer import text as flatbuffer_text  # noqa: F401
     from pipeline_stage.engine.heavy_imports import import_heavy  # noqa: F401
     from pipeline_stage.engine.keras_graph import layer_graph, rebuild, weights_by_name  # noqa: F401
-    from pipeline_stage.engine.litert_runtime import TFLiteModel  # noqa: F401
+    from pipeline_stage.engine.litert_runtime import TFLiteModel, make_interpreter  # noqa: F401
+    from pipeline_stage.engine.shipped_tflite import carry_over as shipped_tflite_carry_over  # noqa: F401
+    from pipeline_stage.engine.shipped_tflite import engine_ready as shipped_tflite_for_engines  # noqa: F401
+    from pipeline_stage.engine.shipped_tflite import quantization_state as tflite_quantization_state  # noqa: F401
     from pipeline_stage.engine.source_model import outputs_by_name, tflite_predict_batch  # noqa: F401
     from pipeline_stage.engine.tf_env import captured_output  # noqa: F401
     from pipeline_stage.engine.tf_env import import_tf as import_tensorflow  # noqa: F401

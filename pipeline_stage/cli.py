@@ -1,7 +1,8 @@
 """The `pipeline-stage` command. Errors become one message and an exit code here, and only here.
 
-Exit codes: 0 success; 1 anything else (tracking server unreachable, a plugin crashed);
-2 bad input (manifest, URIs, params, data); 3 a gate failed (nothing promoted).
+Exit codes: 0 success; 1 a retry may succeed (tracking server or object store unreachable);
+2 bad input, or an answer a retry would repeat (manifest, URIs, params, data, a model no chain
+takes); 3 a gate failed (nothing promoted); 4 a plugin or the stage failed unexpectedly (a bug).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Any
 
 import click
 
-from pipeline_stage.contract.errors import GATE_FAILED_EXIT, StageError
+from pipeline_stage.contract.errors import GATE_FAILED_EXIT, UNEXPECTED_EXIT, StageError
 from pipeline_stage.version import __version__
 
 
 class StageGroup(click.Group):
-    """Turns StageError into `error: ...` on stderr and its exit code; anything else into exit 1."""
+    """Turns StageError into `error: ...` on stderr and its exit code; anything else into exit 4."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -32,7 +33,7 @@ class StageGroup(click.Group):
             _fail(str(exc) + notes, exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
-        except Exception as exc:  # an unexpected failure still gets one line, and exit 1
+        except Exception as exc:  # an unexpected failure still gets one line, and the exit code of a bug
             if os.environ.get("PIPELINE_STAGE_DEBUG"):
                 traceback.print_exc()
             from pipeline_stage.mlflow_io.tracking import redact
@@ -40,7 +41,7 @@ class StageGroup(click.Group):
             _fail(
                 f"unexpected failure: {type(exc).__name__}: {redact(str(exc)).splitlines()[0] if str(exc) else ''}"
                 "\n  (set PIPELINE_STAGE_DEBUG=1 for the traceback)",
-                1,
+                UNEXPECTED_EXIT,
             )
 
 
@@ -55,8 +56,9 @@ def cli() -> None:
     """Optimize a trained model from MLflow into a gated, registered TFLite model.
 
     \b
-    Exit codes: 0 success, 1 failure (server, plugin, unexpected),
-                2 bad input (manifest, URIs, params, data), 3 a gate failed.
+    Exit codes: 0 success, 1 a retry may succeed (tracking server, object store),
+                2 bad input or a model no chain takes (a retry repeats it),
+                3 a gate failed, 4 a plugin or the stage failed (a bug: report it).
     """
 
 
@@ -208,6 +210,10 @@ def plugins(as_json: bool) -> None:
         for p in engine["options"]:
             default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
             click.echo(f"      options.{p['name']}: {p['type']} ({default}) {p['doc']}")
+    if info["custom_ops"]:
+        click.echo("Custom ops (kernels the interpreter loads):")
+        for op in info["custom_ops"]:
+            click.echo(f"  {op['op']} ({op['registerer']}) from {op['plugin']}")
     click.echo("Steps:")
     for step in info["steps"]:
         click.echo(f"  {step['name']} [{step['phase']}] from {step['distribution']}: {step['summary']}")

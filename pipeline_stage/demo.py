@@ -185,6 +185,40 @@ def build_wide_range_trunk(seed: int = 0, features: int = 64, width: int = 96):
     return flatbuffer, inputs
 
 
+def build_log_spectrum_trunk(seed: int = 0, features: int = 64, width: int = 96):
+    """A float .tflite like a third-party audio model: one input of power-spectrum frames (values
+    spanning six orders of magnitude), LOG of the spectrum plus a small offset, a dense trunk and
+    three outputs (`output_0..2`). In full int8 the input range leaves the small powers at zero, so
+    the LOG op's error dwarfs every other op's by orders of magnitude (keeping it and the ADD that
+    feeds it float is the obvious first refinement), and even then int8 cannot serve the outputs
+    (under 12 dB); weight-only recipes keep the activations float and pass. Weights are set
+    (seeded), not trained. Returns (float .tflite bytes, `inputs(n)` drawing spectra)."""
+    from pipeline_stage.engine.tf_env import import_tf
+
+    tf = import_tf()
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((features,), name="spectrum")
+    h = keras.layers.Activation(keras.ops.log, name="log")(keras.layers.Rescaling(1.0, offset=1e-4, name="offset")(x))
+    h = keras.layers.Dense(width, activation="tanh", name="trunk1")(h)
+    h = keras.layers.Dense(width, activation="tanh", name="trunk2")(h)
+    model = keras.Model(x, [keras.layers.Dense(k, name=n)(h) for n, k in (("a", 8), ("b", 4), ("c", 2))])
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.weights:
+            kernel, bias = layer.get_weights()
+            layer.set_weights(
+                [0.3 * rng.normal(0, 1 / np.sqrt(kernel.shape[0]), kernel.shape).astype(np.float32), np.zeros_like(bias)]
+            )
+    flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+    def inputs(n: int) -> np.ndarray:
+        return (rng.exponential(1.0, (n, features)) ** 3 * 10 ** rng.uniform(-4, 2, (n, 1))).astype(np.float32)
+
+    return flatbuffer, inputs
+
+
 def log_source_model(
     model,
     data: DigitsData,

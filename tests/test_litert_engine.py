@@ -82,10 +82,11 @@ def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_ser
 
 
 def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server, tmp_path, run_stage, versions_of, manifest):
-    """The plain chain with `search: {strategy: auto}`: int8 fails, refining keeps the fully-connected
-    ops float (passes, but no smaller than float: not a reason to stop), the LiteRT Quantizer's recipe
-    tier finds weight-only int8, and the smallest passing model is registered. Ranked by size here:
-    which of two float-compute models is faster depends on the CPU."""
+    """The plain chain with `search: {strategy: auto}`: int8 fails on every output, keeping an
+    output's own nodes float gains nothing (they share the trunk), so the refinements are abandoned
+    as out of reach and the LiteRT Quantizer's recipe tier finds weight-only int8; the smallest
+    passing model is registered. Ranked by size here: which of two float-compute models is faster
+    depends on the CPU."""
     path = manifest(
         **trunk["sections"],
         chain="  - quantize: {mode: int8}\n",
@@ -101,7 +102,7 @@ def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server,
     # every recipe family of the LiteRT Quantizer was tried
     for family in ("weight-only int8", "weight-only int4", "weight-only int4 gptq", "dynamic int4 blockwise 32"):
         assert f"recipe {family}" in trials, sorted(trials)
-    assert trials["keep op type in float: FULLY_CONNECTED"]["status"] == "passed"
+    assert any("cannot close the shortfall" in p["stopped_because"] for p in search["paths"]), search["paths"]
     passing = [t for t in search["trials"] if t["status"] == "passed"]
     winner = next(t for t in search["trials"] if t["index"] == search["winner"])
     assert winner["metrics"]["size_bytes"] == min(t["metrics"]["size_bytes"] for t in passing)

@@ -57,8 +57,15 @@ def test_a_float_tflite_is_quantized_by_the_litert_quantizer_and_chained(
     )
     nxt.rename(tmp_path / "next.yaml")
     again = run_stage(tmp_path / "next.yaml")
-    # that version is int8 already: a stage refuses to re-optimize a quantized model, and says so
-    assert again.exit_code == 2 and "already quantized" in again.stderr, again.output
+    # that version is int8 already: tflite steps run on it, the report says what it is, and
+    # quantizing it again is refused, saying so
+    assert again.exit_code == 0, again.output
+    assert any("already fully quantized" in n for n in again.report["source_notes"])
+    requant = manifest(
+        model=uri, data=_data(float_tflite), chain="  - quantize: {mode: int8}\n", gates=ACCURACY_GATE, name="q.yaml"
+    )
+    refused = run_stage(requant)
+    assert refused.exit_code == 2 and "already fully quantized (integer activations)" in refused.stderr, refused.output
 
 
 def test_a_tflite_source_refuses_model_steps_and_the_converter_engine(

@@ -123,7 +123,7 @@ def test_hook_register_quantization_engines(digits_source, manifest, run_stage, 
         broken = run_stage(
             manifest(model=model, data=data, chain=[{"quantize": {"mode": "dynamic", "engine": "acme_broken"}}], name="b.yaml")
         )
-        assert broken.exit_code == 1
+        assert broken.exit_code == 4  # a bug in the engine: not worth a retry
         assert "quantization engine `acme_broken` (distribution `acme-engines`) failed" in broken.stderr, broken.output
 
 

@@ -17,7 +17,7 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -43,9 +43,11 @@ class QuantizationJob:
     log_path: Path  # where the engine's own console output goes (kept beside the run)
     log: Callable[[str], None]  # progress lines of long work
     convert_float: Callable[[], bytes]  # the float .tflite of `model` (cached by the runner)
+    notes: dict = field(default_factory=dict)  # what the engine says of this job: the report shows them under the step
 
     def float_model(self) -> bytes:
-        """The float ``.tflite`` this job's model converts to (the baseline's when nothing changed it)."""
+        """The float ``.tflite`` this job's model converts to (the baseline's when nothing changed it),
+        as engines can read it (the source rewrote what needed it: a SignatureDef, float32 weights)."""
         return self.convert_float()
 
     def calibration(self) -> "Dataset | None":

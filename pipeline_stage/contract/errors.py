@@ -1,11 +1,13 @@
 """The stage's errors: one small hierarchy, turned into CLI messages and exit codes in `cli.py`.
 
-Exit codes (documented in the README, "Exit codes"):
+Exit codes (documented in the README, "Exit codes"): a retry policy retries 1 only.
     0  success
-    1  anything else (tracking server unreachable, a plugin crashed, an unexpected failure)
-    2  bad input: manifest, URIs, params, data, plugin wiring
+    1  a retry may succeed: the tracking server or an object store unreachable, timing out, 5xx
+    2  bad input, and every other answer a retry would repeat: manifest, URIs, params, data,
+       plugin wiring, a model no chain or recipe can take (a search where no trial made a model)
     3  a gate failed: nothing was promoted (not an error: the stage returns a report whose
        ``passed`` is false, and the CLI maps it to this code)
+    4  a plugin or the stage itself failed unexpectedly (a bug): a retry repeats it; report it
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class PluginLoadError(InputError):
 
 
 class PluginError(StageError):
-    """A plugin's step, metric or loader raised while running; names the step and distribution."""
+    """A plugin's step, engine, metric or loader raised unexpectedly; names it and its distribution."""
+
+    exit_code = 4
 
 
 class IntegrityError(InputError):
@@ -65,6 +69,7 @@ class TrackingError(StageError):
 
 
 GATE_FAILED_EXIT = 3
+UNEXPECTED_EXIT = 4  # what PluginError and an exception no one classified exit with
 
 
 def first_line(exc: BaseException) -> str:

@@ -148,6 +148,22 @@ def register_keras_objects(register: Callable[[str, Any], None]) -> None:
 
 
 @hookspec
+def register_op_resolvers(register: Callable[..., None]) -> None:
+    """Give the LiteRT interpreter the kernels of custom ops that models use.
+
+    :param register: call ``register(registerer, ops=[...])`` once per registerer. `registerer` is
+        ``"module:function"``, a function (a pybind one, as LiteRT's own) that takes the address
+        of the interpreter's op resolver and adds kernels to it, or the name of such a C function
+        already loaded in the process; `ops` are the custom op names it provides (for messages:
+        a model using a custom op no plugin provides is refused with exit code 2 naming the op).
+        Every interpreter the stage, its search trials and the registered model's pyfunc create
+        uses every registered registerer (the pyfunc records them: the serving environment needs
+        the module too).
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
 def before_step(step: "Step", index: int, context: "ObserverContext") -> None:
     """Called before a chain step runs.
 

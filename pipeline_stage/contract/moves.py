@@ -25,7 +25,13 @@ applies to, the move keeps one more *option* per round (an op type, a node...):
 with exactly those, and ``limit(spec, options)`` caps how many it may choose. The search tries the
 next ``parallel`` options side by side and keeps one only when it brings the gates closer.
 ``instrument(chain)`` adds what a first-round chain needs so that ``options`` can rank (for
-example an analysis step); it is applied to first-round chains the move applies to.
+example an analysis step); it is applied to first-round chains the move applies to. Optionally,
+``dominant(trial)`` names the options that stand out by orders of magnitude: the search tries
+keeping exactly those first, in one trial. A path of refinements whose gain per trial cannot close
+the gates' shortfall in the budget left is abandoned for the next tier of alternatives.
+
+Every proposal is checked before it is queued (the chain validated as a manifest's would be, each
+step's ``check_source``): one that cannot run never costs a trial, and the report says why.
 
 Nothing here imports TensorFlow.
 """
@@ -124,3 +130,9 @@ class SearchMove(PluginClass):
 
     def limit(self, spec: Any, options: list[str]) -> int:
         return len(options)
+
+    def dominant(self, trial: TrialView) -> list[str]:
+        """The options `trial`'s measurements single out by orders of magnitude (one op whose error
+        dwarfs every other's, say): the search keeps them all at once as its first refinement;
+        [] when nothing stands out."""
+        return []

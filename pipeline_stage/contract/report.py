@@ -204,6 +204,11 @@ class SearchSummary(Record):
         description="What the auto search's alternative moves proposed but never ran, each {move, origin, reason}.",
     )
     as_written_per_layer: list[dict[str, Any]] = Field(description="Per-layer error of the first trial, worst first.")
+    paths: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each refinement path of the auto search: the move, the trial it started from, the trials it took, "
+        "the shortfall it closed per trial and why it stopped.",
+    )
 
 
 class ManifestRef(Record):
@@ -297,6 +302,11 @@ class Report(BaseModel):
     evaluation_notes: list[str] = Field(
         default_factory=list,
         description="What evaluating had to do otherwise: a batch the model could not take whole, retried in halves.",
+    )
+    source_notes: list[str] = Field(
+        default_factory=list,
+        description="How the source model was read: what its plugin rewrote for the engines (exactly), how the model "
+        "is fed, what was carried into the registered file.",
     )
 
     def compared_baseline(self) -> dict[str, float]:

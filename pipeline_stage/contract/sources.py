@@ -60,6 +60,12 @@ class ModelSource(PluginClass):
         self.info = info
         self.path = path  # the file or folder it was opened from (search trials reopen it)
         self.cache: dict[str, Any] = {}
+        # How it was read, in words, for the report: what it had to rewrite for the engines, how
+        # the model is fed, what it carried over (the .tflite source says all of these).
+        self.notes: list[str] = []
+        # Set by a source that holds an already quantized model: "integer" (integer activations:
+        # the stage refuses to quantize it again) or "weights" (integer weights, float compute)
+        self.already_quantized: str | None = None
 
     # -- recognising and opening ------------------------------------------------------------------
     @classmethod
@@ -107,6 +113,19 @@ class ModelSource(PluginClass):
         with what `conversion` asks of every conversion (I/O types, op sets, hints); the
         converter's own output goes to `log_path`."""
         raise NotImplementedError
+
+    def for_engines(self, float_tflite: bytes) -> bytes:
+        """The float ``.tflite`` a quantization engine reads, made from `float_tflite` (this
+        source's float conversion); the same bytes unless the kind's files may be written in ways
+        engines cannot read (the ``.tflite`` source rewrites those, exactly, and says so in
+        :attr:`notes`)."""
+        return float_tflite
+
+    def carry_over(self, converted: bytes) -> bytes:
+        """`converted` (the chain's conversion of this model) with what the source's own files hold
+        beside the graph and a user wants kept (the ``.tflite`` source: TFLite metadata and
+        associated files); the same bytes by default."""
+        return converted
 
     def layer_classes(self, model: Any = None) -> frozenset[str]:
         """The model's layer classes, for search moves that only apply to some (empty: unknown)."""

@@ -83,6 +83,7 @@ class PluginHost:
     loaders: dict[str, Provided] = field(default_factory=dict)
     moves: dict[str, Provided] = field(default_factory=dict)  # search moves, in registration order
     keras_objects: dict[str, Any] = field(default_factory=dict)  # custom_objects for keras.saving.load_model
+    op_resolvers: dict[str, tuple[str, str]] = field(default_factory=dict)  # custom op -> (registerer, plugin)
     distributions: dict[str, str] = field(default_factory=dict)  # plugin name -> "dist version"
 
     @property
@@ -121,6 +122,10 @@ class PluginHost:
             if provided.cls.suffixes and path.endswith(tuple(s.lower() for s in provided.cls.suffixes)):
                 return name
         return None
+
+    def op_registerers(self) -> list[str]:
+        """Every custom op registerer the plugins registered, once each, in registration order."""
+        return list(dict.fromkeys(registerer for registerer, _ in self.op_resolvers.values()))
 
     def loader_for(self, suffix: str) -> Provided | None:
         for provided in self.loaders.values():
@@ -204,6 +209,32 @@ def _object_registrar(table: dict[str, Any]):
                 )
             table[name] = obj
             owners[name] = who
+
+        return register
+
+    return for_plugin
+
+
+def _op_resolver_registrar(table: dict[str, tuple[str, str]]):
+    """`register(registerer, ops=[...])` for custom op kernels: a registerer named as a string, ops
+    named, and no op provided twice by different registerers."""
+
+    def for_plugin(plugin: str, dist: str):
+        def register(registerer: str, ops: Iterable[str] = ()) -> None:
+            who = f"plugin `{plugin}` (distribution `{dist}`)"
+            ops = [ops] if isinstance(ops, str) else list(ops)
+            if not isinstance(registerer, str) or not registerer or not ops or not all(isinstance(o, str) and o for o in ops):
+                raise PluginLoadError(
+                    f"{who} registered an op resolver without a registerer name or the ops it provides",
+                    hint="call register('package.module:RegistererFunction', ops=['CustomOpName'])",
+                )
+            for op in ops:
+                if op in table and table[op][0] != registerer:
+                    raise PluginLoadError(
+                        f"{who} registers custom op `{op}` ({registerer}), but {table[op][1]} already provides it ({table[op][0]})",
+                        hint="disable one of them with PIPELINE_STAGE_DISABLE_PLUGINS",
+                    )
+                table[op] = (registerer, who)
 
         return register
 
@@ -300,6 +331,7 @@ def build_host(*, load_entry_points: bool = True, extra_plugins: Iterable[tuple[
     _collect(host, "register_data_loaders", _class_registrar("data loader", DataLoader, host.loaders))
     _collect(host, "register_search_moves", _class_registrar("search move", SearchMove, host.moves))
     _collect(host, "register_keras_objects", _object_registrar(host.keras_objects))
+    _collect(host, "register_op_resolvers", _op_resolver_registrar(host.op_resolvers))
     return host
 
 

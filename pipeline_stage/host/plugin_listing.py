@@ -52,6 +52,9 @@ def describe(host: PluginHost) -> dict[str, Any]:
             }
             for name, p in sorted(host.engines.items())
         ],
+        "custom_ops": [
+            {"op": op, "registerer": registerer, "plugin": who} for op, (registerer, who) in sorted(host.op_resolvers.items())
+        ],
         "steps": [
             {
                 "name": name,

@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline_stage.contract.errors import InputError, TrackingError
 from pipeline_stage.contract.report import FileDigest, Registered, Report
+from pipeline_stage.engine.litert_runtime import op_registerers_in_use
 from pipeline_stage.mlflow_io import integrity
 from pipeline_stage.mlflow_io.failures import concurrent_write, is_missing, raise_classified
 from pipeline_stage.mlflow_io.registry_rules import (
@@ -35,6 +36,7 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 RUNTIME_CODE = Path(__file__).parents[1] / "engine" / "litert_runtime.py"
 TFLITE_ARTIFACT = "tflite/model.tflite"  # stable path of the raw flatbuffer in the stage's run
 PYFUNC_DIGESTS = "pipeline_stage.sha256"  # the model_config key pyfunc_model.py checks when it loads
+OP_REGISTERERS = "pipeline_stage.op_registerers"  # custom op kernels the pyfunc's interpreter loads
 
 
 def check_may_register(client, name: str) -> None:
@@ -192,7 +194,7 @@ def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None):
             artifacts={"tflite": str(tflite_path)},
             code_paths=[str(RUNTIME_CODE)],
             signature=signature,
-            model_config={PYFUNC_DIGESTS: _pyfunc_files(tflite_path)},
+            model_config={PYFUNC_DIGESTS: _pyfunc_files(tflite_path), OP_REGISTERERS: op_registerers_in_use()},
             pip_requirements=[
                 f"ai-edge-litert=={dist_version('ai-edge-litert')}",
                 f"numpy=={np.__version__}",

@@ -25,9 +25,13 @@ class TFLitePyfunc(PythonModel):
     an array back for a single-output model, a dict by output name for several outputs."""
 
     def load_context(self, context):
+        config = context.model_config or {}
         tflite = Path(context.artifacts["tflite"])
-        check_files(tflite.parents[1], (context.model_config or {}).get("pipeline_stage.sha256") or {})
-        self._model = TFLiteModel(tflite.read_bytes(), threads=1)
+        check_files(tflite.parents[1], config.get("pipeline_stage.sha256") or {})
+        # custom ops' kernels, as the stage's plugins registered them (their modules must be installed here too)
+        self._model = TFLiteModel(
+            tflite.read_bytes(), threads=1, op_registerers=config.get("pipeline_stage.op_registerers") or []
+        )
 
     # MLflow takes a predict hint of list[...] (which it would validate against and convert to) or one
     # of a few types it leaves alone; np.ndarray is one of those, so the logged tensor signature stays

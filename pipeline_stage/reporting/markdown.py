@@ -71,6 +71,8 @@ def to_markdown(report: Report) -> str:
         if search.not_tried:
             lines += ["", "Not tried:", "", "| move | proposal | why not |", "| --- | --- | --- |"]
             lines += [f"| {n['move']} | {n['origin'] or '-'} | {n['reason']} |" for n in search.not_tried]
+    if report.source_notes:
+        lines += ["", "## Source notes", ""] + [f"- {n}" for n in report.source_notes]
     if report.evaluation_notes:
         lines += ["", "## Evaluation notes", ""] + [f"- {n}" for n in report.evaluation_notes]
     lines += [

@@ -228,7 +228,7 @@ class ChainRunner:
                 self._apply(step, i, settings, ctx)
                 metrics = {}
                 if i == last_convert:
-                    conversion = self._convert(settings, model, sink, float_bytes if not transformed else None)
+                    conversion = self._convert(settings, model, sink, float_bytes if not transformed else None, ctx.notes)
                     model_bytes = conversion.model_bytes
                     metrics = measure(self.host, ev, per_step, model_bytes=model_bytes).values
             else:
@@ -256,10 +256,14 @@ class ChainRunner:
             model_bytes = conversion.model_bytes
         return ChainResult(model_bytes, records, conversion.record if conversion else None, tags)
 
-    def _convert(self, settings: ConversionSettings, model: Any, sink: RunSink, baseline_float: bytes | None) -> "Conversion":
+    def _convert(
+        self, settings: ConversionSettings, model: Any, sink: RunSink, baseline_float: bytes | None, notes: dict | None = None
+    ) -> "Conversion":
         """The chain's one conversion: the baseline's float model when nothing is asked of it, the
-        source's float conversion, or the requested engine's quantization (handed the float model,
-        the baseline's when the float options are the baseline's)."""
+        source's float conversion, or the requested engine's quantization (handed the float model as
+        the source gives it to engines, the baseline's when the float options are the baseline's);
+        what the source's files hold beside the graph carried over. The engine's notes go to `notes`
+        (the notes of the step that asked for it)."""
         from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
 
         t = time.perf_counter()
@@ -270,9 +274,8 @@ class ChainRunner:
 
         def convert_float() -> bytes:
             if "bytes" not in floats:
-                floats["bytes"] = (
-                    baseline_float if same_float else self.source.to_float_tflite(settings.float_part(), model, log_path)
-                )
+                made = baseline_float if same_float else self.source.to_float_tflite(settings.float_part(), model, log_path)
+                floats["bytes"] = self.source.for_engines(made)
             return floats["bytes"]
 
         per_layer = None
@@ -281,6 +284,13 @@ class ChainRunner:
         elif request is None:
             out = self.source.to_float_tflite(settings, model, log_path)
         else:
+            if self.source.already_quantized == "integer":
+                raise InputError(
+                    f"`{self.source.info.uri}` is already fully quantized (integer activations): quantizing it again "
+                    "would only add error",
+                    hint="drop the quantize step (tflite steps such as strip_ops, delegates and analyze still run on it), "
+                    "or give the float model it was made from",
+                )
             engine = self.engine(request.engine)
             job = QuantizationJob(
                 request=request,
@@ -294,11 +304,14 @@ class ChainRunner:
                 convert_float=convert_float,
             )
             out = self.quantize(engine, job)
+            if job.notes and notes is not None:
+                notes["engine"] = job.notes
             evaluation = self.evaluation.load
 
             def per_layer(quantized: bytes, samples: int) -> list[dict] | str:
                 return engine.per_layer_errors(job, quantized, evaluation("evaluation"), samples)
 
+        out = self.source.carry_over(out)
         if log_path.exists():
             sink.log_artifact(log_path)
         record = ConversionRecord(

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline_stage.contract.errors import PluginError
+from pipeline_stage.contract.errors import InputError, StageError
 from pipeline_stage.contract.gates import evaluate_gates, shortfall
 from pipeline_stage.contract.moves import Chain, ModelFacts, chain_text
 from pipeline_stage.contract.report import SearchSummary, per_layer_errors
+from pipeline_stage.engine.litert_runtime import op_registerers_in_use
 from pipeline_stage.manifest import LoadedManifest
 from pipeline_stage.run import ranking
 from pipeline_stage.run.chain import Baseline, ChainResult, ChainRunner
@@ -36,6 +37,7 @@ class SearchOutcome:
     result: ChainResult  # the chosen trial's chain, as if the stage had run it
     summary: SearchSummary
     chosen: int  # the winner, or the closest trial when none passed
+    source_notes: list[str]  # how the chosen trial's process read the source (what it rewrote for its engine)
 
 
 class Search:
@@ -63,6 +65,7 @@ class Search:
         self.started = 0.0
         self.stopped_because = "exhausted"
         self.not_tried: list[dict[str, str]] = []
+        self.paths: list[dict] = []
         self.facts = ModelFacts(layer_classes=runner.source.layer_classes(), source_kind=runner.source.name)
 
     # -- running trials --------------------------------------------------------------------------
@@ -93,6 +96,7 @@ class Search:
             chain=seeded,
             source=self.source_path,
             source_kind=self.runner.source.name,
+            op_registerers=op_registerers_in_use(),
             signature=m.signature,
             allow_unsafe_deserialization=m.allow_unsafe_deserialization,
             data=ev.local_paths(),
@@ -113,11 +117,23 @@ class Search:
             self.stopped_because = "budget.trials"
         return max(0, left)
 
-    def run_batch(self, batch: list[tuple[str, Chain]]) -> list[Trial]:
-        """Run up to the budget's worth of `batch` in parallel child processes; in order."""
-        batch = batch[: self.budget_left()]
+    def run_batch(self, batch: list[tuple[str, Chain, str]]) -> list[Trial]:
+        """Run up to the budget's worth of `batch` ((origin, chain, move) proposals) in parallel
+        child processes, in order; a proposal that cannot run (see :meth:`invalid`) costs no trial,
+        and what is not run is noted in `not_tried` with the reason."""
+        runnable = []
+        for origin, chain, move in batch:
+            why = self.invalid(chain)
+            if why:
+                self.not_tried.append({"move": move, "origin": origin, "reason": f"not a chain this model can run: {why}"})
+                self.log(f"not tried [{origin}]: {why}")
+            else:
+                runnable.append((origin, chain, move))
+        left = self.budget_left()
+        for origin, _, move in runnable[left:]:
+            self.not_tried.append({"move": move, "origin": origin, "reason": "the budget was spent"})
         trials = []
-        for origin, chain in batch:
+        for origin, chain, _ in runnable[:left]:
             trial = Trial(
                 index=len(self.trials) + 1, origin=origin, chain=chain, folder=self.root / f"trial-{len(self.trials) + 1:03d}"
             )
@@ -128,6 +144,21 @@ class Search:
         for trial in trials:  # logged in trial order, whatever order they finished in
             self._log_trial(trial)
         return trials
+
+    def invalid(self, chain: Chain) -> str:
+        """Why `chain` cannot run on this model, checked as the manifest's own chain is (each step's
+        params, the phase order, the plugins it names, each step's `check_source`): "" when it can."""
+        from pipeline_stage.manifest import parse_steps
+
+        try:
+            steps = parse_steps(
+                [{name: params} for name, params in chain], self.host, path="<search proposal>", lines={}, loc=("chain",)
+            )
+            for step in steps:
+                step.check_source(self.facts.source_kind)
+        except StageError as exc:
+            return exc.message.removeprefix("<search proposal>: ")
+        return ""
 
     def _run_one(self, trial: Trial) -> None:
         trial.folder.mkdir(parents=True, exist_ok=True)
@@ -202,8 +233,12 @@ class Search:
         passing = self.rank([t for t in self.trials if t.passed])
         winner = passing[0] if passing else ranking.closest(self.trials)
         if winner is None:
-            errors = "; ".join(f"trial {t.index}: {t.error}" for t in self.trials)
-            raise PluginError(f"no search trial produced a model ({errors})")
+            causes = "".join(f"\n  trial {t.index} ({t.origin}): {t.error}" for t in self.trials)
+            raise InputError(
+                f"no search trial produced a model: every chain failed on this model{causes}",
+                hint="the causes above are the model's or the recipes': change the chain or the search "
+                "(`search.candidates`, `search.moves`), or give another model; retrying gives the same answer",
+            )
         why = self._why(winner, passing)
         self.log(why)
         summary = SearchSummary(
@@ -219,6 +254,7 @@ class Search:
             chain=chain_text(winner.chain),
             trials=[t.record() for t in self.trials],
             not_tried=self.not_tried,
+            paths=self.paths,
             as_written_per_layer=per_layer_errors(self.trials[0].result.steps)[:20] if self.trials else [],
         )
         artifacts = winner.folder / "artifacts" / "steps"
@@ -227,7 +263,7 @@ class Search:
                 if path.is_file():
                     self.tracking.log_artifact(path, str(Path("steps") / path.parent.relative_to(artifacts)))
         result = winner.result.chain_result((winner.folder / MODEL).read_bytes())
-        return SearchOutcome(result, summary, winner.index)
+        return SearchOutcome(result, summary, winner.index, winner.result.source_notes)
 
     def _why(self, winner: Trial, passing: list[Trial]) -> str:
         if not passing:

@@ -22,6 +22,7 @@ from pipeline_stage.contract.errors import StageError
 from pipeline_stage.contract.gates import evaluate_gates
 from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report, SourceRef, Timing
 from pipeline_stage.contract.sources import SourceOptions
+from pipeline_stage.engine.litert_runtime import use_op_registerers
 from pipeline_stage.engine.source_model import open_source
 from pipeline_stage.host.plugin_host import PluginHost
 from pipeline_stage.manifest import DATA_SETS, LoadedManifest
@@ -154,6 +155,7 @@ class Stage:
                 custom_objects=self.host.keras_objects,
                 signature=m.signature,
             )
+            use_op_registerers(self.host.op_registerers())
             source = open_source(root, info, self.host.source_classes, options)
             report.source = info.model_copy(update={"kind": source.name})
             evaluation = EvaluationContext.for_manifest(self.loaded, self.host, source, self.workdir, log=self.progress("data"))
@@ -234,6 +236,7 @@ class Stage:
             with self.clock.phase("chain"):
                 outcome = Search(self.loaded, runner, baseline, names, run, self.workers).run()
             result, report.search = outcome.result, outcome.summary
+            runner.source.notes.extend(n for n in outcome.source_notes if n not in runner.source.notes)
             tags = {**result.tags, "pipeline_stage.search.trial": str(outcome.chosen)}
         else:
             with self.clock.phase("chain"):
@@ -258,6 +261,7 @@ class Stage:
         run.log_metrics(report.candidate)
         run.log_metrics({f"baseline.{t.metric}": t.baseline for t in report.timed})
         report.evaluation_notes = list(ev.notes)
+        report.source_notes = list(runner.source.notes)
         self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
         self.convert_and_evaluate = round(time.perf_counter() - work_started, 3)
         return tags

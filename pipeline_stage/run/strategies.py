@@ -3,12 +3,14 @@
 ``candidates``  the chain and the listed alternatives, cheapest first (by each step's
                 ``expected_cost()``); all of them, or up to the first that passes.
 ``auto``        the chain as written and what the plugins' *alternative* moves propose from it, side
-                by side; then, from the closest of them, each *refine* move keeps one more option
+                by side; then, from the closest of them, the options a move singles out by orders of
+                magnitude (``dominant``) all at once, then each *refine* move keeps one more option
                 per round (worst first, ``parallel`` options at a time), keeping a change only when
-                it brings the gates closer (step back otherwise), until the gates pass or the budget
-                is spent; then costlier alternatives. A pass settles the search only when it gains
-                on the float baseline by an objective metric (smaller; faster when the objective
-                has only timed metrics). The moves come from plugins
+                it brings the gates closer (step back otherwise), until the gates pass, the budget
+                is spent, or the path's gain per trial cannot close the shortfall in the budget left
+                (then it is abandoned); then costlier alternatives. A pass settles the search only
+                when it gains on the float baseline by an objective metric (smaller; faster when the
+                objective has only timed metrics). The moves come from plugins
                 (:mod:`pipeline_stage.contract.moves`); this module names no step.
 
 A strategy runs trials through :class:`TrialBatches` (the search, :mod:`pipeline_stage.run.search`)
@@ -18,6 +20,7 @@ and says why it stopped in ``batches.stopped_because``.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Protocol
 
 from pipeline_stage.contract.moves import Chain, ModelFacts, SearchMove
@@ -39,7 +42,9 @@ class TrialBatches(Protocol):
     stopped_because: str
     not_tried: list[dict[str, str]]  # proposals never run: {move, origin, reason}
 
-    def run_batch(self, batch: list[tuple[str, Chain]]) -> list[Trial]: ...
+    paths: list[dict[str, Any]]  # refinement paths followed: {move, from_trial, trials, gain_per_trial, stopped_because}
+
+    def run_batch(self, batch: list[tuple[str, Chain, str]]) -> list[Trial]: ...
 
     def budget_left(self) -> int: ...
 
@@ -65,7 +70,7 @@ def run_candidates(search: TrialBatches) -> None:
     ]
     chains = [c for c in chains if c[1] or c[0] != "as written"]
     order = sorted(range(len(chains)), key=lambda k: (sum(step.expected_cost() for step in chains[k][1]), k))
-    queue = [(chains[k][0], chains[k][2]) for k in order]
+    queue = [(chains[k][0], chains[k][2], "") for k in order]
     step = search.parallel if spec.stop_at_first_pass else len(queue)
     for start in range(0, len(queue), step):
         done = search.run_batch(queue[start : start + step])
@@ -111,9 +116,7 @@ def run_auto(search: TrialBatches) -> None:
         return out
 
     def run(batch: list[tuple[str, Chain, str]]) -> list[Trial]:
-        done = search.run_batch([(origin, chain) for origin, chain, _ in batch])
-        _skipped(search, batch[len(done) :], "the budget was spent")
-        return done
+        return search.run_batch(batch)
 
     first = [("as written", base, "")] + (proposals(tiers[0]) if tiers else [])
     done = run([(origin, instrumented(chain), move) for origin, chain, move in first])
@@ -141,41 +144,115 @@ def _skipped(search: TrialBatches, batch: list[tuple[str, Chain, str]], reason: 
 
 def _refine(search: TrialBatches, done: list[Trial], refiners: list[SearchMove]) -> bool:
     """The refine moves, from the closest trial of `done` they apply to (its measurements rank
-    every move's options); True when the search should stop (passed, or the budget is spent)."""
+    every move's options; what they single out comes first); True when the search should stop
+    (passed, or the budget is spent)."""
     start = ranking.closest([t for t in done if any(move.applies(t.chain) for move in refiners)])
     if start is None:
         return False
-    current = start
-    options = {move.name: move.options(start.view()) for move in refiners}
+    view = start.view()
+    options = {move.name: move.options(view) for move in refiners}
+    current = _dominant_first(search, start, refiners, view)
     for move in refiners:
-        if not move.applies(current.chain):
-            continue
-        current = _greedy(search, current, move, options[move.name])
-        if search.settles([current]) or not search.budget_left():
-            search.stopped_because = "passed" if current.passed else search.stopped_because
+        if search.settles([current]):
+            search.stopped_because = "passed"
             return True
         if current.passed:
             return False  # it passes but gains nothing on float: the costlier tiers may
-    return False
+        if not search.budget_left():
+            return True
+        if not move.applies(current.chain):
+            continue
+        current, out_of_reach = _greedy(search, current, move, options[move.name])
+        if out_of_reach:
+            break  # the refinements creep: the budget goes to the next tier
+    if search.settles([current]):
+        search.stopped_because = "passed"
+        return True
+    return not current.passed and not search.budget_left()
 
 
-def _greedy(search: TrialBatches, current: Trial, move: SearchMove, options: list[str]) -> Trial:
+def _dominant_first(search: TrialBatches, current: Trial, refiners: list[SearchMove], view) -> Trial:
+    """One trial keeping every option the first move that singles some out (``dominant``) names,
+    all at once: the obvious first refinement when one op's error dwarfs the rest. Kept when it
+    brings the gates closer."""
+    for move in refiners:
+        chosen = move.chosen(current.chain) if move.applies(current.chain) else None
+        new = [o for o in move.dominant(view) if chosen is not None and o not in chosen]
+        if not new or not search.budget_left():
+            continue
+        origin = f"{move.label}, the dominant error first: {', '.join(new)}"
+        done = search.run_batch([(origin, move.apply(current.chain, chosen + new), move.name)])
+        best = done[0] if done else None
+        helped = best is not None and (best.passed or best.shortfall < current.shortfall - 1e-9)
+        search.paths.append(_path(move, current, best, len(done), "kept" if helped else "did not bring the gates closer"))
+        return best if helped else current
+    return current
+
+
+def _path(move: SearchMove, start: Trial, end: Trial | None, trials: int, stopped_because: str) -> dict[str, Any]:
+    """A refinement path as the report shows it."""
+    gain = None
+    if end is not None and trials and math.isfinite(start.shortfall) and math.isfinite(end.shortfall):
+        gain = round((start.shortfall - end.shortfall) / trials, 6)
+    return {
+        "move": move.name,
+        "from_trial": start.index,
+        "to_trial": end.index if end is not None else None,
+        "trials": trials,
+        "gain_per_trial": gain,
+        "shortfall": None if end is None or not math.isfinite(end.shortfall) else round(end.shortfall, 6),
+        "stopped_because": stopped_because,
+    }
+
+
+def _greedy(search: TrialBatches, current: Trial, move: SearchMove, options: list[str]) -> tuple[Trial, bool]:
     """Keep one more option per round: try the next `parallel` worst ones side by side; keep the
-    one that brings the gates closest if it helps, else step back and try the next."""
+    one that brings the gates closest if it helps, else step back and try the next. Abandoned once
+    its gain per trial, kept up over the budget left, cannot close the shortfall (after two
+    trials: one option that does not help is not yet a trend). Returns the closest trial, and
+    whether the path was abandoned as out of reach."""
+    start, trials, why, out_of_reach = current, 0, "no option left", False
     kept = move.chosen(current.chain)
     remaining = [o for o in options if o not in kept]
     limit = move.limit(search.spec, options)
-    while remaining and len(kept) < limit and search.budget_left():
+    while remaining and len(kept) < limit:
+        if not search.budget_left():
+            why = "the budget was spent"
+            break
         batch_options, remaining = remaining[: search.parallel], remaining[search.parallel :]
-        done = search.run_batch([(f"{move.label}: {o}", move.apply(current.chain, kept + [o])) for o in batch_options])
+        done = search.run_batch([(f"{move.label}: {o}", move.apply(current.chain, kept + [o]), move.name) for o in batch_options])
+        trials += len(done)
         if any(t.passed for t in done):
-            return search.rank([t for t in done if t.passed])[0]
+            best = search.rank([t for t in done if t.passed])[0]
+            search.paths.append(_path(move, start, best, trials, "passed"))
+            return best, False
         best = ranking.closest(done)
         if best is not None and best.shortfall < current.shortfall - 1e-9:
             current = best
             kept = move.chosen(best.chain)
         # otherwise: none of these helped; step back to `current` and try the next ones
-    return current
+        reach = _out_of_reach(start, current, trials, search.budget_left())
+        if reach:
+            why, out_of_reach = reach, True
+            break
+    else:
+        why = "every option it ranks was tried" if not remaining else f"its limit of {limit} options"
+    search.paths.append(_path(move, start, current, trials, why))
+    return current, out_of_reach
+
+
+def _out_of_reach(start: Trial, current: Trial, trials: int, left: int) -> str:
+    """Why this path cannot reach the gates in the trials `left` at its gain per trial so far ("":
+    it may). Shortfalls that could not be compared are not extrapolated."""
+    if trials < 2 or not (math.isfinite(start.shortfall) and math.isfinite(current.shortfall)):
+        return ""
+    gain = (start.shortfall - current.shortfall) / trials
+    if gain * left >= current.shortfall:
+        return ""
+    return (
+        f"at {gain:.3g} of shortfall per trial over {trials} trials, the {left} trial(s) left cannot close "
+        f"the shortfall of {current.shortfall:.3g}: the budget goes to the next tier"
+    )
 
 
 STRATEGIES = {"candidates": run_candidates, "auto": run_auto}

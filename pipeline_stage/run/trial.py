@@ -44,6 +44,7 @@ def run_trial(folder: Path) -> TrialResult:
     """Run the trial that FOLDER/request.json asks for; write FOLDER/model.tflite."""
     from pipeline_stage.contract.report import ObserverContext, SourceRef
     from pipeline_stage.contract.sources import SourceOptions
+    from pipeline_stage.engine.litert_runtime import use_op_registerers
     from pipeline_stage.engine.source_model import open_source
     from pipeline_stage.host.plugin_host import get_host
     from pipeline_stage.manifest import parse_steps
@@ -64,6 +65,7 @@ def run_trial(folder: Path) -> TrialResult:
         custom_objects=host.keras_objects,
         signature=request.signature,
     )
+    use_op_registerers(request.op_registerers)  # the stage's plugins', not only this process's installed ones
     source = open_source(Path(request.source), SourceRef(uri=request.source), host.source_classes, options, request.source_kind)
     evaluation = EvaluationContext(host, source, request.data, request.evaluation, workdir=workdir)
     if request.reference:
@@ -89,6 +91,7 @@ def run_trial(folder: Path) -> TrialResult:
         conversion=result.conversion,
         tags=result.tags,
         evaluation_notes=evaluation.notes,
+        source_notes=source.notes,
     )
 
 

@@ -36,6 +36,7 @@ class TrialRequest(BaseModel):
     source_kind: str | None = Field(
         None, description="The source plugin that opened it in the parent (None: recognise it again)."
     )
+    op_registerers: list[str] = Field(default_factory=list, description="Custom op kernels its interpreters load (the stage's).")
     signature: str = "serving_default"
     allow_unsafe_deserialization: bool = False
     data: dict[str, str] = Field(description="Each data set the parent loaded, by its local path.")
@@ -59,6 +60,7 @@ class TrialResult(BaseModel):
     conversion: ConversionRecord | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     evaluation_notes: list[str] = Field(default_factory=list, description="What its evaluation had to do otherwise.")
+    source_notes: list[str] = Field(default_factory=list, description="How its source was read (the source plugin's notes).")
     error: str | None = Field(None, description="Why the trial produced no model (its first line is reported).")
     kind: str | None = Field(None, description="The error's class, or `crash` for an unexpected exception.")
     seconds: float = 0.0

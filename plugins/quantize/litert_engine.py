@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_stage import InputError, QuantizationEngine, branch_nodes, captured_output, first_line, read_flatbuffer
+from pipeline_stage import (
+    InputError,
+    QuantizationEngine,
+    branch_nodes,
+    captured_output,
+    first_line,
+    make_interpreter,
+    read_flatbuffer,
+)
 
 # The stage's algorithm names -> the LiteRT Quantizer's. `hadamard` is its decomposed rotation:
 # the custom-op variant's models corrupt the LiteRT 2.3 interpreter's heap here (the process aborts).
@@ -86,7 +94,7 @@ class LiteRTEngine(QuantizationEngine):
         float_bytes = job.float_model()
         try:
             with captured_output(job.log_path):
-                return quantize(float_bytes, p, job.conversion, job.calibration())
+                out = quantize(float_bytes, p, job.conversion, job.calibration(), job.notes)
         except InputError:
             raise
         except Exception as exc:
@@ -95,9 +103,23 @@ class LiteRTEngine(QuantizationEngine):
                 f"{p.algorithm}): {type(exc).__name__}: {first_line(exc)}",
                 hint="try another recipe (docs/manifest.md lists the combinations), or engine converter for a TensorFlow source",
             ) from None
+        if job.request.mode in ("int8", "int16x8"):
+            kept = kept_float(out)
+            if kept:
+                job.notes["kept_float_by_engine"] = {
+                    "ops": kept,
+                    "why": "the LiteRT Quantizer has no integer recipe for these ops: they run in float between "
+                    "DEQUANTIZE and QUANTIZE",
+                }
+        return out
 
     def per_layer_errors(self, job, quantized: bytes, data, samples: int) -> list[dict] | str:
-        return per_tensor_errors(job.float_model(), quantized, data, samples)
+        try:
+            return per_tensor_errors(job.float_model(), quantized, data, samples)
+        except InputError:
+            raise
+        except Exception as exc:  # the comparison runs the models in the quantizer's own interpreter
+            return f"the LiteRT Quantizer could not compare the float and the quantized model: {first_line(exc)}"
 
 
 def _granularity(p: Any):
@@ -141,32 +163,62 @@ def recipe_for(p: Any) -> list[dict[str, Any]]:
 
 
 def calibration_samples(float_bytes: bytes, representative, limit: int) -> tuple[str, list[dict[str, np.ndarray]]]:
-    """The float model's signature key and `limit` samples of `representative`, one per dict by
-    input name (what the LiteRT Quantizer's calibration and validation take)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    signatures = Interpreter(model_content=bytes(float_bytes)).get_signature_list()
+    """The float model's signature key and `limit` samples of `representative`, by input name, as
+    many per dict as the model takes (one, or its fixed batch: the last batch padded with its last
+    sample): what the LiteRT Quantizer's calibration and validation take."""
+    interpreter = make_interpreter(float_bytes)
+    signatures = interpreter.get_signature_list()
     key = next(iter(signatures))
+    details = interpreter.get_signature_runner(key).get_input_details()
+    fixed = {int(d["shape_signature"][0]) for d in details.values()}
+    batch = max(1, min(fixed)) if -1 not in fixed else 1
     arrays = {k: v[:limit].astype(np.float32) for k, v in representative.inputs(signatures[key]["inputs"]).items()}
     rows = len(next(iter(arrays.values())))
-    return key, [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(rows)]
+    out = []
+    for start in range(0, rows, batch):
+        chunk = {k: v[start : start + batch] for k, v in arrays.items()}
+        short = batch - len(next(iter(chunk.values())))
+        if short:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in chunk.items()}
+        out.append(chunk)
+    return key, out
 
 
-def quantize(float_bytes: bytes, p: Any, conversion, representative) -> bytes:
-    """Quantize a float .tflite as the quantize params `p` ask; returns the quantized flatbuffer."""
+def kept_float(model_bytes: bytes) -> dict[str, int]:
+    """The ops of a quantized model that still compute in float (float outputs), by op type, with
+    how many of each (QUANTIZE / DEQUANTIZE, the edges, not counted)."""
+    counts: dict[str, int] = {}
+    for node in read_flatbuffer(model_bytes).nodes:
+        if node.op not in ("QUANTIZE", "DEQUANTIZE") and any(t.dtype == "FLOAT32" for t in node.outputs):
+            counts[node.op] = counts.get(node.op, 0) + 1
+    return counts
+
+
+def quantize(float_bytes: bytes, p: Any, conversion, representative, notes: dict | None = None) -> bytes:
+    """Quantize a float .tflite as the quantize params `p` ask; returns the quantized flatbuffer.
+    What it had to do otherwise goes to `notes` (an op type its recipes do not name, kept float by
+    its nodes)."""
     from litert_quantizer import Quantizer
     from litert_quantizer.qtyping import TFLOperationName
 
     qt = Quantizer(bytearray(float_bytes))
     qt.load_quantization_recipe(recipe_for(p))
     known = {op.value for op in TFLOperationName}
+    by_node: list[str] = []
     for op in (op.upper() for op in p.keep_float_ops):
-        if op not in known:
+        if op in known:
+            qt.update_quantization_recipe(regex=".*", operation_name=TFLOperationName(op), algorithm_key="no_quantize")
+            continue
+        # an op type the recipes cannot name (LOG, say) stays float by its nodes' output tensors
+        nodes = [t.name for node in read_flatbuffer(float_bytes).nodes if node.op == op for t in node.outputs]
+        if not nodes:
             raise InputError(
-                f"keep_float_ops: `{op}` is not an op the LiteRT Quantizer knows",
-                hint=f"use TFLite op names such as {', '.join(sorted(known - {'*'})[:8])}",
+                f"keep_float_ops: the model has no `{op}` op",
+                hint=f"use the model's op names: {', '.join(sorted({n.op for n in read_flatbuffer(float_bytes).nodes}))}",
             )
-        qt.update_quantization_recipe(regex=".*", operation_name=TFLOperationName(op), algorithm_key="no_quantize")
+        by_node += [n for n in nodes if n not in by_node]
+        if notes is not None:
+            notes.setdefault("kept_float_by_node", {})[op] = nodes
     # The recipes quantize the graph's inputs and outputs too (int8 I/O); `io: float`, the default,
     # keeps them float as the converter engine does: QUANTIZE/DEQUANTIZE at the edges.
     for op, io_type in (
@@ -175,7 +227,7 @@ def quantize(float_bytes: bytes, p: Any, conversion, representative) -> bytes:
     ):
         if io_type == "float32":
             qt.update_quantization_recipe(regex=".*", operation_name=op, algorithm_key="no_quantize")
-    nodes = list(p.keep_float_nodes)
+    nodes = list(p.keep_float_nodes) + [n for n in by_node if n not in p.keep_float_nodes]
     if p.keep_float_outputs:
         nodes += [n for n in branch_nodes(float_bytes, p.keep_float_outputs) if n not in nodes]
     for node in nodes:
@@ -241,6 +293,7 @@ def per_tensor_errors(float_bytes: bytes, quantized: bytes, inputs, samples: int
                     "tensor": out.name,
                     "rmse/scale": round(max(0.0, relative[out.name] - before), 4),
                     "relative_error": round(relative[out.name], 4),
+                    "inputs": [t.name for t in node.inputs if not t.is_constant],  # the tensors feeding it
                 }
             )
     rows.sort(key=lambda r: (-r["rmse/scale"], r["tensor"]))
@@ -249,13 +302,7 @@ def per_tensor_errors(float_bytes: bytes, quantized: bytes, inputs, samples: int
 
 def _tensor_power(model: bytes, key: str, data: list[dict[str, np.ndarray]], names: set[str]) -> dict[str, float]:
     """Mean square of each named tensor of `model` over `data` (all tensors preserved)."""
-    import warnings
-
-    from ai_edge_litert.interpreter import Interpreter
-
-    with warnings.catch_warnings():  # "for debugging purposes only": keeping every tensor is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        interpreter = Interpreter(model_content=bytes(model), experimental_preserve_all_tensors=True)
+    interpreter = make_interpreter(model, preserve_all_tensors=True)
     runner = interpreter.get_signature_runner(key)
     details = {d["name"]: d["index"] for d in interpreter.get_tensor_details() if d["name"] in names}
     sums: dict[str, float] = {}

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pipeline_stage import Chain, ModelFacts, SearchMove, TrialView, edited, step_params
 from pipeline_stage_plugins.quantize.params import BUILT_IN_ENGINES, TENSORFLOW_SOURCES, QuantizeParams
 
+DOMINANCE = 100.0  # how many times the next node's error a node's must be to single it out
+
 
 def _quantize(chain: Chain) -> QuantizeParams | None:
     params = step_params(chain, "quantize")
@@ -171,3 +173,18 @@ class KeepFloatNodes(_KeepFloat):
 
     def limit(self, spec, options: list[str]) -> int:
         return spec.max_float_nodes
+
+    def dominant(self, trial: TrialView) -> list[str]:
+        """The nodes whose error is orders of magnitude above every other's (at most three), with
+        the nodes that feed them (an op whose int8 input already lost what it needs, LOG after a
+        tiny offset say, is only helped by keeping its producer float too)."""
+        # among the nodes that add any error at all (most ops of a float-compute path add none)
+        rows = sorted((r for r in trial.per_layer if (r.get("rmse/scale") or 0) > 0), key=lambda r: -float(r["rmse/scale"]))
+        errors = [float(r["rmse/scale"]) for r in rows]
+        for k in range(1, min(4, len(errors))):
+            if errors[k - 1] >= DOMINANCE * errors[k]:
+                picked = [r["tensor"] for r in rows[:k]]
+                feeding = [t for r in rows[:k] for t in r.get("inputs", []) if t not in picked]
+                nodes = {r["tensor"] for r in trial.per_layer}
+                return picked + [t for t in dict.fromkeys(feeding) if t in nodes]
+        return []
