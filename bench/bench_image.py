@@ -37,7 +37,7 @@ def main() -> None:
 
     from bench.bench_stage import prepare
     from pipeline_stage.demo import digits_data, train_digits_cnn
-    from tests.conftest import start_mlflow_server, stop_server
+    from tests.services import start_mlflow_server, stop_server
 
     env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(REPO / "scripts" / "containers.conf"))}
     tmp = Path(tempfile.mkdtemp(prefix="bench-image-"))

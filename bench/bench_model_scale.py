@@ -50,7 +50,7 @@ def main() -> None:
         parser.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODELS)})")
     models = [m for m in MODELS if m in args.models.split(",")]
     from bench.bench_stage import BARE_PHASES, STAGE_PHASES, alternating_rounds, bare_command
-    from tests.conftest import start_mlflow_server, stop_server
+    from tests.services import start_mlflow_server, stop_server
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-model-scale-"))
     server, uri = start_mlflow_server(tmp / "server")

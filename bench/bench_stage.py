@@ -140,7 +140,7 @@ def main() -> None:
 
     from bench.bench_eval import mnist_sized_cnn
     from pipeline_stage.demo import digits_data, train_digits_cnn
-    from tests.conftest import start_mlflow_server, stop_server
+    from tests.services import start_mlflow_server, stop_server
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-stage-"))
     server, uri = start_mlflow_server(tmp / "server")
