@@ -1,7 +1,9 @@
 # pipeline-stage image: runs `pipeline-stage ARGS` (or a command of its own), non-root, no build tools or caches.
 #
 # Registry build:  docker build -t pipeline-stage:0.1.0 .
-# Offline build:   scripts/build-image.sh   (a debootstrapped Debian base and a local wheelhouse)
+#                  docker build --build-arg EXTRAS=kfp,s3,gcs,torch -t pipeline-stage:0.1.0-torch .
+# Offline build:   scripts/build-image.sh   (a debootstrapped Debian base and a local wheelhouse;
+#                  VARIANT=torch for the PyTorch variant)
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
@@ -15,12 +17,15 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
     && rm -rf /var/lib/apt/lists/*
 # PIP_EXTRA: e.g. "--no-index --find-links /wheels" for a build from the local wheelhouse.
 ARG PIP_EXTRA=""
+# EXTRAS: the package's extras in the image; "kfp,s3,gcs,torch" is the PyTorch variant
+# (pipeline-stage:<version>-torch: the `pytorch` source and the `pt2e` engine, with litert-torch).
+ARG EXTRAS="kfp,s3,gcs"
 COPY wheels/ /wheels/
 COPY constraints.txt pyproject.toml README.md /src/
 COPY scripts/image_requirements.py scripts/image_bytecode.py /src/scripts/
 COPY pipeline_stage/ /src/pipeline_stage/
 COPY plugins/ /src/plugins/
-# pipeline-stage[kfp,s3,gcs] resolved under the constraints, then installed with tensorflow-cpu in place
+# pipeline-stage[EXTRAS] resolved under the constraints, then installed with tensorflow-cpu in place
 # of tensorflow (274 MB wheel vs 572 MB): tf-keras declares `tensorflow`, so a plain install would
 # pull the full wheel in beside the CPU one; hence --no-deps on the resolved, pinned set. MLflow is
 # the client only (mlflow-skinny): the server, the sqlite store, pyarrow and scikit-learn are in
@@ -28,7 +33,7 @@ COPY plugins/ /src/plugins/
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --upgrade pip "setuptools>=77" \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA -q -c /src/constraints.txt \
-        --dry-run --ignore-installed --report /tmp/resolved.json "/src[kfp,s3,gcs]" \
+        --dry-run --ignore-installed --report /tmp/resolved.json "/src[${EXTRAS}]" \
     && /opt/venv/bin/python /src/scripts/image_requirements.py /tmp/resolved.json > /tmp/runtime.txt \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --no-deps -r /tmp/runtime.txt \
     && /opt/venv/bin/pip install --no-cache-dir $PIP_EXTRA --no-deps /src \

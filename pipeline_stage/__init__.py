@@ -64,6 +64,7 @@ _PUBLIC = {
     "op_code_name": ("pipeline_stage.engine.flatbuffer", "op_code_name"),
     "flatbuffer_text": ("pipeline_stage.engine.flatbuffer", "text"),
     "branch_nodes": ("pipeline_stage.engine.flatbuffer", "branch_nodes"),
+    "float_edges": ("pipeline_stage.engine.io_edges", "float_edges"),
     "TFLiteModel": ("pipeline_stage.engine.litert_runtime", "TFLiteModel"),
     "make_interpreter": ("pipeline_stage.engine.litert_runtime", "make_interpreter"),
     "shipped_tflite_for_engines": ("pipeline_stage.engine.shipped_tflite", "engine_ready"),
@@ -164,6 +165,7 @@ if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eag
     from pipeline_stage.engine.flatbuffer import read as read_flatbuffer  # noqa: F401
     from pipeline_stage.engine.flatbuffer import text as flatbuffer_text  # noqa: F401
     from pipeline_stage.engine.heavy_imports import import_heavy  # noqa: F401
+    from pipeline_stage.engine.io_edges import float_edges  # noqa: F401
     from pipeline_stage.engine.keras_graph import layer_graph, rebuild, weights_by_name  # noqa: F401
     from pipeline_stage.engine.litert_runtime import TFLiteModel, make_interpreter  # noqa: F401
     from pipeline_stage.engine.shipped_tflite import carry_over as shipped_tflite_carry_over  # noqa: F401

@@ -53,6 +53,7 @@ class KerasSource(ModelSource):
     """A Keras model (.keras, or a legacy Keras 2 .h5), loaded with safe_mode."""
 
     name = "keras"
+    editable = True
     title = "a Keras model"
     flavors = FLAVORS
     suffixes = (".keras", ".h5")

@@ -4,6 +4,7 @@
 # pip's own cache, so the build itself needs no network.
 #
 #   scripts/build-image.sh [TAG]          (default TAG: localhost/pipeline-stage:<version>)
+#   VARIANT=torch scripts/build-image.sh  (the PyTorch variant, extra [torch]: localhost/pipeline-stage:<version>-torch)
 #   BASE_IMAGE=python:3.11-slim-bookworm scripts/build-image.sh   (where a registry is reachable)
 #   NO_CACHE=1 scripts/build-image.sh    (rebuild every layer, e.g. to time a clean build)
 #
@@ -11,7 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-TAG=${1:-localhost/pipeline-stage:$VERSION}
+VARIANT=${VARIANT:-}
+EXTRAS="kfp,s3,gcs${VARIANT:+,$VARIANT}"
+TAG=${1:-localhost/pipeline-stage:$VERSION${VARIANT:+-$VARIANT}}
 LOCAL_BASE=localhost/debian-base:bookworm-slim
 BASE_IMAGE=${BASE_IMAGE:-$LOCAL_BASE}
 
@@ -46,22 +49,28 @@ if [ "$BASE_IMAGE" = "$LOCAL_BASE" ] && ! podman image exists "$LOCAL_BASE"; the
   rm -rf "$rootfs"
 fi
 
-# The wheelhouse: every pinned dependency, the build backend, and pip itself.
+# The wheelhouse: what pipeline-stage[EXTRAS] resolves to under the constraints (the same
+# resolution the Dockerfile makes, so the default image's build context carries no PyTorch), the
+# full tensorflow wheel that resolution reads, the build backend, and pip itself.
 py=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] && py=.venv/bin/python
 log=$(mktemp)
+resolved=$(mktemp)
+requirements=$(mktemp)
 # `pip wheel`, not `pip download`: kfp and kfp-server-api are published as sdists only.
 # The image installs tensorflow-cpu in place of tensorflow (same version; Dockerfile).
 tf_version=$(sed -n 's/^tensorflow==//p' constraints.txt)
-if ! { "$py" -m pip wheel -q --no-deps -w wheels -r constraints.txt \
-       && "$py" -m pip download -q --no-deps --only-binary=:all: -d wheels "tensorflow-cpu==$tf_version" \
+if ! { "$py" -m pip install -q --dry-run --ignore-installed --report "$resolved" -c constraints.txt ".[$EXTRAS]" \
+       && "$py" scripts/image_requirements.py "$resolved" > "$requirements" \
+       && "$py" -m pip wheel -q --no-deps -w wheels -r "$requirements" \
+       && "$py" -m pip download -q --no-deps --only-binary=:all: -d wheels "tensorflow==$tf_version" \
        && "$py" -m pip download -q --only-binary=:all: -d wheels "setuptools>=77" wheel pip; } >"$log" 2>&1; then
   grep -v "^WARNING: Location" "$log" >&2
   exit 1
 fi
 
 start=$(date +%s)
-podman build -q ${NO_CACHE:+--no-cache} --build-arg BASE_IMAGE="$BASE_IMAGE" \
+podman build -q ${NO_CACHE:+--no-cache} --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg EXTRAS="$EXTRAS" \
   --build-arg PIP_EXTRA="--no-index --find-links /wheels" -t "$TAG" . >/dev/null
 end=$(date +%s)
 size=$(podman image inspect "$TAG" --format '{{.Size}}')

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class Dataset:
         self.arrays: dict[str, np.ndarray] = named
         self.source = source
         self.content_digests: dict[str, str] = {}  # sha256 of each array's bytes, where already known
+        # The source model's `feed` (its inputs in the converted model's layout): applied by
+        # `inputs`, so the arrays, their digest and their files stay as the data was logged.
+        self.feed: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
     def digest(self) -> str:
         """sha256 (hex) of the arrays' names, dtypes, shapes and the sha256 of each one's bytes: the
@@ -76,7 +79,12 @@ class Dataset:
         return self.arrays[names[0]]
 
     def inputs(self, names: list[str]) -> dict[str, np.ndarray]:
-        """The arrays for the model's inputs, by input name (`x` stands for the only input)."""
+        """The arrays for the model's inputs, by input name (`x` stands for the only input), as
+        the model takes them (:attr:`feed`)."""
+        found = self._inputs(names)
+        return self.feed(found) if self.feed is not None else found
+
+    def _inputs(self, names: list[str]) -> dict[str, np.ndarray]:
         if len(names) == 1 and "x" in self.arrays and names[0] not in self.arrays:
             return {names[0]: self.arrays["x"]}
         missing = [n for n in names if n not in self.arrays]
@@ -115,7 +123,9 @@ class Dataset:
         return int(first.shape[0]) if first.ndim else 0
 
     def take(self, n: int) -> "Dataset":
-        return Dataset(arrays={k: v[:n] for k, v in self.arrays.items()}, source=self.source)
+        taken = Dataset(arrays={k: v[:n] for k, v in self.arrays.items()}, source=self.source)
+        taken.feed = self.feed
+        return taken
 
     @property
     def memory_mapped(self) -> bool:

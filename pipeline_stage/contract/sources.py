@@ -24,6 +24,7 @@ from pipeline_stage.contract.plugin_class import PluginClass
 if TYPE_CHECKING:
     import numpy as np
 
+    from pipeline_stage.contract.errors import InputError
     from pipeline_stage.contract.report import SourceRef
     from pipeline_stage.contract.steps import ConversionSettings
 
@@ -36,6 +37,7 @@ class SourceOptions:
     allow_unsafe_deserialization: bool = False
     custom_objects: dict[str, Any] = field(default_factory=dict)  # from the register_keras_objects hook
     signature: str = "serving_default"  # the manifest's `signature:` (kinds with ``takes_signature``)
+    io_layout: str = "source"  # the manifest's `conversion.io_layout` (kinds with it in ``layouts``)
 
 
 class ModelSource(PluginClass):
@@ -55,6 +57,25 @@ class ModelSource(PluginClass):
     # Whether `signature:` in the manifest means something for this kind (a SavedModel's signature
     # key); for the others a `signature:` is refused naming the kind.
     takes_signature: ClassVar[bool] = False
+    # The I/O layouts it can register (`conversion.io_layout`); another is refused naming the kind.
+    layouts: ClassVar[tuple[str, ...]] = ("source",)
+    # What gives this install what :meth:`unavailable` finds missing (a pip extra), for messages.
+    install_hint: ClassVar[str] = ""
+    # Whether it has a model that ``model``-phase steps edit (:attr:`model`); where it has none,
+    # what to do instead, for the message that refuses them.
+    editable: ClassVar[bool] = False
+    edit_hint: ClassVar[str] = "drop the step, or give the Keras model (mlflow.tensorflow.log_model) it came from"
+
+    @classmethod
+    def refuse_edit(cls, step_name: str, uri: str) -> "InputError":
+        """The error for a ``model``-phase step on a model of this kind, which has nothing it can edit."""
+        from pipeline_stage.contract.errors import InputError
+
+        return InputError(
+            f"step `{step_name}` edits the source's model (phase model), but `{uri}` is {cls.title or cls.name}, "
+            "which has none it can edit",
+            hint=cls.edit_hint,
+        )
 
     def __init__(self, info: "SourceRef", path: Path):
         self.info = info
@@ -68,6 +89,12 @@ class ModelSource(PluginClass):
         self.already_quantized: str | None = None
 
     # -- recognising and opening ------------------------------------------------------------------
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this install cannot open models of this kind (a framework it lacks), naming the fix;
+        None when it can. Asked before anything is downloaded: the stage then stops at once."""
+        return None
+
     @classmethod
     def locate(cls, root: Path) -> Path | None:
         """The file or folder under `root` (a download, or a local path that may itself be the
@@ -100,12 +127,21 @@ class ModelSource(PluginClass):
 
     @property
     def input_shapes(self) -> dict[str, tuple]:
-        """Each input's shape without the batch axis (-1 for a dynamic dimension)."""
+        """Each input's shape without the batch axis (-1 for a dynamic dimension), as the data
+        holds it (before :meth:`feed`)."""
         raise NotImplementedError
 
+    def feed(self, inputs: dict[str, "np.ndarray"]) -> dict[str, "np.ndarray"]:
+        """A data set's input arrays (as the training run logged them) as the converted model takes
+        them: the same arrays unless the source converts to another layout (``io_layout``). The
+        data sets apply it, so every model the stage runs, :meth:`predict_batch` included, gets
+        these."""
+        return inputs
+
     def predict_batch(self, inputs: dict[str, "np.ndarray"], model: Any = None) -> dict[str, "np.ndarray"]:
-        """Every output by name for one batch of inputs by name: the framework's own outputs (the
-        baseline's reference). `model`: a version of :attr:`model` that ``model`` steps returned."""
+        """Every output by name for one batch of inputs by name (as :meth:`feed` gives them): the
+        framework's own outputs (the baseline's reference). `model`: a version of :attr:`model`
+        that ``model`` steps returned."""
         raise NotImplementedError
 
     def to_float_tflite(self, conversion: "ConversionSettings", model: Any, log_path: Path) -> bytes:

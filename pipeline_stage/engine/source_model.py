@@ -77,6 +77,12 @@ def open_source(
             f"`signature: {options.signature}` selects a signature, but `{info.uri}` is {cls.title or cls.name}, which has none to select",
             hint="remove `signature:` from the manifest",
         )
+    if options.io_layout not in cls.layouts:
+        raise InputError(
+            f"`conversion.io_layout: {options.io_layout}` changes the model's input layout, but `{info.uri}` is "
+            f"{cls.title or cls.name}, which converts in its own layout only ({', '.join(cls.layouts)})",
+            hint="remove `conversion.io_layout` from the manifest",
+        )
     return cls.open(path, info, options)
 
 

@@ -46,6 +46,7 @@ OWN_DISTRIBUTION = "pipeline-stage"
 DEFAULT_PLUGINS = (
     "pipeline_stage_plugins.source_tensorflow",
     "pipeline_stage_plugins.source_tflite",
+    "pipeline_stage_plugins.source_pytorch",
     "pipeline_stage_plugins.fuse",
     "pipeline_stage_plugins.quantize",
     "pipeline_stage_plugins.prune",

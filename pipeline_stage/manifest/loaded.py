@@ -19,10 +19,13 @@ def digest_json(steps: list[Step]) -> list[list[Any]]:
     return [[s.name, s.params.digest_view()] for s in steps]
 
 
-def digest(chain: Any, signature: str = "serving_default") -> str:
-    """The chain digest of `chain` (:func:`digest_json`, or a search's whole spec) on a signature."""
+def digest(chain: Any, signature: str = "serving_default", io_layout: str = "source") -> str:
+    """The chain digest of `chain` (:func:`digest_json`, or a search's whole spec) on a signature,
+    registered in an I/O layout."""
     if signature != "serving_default":  # another signature is another model
         chain = {"chain": chain, "signature": signature}
+    if io_layout != "source":  # so is the same model with its inputs in another layout
+        chain = {"chain": chain, "io_layout": io_layout}
     return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -53,7 +56,7 @@ class LoadedManifest:
                 "search": search,
                 "candidates": [digest_json(c) for c in self.candidates],
             }
-        return digest(chain, self.manifest.signature)
+        return digest(chain, self.manifest.signature, self.manifest.conversion.io_layout)
 
     def required_data(self, host: PluginHost) -> set[str]:
         """The data sets the steps need, and `evaluation` for metrics computed on predictions."""

@@ -185,9 +185,14 @@ def _check_source_kind(
     kind = host.source_kind_of(manifest.model)
     if kind is None:
         return
+    cls = host.source_classes[kind]
     chains = [(("chain",), steps)] + [(("search", "candidates", k), chain) for k, chain in enumerate(candidates)]
     for loc, chain in chains:
         for i, step in enumerate(chain):
+            if step.phase is Phase.MODEL and not cls.editable and manifest.search is None:
+                # (a search may start from such a chain: its moves and candidates may do without the step)
+                exc = cls.refuse_edit(step.name, manifest.model)
+                raise where.error(exc.message, loc + (i, step.name), hint=exc.hint)
             try:
                 step.check_source(kind)
             except InputError as exc:

@@ -121,6 +121,14 @@ class ConversionSpec(_Strict):
         False, description="Let ops without a TFLite builtin run as TF Select ops (needs the Flex delegate at run time)."
     )
     allow_custom_ops: bool = Field(False, description="Keep unknown ops as custom ops (the runtime must provide them).")
+    io_layout: Literal["source", "channels_last"] = Field(
+        "source",
+        description=(
+            "The registered model's image inputs and outputs: `source` keeps the layout the model was trained in "
+            "(a PyTorch model's NCHW); `channels_last` registers NHWC ones, what mobile runtimes and their delegates "
+            "want (a PyTorch source; the data stays as the training run logged it, the stage transposes it)."
+        ),
+    )
 
 
 class SearchBudget(_Strict):

@@ -86,6 +86,31 @@ def download(uri: str, dst: Path, files: str | None = None) -> Path:
     )
 
 
+def model_flavors(uri: str, dst: Path, files: str | None = None) -> list[str]:
+    """The MLflow flavors the model's MLmodel file names, reading that one file (not the model's
+    other files); [] where it has none or it cannot be read (the download then says why)."""
+    import yaml
+
+    local = Path(uri)
+    if files in (None, uri) and not uri.startswith(("models:/", "runs:/")) and "://" not in uri:
+        mlmodel = local / "MLmodel"
+    else:
+        import mlflow
+
+        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            mlmodel = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=f"{(files or uri).rstrip('/')}/MLmodel", dst_path=str(dst))
+            )
+        except Exception:
+            return []
+    try:
+        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    return sorted(flavors) if isinstance(flavors, dict) else []
+
+
 def logged_dataset_uri(run_id: str | None, name: str, role: str, field: str) -> str:
     """Where the dataset `name` came from, as the source model's run logged it (mlflow.log_input;
     a stage logs its own so): the URI its source records (`uri`, `url` or `path`). Several of that

@@ -22,6 +22,27 @@ def rule_text(g: GateResult) -> str:
     return f"{g.rule} {fmt(g.threshold)}"
 
 
+def _conversion_fidelity(report: Report) -> list[str]:
+    """The float conversion measured against the source model's own outputs, beside the candidate:
+    what converting alone cost (a framework source; a .tflite source is its own float model)."""
+    if not report.baseline_tflite or report.source.kind in (None, "tflite"):
+        return []
+    lines = [
+        "",
+        "## Float .tflite vs the source",
+        "",
+        f"The source model ({report.source.kind}) is the baseline: its own outputs are the reference. The float "
+        "conversion is measured against them too, so what conversion alone costs shows apart from quantization.",
+        "",
+        "| metric | source model | float .tflite | candidate |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, converted in report.baseline_tflite.items():
+        candidate = (report.candidate or {}).get(name)
+        lines.append(f"| {name} | {fmt(report.baseline.get(name))} | {fmt(converted)} | {fmt(candidate)} |")
+    return lines
+
+
 def to_markdown(report: Report) -> str:
     lines = [f"# pipeline-stage report: {'PASSED' if report.passed else 'FAILED'}", ""]
     lines += [
@@ -39,6 +60,7 @@ def to_markdown(report: Report) -> str:
         base = compared.get(name)
         ratio = fmt(cand / base) if base else "-"
         lines.append(f"| {name} | {fmt(base)} | {fmt(cand)} | {ratio} |")
+    lines += _conversion_fidelity(report)
     if report.gates:
         lines += ["", "## Gates", "", "| metric | rule | value | compared | verdict |", "| --- | --- | ---: | ---: | --- |"]
         for g in report.gates:

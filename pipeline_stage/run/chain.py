@@ -77,14 +77,6 @@ class ChainRunner:
         self.host, self.evaluation, self.source = host, evaluation, evaluation.source
         self.conversion, self.workdir, self.progress, self.context = conversion, workdir, progress, context
 
-    def _not_editable(self, step: Step) -> InputError:
-        src = self.source
-        return InputError(
-            f"step `{step.name}` edits the source's model (phase model), but `{src.info.uri}` is "
-            f"{src.title or src.name}, which has none it can edit",
-            hint="drop the step, or give the Keras model (mlflow.tensorflow.log_model) it came from",
-        )
-
     def check_chain(self, steps: list[Step], *, search: bool = False) -> None:
         """Refuse, before any work, a chain the source cannot take: each step's `check_source`, and
         `model` steps on a source without a model they can edit (without a search, whose other
@@ -94,7 +86,7 @@ class ChainRunner:
         if self.source.model is None and not search:
             for step in steps:
                 if step.phase is Phase.MODEL:
-                    raise self._not_editable(step)
+                    raise type(self.source).refuse_edit(step.name, self.source.info.uri)
 
     def higher_is_better(self, names: list[str]) -> dict[str, bool]:
         return {n: self.host.metric_class(n).higher_is_better for n in names}
@@ -215,7 +207,7 @@ class ChainRunner:
             t = time.perf_counter()
             if step.phase is Phase.MODEL:
                 if model is None:
-                    raise self._not_editable(step)
+                    raise type(self.source).refuse_edit(step.name, self.source.info.uri)
                 model = self._apply(step, i, model, ctx)
                 model_now = model
                 metrics = measure(

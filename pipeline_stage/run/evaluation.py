@@ -112,6 +112,7 @@ class EvaluationContext:
         for input_name, array in dataset.inputs(list(shapes)).items():
             where = f"data.{name}" if len(shapes) == 1 else f"data.{name}` input `{input_name}"
             check_input_shape(where, array, shapes[input_name])
+        dataset.feed = self.source.feed  # every model is fed the inputs as the converted model takes them
         if name == "evaluation" and self.spec.max_samples:
             dataset = dataset.take(self.spec.max_samples)
         self._datasets[name], self._local[name] = dataset, local

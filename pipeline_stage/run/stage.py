@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn
 
-from pipeline_stage.contract.errors import StageError
+from pipeline_stage.contract.errors import InputError, StageError
 from pipeline_stage.contract.gates import evaluate_gates
 from pipeline_stage.contract.report import ManifestRef, ObserverContext, Report, SourceRef, Timing
 from pipeline_stage.contract.sources import SourceOptions
@@ -105,9 +105,31 @@ class Stage:
         self.workdir.mkdir(parents=True, exist_ok=True)
         info = source_mod.resolve(self.m.model, self.client)
         files = source_mod.files_uri(info, self.client)
+        self._check_kind_available(info, files)
         if self.m.registration is not None:
             check_may_register(self.client, self.m.registration.name)
         return info, files
+
+    def _check_kind_available(self, info: SourceRef, files: str) -> None:
+        """A model of a kind this install cannot open (its framework missing) stops the stage now,
+        before the download and the run: by the URI's suffix, else by the MLmodel file alone."""
+        classes = self.host.source_classes
+        missing = {name: why for name, cls in classes.items() if (why := cls.unavailable())}
+        if not missing:
+            return
+        kind, flavors = self.host.source_kind_of(info.uri), []
+        if kind is None:
+            flavors = source_mod.model_flavors(info.uri, self.workdir / "source-mlmodel", files)
+            kind = next((name for name, cls in classes.items() if set(cls.flavors) & set(flavors)), None)
+        if kind in missing:
+            cls = classes[kind]
+            flavor = ", ".join(f for f in flavors if f in cls.flavors)
+            raise InputError(
+                f"model `{redact(info.uri)}` is {cls.title or kind}"
+                + (f" (MLflow flavor `{flavor}`)" if flavor else "")
+                + f": {missing[kind]}",
+                hint=cls.install_hint or "install the source plugin's dependencies",
+            )
 
     def _start(self, info: SourceRef) -> tuple[StageRun, ObserverContext]:
         """The report, the MLflow run (tagged with the chain and the source), the observers'
@@ -154,6 +176,7 @@ class Stage:
                 allow_unsafe_deserialization=m.allow_unsafe_deserialization,
                 custom_objects=self.host.keras_objects,
                 signature=m.signature,
+                io_layout=m.conversion.io_layout,
             )
             use_op_registerers(self.host.op_registerers())
             source = open_source(root, info, self.host.source_classes, options)

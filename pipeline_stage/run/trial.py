@@ -64,6 +64,7 @@ def run_trial(folder: Path) -> TrialResult:
         allow_unsafe_deserialization=request.allow_unsafe_deserialization,
         custom_objects=host.keras_objects,
         signature=request.signature,
+        io_layout=request.conversion.io_layout,
     )
     use_op_registerers(request.op_registerers)  # the stage's plugins', not only this process's installed ones
     source = open_source(Path(request.source), SourceRef(uri=request.source), host.source_classes, options, request.source_kind)
@@ -74,7 +75,7 @@ def run_trial(folder: Path) -> TrialResult:
         evaluation.use_reference(load_outputs(Path(request.reference)))
     context = ObserverContext(
         manifest_path=where,
-        chain_digest=digest(digest_json(steps), request.signature),
+        chain_digest=digest(digest_json(steps), request.signature, request.conversion.io_layout),
         steps=tuple(steps),
         run_id=None,
         quiet=True,

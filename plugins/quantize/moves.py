@@ -11,7 +11,7 @@ output's branch (``keep_float_outputs``), op type (``keep_float_ops``) or node
 from __future__ import annotations
 
 from pipeline_stage import Chain, ModelFacts, SearchMove, TrialView, edited, step_params
-from pipeline_stage_plugins.quantize.params import BUILT_IN_ENGINES, TENSORFLOW_SOURCES, QuantizeParams
+from pipeline_stage_plugins.quantize.params import BUILT_IN_ENGINES, PYTORCH_SOURCES, TENSORFLOW_SOURCES, QuantizeParams
 
 DOMINANCE = 100.0  # how many times the next node's error a node's must be to single it out
 
@@ -32,16 +32,22 @@ class _OnFullInt8(SearchMove):
 
 
 class OtherEngine(_OnFullInt8):
-    """Quantize with the other engine (the converter <-> the LiteRT Quantizer), same params."""
+    """Quantize with the other engine, same params: the converter <-> the LiteRT Quantizer for a
+    TensorFlow source, litert-torch's PT2E <-> the LiteRT Quantizer for a PyTorch one."""
 
     name = "engine"
     kind = "alternative"
 
     def propose(self, chain: Chain, facts: ModelFacts) -> list[tuple[str, Chain]]:
         q = _quantize(chain)
-        if facts.source_kind not in TENSORFLOW_SOURCES or q.litert_only() or q.engine not in BUILT_IN_ENGINES:
+        native = {**dict.fromkeys(TENSORFLOW_SOURCES, "converter"), **dict.fromkeys(PYTORCH_SOURCES, "pt2e")}.get(
+            facts.source_kind
+        )
+        if native is None or q.litert_only() or q.engine not in BUILT_IN_ENGINES:
             return []  # only the LiteRT Quantizer can take it, or it is a third-party engine's
-        other = "litert" if q.engine_for(facts.source_kind) == "converter" else "converter"
+        if native == "pt2e" and (q.keep_float_ops or q.keep_float_nodes or q.keep_float_outputs):
+            return []  # PT2E quantizes every op it can
+        other = "litert" if q.engine_for(facts.source_kind) == native else native
         return [(f"engine {other}", edited(chain, "quantize", engine=other))]
 
 

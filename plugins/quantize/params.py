@@ -17,9 +17,11 @@ from pydantic import Field, model_validator
 from pipeline_stage import Params
 from pipeline_stage_plugins.quantize.converter_engine import ConverterEngine
 from pipeline_stage_plugins.quantize.litert_engine import LiteRTEngine
+from pipeline_stage_plugins.quantize.pt2e_engine import PT2EEngine
 
 TENSORFLOW_SOURCES = ConverterEngine.source_kinds
-BUILT_IN_ENGINES = ("auto", ConverterEngine.name, LiteRTEngine.name)
+PYTORCH_SOURCES = PT2EEngine.source_kinds
+BUILT_IN_ENGINES = ("auto", ConverterEngine.name, LiteRTEngine.name, PT2EEngine.name)
 INTEGER_MODES = LiteRTEngine.integer_modes
 # The built-in engines' knobs: a third-party engine's settings go under `options` instead.
 BUILT_IN_KNOBS = frozenset(
@@ -48,8 +50,9 @@ class QuantizeParams(Params):
         description=(
             "auto: the converter where it can do what the params ask (a TensorFlow source, 8-bit min-max "
             "weights), else the LiteRT Quantizer (a .tflite source; weight_only, int4, blockwise, another "
-            "algorithm, a recipe file); converter: quantize during TFLite conversion (needs the TensorFlow "
-            "model); litert: convert to float, then quantize with the LiteRT Quantizer (litert-quantizer); "
+            "algorithm, a recipe file; a PyTorch source); converter: quantize during TFLite conversion (needs the "
+            "TensorFlow model); litert: convert to float, then quantize with the LiteRT Quantizer (litert-quantizer); "
+            "pt2e: litert-torch's PT2E quantizer on a PyTorch model (modes int8 and dynamic); "
             "or the name of an installed third-party engine (`pipeline-stage plugins` lists them), whose "
             "settings go under `options`."
         ),
@@ -150,6 +153,8 @@ class QuantizeParams(Params):
             raise ValueError(
                 f"engine litert offers modes {', '.join(LiteRTEngine.modes)}, not `{self.mode}`; use engine converter (or auto)"
             )
+        if self.engine == PT2EEngine.name:
+            PT2EEngine.check_params(self)
         LiteRTEngine.check_params(self)
         allowed = {"int8": {"float", "int8"}, "qat": {"float", "int8"}, "int16x8": {"float", "int16"}}.get(self.mode, {"float"})
         if self.io not in allowed:
@@ -211,7 +216,7 @@ def recipe_needs_calibration(content: list[dict]) -> bool:
 def support_rows() -> list[dict[str, str]]:
     """Mode x engine x source kind, as `pipeline-stage plugins` and docs/plugins.md show it."""
     rows = []
-    converter, litert = ConverterEngine.modes, LiteRTEngine.modes
+    converter, litert, pt2e = ConverterEngine.modes, LiteRTEngine.modes, PT2EEngine.modes
     for mode in ("dynamic", "int8", "int16x8", "float16", "weight_only", "qat"):
         if mode in converter and mode in litert:
             auto = "converter (litert for a .tflite source or litert-only params)"
@@ -222,6 +227,7 @@ def support_rows() -> list[dict[str, str]]:
                 "mode": mode,
                 "converter": "TensorFlow source" if mode in converter else "-",
                 "litert": "any source" if mode in litert else "-",
+                "pt2e": "PyTorch source" if mode in pt2e else "-",
                 "auto picks": auto,
             }
         )

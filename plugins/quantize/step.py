@@ -14,12 +14,14 @@ from pipeline_stage_plugins.quantize.converter_engine import ConverterEngine
 from pipeline_stage_plugins.quantize.litert_engine import LiteRTEngine
 from pipeline_stage_plugins.quantize.params import (
     BUILT_IN_ENGINES,
+    PYTORCH_SOURCES,
     TENSORFLOW_SOURCES,
     QuantizeParams,
     recipe_needs_calibration,
     recipe_text,
     support_rows,
 )
+from pipeline_stage_plugins.quantize.pt2e_engine import PT2EEngine
 
 IO_TYPES = {"float": "float32", "int8": "int8", "int16": "int16"}
 
@@ -87,6 +89,11 @@ class Quantize(Step):
                     hint="use engine auto, or give a model of a kind it takes",
                 )
             return
+        if p.engine == PT2EEngine.name and source_kind not in PYTORCH_SOURCES:
+            raise InputError(
+                f"the source is a `{source_kind}` model: engine pt2e quantizes a PyTorch model (litert-torch's PT2E quantizer)",
+                hint="leave `engine` at auto (or set `engine: litert`, or `converter` for a TensorFlow model)",
+            )
         if source_kind in TENSORFLOW_SOURCES:
             return
         if p.engine == ConverterEngine.name:
