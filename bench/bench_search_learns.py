@@ -48,25 +48,19 @@ def cases(tmp: Path, wanted: set[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     fidelity = [{"metric": "fidelity_sqnr_db", "min": 20}]
     unlabelled = ["fidelity_sqnr_db", "size_bytes", "latency_p50_ms"]
-    if "digits" in wanted:
-        data = digits_data()
-        train_digits_cnn(data).save(tmp / "digits.keras")
-        np.savez(tmp / "digits-calib.npz", x=data.calibration[0])
-        np.savez(tmp / "digits-eval.npz", x=data.evaluation[0], y=data.evaluation[1])
-        out["digits CNN"] = {
-            "model": tmp / "digits.keras",
-            "data": {"calibration": str(tmp / "digits-calib.npz"), "evaluation": str(tmp / "digits-eval.npz")},
-            "gates": [{"metric": "accuracy", "max_drop": 0.01}],
-            "metrics": ["accuracy", "size_bytes", "latency_p50_ms"],
-        }
-    if "bn" in wanted:
-        data = raw_digits_data()
-        train_bn_after_relu_cnn(data).save(tmp / "bn.keras")
-        np.savez(tmp / "bn-calib.npz", x=data.calibration[0])
-        np.savez(tmp / "bn-eval.npz", x=data.evaluation[0], y=data.evaluation[1])
-        out["BN-after-ReLU CNN"] = {
-            "model": tmp / "bn.keras",
-            "data": {"calibration": str(tmp / "bn-calib.npz"), "evaluation": str(tmp / "bn-eval.npz")},
+    for key, label, load, train in (
+        ("digits", "digits CNN", digits_data, train_digits_cnn),
+        ("bn", "BN-after-ReLU CNN", raw_digits_data, train_bn_after_relu_cnn),
+    ):
+        if key not in wanted:
+            continue
+        data = load()
+        train(data).save(tmp / f"{key}.keras")
+        np.savez(tmp / f"{key}-calib.npz", x=data.calibration[0])
+        np.savez(tmp / f"{key}-eval.npz", x=data.evaluation[0], y=data.evaluation[1])
+        out[label] = {
+            "model": tmp / f"{key}.keras",
+            "data": {"calibration": str(tmp / f"{key}-calib.npz"), "evaluation": str(tmp / f"{key}-eval.npz")},
             "gates": [{"metric": "accuracy", "max_drop": 0.01}],
             "metrics": ["accuracy", "size_bytes", "latency_p50_ms"],
         }

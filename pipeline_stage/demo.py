@@ -150,6 +150,22 @@ def build_two_heads(seed: int = 0):
     return model, inputs
 
 
+def _three_head_trunk(keras, x, h, width: int, seed: int, scale: float):
+    """A Keras model from input `x` through `h`, two tanh Dense layers (`trunk1`, `trunk2`) and
+    three Dense outputs `a` (8), `b` (4), `c` (2), its kernels seeded (normal, `scale` / sqrt(fan-in))
+    and its biases zero; and the generator, to draw inputs from after."""
+    h = keras.layers.Dense(width, activation="tanh", name="trunk1")(h)
+    h = keras.layers.Dense(width, activation="tanh", name="trunk2")(h)
+    model = keras.Model(x, [keras.layers.Dense(k, name=n)(h) for n, k in (("a", 8), ("b", 4), ("c", 2))])
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.weights:
+            kernel, bias = layer.get_weights()
+            weights = scale * rng.normal(0, 1 / np.sqrt(kernel.shape[0]), kernel.shape).astype(np.float32)
+            layer.set_weights([weights, np.zeros_like(bias)])
+    return model, rng
+
+
 def build_wide_range_trunk(seed: int = 0, features: int = 64, width: int = 96):
     """A float .tflite with one input and three outputs (`a`, `b`, `c`) that share a trunk, whose
     input has one feature on a scale 30,000 times the others (a raw energy beside normalized
@@ -164,14 +180,7 @@ def build_wide_range_trunk(seed: int = 0, features: int = 64, width: int = 96):
     import keras
 
     x = keras.Input((features,), name="x")
-    h = keras.layers.Dense(width, activation="tanh", name="trunk1")(x)
-    h = keras.layers.Dense(width, activation="tanh", name="trunk2")(h)
-    model = keras.Model(x, [keras.layers.Dense(k, name=n)(h) for n, k in (("a", 8), ("b", 4), ("c", 2))])
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.weights:
-            kernel, bias = layer.get_weights()
-            layer.set_weights([rng.normal(0, 1 / np.sqrt(kernel.shape[0]), kernel.shape).astype(np.float32), np.zeros_like(bias)])
+    model, rng = _three_head_trunk(keras, x, x, width, seed, scale=1.0)
     kernel, bias = model.get_layer("trunk1").get_weights()
     kernel[0, :] *= 1e-5
     model.get_layer("trunk1").set_weights([kernel, bias])
@@ -201,16 +210,7 @@ def build_log_spectrum_trunk(seed: int = 0, features: int = 64, width: int = 96)
     keras.utils.set_random_seed(seed)
     x = keras.Input((features,), name="spectrum")
     h = keras.layers.Activation(keras.ops.log, name="log")(keras.layers.Rescaling(1.0, offset=1e-4, name="offset")(x))
-    h = keras.layers.Dense(width, activation="tanh", name="trunk1")(h)
-    h = keras.layers.Dense(width, activation="tanh", name="trunk2")(h)
-    model = keras.Model(x, [keras.layers.Dense(k, name=n)(h) for n, k in (("a", 8), ("b", 4), ("c", 2))])
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.weights:
-            kernel, bias = layer.get_weights()
-            layer.set_weights(
-                [0.3 * rng.normal(0, 1 / np.sqrt(kernel.shape[0]), kernel.shape).astype(np.float32), np.zeros_like(bias)]
-            )
+    model, rng = _three_head_trunk(keras, x, h, width, seed, scale=0.3)
     flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
     def inputs(n: int) -> np.ndarray:
