@@ -43,8 +43,18 @@ def main(model_path: str, calib_path: str, eval_path: str, out_path: str) -> Non
         float_bytes = open(f"{tmp}/float.tflite", "rb").read()
     result = {}
     for name, model_bytes in (("float", float_bytes), ("int8", open(out_path, "rb").read())):
-        runner = Interpreter(model_content=model_bytes).get_signature_runner()
-        out = np.concatenate([next(iter(runner(args_0=x[i : i + 1]).values())) for i in range(len(x))]).astype(np.float64)
+        interpreter = Interpreter(model_content=model_bytes)
+        runner = interpreter.get_signature_runner()
+        (scale_in, zero_in), dtype_in = (
+            runner.get_input_details()["args_0"]["quantization"],
+            runner.get_input_details()["args_0"]["dtype"],
+        )
+        (scale_out, zero_out) = next(iter(runner.get_output_details().values()))["quantization"]
+        feed = (
+            x if not scale_in else np.clip(np.round(x / scale_in + zero_in), -128, 127).astype(dtype_in)
+        )  # PT2E leaves int8 edges
+        out = np.concatenate([next(iter(runner(args_0=feed[i : i + 1]).values())) for i in range(len(x))]).astype(np.float64)
+        out = out if not scale_out else (out - zero_out) * scale_out
         noise = np.sum((reference - out) ** 2)
         result[name] = {
             "sqnr_db": float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30))),

@@ -37,12 +37,24 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_stage import timed_process  # noqa: E402
 
 
-def mobilenet_v3_small():
+def mobilenet_v3_small(x: np.ndarray):
+    """torchvision's MobileNetV3-small, random weights, its BatchNorm statistics taken from `x`
+    (with torchvision's initial running statistics the logits come out near 1e-10, where no
+    quantization is meaningful)."""
     # the CUDA wheel's meta registrations look up its C ops, which do not load with a CPU torch
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torch
     import torchvision
 
-    return torchvision.models.mobilenet_v3_small(weights=None).eval()
+    module = torchvision.models.mobilenet_v3_small(weights=None)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = None  # a cumulative average over the batches below
+    module.train()
+    with torch.no_grad():
+        for start in range(0, len(x), 16):
+            module(torch.from_numpy(x[start : start + 16]))
+    return module.eval()
 
 
 def images(n: int, seed: int) -> np.ndarray:
@@ -59,14 +71,20 @@ def prepare(tmp: Path, name: str, module, calib: np.ndarray, x: np.ndarray, y: n
 
     folder = tmp / name
     folder.mkdir()
-    program = torch.export.export(module, (torch.from_numpy(x[:1]),))
+    # a dynamic batch, as mlflow.pytorch.log_model exports it from an example of five
+    program = torch.export.export(module, (torch.from_numpy(x[:5]),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     torch.export.save(program, folder / "model.pt2")
     np.savez(folder / "calib.npz", x=calib)
     np.savez(folder / "eval.npz", **({"x": x, "y": y} if y is not None else {"x": x}))
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run():
-        mlflow.pytorch.log_model(module, name="model", input_example=x[:1], registered_model_name=f"bench-torch-{name}")
-    gates = "  - {metric: fidelity_sqnr_db, min: 20}\n" + ("  - {metric: accuracy, max_drop: 0.03}\n" if y is not None else "")
+        mlflow.pytorch.log_model(module, name="model", input_example=x[:5], registered_model_name=f"bench-torch-{name}")
+    # random weights quantize badly (int8 keeps about 11 dB of MobileNetV3-small's): its gate only
+    # makes sure the stage got there, the table compares the SQNR with the bare script's
+    floor = 20 if y is not None else 5
+    gates = f"  - {{metric: fidelity_sqnr_db, min: {floor}}}\n" + (
+        "  - {metric: accuracy, max_drop: 0.03}\n" if y is not None else ""
+    )
     metrics = "[fidelity_sqnr_db, size_bytes" + (", accuracy]" if y is not None else "]")
     (folder / "m.yaml").write_text(
         f"model: models:/bench-torch-{name}/1\n"
@@ -92,7 +110,7 @@ def main() -> None:
     cases = {
         "digits CNN (1x8x8)": prepare(tmp, "digits", cnn, x[:200], x[1200:1500], y[1200:1500], uri),
         "MobileNetV3-small (3x224x224)": prepare(
-            tmp, "mobilenet", mobilenet_v3_small(), images(64, 0), images(100, 1), None, uri
+            tmp, "mobilenet", mobilenet_v3_small(images(64, 2)), images(64, 0), images(100, 1), None, uri
         ),
     }
     exe = str(Path(sys.executable).with_name("pipeline-stage"))

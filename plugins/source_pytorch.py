@@ -73,6 +73,17 @@ def _checked_pt2(path: Path, uri: str):
         raise InputError(f"model `{uri}` ({path.name}) could not be loaded: {type(exc).__name__}: {first_line(exc)}") from None
 
 
+def _fixed_batch(program) -> int | None:
+    """The batch a torch.export program was exported with when it is fixed (an input example of
+    one sample makes it so: torch.export specializes a size-1 dimension), else None."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in user_inputs else None
+        if value is not None and len(value.shape) and isinstance(value.shape[0], int):
+            return int(value.shape[0])
+    return None
+
+
 class PyTorchSource(ModelSource):
     """A PyTorch model logged with mlflow.pytorch (torch.export `pt2`, or a pickled module when allowed)."""
 
@@ -87,10 +98,17 @@ class PyTorchSource(ModelSource):
         "torch.ao.quantization.fuse_modules), and quantize it here (`quantize`, engine auto, litert or pt2e)"
     )
 
-    def __init__(self, info, path: Path, module, inputs: list[dict], outputs: list[str], layout: str):
+    def __init__(
+        self, info, path: Path, module, inputs: list[dict], outputs: list[str], layout: str, fixed_batch: int | None = None
+    ):
         super().__init__(info, path)
         self.module = module
         self.inputs, self.outputs = inputs, outputs
+        self.fixed_batch = fixed_batch  # the archive's batch, when torch.export fixed it
+        if fixed_batch:
+            self.notes.append(
+                f"the torch.export archive has a fixed batch of {fixed_batch}: PyTorch is run {fixed_batch} sample(s) a call"
+            )
         # the 4-D inputs channels_last transposes (NCHW -> NHWC); none in the source's own layout
         self.transposed = [s["name"] for s in inputs if len(s["shape"]) == 4] if layout == CHANNELS_LAST else []
         if layout == CHANNELS_LAST:
@@ -124,7 +142,7 @@ class PyTorchSource(ModelSource):
                 {"name": "x" if len(example) == 1 else f"x_{k}", "dtype": "float32", "shape": (-1, *t.shape[1:])}
                 for k, t in enumerate(example)
             ]
-            return cls._opened(info, path, program.module(), inputs, [], options)
+            return cls._opened(info, path, program.module(), inputs, [], options, _fixed_batch(program))
         folder, mlmodel = _mlmodel(path)
         data = folder / mlmodel["flavors"]["pytorch"].get("model_data", "data")
         signature = mlmodel.get("signature") or {}
@@ -136,10 +154,9 @@ class PyTorchSource(ModelSource):
                 hint="log it with an input_example (a numpy array, or a tuple of them) in mlflow.pytorch.log_model",
             )
         if (data / "model.pt2").exists():
-            module = _checked_pt2(data / "model.pt2", info.uri).module()
-        else:
-            module = cls._unpickled(folder, info, options)
-        return cls._opened(info, path, module, inputs, outputs, options)
+            program = _checked_pt2(data / "model.pt2", info.uri)
+            return cls._opened(info, path, program.module(), inputs, outputs, options, _fixed_batch(program))
+        return cls._opened(info, path, cls._unpickled(folder, info, options), inputs, outputs, options)
 
     @classmethod
     def _unpickled(cls, folder: Path, info, options):
@@ -161,13 +178,13 @@ class PyTorchSource(ModelSource):
             ) from None
 
     @classmethod
-    def _opened(cls, info, path, module, inputs, outputs, options) -> "PyTorchSource":
+    def _opened(cls, info, path, module, inputs, outputs, options, fixed_batch: int | None = None) -> "PyTorchSource":
         if hasattr(module, "eval") and not isinstance(module, type):
             try:
                 module.eval()
             except (NotImplementedError, RuntimeError):
                 pass  # an exported program's module has no train mode to leave
-        return cls(info, path, module, inputs, outputs, options.io_layout)
+        return cls(info, path, module, inputs, outputs, options.io_layout, fixed_batch)
 
     # -- the loaded model --------------------------------------------------------------------------
     @property
@@ -216,8 +233,17 @@ class PyTorchSource(ModelSource):
             return self.module(*self.torch_args(inputs))
 
     def predict_batch(self, inputs, model: Any = None) -> dict[str, np.ndarray]:
-        values = _flat(self.run_module(inputs))
-        return {name: v.detach().cpu().numpy() for name, v in zip(self.output_names, values)}
+        n = len(next(iter(inputs.values())))
+        step = self.fixed_batch or n
+        chunks = []
+        for start in range(0, n, step):
+            part = {k: v[start : start + step] for k, v in inputs.items()}
+            short = step - len(next(iter(part.values())))
+            if short:  # a fixed batch: the last call padded with its own first sample, the padding dropped
+                part = {k: np.concatenate([v, np.repeat(v[:1], short, axis=0)]) for k, v in part.items()}
+            values = [v.detach().cpu().numpy() for v in _flat(self.run_module(part))]
+            chunks.append([v[: step - short] for v in values])
+        return {name: np.concatenate([c[k] for c in chunks]) for k, name in enumerate(self.output_names)}
 
     def for_litert(self, module: Any = None):
         """(module, sample args) as litert-torch converts them: the module wrapped channels last

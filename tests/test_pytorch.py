@@ -187,6 +187,9 @@ def test_steps_that_edit_a_keras_model_are_refused_naming_what_works(logged, man
     data = {"calibration": str(logged["digits_data"] / "calib.npz"), "evaluation": str(logged["digits_data"] / "eval.npz")}
     plain = run_stage(manifest(model=str(tmp_path / "digits.pt2"), data=data, chain=[{"quantize": {"mode": "int8"}}]))
     assert plain.exit_code == 0, plain.output
+    # exported from one sample, its batch is fixed: PyTorch is run one sample a call, no batch retried
+    assert any("fixed batch of 1" in note for note in plain.report["source_notes"])
+    assert not any("retried" in note for note in plain.report.get("evaluation_notes", []))
 
 
 def test_without_the_torch_extra_it_stops_before_the_download_and_the_run(logged, manifest):
