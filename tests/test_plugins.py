@@ -51,7 +51,7 @@ def test_schema_describes_the_manifest_and_each_step(invoke):
     )
     params = step["properties"]["quantize"]["anyOf"][0]
     assert params["properties"]["mode"]["enum"] == ["dynamic", "int8", "float16", "int16x8", "weight_only", "qat"]
-    assert params["properties"]["engine"]["examples"] == ["auto", "converter", "litert"]  # or a third-party engine's name
+    assert params["properties"]["engine"]["examples"] == ["auto", "converter", "litert", "pt2e"]  # or a third-party engine's name
     assert "search" in schema["properties"]
     assert params["additionalProperties"] is False
 

@@ -79,16 +79,16 @@ def test_hook_register_sources(linear_model, mlflow_server, manifest, run_stage,
 
 
 def test_a_model_no_source_recognises_names_its_flavors_and_the_installed_sources(mlflow_server, manifest, run_stage, tmp_path):
-    folder = tmp_path / "torch-model"
-    (folder / "data").mkdir(parents=True)
-    (folder / "MLmodel").write_text("flavors:\n  python_function: {}\n  pytorch: {pytorch_version: 2.14.1}\n")
-    (folder / "data" / "model.pth").write_bytes(b"\x80\x04not really a pickle")
+    folder = tmp_path / "onnx-model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors:\n  python_function: {}\n  onnx: {onnx_version: 1.17.0}\n")
+    (folder / "model.onnx").write_bytes(b"\x08\x07not really an onnx graph")
     np.savez(tmp_path / "eval.npz", x=np.zeros((4, 8), np.float32))
     chain = [{"quantize": {"mode": "dynamic"}}]
     result = run_stage(manifest(model=str(folder), data={"evaluation": str(tmp_path / "eval.npz")}, chain=chain))
     assert result.exit_code == 2, result.output
-    assert "no installed model source recognises" in result.stderr and "python_function, pytorch" in result.stderr
-    for kind in ("keras", "saved_model", "tflite"):
+    assert "no installed model source recognises" in result.stderr and "onnx, python_function" in result.stderr
+    for kind in ("keras", "saved_model", "tflite", "pytorch"):
         assert f"{kind} (" in result.stderr
     assert "fix: install the source plugin" in result.stderr
 
