@@ -28,11 +28,11 @@ from tests.tflite_corpus.make_corpus import images as corpus_images  # noqa: E40
 GENAI = "ai_edge_litert.pywrap_genai_ops:GenAIOpsRegisterer"
 
 
-def outputs(model_bytes: bytes, x: np.ndarray, custom: bool) -> list[np.ndarray]:
+def outputs(model_bytes: bytes, x: np.ndarray, custom: bool) -> dict[str, np.ndarray]:
     from pipeline_stage.engine.litert_runtime import TFLiteModel
 
     model = TFLiteModel(model_bytes, op_registerers=[GENAI] if custom else [])
-    return list(model.predict_outputs(x).values())
+    return model.predict_outputs(x)
 
 
 def main() -> None:
@@ -77,8 +77,9 @@ def main() -> None:
         shipped, out = path.read_bytes(), (tmp / f"{path.stem}.out.tflite").read_bytes()
         x = images[100:220]
         ref, got = outputs(shipped, x, custom), outputs(out, x, custom)
+        # By output name: the registered file's SignatureDef may list the outputs in another order.
         sqnr = min(
-            10 * np.log10(np.sum(r.astype(np.float64) ** 2) / np.sum((r - g).astype(np.float64) ** 2)) for r, g in zip(ref, got)
+            10 * np.log10(np.sum(ref[k].astype(np.float64) ** 2) / np.sum((ref[k] - got[k]).astype(np.float64) ** 2)) for k in ref
         )
         search = data["search"]
         winner = next(t for t in search["trials"] if t["index"] == search["winner"])
