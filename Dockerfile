@@ -2,6 +2,8 @@
 #
 # Registry build:  docker build -t pipeline-stage:0.1.0 .
 #                  docker build --build-arg EXTRAS=kfp,s3,gcs,torch -t pipeline-stage:0.1.0-torch .
+#                  docker build --build-arg EXTRAS=kfp,s3,gcs,intel --build-arg VENDOR_SDKS=intel -t pipeline-stage:0.1.0-intel .
+#                  (NPU compiler images, one per vendor: docs/accelerators.md)
 # Offline build:   scripts/build-image.sh   (a debootstrapped Debian base and a local wheelhouse;
 #                  VARIANT=torch for the PyTorch variant)
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -57,6 +59,14 @@ RUN python3 -m venv /opt/venv \
     && find /opt/venv/lib/python3.11/site-packages/boto3/data -mindepth 1 -maxdepth 1 -type d ! -name s3 -exec rm -rf {} + \
     # bytecode for what the stage imports (not the whole venv): a run takes half the time (bench/bench_image.py)
     && /opt/venv/bin/python /src/scripts/image_bytecode.py /opt/venv/lib/python3.11/site-packages
+# VENDOR_SDKS: LiteRT's NPU vendor SDKs for `compile` targets, space-separated among intel, qualcomm,
+# mediatek, google-tensor. Each `ai-edge-litert-sdk-<vendor>` package downloads its vendor's compiler
+# libraries from the vendor's servers while it installs, so this layer needs that network (the
+# offline build cannot have it); intel also needs EXTRAS with `intel` (OpenVINO). docs/accelerators.md.
+ARG VENDOR_SDKS=""
+RUN for vendor in $VENDOR_SDKS; do \
+        /opt/venv/bin/pip install --no-cache-dir --no-deps "ai-edge-litert-sdk-${vendor}==2.3.0" || exit 1; \
+    done
 
 FROM ${BASE_IMAGE}
 RUN if ! command -v python3 >/dev/null; then \

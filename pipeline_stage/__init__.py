@@ -29,6 +29,10 @@ _PUBLIC = {
     "SourceOptions": ("pipeline_stage.contract.sources", "SourceOptions"),
     "QuantizationEngine": ("pipeline_stage.contract.engines", "QuantizationEngine"),
     "QuantizationJob": ("pipeline_stage.contract.engines", "QuantizationJob"),
+    "AcceleratorCompiler": ("pipeline_stage.contract.compilers", "AcceleratorCompiler"),
+    "Compiled": ("pipeline_stage.contract.compilers", "Compiled"),
+    "CompileRejected": ("pipeline_stage.contract.compilers", "CompileRejected"),
+    "Partition": ("pipeline_stage.contract.compilers", "Partition"),
     "Metric": ("pipeline_stage.contract.metrics", "Metric"),
     "Evaluation": ("pipeline_stage.contract.metrics", "Evaluation"),
     "DataLoader": ("pipeline_stage.contract.data", "DataLoader"),
@@ -126,6 +130,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for editors and type checkers: the same names, imported eagerly
+    from pipeline_stage.contract.compilers import AcceleratorCompiler, Compiled, CompileRejected, Partition  # noqa: F401
     from pipeline_stage.contract.data import DataLoader, Dataset  # noqa: F401
     from pipeline_stage.contract.engines import QuantizationEngine, QuantizationJob  # noqa: F401
     from pipeline_stage.contract.errors import (  # noqa: F401

@@ -92,6 +92,9 @@ def validate(manifest: str, model_uri: str | None) -> None:
         )
         for k, chain in enumerate(loaded.candidates):
             click.echo(f"    candidate {k + 1}: {' -> '.join(s.name for s in chain)}")
+    for target in loaded.compile_targets:
+        options = ", ".join(f"{k}={v}" for k, v in target.options.model_dump(mode="json").items())
+        click.echo(f"  compile: {target.name}" + (f" ({options})" if options else ""))
 
 
 @cli.command()
@@ -189,8 +192,8 @@ def verify(model_uri: str, tracking_uri: str | None) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a listing.")
 def plugins(as_json: bool) -> None:
-    """List installed model sources, quantization engines, steps (phase, params, distribution), metrics,
-    search moves, data loaders and plugins."""
+    """List installed model sources, quantization engines, accelerator compilers, steps (phase,
+    params, distribution), metrics, search moves, data loaders and plugins."""
     from pipeline_stage.host.plugin_listing import describe
 
     info = describe(_host())
@@ -210,6 +213,15 @@ def plugins(as_json: bool) -> None:
         for p in engine["options"]:
             default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
             click.echo(f"      options.{p['name']}: {p['type']} ({default}) {p['doc']}")
+    if info["compilers"]:
+        click.echo("Accelerator compilers (compile.targets: <name>/<soc>):")
+        for comp in info["compilers"]:
+            click.echo(
+                f"  {comp['name']} (SoCs {', '.join(comp['socs'])}; needs {comp['sdk']}) from {comp['distribution']}: {comp['summary']}"
+            )
+            for p in comp["options"]:
+                default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+                click.echo(f"      options.{p['name']}: {p['type']} ({default}) {p['doc']}")
     if info["custom_ops"]:
         click.echo("Custom ops (kernels the interpreter loads):")
         for op in info["custom_ops"]:

@@ -13,7 +13,7 @@ import os
 from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Markdown, Metrics, Model, Output
 
 from pipeline_stage import __version__
 
@@ -28,6 +28,7 @@ def optimize_tflite(
     metrics: Output[Metrics],
     report: Output[Markdown],
     report_html: Output[HTML],
+    compiled: Output[Artifact],
     tracking_uri: str = "",
     stage_version: str = "0.1.0",  # KFP copies this source text: keep it equal to __version__ (a test checks)
 ) -> NamedTuple("OptimizeOutputs", [("passed", bool), ("model_version", str), ("registered_model", str)]):
@@ -37,14 +38,25 @@ def optimize_tflite(
     with resolve_model, so cached results stay right). tracking_uri: empty means MLFLOW_TRACKING_URI.
     stage_version: part of the cache key, so a new image never reuses an old result.
     Outputs: the .tflite (metadata: registered name/version/uri, passed), every metric and gate
-    verdict, the Markdown and HTML reports (the KFP UI shows both); `passed` and `model_version` for dsl.If.
+    verdict, the Markdown and HTML reports (the KFP UI shows both); `compiled`: a folder with one
+    compiled model per `compile` target (metadata by target: status, file, sha256, ops offloaded);
+    `passed` and `model_version` for dsl.If.
     """
     from collections import namedtuple
 
     from pipeline_stage.kfp_support import optimize
 
     result = optimize(
-        manifest, model_uri, tracking_uri, tflite.path, report.path, tflite.metadata, metrics.log_metric, report_html.path
+        manifest,
+        model_uri,
+        tracking_uri,
+        tflite.path,
+        report.path,
+        tflite.metadata,
+        metrics.log_metric,
+        report_html.path,
+        compiled.path,
+        compiled.metadata,
     )
     outputs = namedtuple("OptimizeOutputs", ["passed", "model_version", "registered_model"])
     return outputs(result["passed"], result["model_version"], result["registered_model"])

@@ -18,8 +18,12 @@ def optimize(
     tflite_metadata: dict,
     log_metric,
     html_path: str | None = None,
+    compiled_path: str | None = None,
+    compiled_metadata: dict | None = None,
 ) -> dict[str, Any]:
     """Run the stage for a component; a failed gate is a result (passed=False), not a task failure.
+    The compiled models of the manifest's `compile` targets go to the folder `compiled_path`, one
+    `<compiler>_<soc>.tflite` each, described by target in `compiled_metadata`.
 
     Bad input (exit 2) and failures (exit 1) raise, so the task fails with the stage's message.
     """
@@ -32,7 +36,10 @@ def optimize(
     loaded = parse_manifest(manifest, host, path="<manifest parameter>", model_uri=model_uri or None)
     work = Path(tempfile.mkdtemp(prefix="stage-"))
     options = RunOptions(
-        tracking_uri=resolve_tracking_uri(tracking_uri or None), report_path=work / "report.json", output_path=Path(tflite_path)
+        tracking_uri=resolve_tracking_uri(tracking_uri or None),
+        report_path=work / "report.json",
+        output_path=Path(tflite_path),
+        compiled_dir=Path(compiled_path) if compiled_path else None,
     )
     report = run_stage(loaded, host, options)
     for name, value in (report.candidate or {}).items():
@@ -59,6 +66,20 @@ def optimize(
             "files_sha256": {f.path: f.sha256 for f in report.artifacts},
         }
     )
+    if compiled_metadata is not None:
+        compiled_metadata.update(
+            {
+                c.target: {
+                    "status": c.status,
+                    "file": Path(c.artifact).name if c.artifact else "",
+                    "sha256": c.sha256 or "",
+                    "ops_offloaded": c.partition.get("share", 0.0),
+                    "evaluated_here": c.evaluated,
+                    "error": c.error or "",
+                }
+                for c in report.compiled
+            }
+        )
     shutil.copyfile(work / "report.md", report_path)
     if html_path:
         shutil.copyfile(work / "report.html", html_path)

@@ -1,10 +1,15 @@
-"""Built-in step `delegates` and metrics `delegate_coverage.<target>`: which hardware delegates
-would take the model, a measured XNNPACK benchmark, and the plan embedded in the .tflite.
+"""Built-in step `delegates` and metrics `delegate_coverage.<target>` and
+`npu_ops_offloaded.<compiler>_<soc>`: which hardware delegates and NPUs would take the model, a
+measured XNNPACK benchmark, and the plan embedded in the .tflite.
 
-Coverage comes from op-set rules: the builtin ops (and tensor types) each delegate documents as
-supported. They say what a delegate can take, not how fast a given phone runs it. TensorFlow's
-GPU analyzer (`tf.lite.experimental.Analyzer`, `gpu_compatibility=True`) is not used: in the
-TF 2.21 / LiteRT 2.3 builds here it reports every model compatible, TF Select ops included.
+NPU coverage (`npu: [<compiler>/<soc>]`) comes from the vendor's own compiler plugin (LiteRT's,
+through the `compile_litert` compilers): it partitions the model and says which ops it takes. Where
+the vendor's plugin does not load (its SDK is not installed), the int8 NPU op-set table stands in,
+labelled as such in the plan and the report. Delegate coverage (`targets`) comes from op-set rules:
+the builtin ops (and tensor types) each delegate documents as supported. They say what a delegate
+can take, not how fast a given phone runs it. TensorFlow's GPU analyzer
+(`tf.lite.experimental.Analyzer`, `gpu_compatibility=True`) is not used: in the TF 2.21 / LiteRT 2.3
+builds here it reports every model compatible, TF Select ops included.
 """
 
 from __future__ import annotations
@@ -14,9 +19,21 @@ from collections import Counter
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from pipeline_stage import Metric, Params, Phase, Step, TFLiteModel, add_metadata, hookimpl, read_flatbuffer
+from pipeline_stage import (
+    CompileRejected,
+    InputError,
+    Metric,
+    Params,
+    Phase,
+    Step,
+    TFLiteModel,
+    add_metadata,
+    hookimpl,
+    read_flatbuffer,
+)
+from pipeline_stage_plugins.compile_litert import COMPILERS
 
 PLAN_METADATA = "pipeline_stage.delegate_plan"
 
@@ -90,6 +107,46 @@ def delegate_plan(model_bytes: bytes, targets: list[str]) -> dict:
     return plan
 
 
+def _compiler(target: str):
+    """The LiteRT vendor compiler and SoC of `<compiler>/<soc>`; ValueError naming what exists."""
+    vendor, _, soc = target.partition("/")
+    if vendor not in COMPILERS:
+        raise ValueError(f"`{target}`: unknown compiler `{vendor}`; LiteRT's are {', '.join(COMPILERS)}")
+    compiler = COMPILERS[vendor]()
+    if soc not in compiler.socs:
+        raise ValueError(f"`{target}`: `{vendor}` knows SoCs {', '.join(compiler.socs)}")
+    return compiler, soc
+
+
+def npu_plan(model_bytes: bytes, targets: list[str]) -> dict:
+    """Per NPU target: what its vendor's compiler plugin takes (ops offloaded, partitions, ops left
+    on the CPU), or, where the plugin does not load, the int8 NPU op-set table's guess, labelled."""
+    plan = {}
+    for target in targets:
+        compiler, soc = _compiler(target)
+        try:
+            part = compiler.partition(model_bytes, soc)
+            plan[target] = {"from": f"{compiler.name}'s compiler plugin (LiteRT {_litert_version()})", **part.record()}
+        except (InputError, CompileRejected) as exc:
+            table = delegate_plan(model_bytes, ["edgetpu"])["edgetpu"]
+            reason = exc.message if isinstance(exc, InputError) else str(exc)
+            plan[target] = {
+                "from": f"fallback: the int8 NPU op-set table (edgetpu rules), not the vendor's compiler ({reason})",
+                "ops": table["nodes"],
+                "offloaded": table["nodes"] - table["on_cpu"],
+                "share": table["coverage"],
+                "partitions": None,
+                "on_cpu": table["blockers"],
+            }
+    return plan
+
+
+def _litert_version() -> str:
+    from importlib.metadata import version
+
+    return version("ai-edge-litert")
+
+
 def _p50(model_bytes: bytes, sample, xnnpack: bool, runs: int) -> float:
     """Median latency on the first real sample (an array, or arrays by input name)."""
     return float(np.percentile(TFLiteModel(model_bytes, threads=1, xnnpack=xnnpack).latencies_ms(sample, runs), 50))
@@ -103,6 +160,20 @@ class DelegatesParams(Params):
     benchmark: bool = Field(True, description="Measure CPU latency with and without XNNPACK (1 thread, batch 1).")
     runs: int = Field(100, ge=5, le=100000, description="Invocations per benchmark side.")
     embed: bool = Field(True, description=f"Embed the plan in the .tflite as metadata `{PLAN_METADATA}`.")
+    npu: list[str] = Field(
+        default_factory=list,
+        description="NPU targets `<compiler>/<soc>` (as `compile.targets` names them, e.g. `intel_openvino/LNL`): "
+        "partitioned by the vendor's own compiler plugin where it loads (ops offloaded, partitions, ops left on the "
+        "CPU), by the int8 NPU op-set table otherwise, labelled as such.",
+    )
+    digest_since = frozenset({"npu"})
+
+    @field_validator("npu")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            _compiler(target)
+        return value
 
 
 class Delegates(Step):
@@ -115,6 +186,8 @@ class Delegates(Step):
     def apply(self, model_bytes, ctx):
         p = self.params
         plan = {"targets": delegate_plan(model_bytes, list(p.targets))}
+        if p.npu:
+            plan["npu"] = npu_plan(model_bytes, list(p.npu))
         if p.benchmark:
             sample = ctx.samples()  # a real input: the evaluation (or calibration) data
             without, with_x = _p50(model_bytes, sample, False, p.runs), _p50(model_bytes, sample, True, p.runs)
@@ -131,6 +204,13 @@ class Delegates(Step):
                     f"{target}: {info['on_cpu']} of {info['nodes']} nodes stay on the CPU ("
                     + "; ".join(f"{r} x{n}" for r, n in info["blockers"].items())
                     + ")"
+                )
+        for target, info in plan.get("npu", {}).items():
+            ctx.tags[f"npu.{target.replace('/', '_')}.ops_offloaded"] = f"{info['share']:.4g}"
+            if info["on_cpu"]:
+                left = "; ".join(f"{op} x{n}" for op, n in info["on_cpu"].items())
+                findings.append(
+                    f"{target}: {info['ops'] - info['offloaded']} of {info['ops']} ops stay on the CPU ({left}), per {info['from']}"
                 )
         plan["findings"] = findings
         ctx.notes.update(plan)
@@ -154,6 +234,27 @@ def _coverage_metric(target: str) -> type[Metric]:
     return Coverage
 
 
+def _npu_metric(compiler, soc: str) -> type[Metric]:
+    class Offloaded(Metric):
+        __doc__ = f"Share of the model's ops {compiler.name}'s compiler plugin offloads to the {soc} NPU, 0..1 (the vendor's own partition)."
+        name = f"npu_ops_offloaded.{compiler.name}_{soc}"
+        higher_is_better = True
+        uses = "flatbuffer"
+        runs_model = False
+
+        def compute(self, evaluation) -> float:
+            try:
+                return compiler().partition(evaluation.model_bytes, soc).share
+            except CompileRejected as exc:
+                raise InputError(
+                    f"metric `{self.name}`: {exc}",
+                    hint="gate on `delegate_coverage.edgetpu` where no NPU compiler takes the model",
+                ) from None
+
+    Offloaded.__name__ = Offloaded.__qualname__ = f"NpuOpsOffloaded_{compiler.name}_{soc}"
+    return Offloaded
+
+
 @hookimpl
 def register_steps(register):
     register(Delegates)
@@ -163,3 +264,6 @@ def register_steps(register):
 def register_metrics(register):
     for target in RULES:
         register(_coverage_metric(target))
+    for compiler in COMPILERS.values():
+        for soc in compiler.socs:
+            register(_npu_metric(compiler, soc))

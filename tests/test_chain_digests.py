@@ -96,3 +96,19 @@ def test_a_move_added_later_counts_in_a_search_digest_only_when_named():
 
 if __name__ == "__main__":  # `python -m tests.test_chain_digests` prints the table to pin
     print(json.dumps(digests(), indent=1, sort_keys=True))
+
+
+def test_compile_targets_count_in_the_digest():
+    """A version holds its compiled models: another target, or other options, is another version."""
+    host = build_host(load_entry_points=False)
+    plain = parse_manifest(HEAD + "chain: [quantize: {mode: int8}]\n", host).chain_digest
+    digest = {}
+    for key, targets in (
+        ("lnl", "[intel_openvino/LNL]"),
+        ("ptl", "[intel_openvino/PTL]"),
+        ("cpu", "[{target: intel_openvino/LNL, options: {graph_backend: cpu}}]"),
+    ):
+        digest[key] = parse_manifest(
+            HEAD + f"chain: [quantize: {{mode: int8}}]\ncompile: {{targets: {targets}}}\n", host
+        ).chain_digest
+    assert len({plain, *digest.values()}) == 4, digest

@@ -41,6 +41,7 @@ def test_component_interface():
         "metrics": "system.Metrics@0.0.1",
         "report": "system.Markdown@0.0.1",
         "report_html": "system.HTML@0.0.1",
+        "compiled": "system.Artifact@0.0.1",
         "passed": "Boolean",
         "model_version": "String",
         "registered_model": "String",

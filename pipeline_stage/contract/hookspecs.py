@@ -8,8 +8,8 @@ through the entry-point group ``pipeline_stage``::
 
 Two kinds of hook:
 
-* registration hooks (``register_sources``, ``register_quantization_engines``, ``register_steps``,
-  ``register_metrics``, ``register_data_loaders``, ``register_search_moves``,
+* registration hooks (``register_sources``, ``register_quantization_engines``, ``register_compilers``,
+  ``register_steps``, ``register_metrics``, ``register_data_loaders``, ``register_search_moves``,
   ``register_keras_objects``) receive a ``register`` callback and call
   it once per thing they provide. The host validates every registration (a name, the right base
   class, no duplicate) and remembers which distribution supplied it; an exception raised in one
@@ -70,6 +70,21 @@ def register_quantization_engines(register: Callable[[type], None]) -> None:
         float .tflite), optionally ``Params`` (its options, from ``quantize: {options: {...}}``),
         and implements ``quantize(job) -> bytes`` and optionally ``per_layer_errors(job,
         quantized, data, samples)``.
+    :return: nothing; results are collected through ``register``.
+    """
+
+
+@hookspec
+def register_compilers(register: Callable[[type], None]) -> None:
+    """Register accelerator compilers (LiteRT's vendor compiler plugins are built-in ones).
+
+    :param register: call ``register(CompilerClass)`` for each
+        :class:`pipeline_stage.contract.compilers.AcceleratorCompiler` subclass. The class sets
+        ``name`` (unique; what ``compile: {targets: [<name>/<soc>]}`` names), ``socs`` (the SoC
+        models it compiles for), ``sdk`` and ``install_hint`` (what it needs and how an image gets
+        it), optionally ``Params`` (per-target options), and implements ``unavailable(soc,
+        options)``, ``partition(model_bytes, soc)``, ``compile(model_bytes, soc, options)`` and,
+        where this machine can run what it compiles, ``runner(compiled, soc, options)``.
     :return: nothing; results are collected through ``register``.
     """
 

@@ -143,6 +143,27 @@ class Registered(Record):
     )
 
 
+class CompiledRecord(Record):
+    """One accelerator target of the manifest's `compile` section: what its compiler took and made,
+    and how the compiled model measured where this machine can run it."""
+
+    target: str = Field(description="<compiler>/<soc>.")
+    status: str = Field(description="compiled | rejected (the compiler refused the model: see `error`)")
+    error: str | None = None
+    partition: dict[str, Any] = Field(
+        default_factory=dict, description="ops, offloaded, share (0..1), partitions, on_cpu (op -> count) of the main graph."
+    )
+    artifact: str | None = Field(None, description="The compiled file's path in the registered model.")
+    size_bytes: int | None = None
+    sha256: str | None = None
+    stamp: dict[str, str] = Field(default_factory=dict, description="What the file says it is for (read back from it).")
+    sdk: str | None = Field(None, description="The compiler SDK that made it.")
+    evaluated: bool = Field(False, description="Whether the compiled model ran here on the evaluation data.")
+    not_evaluated: str | None = Field(None, description="Why it was not evaluated here (it needs the device).")
+    metrics: dict[str, float] = Field(default_factory=dict, description="The compiled model's metrics, measured here.")
+    gates: list[GateResult] = Field(default_factory=list, description="The manifest's gates on what was measured here.")
+
+
 class TimedComparison(Record):
     """A timed metric (latency), baseline and candidate timed side by side in alternating rounds."""
 
@@ -248,6 +269,7 @@ class Timing(Record):
     baseline_s: float | None = Field(None, description="The baseline: float conversion and its measurements.")
     chain_s: float | None = Field(None, description="The chain (or the search); per step in `steps[].seconds`.")
     evaluate_s: float | None = Field(None, description="The candidate's measurements and the gates.")
+    compile_s: float | None = Field(None, description="Compiling for accelerator targets, and evaluating what runs here.")
     register_s: float | None = Field(None, description="Uploading the .tflite, logging the pyfunc, the version and the alias.")
     reports_s: float | None = Field(None, description="Rendering report.json / .md / .html and logging them.")
     total_s: float | None = Field(None, description="The whole run, from the process start.")
@@ -257,7 +279,19 @@ class Timing(Record):
 
     def rows(self) -> list[tuple[str, float]]:
         """(phase, seconds) in the order a run goes, for the reports; the phases the run reached."""
-        order = ("startup", "resolve", "model_download", "load", "baseline", "chain", "evaluate", "register", "reports", "total")
+        order = (
+            "startup",
+            "resolve",
+            "model_download",
+            "load",
+            "baseline",
+            "chain",
+            "evaluate",
+            "compile",
+            "register",
+            "reports",
+            "total",
+        )
         return [(name.replace("_", " "), value) for name in order if (value := getattr(self, f"{name}_s")) is not None]
 
 
@@ -291,6 +325,9 @@ class Report(BaseModel):
     timed: list[TimedComparison] = Field(
         default_factory=list, description="Latency-like metrics, baseline and candidate timed in alternating rounds."
     )
+    compiled: list[CompiledRecord] = Field(
+        default_factory=list, description="Per accelerator target of `compile`: compiled or rejected, coverage, fidelity."
+    )
     registered: Registered | None = None
     artifacts: list[FileDigest] = Field(
         default_factory=list,
@@ -321,7 +358,10 @@ class Report(BaseModel):
 
     def failure_message(self) -> str:
         """The one line that says why nothing was promoted (the CLI's exit-3 message)."""
-        failed = "; ".join(g.failure_text() for g in self.gates if not g.passed)
+        failed = "; ".join(
+            [g.failure_text() for g in self.gates if not g.passed]
+            + [f"{c.target}: {g.failure_text()}" for c in self.compiled for g in c.gates if not g.passed]
+        )
         reg = self.registered
         tail = f"; registered {reg.uri} tagged failed, no alias" if reg else "; nothing registered"
         return "gate failed: " + failed + tail

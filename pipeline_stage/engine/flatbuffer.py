@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -65,6 +65,8 @@ class ModelInfo:
     metadata: dict[str, bytes]
     signatures: list[str]
     nodes: list[NodeInfo]
+    # the first subgraph's ops (the main graph; an accelerator compiler's partitions are further subgraphs)
+    main_ops: Counter = field(default_factory=Counter)
 
     def constant_dtypes(self) -> Counter:
         return Counter(t.dtype for t in self.tensors if t.is_constant)
@@ -107,7 +109,8 @@ def read(model_bytes: bytes) -> ModelInfo:
         return (buf.data is not None and len(buf.data) > 0) or bool(getattr(buf, "size", 0))
 
     nodes: list[NodeInfo] = []
-    for sg in model.subgraphs or []:
+    main_ops: Counter = Counter()
+    for index, sg in enumerate(model.subgraphs or []):
         local = []
         for t in sg.tensors or []:
             name = text(t.name)
@@ -129,6 +132,8 @@ def read(model_bytes: bytes) -> ModelInfo:
         tensors.extend(local)
         for op in sg.operators or []:
             ops[codes[op.opcodeIndex]] += 1
+            if index == 0:
+                main_ops[codes[op.opcodeIndex]] += 1
             ins = tuple(local[i] for i in (op.inputs if op.inputs is not None else ()) if i >= 0)
             outs = tuple(local[i] for i in (op.outputs if op.outputs is not None else ()) if i >= 0)
             nodes.append(NodeInfo(codes[op.opcodeIndex], ins, outs))
@@ -138,7 +143,7 @@ def read(model_bytes: bytes) -> ModelInfo:
         buf = buffers[md.buffer] if 0 <= md.buffer < len(buffers) else None
         metadata[key] = bytes(buf.data) if buf is not None and buf.data is not None else b""
     sigs = [text(sd.signatureKey) for sd in model.signatureDefs or []]
-    return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs, nodes=nodes)
+    return ModelInfo(ops=ops, tensors=tensors, metadata=metadata, signatures=sigs, nodes=nodes, main_ops=main_ops)
 
 
 def load_model(model_bytes: bytes):

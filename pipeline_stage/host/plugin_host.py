@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator
 import pluggy
 
 from pipeline_stage.contract import hookspecs
+from pipeline_stage.contract.compilers import AcceleratorCompiler
 from pipeline_stage.contract.data import DataLoader
 from pipeline_stage.contract.engines import QuantizationEngine
 from pipeline_stage.contract.errors import PluginLoadError
@@ -51,6 +52,7 @@ DEFAULT_PLUGINS = (
     "pipeline_stage_plugins.quantize",
     "pipeline_stage_plugins.prune",
     "pipeline_stage_plugins.delegates",
+    "pipeline_stage_plugins.compile_litert",
     "pipeline_stage_plugins.strip_ops",
     "pipeline_stage_plugins.analyze",
     "pipeline_stage_plugins.metrics",
@@ -72,13 +74,14 @@ class Provided:
 
 @dataclass
 class PluginHost:
-    """What the installed plugins provide (model sources, quantization engines, steps, metrics, data
-    loaders, search moves, Keras objects) by name, with the distribution that provided each, and the
+    """What the installed plugins provide (model sources, quantization engines, accelerator
+    compilers, steps, metrics, data loaders, search moves, Keras objects) by name, with the distribution that provided each, and the
     pluggy manager that calls their hooks."""
 
     pm: pluggy.PluginManager
     sources: dict[str, Provided] = field(default_factory=dict)  # model kinds, in registration order
     engines: dict[str, Provided] = field(default_factory=dict)  # quantization engines
+    compilers: dict[str, Provided] = field(default_factory=dict)  # accelerator compilers
     steps: dict[str, Provided] = field(default_factory=dict)
     metrics: dict[str, Provided] = field(default_factory=dict)
     loaders: dict[str, Provided] = field(default_factory=dict)
@@ -327,6 +330,7 @@ def build_host(*, load_entry_points: bool = True, extra_plugins: Iterable[tuple[
     host = PluginHost(pm=pm, distributions=distributions)
     _collect(host, "register_sources", _class_registrar("model source", ModelSource, host.sources))
     _collect(host, "register_quantization_engines", _class_registrar("quantization engine", QuantizationEngine, host.engines))
+    _collect(host, "register_compilers", _class_registrar("accelerator compiler", AcceleratorCompiler, host.compilers))
     _collect(host, "register_steps", _class_registrar("step", Step, host.steps))
     _collect(host, "register_metrics", _class_registrar("metric", Metric, host.metrics))
     _collect(host, "register_data_loaders", _class_registrar("data loader", DataLoader, host.loaders))

@@ -52,6 +52,18 @@ def describe(host: PluginHost) -> dict[str, Any]:
             }
             for name, p in sorted(host.engines.items())
         ],
+        "compilers": [
+            {
+                "name": name,
+                "socs": list(p.cls.socs),
+                "sdk": p.cls.sdk,
+                "options": params_of(p.cls),
+                "summary": p.cls.summary(),
+                "plugin": p.plugin,
+                "distribution": p.distribution,
+            }
+            for name, p in sorted(host.compilers.items())
+        ],
         "custom_ops": [
             {"op": op, "registerer": registerer, "plugin": who} for op, (registerer, who) in sorted(host.op_resolvers.items())
         ],

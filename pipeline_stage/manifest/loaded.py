@@ -42,6 +42,7 @@ class LoadedManifest:
     candidates: list[list[Step]] = dc_field(default_factory=list)  # search.candidates, configured
     moves: list[str] = dc_field(default_factory=list)  # the search moves it may use, by name (all installed by default)
     digest_moves: list[str] = dc_field(default_factory=list)  # those the chain digest counts (see loader._digest_moves)
+    compile_targets: list[Any] = dc_field(default_factory=list)  # compile.targets, resolved (AcceleratorTarget)
 
     @property
     def chain_digest(self) -> str:
@@ -56,6 +57,8 @@ class LoadedManifest:
                 "search": search,
                 "candidates": [digest_json(c) for c in self.candidates],
             }
+        if self.compile_targets:  # the version holds the compiled models too
+            chain = {"chain": chain, "compile": [t.digest_view() for t in self.compile_targets]}
         return digest(chain, self.manifest.signature, self.manifest.conversion.io_layout)
 
     def required_data(self, host: PluginHost) -> set[str]:

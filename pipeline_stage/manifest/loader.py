@@ -8,51 +8,22 @@ needs, and the shape of every URI. Errors name the file, the line and the field.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from pipeline_stage.contract.errors import InputError, ManifestError
 from pipeline_stage.contract.steps import Phase, Step
 from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.manifest.compile_targets import resolve_targets
 from pipeline_stage.manifest.data_checks import check_inputs_for_metrics
+from pipeline_stage.manifest.field_errors import did_you_mean, pydantic_error
 from pipeline_stage.manifest.loaded import LoadedManifest
 from pipeline_stage.manifest.schema import DATA_SETS, Manifest, check_model_uri
 from pipeline_stage.manifest.yaml_text import MAX_NODES, NoDuplicatesLoader, expanded_size, fmt_loc, line_for, line_map
-
-
-def _did_you_mean(word: str, options: list[str]) -> str | None:
-    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else None
-
-
-def _pydantic_error(
-    exc: ValidationError, model: type[BaseModel], path: str, lines: dict, prefix: tuple = (), what: str = ""
-) -> ManifestError:
-    err = exc.errors()[0]
-    loc = prefix + tuple(err["loc"])
-    field = fmt_loc(loc)
-    line = line_for(lines, loc)
-    more = len(exc.errors()) - 1
-    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    if err["type"] == "extra_forbidden":
-        owner: Any = model
-        for part in err["loc"][:-1]:
-            fld = getattr(owner, "model_fields", {}).get(part)
-            ann = getattr(fld, "annotation", None) if fld else None
-            owner = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if owner is None:
-                break
-        options = list(getattr(owner, "model_fields", {}))
-        hint = _did_you_mean(err["loc"][-1], options) or (f"known fields: {', '.join(options)}" if options else None)
-        return ManifestError(f"unknown field{what}{tail}", path=path, line=line, field=field, hint=hint)
-    found = err.get("input")
-    found_txt = f" (found {found!r})" if not isinstance(found, (dict, list)) and err["type"] != "missing" else ""
-    return ManifestError(f"{err['msg']}{what}{found_txt}{tail}", path=path, line=line, field=field)
 
 
 def parse_chain_item(item: Any) -> tuple[str, Any]:
@@ -119,6 +90,7 @@ def parse_manifest(
         candidates=candidates,
         moves=moves,
         digest_moves=_digest_moves(manifest, moves, host),
+        compile_targets=resolve_targets(manifest, host, path, where.lines),
     )
     _check_data(loaded, host, where)
     check_inputs_for_metrics(loaded, host, read_data=read_data)
@@ -163,7 +135,7 @@ def _validate_fields(raw: dict[str, Any], where: _Where, model_uri: str | None) 
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise _pydantic_error(exc, Manifest, where.path, where.lines) from None
+        raise pydantic_error(exc, Manifest, where.path, where.lines) from None
     if model_uri is not None:
         try:
             check_model_uri(model_uri)
@@ -202,7 +174,7 @@ def _check_source_kind(
 def _check_metric(name: str, host: PluginHost, where: _Where, loc: tuple) -> None:
     if host.metric_for(name) is None:
         known = sorted(host.metrics)
-        raise where.error(f"unknown metric `{name}`; installed metrics: {', '.join(known)}", loc, hint=_did_you_mean(name, known))
+        raise where.error(f"unknown metric `{name}`; installed metrics: {', '.join(known)}", loc, hint=did_you_mean(name, known))
 
 
 def _check_metric_names(manifest: Manifest, host: PluginHost, where: _Where) -> None:
@@ -307,7 +279,7 @@ def _search_moves(names: list[str] | None, host: PluginHost, *, path: str, lines
                 path=path,
                 line=line_for(lines, loc),
                 field=fmt_loc(loc),
-                hint=_did_you_mean(name, known) or "install the plugin that provides it (`pipeline-stage plugins` lists them)",
+                hint=did_you_mean(name, known) or "install the plugin that provides it (`pipeline-stage plugins` lists them)",
             )
     return list(names)
 
@@ -325,7 +297,7 @@ def parse_steps(items: list[Any], host: PluginHost, *, path: str, lines: dict, l
             raise ManifestError(str(exc), path=path, line=line_for(lines, item_loc), field=fmt_loc(item_loc)) from None
         provided = host.steps.get(name)
         if provided is None:
-            hint = _did_you_mean(name, known)
+            hint = did_you_mean(name, known)
             raise ManifestError(
                 f"unknown step `{name}`; installed steps: {', '.join(known)}",
                 path=path,
@@ -344,7 +316,7 @@ def parse_steps(items: list[Any], host: PluginHost, *, path: str, lines: dict, l
         try:
             step_params = cls.Params.model_validate(params or {})
         except ValidationError as exc:
-            raise _pydantic_error(exc, cls.Params, path, lines, prefix=item_loc + (name,), what=f" for step `{name}`") from None
+            raise pydantic_error(exc, cls.Params, path, lines, prefix=item_loc + (name,), what=f" for step `{name}`") from None
         try:
             step = cls(step_params)
         except Exception as exc:

@@ -131,6 +131,27 @@ class ConversionSpec(_Strict):
     )
 
 
+class CompileTarget(_Strict):
+    """One accelerator target with its compiler's options."""
+
+    target: str = Field(
+        pattern=r"^[a-z0-9_]+/[A-Za-z0-9_]+$",
+        description="`<compiler>/<soc>`, e.g. `qualcomm/SM8650` (`pipeline-stage plugins` lists compilers and SoCs).",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="The compiler's options for this target.")
+
+
+class CompileSpec(_Strict):
+    """Ahead-of-time compiled models, one per accelerator target, registered beside the portable one."""
+
+    targets: list[CompileTarget | str] = Field(
+        min_length=1, description="`<compiler>/<soc>` strings, or `{target: <compiler>/<soc>, options: {...}}`."
+    )
+    evaluate: bool = Field(
+        True, description="Evaluate each compiled model this machine can run with the manifest's metrics and gates."
+    )
+
+
 class SearchBudget(_Strict):
     """When the search stops trying."""
 
@@ -211,6 +232,9 @@ class Manifest(_Strict):
     )
     conversion: ConversionSpec = Field(default_factory=ConversionSpec)
     search: SearchSpec | None = Field(None, description="Search for a chain that passes the gates (docs/search.md).")
+    compile: CompileSpec | None = Field(
+        None, description="Compile the model for accelerator targets with their vendors' compilers (docs/accelerators.md)."
+    )
     experiment: str = Field("pipeline-stage", min_length=1, description="MLflow experiment of the stage's runs.")
     allow_unsafe_deserialization: bool = Field(
         False, description="Load Keras models with safe_mode off (runs Lambda layers' code). Only for models you trust."

@@ -97,11 +97,13 @@ def _requirements_read_from_here():
         requirements_utils._PACKAGES_TO_MODULES = None
 
 
-def _pyfunc_files(tflite_path: Path) -> dict[str, str]:
+def _pyfunc_files(tflite_path: Path, attachments: dict[str, Path]) -> dict[str, str]:
     """The files the pyfunc checks when it loads, by their path in the logged model, with the
-    sha256 they must have (they travel inside the model, in its model_config)."""
+    sha256 they must have (they travel inside the model, in its model_config): the .tflite, the
+    files registered beside it (compiled models), the code."""
     return {
         "artifacts/model.tflite": integrity.sha256_of(tflite_path),
+        **{f"artifacts/{path.name}": integrity.sha256_of(path) for path in attachments.values()},
         f"code/{RUNTIME_CODE.name}": integrity.sha256_of(RUNTIME_CODE),
         PYFUNC_CODE.name: integrity.sha256_of(PYFUNC_CODE),
     }
@@ -117,8 +119,11 @@ def register_version(
     alias: str | None,
     identity: dict[str, str] | None = None,
     record: Callable[[list[FileDigest]], None] = lambda files: None,
+    attachments: dict[str, Path] | None = None,
 ) -> Registered:
     """Log the .tflite as a pyfunc model, register it as a new version of `name`, then settle `alias`.
+    `attachments` (by name: files such as compiled models) are logged beside the .tflite, in the
+    same model, their digests checked like its.
 
     The logged model's stored files are read back and digested before the version exists: the
     version is created with those digests among its tags (`record` gets them too), so no version
@@ -130,8 +135,9 @@ def register_version(
     With `identity` (a passing run without --new-version), identical stages that registered at the
     same moment keep one version: the earliest; the others delete theirs and reuse it.
     """
-    info = _log_pyfunc(run, tflite_path, sample)
-    files = _stored_digests(info, tflite_path)
+    attachments = attachments or {}
+    info = _log_pyfunc(run, tflite_path, sample, attachments)
+    files = _stored_digests(info, tflite_path, attachments)
     record(files)
     tags = {**tags, **integrity.as_tags(files), **({DEDUPLICATED: "true"} if identity is not None else {})}
     client = run.client
@@ -168,7 +174,7 @@ def register_version(
     )
 
 
-def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None):
+def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None, attachments: dict[str, Path]):
     """The .tflite logged as a pyfunc model (its signature from a run on `sample`), the run's queued
     metrics sent linked to it; MLflow's ModelInfo."""
     import mlflow
@@ -191,10 +197,10 @@ def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None):
         info = mlflow.pyfunc.log_model(
             name="tflite_model",
             python_model=str(PYFUNC_CODE),
-            artifacts={"tflite": str(tflite_path)},
+            artifacts={"tflite": str(tflite_path), **{k: str(v) for k, v in attachments.items()}},
             code_paths=[str(RUNTIME_CODE)],
             signature=signature,
-            model_config={PYFUNC_DIGESTS: _pyfunc_files(tflite_path), OP_REGISTERERS: op_registerers_in_use()},
+            model_config={PYFUNC_DIGESTS: _pyfunc_files(tflite_path, attachments), OP_REGISTERERS: op_registerers_in_use()},
             pip_requirements=[
                 f"ai-edge-litert=={dist_version('ai-edge-litert')}",
                 f"numpy=={np.__version__}",
@@ -207,10 +213,10 @@ def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None):
     return info
 
 
-def _stored_digests(info, tflite_path: Path) -> list[FileDigest]:
+def _stored_digests(info, tflite_path: Path, attachments: dict[str, Path]) -> list[FileDigest]:
     """The logged model's files as the store holds them, read back and digested (refused when they
     differ from what was uploaded), and the run's raw .tflite."""
-    expected = _pyfunc_files(tflite_path)
+    expected = _pyfunc_files(tflite_path, attachments)
     with tempfile.TemporaryDirectory(prefix="pipeline-stage-stored-") as tmp:
         files = integrity.stored_folder(info.model_uri, Path(tmp), f"the logged model {info.model_uri}")
     stored = {f.path[len(integrity.MODEL) + 1 :]: f.sha256 for f in files}
@@ -336,6 +342,14 @@ def version_tags(report: Report, registration: Any, step_tags: dict[str, str], m
         tags[f"baseline.{name}"] = value
     for g in report.gates:
         tags[f"gate.{g.metric}.{g.rule}"] = g.tag_text()
+    for c in report.compiled:  # a compiled model: its file and what it was made with, or why there is none
+        key = c.target.replace("/", "_")
+        tags[f"pipeline_stage.compiled.{key}"] = (
+            f"{c.artifact} sha256={c.sha256} sdk={c.sdk} ops_offloaded={c.partition.get('share')}"
+            + ("" if c.evaluated else " not evaluated here")
+            if c.status == "compiled"
+            else f"rejected: {c.error}"
+        )
     tags.update(step_tags)
     tags.update(registration.tags)
     return {k: tag_value(v) for k, v in tags.items()}
@@ -350,6 +364,7 @@ def publish(
     tflite_path: Path,
     sample: np.ndarray | None,
     new_version: bool,
+    attachments: dict[str, Path] | None = None,
 ) -> Registered:
     """Register the run's .tflite (or, for a passing retry of the same chain on the same source
     version, reuse the version registered before, once its stored files verify); the alias only
@@ -374,6 +389,7 @@ def publish(
             tags=tags,
             alias=registration.alias if report.passed else None,
             identity=identity,
+            attachments=attachments,
             record=lambda files: report.artifacts.extend(f for f in files if f.path.startswith(integrity.MODEL + "/")),
         )
         return registered.model_copy(update={"replaced": replaced}) if replaced else registered

@@ -43,6 +43,48 @@ def _conversion_fidelity(report: Report) -> list[str]:
     return lines
 
 
+def _compiled(report: Report) -> list[str]:
+    """Per accelerator target: what its compiler took, the file, and how it measured here (or why not)."""
+    if not report.compiled:
+        return []
+    lines = [
+        "",
+        "## Compiled for accelerators",
+        "",
+        "| target | status | ops offloaded | partitions | left on the CPU | bytes | stamp / SDK | measured here | gates |",
+        "| --- | --- | ---: | ---: | --- | ---: | --- | --- | --- |",
+    ]
+    for c in report.compiled:
+        if c.status != "compiled":
+            lines.append(f"| {c.target} | **rejected** by the compiler: {c.error} | - | - | - | - | - | - | - |")
+            continue
+        part = c.partition
+        on_cpu = ", ".join(f"{op} x{n}" for op, n in part.get("on_cpu", {}).items()) or "none"
+        stamp = "/".join(c.stamp.values()) or "no stamp"
+        measured = (
+            ", ".join(f"{k} {fmt(v)}" for k, v in c.metrics.items()) if c.evaluated else f"not evaluated here ({c.not_evaluated})"
+        )
+        gates = (
+            "-"
+            if not c.evaluated or not c.gates
+            else (
+                "passed"
+                if all(g.passed for g in c.gates)
+                else "**FAIL**: " + "; ".join(g.failure_text() for g in c.gates if not g.passed)
+            )
+        )
+        lines.append(
+            f"| {c.target} | compiled | {part['offloaded']}/{part['ops']} ({part['share']:.0%}) | {part['partitions']} | {on_cpu} "
+            f"| {c.size_bytes:,} | {stamp} / {c.sdk} | {measured} | {gates} |"
+        )
+    lines += [
+        "",
+        "Ops left on the CPU are those the vendor's compiler did not take; a compiled model not evaluated here "
+        "has not passed anything: only the device can run it.",
+    ]
+    return lines
+
+
 def to_markdown(report: Report) -> str:
     lines = [f"# pipeline-stage report: {'PASSED' if report.passed else 'FAILED'}", ""]
     lines += [
@@ -67,6 +109,7 @@ def to_markdown(report: Report) -> str:
             lines.append(
                 f"| {g.metric} | {rule_text(g)} | {fmt(g.value)} | {fmt(g.compared)} | {g.verdict if g.passed else '**FAIL**'} |"
             )
+    lines += _compiled(report)
     search = report.search
     if search:
         names = sorted({k for t in search.trials for k in t.metrics})

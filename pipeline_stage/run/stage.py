@@ -38,6 +38,7 @@ from pipeline_stage.mlflow_io.tracking import configure, preflight, redact
 from pipeline_stage.reporting.files import render, write_json
 from pipeline_stage.reporting.html import render_plots
 from pipeline_stage.run.chain import ChainRunner
+from pipeline_stage.run.compiling import Measuring, check_available, compile_targets
 from pipeline_stage.run.evaluation import SOURCE_RUN_PLACEHOLDER, EvaluationContext
 from pipeline_stage.run.measuring import measure
 from pipeline_stage.run.phase_clock import PhaseClock, peak_rss_mb, process_age_s
@@ -51,6 +52,7 @@ class RunOptions:
     tracking_uri: str
     report_path: Path | None = None
     output_path: Path | None = None  # copy of the final .tflite (Kubeflow's Output[Model])
+    compiled_dir: Path | None = None  # copies of the compiled models, <compiler>_<soc>.tflite (Kubeflow's Output[Artifact])
     workdir: Path | None = None  # kept when given; a temporary folder otherwise
     quiet: bool = False
     new_version: bool = False  # register even if an identical passing version exists
@@ -79,6 +81,7 @@ class Stage:
         self.report: Report | None = None
         self.workers: TrialWorkers | None = None
         self.convert_and_evaluate: float | None = None  # from the baseline's conversion to the gates
+        self.compiled_files: dict[str, Path] = {}  # compiled models by target key, registered beside the .tflite
 
     def run(self) -> Report:
         """Run the manifest; return the report (``report.passed`` says whether every gate passed)."""
@@ -106,6 +109,7 @@ class Stage:
         info = source_mod.resolve(self.m.model, self.client)
         files = source_mod.files_uri(info, self.client)
         self._check_kind_available(info, files)
+        check_available(self.loaded.compile_targets)
         if self.m.registration is not None:
             check_may_register(self.client, self.m.registration.name)
         return info, files
@@ -220,13 +224,18 @@ class Stage:
         raise exc
 
     def _close(self) -> None:
-        """Workers stopped, the .tflite copied where Kubeflow wants it, the work folder removed (if ours)."""
+        """Workers stopped, the .tflite (and compiled models) copied where Kubeflow wants them, the work
+        folder removed (if ours)."""
         if self.workers is not None:
             self.workers.close()
         output = self.options.output_path
         if output is not None and (self.workdir / "model.tflite").exists():
             output.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.workdir / "model.tflite", output)
+        if self.options.compiled_dir is not None and self.compiled_files:
+            self.options.compiled_dir.mkdir(parents=True, exist_ok=True)
+            for path in self.compiled_files.values():
+                shutil.copyfile(path, self.options.compiled_dir / path.name)
         if self.own_tmp is not None:
             self.own_tmp.cleanup()
 
@@ -283,11 +292,30 @@ class Stage:
             )
         run.log_metrics(report.candidate)
         run.log_metrics({f"baseline.{t.metric}": t.baseline for t in report.timed})
+        if self.loaded.compile_targets:
+            self._compile(run, runner, result.model_bytes, names)
         report.evaluation_notes = list(ev.notes)
         report.source_notes = list(runner.source.notes)
         self.host.hook.after_gates(results=list(report.gates), passed=report.passed, context=context)
         self.convert_and_evaluate = round(time.perf_counter() - work_started, 3)
         return tags
+
+    def _compile(self, run: StageRun, runner: ChainRunner, model_bytes: bytes, names: list[str]) -> None:
+        """The portable model compiled per accelerator target; those that run here measured and gated."""
+        report = self.report
+        measuring = None
+        if self.m.compile.evaluate:
+            measuring = Measuring(self.host, runner.evaluation, names, self.m.gates, report.compared_baseline())
+        with self.clock.phase("compile"):
+            report.compiled, self.compiled_files = compile_targets(
+                self.loaded.compile_targets, model_bytes, self.workdir, measuring=measuring, log=self.progress("compile")
+            )
+        report.passed = report.passed and all(g.passed for c in report.compiled for g in c.gates)
+        for c in report.compiled:
+            key = c.target.replace("/", "_")
+            run.log_metrics({f"compiled.{key}.{k}": v for k, v in c.metrics.items()})
+            if c.partition:
+                run.log_metrics({f"compiled.{key}.ops_offloaded": c.partition["share"]})
 
     def _register(self, run: StageRun, runner: ChainRunner, step_tags: dict[str, str], context: ObserverContext) -> None:
         """The .tflite logged to the run; registered as a version (or an identical one reused) when
@@ -308,6 +336,7 @@ class Stage:
             reg,
             tags=version_tags(report, reg, step_tags, self.manifest_sha256),
             tflite_path=tflite_path,
+            attachments=self.compiled_files,
             sample=_head(runner.evaluation.inputs_of(ev), 4) if ev is not None else None,
             new_version=self.options.new_version,
         )

@@ -1,0 +1,117 @@
+"""The compile phase: the settled portable model compiled for each accelerator target of the
+manifest's `compile` section, and each compiled model that this machine can run evaluated like any
+candidate (the same metrics and gates, on the same data).
+
+A target whose compiler is missing stops the stage before any work (:func:`check_available`). A
+target whose compiler refuses the model is that target's failure in the report; the other targets
+and the portable model go on. A compiled model that cannot run here is "not evaluated here", never
+passing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline_stage.contract.compilers import CompileRejected
+from pipeline_stage.contract.errors import PluginError, StageError
+from pipeline_stage.contract.gates import Gate, evaluate_gates
+from pipeline_stage.contract.report import CompiledRecord
+from pipeline_stage.engine.source_model import outputs_by_name
+from pipeline_stage.host.plugin_host import PluginHost
+from pipeline_stage.run.evaluation import EvaluationContext
+from pipeline_stage.run.measuring import measure
+
+COMPILED_DIR = "compiled"  # in the work folder, and in the registered model's artifacts
+
+
+def check_available(targets: list[Any]) -> None:
+    """Refuse (exit 2) a target whose compiler or SDK this install lacks: before any download or run."""
+    for target in targets:
+        reason = target.compiler.unavailable(target.soc, target.options)
+        if reason:
+            raise target.compiler.refuse(target.soc, reason)
+
+
+def compile_targets(
+    targets: list[Any],
+    model_bytes: bytes,
+    workdir: Path,
+    *,
+    measuring: "Measuring | None",
+    log: Callable[[str], None],
+) -> tuple[list[CompiledRecord], dict[str, Path]]:
+    """Each target compiled (and evaluated where it runs here): the records for the report, and
+    the compiled files by target key, to register beside the portable model."""
+    records, files = [], {}
+    (workdir / COMPILED_DIR).mkdir(parents=True, exist_ok=True)
+    for target in targets:
+        log(f"{target.name}: compiling")
+        try:
+            compiled = target.compiler.compile(model_bytes, target.soc, target.options)
+        except CompileRejected as exc:
+            log(f"{target.name}: the compiler refused the model: {exc}")
+            records.append(CompiledRecord(target=target.name, status="rejected", error=str(exc)))
+            continue
+        except StageError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"compiler `{target.compiler.name}` failed on {target.name}: {type(exc).__name__}: {exc}") from exc
+        path = workdir / COMPILED_DIR / f"{target.key}.tflite"
+        path.write_bytes(compiled.model_bytes)
+        files[target.key] = path
+        record = CompiledRecord(
+            target=target.name,
+            status="compiled",
+            partition=compiled.partition.record(),
+            artifact=f"artifacts/{path.name}",
+            size_bytes=len(compiled.model_bytes),
+            sha256=hashlib.sha256(compiled.model_bytes).hexdigest(),
+            stamp=compiled.stamp,
+            sdk=compiled.sdk,
+        )
+        if compiled.stamp and compiled.stamp.get("soc") != target.soc:
+            raise PluginError(f"compiler `{target.compiler.name}` made a model stamped {compiled.stamp} for {target.name}")
+        share = compiled.partition.share
+        log(f"{target.name}: {compiled.partition.offloaded}/{compiled.partition.ops} ops offloaded ({share:.0%})")
+        if measuring is not None:
+            runner = target.compiler.runner(compiled, target.soc, target.options)
+            if runner is None:
+                record = record.model_copy(update={"not_evaluated": f"{target.name} code runs on the device only"})
+            else:
+                record = measuring.evaluate(record, runner)
+        records.append(record)
+    return records, files
+
+
+class Measuring:
+    """How the stage measured its candidate, applied to a compiled model: the metrics computed on
+    predictions (accuracy, fidelity, ...) and the gates on them. What reads or times the file itself
+    (size, latency, coverage) is the portable model's; a compiled file's size is in its record."""
+
+    def __init__(
+        self,
+        host: PluginHost,
+        evaluation: EvaluationContext,
+        names: list[str],
+        gates: list[Gate],
+        baseline: dict[str, float],
+    ):
+        self.host, self.evaluation, self.gates, self.baseline = host, evaluation, gates, baseline
+        self.names = [n for n in names if host.metric_class(n).uses == "predictions"]
+
+    def evaluate(self, record: CompiledRecord, runner: Callable[[Any], dict]) -> CompiledRecord:
+        ev = self.evaluation
+
+        def predict_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            feed = {k: np.asarray(v, dtype=np.float32) for k, v in batch.items()}
+            return outputs_by_name(runner(feed if len(feed) > 1 else next(iter(feed.values()))), ev.output_names)
+
+        values = measure(self.host, ev, self.names, model_bytes=None, outputs=lambda: ev.predict(predict_batch)).values
+        gates = [g for g in self.gates if g.metric in values]
+        higher = {g.metric: self.host.metric_class(g.metric).higher_is_better for g in gates}
+        results, _ = evaluate_gates(gates, values, self.baseline, higher)
+        return record.model_copy(update={"evaluated": True, "metrics": values, "gates": results})
