@@ -163,7 +163,9 @@ def test_hook_register_compilers_a_rejected_and_a_device_only_target_leave_the_p
     assert tags["pipeline_stage.compiled.device_only_X1"].endswith("not evaluated here")
     assert "pipeline_stage.sha256.model/artifacts/device_only_X1.tflite" in tags
     markdown = Path(result.report_path).with_suffix(".md").read_text()
-    assert "**rejected** by the compiler" in markdown and "not evaluated here" in markdown
+    assert "rejected by the compiler" in markdown and "not evaluated here" in markdown
+    html_report = Path(result.report_path).with_suffix(".html").read_text()
+    assert "Compiled for accelerators" in html_report and "rejected by the compiler" in html_report
 
 
 def test_a_target_whose_compiler_is_missing_is_refused_before_any_work(digits_source, run_stage, manifest, invoke):
@@ -216,3 +218,36 @@ def test_the_compilers_soc_lists_are_the_wheels_own():
         module = importlib.import_module(f"ai_edge_litert.aot.vendors.{cls.folder}.target")
         assert cls.socs == tuple(s.value for s in module.SocModel if s.value != "ALL"), cls.name
         assert cls.manufacturer() == next(iter(module.SocManufacturer)).value
+
+
+def test_the_kfp_component_returns_the_compiled_models_in_its_compiled_output(mlflow_server, tmp_path):
+    """What the component body runs (kfp_support.optimize): one file per target in the `compiled`
+    folder, its status and sha256 in the output's metadata."""
+    from pipeline_stage.kfp_support import optimize
+
+    np.savez(tmp_path / "eval.npz", x=corpus_images()[100:120])
+    text = (
+        f"model: {CORPUS / 'vision_metadata.tflite'}\ndata: {{evaluation: {tmp_path / 'eval.npz'}}}\nchain: []\n"
+        "evaluation: {metrics: [fidelity_sqnr_db]}\n"
+        f"compile: {json.dumps({'targets': [INTEL_CPU[1], 'device_only/X1']})}\n"
+    )
+    metadata, compiled_meta, metrics = {}, {}, {}
+    with use_plugins((DeviceOnlyPlugin(), "device-only-npu")):
+        result = optimize(
+            text,
+            "",
+            mlflow_server,
+            str(tmp_path / "model.tflite"),
+            str(tmp_path / "report.md"),
+            metadata,
+            metrics.__setitem__,
+            None,
+            str(tmp_path / "compiled"),
+            compiled_meta,
+        )
+    assert result["passed"]
+    assert sorted(p.name for p in (tmp_path / "compiled").iterdir()) == ["device_only_X1.tflite", "intel_openvino_PTL.tflite"]
+    ptl = compiled_meta["intel_openvino/PTL"]
+    assert ptl["status"] == "compiled" and ptl["evaluated_here"] and ptl["ops_offloaded"] == 1.0
+    assert hashlib.sha256((tmp_path / "compiled" / ptl["file"]).read_bytes()).hexdigest() == ptl["sha256"]
+    assert not compiled_meta["device_only/X1"]["evaluated_here"]

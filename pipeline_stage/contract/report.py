@@ -163,6 +163,11 @@ class CompiledRecord(Record):
     metrics: dict[str, float] = Field(default_factory=dict, description="The compiled model's metrics, measured here.")
     gates: list[GateResult] = Field(default_factory=list, description="The manifest's gates on what was measured here.")
 
+    @property
+    def key(self) -> str:
+        """`<compiler>_<soc>`: the target in file names, tags and metric names."""
+        return self.target.replace("/", "_")
+
 
 class TimedComparison(Record):
     """A timed metric (latency), baseline and candidate timed side by side in alternating rounds."""

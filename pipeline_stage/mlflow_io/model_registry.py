@@ -343,8 +343,7 @@ def version_tags(report: Report, registration: Any, step_tags: dict[str, str], m
     for g in report.gates:
         tags[f"gate.{g.metric}.{g.rule}"] = g.tag_text()
     for c in report.compiled:  # a compiled model: its file and what it was made with, or why there is none
-        key = c.target.replace("/", "_")
-        tags[f"pipeline_stage.compiled.{key}"] = (
+        tags[f"pipeline_stage.compiled.{c.key}"] = (
             f"{c.artifact} sha256={c.sha256} sdk={c.sdk} ops_offloaded={c.partition.get('share')}"
             + ("" if c.evaluated else " not evaluated here")
             if c.status == "compiled"

@@ -14,7 +14,7 @@ import io
 from typing import Any
 
 from pipeline_stage.contract.report import Report, per_layer_errors
-from pipeline_stage.reporting.markdown import fmt, rule_text
+from pipeline_stage.reporting.markdown import COMPILED_NOTE, compiled_table, fmt, rule_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;padding:0 1rem}
@@ -279,6 +279,10 @@ def to_html(report: Report, plots: list[tuple[str, str | None]] | None = None) -
                 ["" if g.passed else "closest" for g in report.gates],
             ),
         ]
+
+    if report.compiled:
+        headers, rows = compiled_table(report)
+        parts += ["<h2>Compiled for accelerators</h2>", _table(headers, rows), f"<p>{e(COMPILED_NOTE)}</p>"]
 
     search = report.search
     if search:

@@ -43,46 +43,61 @@ def _conversion_fidelity(report: Report) -> list[str]:
     return lines
 
 
-def _compiled(report: Report) -> list[str]:
-    """Per accelerator target: what its compiler took, the file, and how it measured here (or why not)."""
-    if not report.compiled:
-        return []
-    lines = [
-        "",
-        "## Compiled for accelerators",
-        "",
-        "| target | status | ops offloaded | partitions | left on the CPU | bytes | stamp / SDK | measured here | gates |",
-        "| --- | --- | ---: | ---: | --- | ---: | --- | --- | --- |",
+COMPILED_NOTE = (
+    "Ops left on the CPU are those the vendor's compiler did not take; a compiled model not evaluated "
+    "here has not passed anything: only the device can run it."
+)
+
+
+def compiled_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Per accelerator target: what its compiler took, the file, and how it measured here (or why
+    not): the headers and rows report.md and report.html both show."""
+    headers = [
+        "target",
+        "status",
+        "ops offloaded",
+        "partitions",
+        "left on the CPU",
+        "bytes",
+        "stamp / SDK",
+        "measured here",
+        "gates",
     ]
+    rows = []
     for c in report.compiled:
         if c.status != "compiled":
-            lines.append(f"| {c.target} | **rejected** by the compiler: {c.error} | - | - | - | - | - | - | - |")
+            rows.append([c.target, f"rejected by the compiler: {c.error}", *["-"] * 7])
             continue
         part = c.partition
         on_cpu = ", ".join(f"{op} x{n}" for op, n in part.get("on_cpu", {}).items()) or "none"
-        stamp = "/".join(c.stamp.values()) or "no stamp"
         measured = (
             ", ".join(f"{k} {fmt(v)}" for k, v in c.metrics.items()) if c.evaluated else f"not evaluated here ({c.not_evaluated})"
         )
-        gates = (
-            "-"
-            if not c.evaluated or not c.gates
-            else (
-                "passed"
-                if all(g.passed for g in c.gates)
-                else "**FAIL**: " + "; ".join(g.failure_text() for g in c.gates if not g.passed)
-            )
+        failed = [g.failure_text() for g in c.gates if not g.passed]
+        gates = "-" if not c.evaluated or not c.gates else ("FAIL: " + "; ".join(failed) if failed else "passed")
+        rows.append(
+            [
+                c.target,
+                "compiled",
+                f"{part['offloaded']}/{part['ops']} ({part['share']:.0%})",
+                str(part["partitions"]),
+                on_cpu,
+                f"{c.size_bytes:,}",
+                f"{'/'.join(c.stamp.values()) or 'no stamp'} / {c.sdk}",
+                measured,
+                gates,
+            ]
         )
-        lines.append(
-            f"| {c.target} | compiled | {part['offloaded']}/{part['ops']} ({part['share']:.0%}) | {part['partitions']} | {on_cpu} "
-            f"| {c.size_bytes:,} | {stamp} / {c.sdk} | {measured} | {gates} |"
-        )
-    lines += [
-        "",
-        "Ops left on the CPU are those the vendor's compiler did not take; a compiled model not evaluated here "
-        "has not passed anything: only the device can run it.",
-    ]
-    return lines
+    return headers, rows
+
+
+def _compiled(report: Report) -> list[str]:
+    if not report.compiled:
+        return []
+    headers, rows = compiled_table(report)
+    lines = ["", "## Compiled for accelerators", "", "| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + ["", COMPILED_NOTE]
 
 
 def to_markdown(report: Report) -> str:

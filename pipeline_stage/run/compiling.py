@@ -77,12 +77,12 @@ def compile_targets(
             raise PluginError(f"compiler `{target.compiler.name}` made a model stamped {compiled.stamp} for {target.name}")
         share = compiled.partition.share
         log(f"{target.name}: {compiled.partition.offloaded}/{compiled.partition.ops} ops offloaded ({share:.0%})")
-        if measuring is not None:
-            runner = target.compiler.runner(compiled, target.soc, target.options)
-            if runner is None:
-                record = record.model_copy(update={"not_evaluated": f"{target.name} code runs on the device only"})
-            else:
-                record = measuring.evaluate(record, runner)
+        runner = target.compiler.runner(compiled, target.soc, target.options) if measuring is not None else None
+        if runner is not None:
+            record = measuring.evaluate(record, runner)
+        else:
+            why = f"{target.name} code runs on the device only" if measuring is not None else "compile.evaluate is false"
+            record = record.model_copy(update={"not_evaluated": why})
         records.append(record)
     return records, files
 

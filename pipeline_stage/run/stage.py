@@ -312,10 +312,9 @@ class Stage:
             )
         report.passed = report.passed and all(g.passed for c in report.compiled for g in c.gates)
         for c in report.compiled:
-            key = c.target.replace("/", "_")
-            run.log_metrics({f"compiled.{key}.{k}": v for k, v in c.metrics.items()})
+            run.log_metrics({f"compiled.{c.key}.{k}": v for k, v in c.metrics.items()})
             if c.partition:
-                run.log_metrics({f"compiled.{key}.ops_offloaded": c.partition["share"]})
+                run.log_metrics({f"compiled.{c.key}.ops_offloaded": c.partition["share"]})
 
     def _register(self, run: StageRun, runner: ChainRunner, step_tags: dict[str, str], context: ObserverContext) -> None:
         """The .tflite logged to the run; registered as a version (or an identical one reused) when
