@@ -185,7 +185,11 @@ def _log_of(message: str) -> str:
 
 def _errors(log: str) -> str:
     """The lines of the tool's output that say what went wrong (its banner and INFO lines dropped)."""
-    lines = [line.strip() for line in log.splitlines() if line.startswith("ERROR") or "Exception" in line]
+    lines = [
+        line.strip()
+        for line in log.splitlines()
+        if line.startswith(("ERROR", "Check '")) or "Exception" in line or "was called on" in line
+    ]
     if lines:
         return " | ".join(dict.fromkeys(lines))[:1500]
     rest = [line.strip() for line in log.splitlines() if line.strip()]
