@@ -251,3 +251,25 @@ def test_the_kfp_component_returns_the_compiled_models_in_its_compiled_output(ml
     assert ptl["status"] == "compiled" and ptl["evaluated_here"] and ptl["ops_offloaded"] == 1.0
     assert hashlib.sha256((tmp_path / "compiled" / ptl["file"]).read_bytes()).hexdigest() == ptl["sha256"]
     assert not compiled_meta["device_only/X1"]["evaluated_here"]
+
+
+def test_a_compiled_model_the_runtime_refuses_is_that_targets_failure(mlflow_server, run_stage, manifest, tmp_path):
+    """Intel's CPU backend compiles the sparse float16 file (its DENSIFY ops left on the CPU), but
+    LiteRT's CompiledModel cannot build an interpreter for what it made: that target fails, with
+    nothing registered for it, and the portable model is registered as usual."""
+    np.savez(tmp_path / "eval.npz", x=corpus_images()[100:110])
+    text = (
+        f"model: {CORPUS / 'vision_f16_sparse.tflite'}\ndata: {{evaluation: {tmp_path / 'eval.npz'}}}\nchain: []\n"
+        "evaluation: {metrics: [fidelity_sqnr_db]}\n"
+        f"compile: {json.dumps({'targets': [INTEL_CPU[0]]})}\n"
+        "register: {name: sparse-npu}\n"
+    )
+    result = run_stage(manifest(text))
+    assert result.exit_code == 0, result.output
+    (record,) = result.report["compiled"]
+    assert record["status"] == "failed" and "does not run here" in record["error"] and record["artifact"] is None
+    assert record["partition"]["on_cpu"] == {"DENSIFY": 6}
+    reg = result.report["registered"]
+    tags = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"]).tags
+    assert tags["pipeline_stage.compiled.intel_openvino_LNL"].startswith("failed: ")
+    assert not any("intel_openvino" in k for k in tags if k.startswith("pipeline_stage.sha256."))

@@ -148,7 +148,9 @@ class CompiledRecord(Record):
     and how the compiled model measured where this machine can run it."""
 
     target: str = Field(description="<compiler>/<soc>.")
-    status: str = Field(description="compiled | rejected (the compiler refused the model: see `error`)")
+    status: str = Field(
+        description="compiled | rejected (the compiler refused the model) | failed (what it made does not run here): see `error`"
+    )
     error: str | None = None
     partition: dict[str, Any] = Field(
         default_factory=dict, description="ops, offloaded, share (0..1), partitions, on_cpu (op -> count) of the main graph."

@@ -347,7 +347,7 @@ def version_tags(report: Report, registration: Any, step_tags: dict[str, str], m
             f"{c.artifact} sha256={c.sha256} sdk={c.sdk} ops_offloaded={c.partition.get('share')}"
             + ("" if c.evaluated else " not evaluated here")
             if c.status == "compiled"
-            else f"rejected: {c.error}"
+            else f"{c.status}: {c.error}"
         )
     tags.update(step_tags)
     tags.update(registration.tags)

@@ -66,7 +66,8 @@ def compiled_table(report: Report) -> tuple[list[str], list[list[str]]]:
     rows = []
     for c in report.compiled:
         if c.status != "compiled":
-            rows.append([c.target, f"rejected by the compiler: {c.error}", *["-"] * 7])
+            what = "rejected by the compiler" if c.status == "rejected" else "failed"
+            rows.append([c.target, f"{what}: {c.error}", *["-"] * 7])
             continue
         part = c.partition
         on_cpu = ", ".join(f"{op} x{n}" for op, n in part.get("on_cpu", {}).items()) or "none"

@@ -3,9 +3,10 @@ manifest's `compile` section, and each compiled model that this machine can run 
 candidate (the same metrics and gates, on the same data).
 
 A target whose compiler is missing stops the stage before any work (:func:`check_available`). A
-target whose compiler refuses the model is that target's failure in the report; the other targets
-and the portable model go on. A compiled model that cannot run here is "not evaluated here", never
-passing.
+target whose compiler refuses the model (`rejected`), or whose compiled model this machine's
+runtime refuses to load or run (`failed`), is that target's failure in the report, nothing
+registered for it; the other targets and the portable model go on. A compiled model that cannot
+run here at all is "not evaluated here", never passing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline_stage.contract.compilers import CompileRejected
-from pipeline_stage.contract.errors import PluginError, StageError
+from pipeline_stage.contract.errors import PluginError, StageError, first_line
 from pipeline_stage.contract.gates import Gate, evaluate_gates
 from pipeline_stage.contract.report import CompiledRecord
 from pipeline_stage.engine.source_model import outputs_by_name
@@ -60,31 +61,43 @@ def compile_targets(
             raise
         except Exception as exc:
             raise PluginError(f"compiler `{target.compiler.name}` failed on {target.name}: {type(exc).__name__}: {exc}") from exc
-        path = workdir / COMPILED_DIR / f"{target.key}.tflite"
-        path.write_bytes(compiled.model_bytes)
-        files[target.key] = path
+        if compiled.stamp and compiled.stamp.get("soc") != target.soc:
+            raise PluginError(f"compiler `{target.compiler.name}` made a model stamped {compiled.stamp} for {target.name}")
         record = CompiledRecord(
             target=target.name,
             status="compiled",
             partition=compiled.partition.record(),
-            artifact=f"artifacts/{path.name}",
+            artifact=f"artifacts/{target.key}.tflite",
             size_bytes=len(compiled.model_bytes),
             sha256=hashlib.sha256(compiled.model_bytes).hexdigest(),
             stamp=compiled.stamp,
             sdk=compiled.sdk,
         )
-        if compiled.stamp and compiled.stamp.get("soc") != target.soc:
-            raise PluginError(f"compiler `{target.compiler.name}` made a model stamped {compiled.stamp} for {target.name}")
         share = compiled.partition.share
         log(f"{target.name}: {compiled.partition.offloaded}/{compiled.partition.ops} ops offloaded ({share:.0%})")
-        runner = target.compiler.runner(compiled, target.soc, target.options) if measuring is not None else None
-        if runner is not None:
-            record = measuring.evaluate(record, runner)
-        else:
-            why = f"{target.name} code runs on the device only" if measuring is not None else "compile.evaluate is false"
-            record = record.model_copy(update={"not_evaluated": why})
+        try:
+            record = _measured(target, compiled, record, measuring)
+        except StageError:
+            raise
+        except Exception as exc:  # the runtime refused what the compiler made: that target's failure
+            log(f"{target.name}: the compiled model does not run here: {first_line(exc)}")
+            update = {"status": "failed", "error": f"the compiled model does not run here: {first_line(exc)}", "artifact": None}
+            records.append(record.model_copy(update=update))
+            continue
+        path = workdir / COMPILED_DIR / f"{target.key}.tflite"
+        path.write_bytes(compiled.model_bytes)
+        files[target.key] = path
         records.append(record)
     return records, files
+
+
+def _measured(target: Any, compiled: Any, record: CompiledRecord, measuring: "Measuring | None") -> CompiledRecord:
+    """The record with the compiled model's measurements where it runs here, else why not."""
+    runner = target.compiler.runner(compiled, target.soc, target.options) if measuring is not None else None
+    if runner is not None:
+        return measuring.evaluate(record, runner)
+    why = f"{target.name} code runs on the device only" if measuring is not None else "compile.evaluate is false"
+    return record.model_copy(update={"not_evaluated": why})
 
 
 class Measuring:
