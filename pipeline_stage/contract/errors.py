@@ -13,6 +13,7 @@ Exit codes (documented in the README, "Exit codes"): a retry policy retries 1 on
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class StageError(Exception):
@@ -70,6 +71,19 @@ class TrackingError(StageError):
 
 GATE_FAILED_EXIT = 3
 UNEXPECTED_EXIT = 4  # what PluginError and an exception no one classified exit with
+
+
+@contextmanager
+def plugin_failures(what: str, *passing: type[BaseException]) -> Iterator[None]:
+    """Around a plugin's code: a StageError (and the `passing` types, which the caller handles)
+    goes through as raised; any other exception becomes a PluginError saying that `what` failed,
+    with its type and message, the exception as its cause."""
+    try:
+        yield
+    except (StageError, *passing):
+        raise
+    except Exception as exc:
+        raise PluginError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def first_line(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline_stage.contract.engines import QuantizationEngine, QuantizationJob
-from pipeline_stage.contract.errors import InputError, PluginError, StageError
+from pipeline_stage.contract.errors import InputError, PluginError, plugin_failures
 from pipeline_stage.contract.report import ConversionRecord, ObserverContext, StepRecord
 from pipeline_stage.contract.steps import ConversionSettings, Phase, Step, StepContext
 from pipeline_stage.engine.tf_env import captured_output
@@ -144,30 +144,18 @@ class ChainRunner:
             self.progress("convert")(
                 f"{request.mode} ({request.engine}): calibrating on {min(len(data), request.calibration_samples)} samples"
             )
-        try:
+        dist = self.host.engines[engine.name].distribution
+        with plugin_failures(f"quantization engine `{engine.name}` (distribution `{dist}`)"):
             with captured_output(job.log_path):  # what the engine prints goes to the conversion's log
                 out = engine.quantize(job)
-        except StageError:
-            raise
-        except Exception as exc:
-            dist = self.host.engines[engine.name].distribution
-            raise PluginError(
-                f"quantization engine `{engine.name}` (distribution `{dist}`) failed: {type(exc).__name__}: {exc}"
-            ) from exc
         if not isinstance(out, (bytes, bytearray)):
             raise PluginError(f"quantization engine `{engine.name}` returned {type(out).__name__}, expected the .tflite bytes")
         return bytes(out)
 
     def _apply(self, step: Step, index: int, subject: Any, ctx: StepContext) -> Any:
-        try:
+        dist = self.host.steps[step.name].distribution
+        with plugin_failures(f"step {index + 1} `{step.name}` (distribution `{dist}`)"):
             return step.apply(subject, ctx)
-        except StageError:
-            raise
-        except Exception as exc:
-            dist = self.host.steps[step.name].distribution
-            raise PluginError(
-                f"step {index + 1} `{step.name}` (distribution `{dist}`) failed: {type(exc).__name__}: {exc}"
-            ) from exc
 
     def run_chain(self, steps: list[Step], sink: RunSink, *, float_bytes: bytes | None = None) -> ChainResult:
         """Run one chain on the source model: model steps, the one conversion, tflite steps, each

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline_stage.contract.compilers import CompileRejected
-from pipeline_stage.contract.errors import PluginError, StageError, first_line
+from pipeline_stage.contract.errors import PluginError, StageError, first_line, plugin_failures
 from pipeline_stage.contract.gates import Gate, evaluate_gates
 from pipeline_stage.contract.report import CompiledRecord
 from pipeline_stage.engine.source_model import outputs_by_name
@@ -52,15 +52,12 @@ def compile_targets(
     for target in targets:
         log(f"{target.name}: compiling")
         try:
-            compiled = target.compiler.compile(model_bytes, target.soc, target.options)
+            with plugin_failures(f"compiler `{target.compiler.name}` on {target.name}", CompileRejected):
+                compiled = target.compiler.compile(model_bytes, target.soc, target.options)
         except CompileRejected as exc:
             log(f"{target.name}: the compiler refused the model: {exc}")
             records.append(CompiledRecord(target=target.name, status="rejected", error=str(exc)))
             continue
-        except StageError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"compiler `{target.compiler.name}` failed on {target.name}: {type(exc).__name__}: {exc}") from exc
         if compiled.stamp and compiled.stamp.get("soc") != target.soc:
             raise PluginError(f"compiler `{target.compiler.name}` made a model stamped {compiled.stamp} for {target.name}")
         record = CompiledRecord(
