@@ -189,6 +189,13 @@ def verify(model_uri: str, tracking_uri: str | None) -> None:
     click.echo(f"{verdict.subject}: ok ({len(verdict.checked)} files match their recorded sha256)")
 
 
+def _echo_params(params: list[dict], prefix: str = "") -> None:
+    """A plugin's params as `plugins` lists them, one line each under its entry."""
+    for p in params:
+        default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
+        click.echo(f"      {prefix}{p['name']}: {p['type']} ({default}) {p['doc']}")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a listing.")
 def plugins(as_json: bool) -> None:
@@ -210,18 +217,14 @@ def plugins(as_json: bool) -> None:
             f"  {engine['name']} (modes {', '.join(engine['modes']) or 'any'}; sources {', '.join(engine['source_kinds'])})"
             f" from {engine['distribution']}: {engine['summary']}"
         )
-        for p in engine["options"]:
-            default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
-            click.echo(f"      options.{p['name']}: {p['type']} ({default}) {p['doc']}")
+        _echo_params(engine["options"], "options.")
     if info["compilers"]:
         click.echo("Accelerator compilers (compile.targets: <name>/<soc>):")
         for comp in info["compilers"]:
             click.echo(
                 f"  {comp['name']} (SoCs {', '.join(comp['socs'])}; needs {comp['sdk']}) from {comp['distribution']}: {comp['summary']}"
             )
-            for p in comp["options"]:
-                default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
-                click.echo(f"      options.{p['name']}: {p['type']} ({default}) {p['doc']}")
+            _echo_params(comp["options"], "options.")
     if info["custom_ops"]:
         click.echo("Custom ops (kernels the interpreter loads):")
         for op in info["custom_ops"]:
@@ -229,9 +232,7 @@ def plugins(as_json: bool) -> None:
     click.echo("Steps:")
     for step in info["steps"]:
         click.echo(f"  {step['name']} [{step['phase']}] from {step['distribution']}: {step['summary']}")
-        for p in step["params"]:
-            default = "required" if p["required"] else f"default {json.dumps(p['default'])}"
-            click.echo(f"      {p['name']}: {p['type']} ({default}) {p['doc']}")
+        _echo_params(step["params"])
         if step["support"]:
             click.echo("      supported:")
             click.echo(_text_table(step["support"], indent="      "))
