@@ -136,8 +136,9 @@ def register_version(
     same moment keep one version: the earliest; the others delete theirs and reuse it.
     """
     attachments = attachments or {}
-    info = _log_pyfunc(run, tflite_path, sample, attachments)
-    files = _stored_digests(info, tflite_path, attachments)
+    digests = _pyfunc_files(tflite_path, attachments)
+    info = _log_pyfunc(run, tflite_path, sample, attachments, digests)
+    files = _stored_digests(info, tflite_path, digests)
     record(files)
     tags = {**tags, **integrity.as_tags(files), **({DEDUPLICATED: "true"} if identity is not None else {})}
     client = run.client
@@ -174,9 +175,12 @@ def register_version(
     )
 
 
-def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None, attachments: dict[str, Path]):
-    """The .tflite logged as a pyfunc model (its signature from a run on `sample`), the run's queued
-    metrics sent linked to it; MLflow's ModelInfo."""
+def _log_pyfunc(
+    run: StageRun, tflite_path: Path, sample: np.ndarray | None, attachments: dict[str, Path], digests: dict[str, str]
+):
+    """The .tflite (and `attachments` beside it) logged as a pyfunc model (its signature from a run
+    on `sample`; `digests`, the files' sha256, in its config), the run's queued metrics sent linked
+    to it; MLflow's ModelInfo."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -200,7 +204,7 @@ def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None, att
             artifacts={"tflite": str(tflite_path), **{k: str(v) for k, v in attachments.items()}},
             code_paths=[str(RUNTIME_CODE)],
             signature=signature,
-            model_config={PYFUNC_DIGESTS: _pyfunc_files(tflite_path, attachments), OP_REGISTERERS: op_registerers_in_use()},
+            model_config={PYFUNC_DIGESTS: digests, OP_REGISTERERS: op_registerers_in_use()},
             pip_requirements=[
                 f"ai-edge-litert=={dist_version('ai-edge-litert')}",
                 f"numpy=={np.__version__}",
@@ -213,10 +217,9 @@ def _log_pyfunc(run: StageRun, tflite_path: Path, sample: np.ndarray | None, att
     return info
 
 
-def _stored_digests(info, tflite_path: Path, attachments: dict[str, Path]) -> list[FileDigest]:
+def _stored_digests(info, tflite_path: Path, expected: dict[str, str]) -> list[FileDigest]:
     """The logged model's files as the store holds them, read back and digested (refused when they
-    differ from what was uploaded), and the run's raw .tflite."""
-    expected = _pyfunc_files(tflite_path, attachments)
+    differ from `expected`, what was uploaded), and the run's raw .tflite."""
     with tempfile.TemporaryDirectory(prefix="pipeline-stage-stored-") as tmp:
         files = integrity.stored_folder(info.model_uri, Path(tmp), f"the logged model {info.model_uri}")
     stored = {f.path[len(integrity.MODEL) + 1 :]: f.sha256 for f in files}
