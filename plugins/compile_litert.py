@@ -282,6 +282,9 @@ class _DispatchRunner:
         self._key = next(iter(self._model.get_signature_list()))
         self._inputs = self._model.get_input_tensor_details(self._key)
         self._outputs = self._model.get_output_tensor_details(self._key)
+        # one set of buffers for every sample: written, run, read back in turn
+        self._in_buffers = self._model.create_input_buffers(0)
+        self._out_buffers = self._model.create_output_buffers(0)
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         names = list(self._inputs)
@@ -289,11 +292,10 @@ class _DispatchRunner:
         count = len(next(iter(feed.values())))
         rows: dict[str, list[np.ndarray]] = {k: [] for k in self._outputs}
         for i in range(count):
-            inputs, outputs = self._model.create_input_buffers(0), self._model.create_output_buffers(0)
-            for buffer, name in zip(inputs, names):
+            for buffer, name in zip(self._in_buffers, names):
                 buffer.write(np.ascontiguousarray(feed[name][i : i + 1], dtype=self._inputs[name]["dtype"]))
-            self._model.run_by_index(0, inputs, outputs)
-            for buffer, (name, detail) in zip(outputs, self._outputs.items()):
+            self._model.run_by_index(0, self._in_buffers, self._out_buffers)
+            for buffer, (name, detail) in zip(self._out_buffers, self._outputs.items()):
                 shape = [1, *detail["shape"][1:]]
                 rows[name].append(buffer.read(int(np.prod(shape)), detail["dtype"]).reshape(shape))
         return {k: np.concatenate(v) for k, v in rows.items()}

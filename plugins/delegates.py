@@ -14,9 +14,10 @@ builds here it reports every model compatible, TF Select ops included.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -122,13 +123,14 @@ def npu_plan(model_bytes: bytes, targets: list[str]) -> dict:
     """Per NPU target: what its vendor's compiler plugin takes (ops offloaded, partitions, ops left
     on the CPU), or, where the plugin does not load, the int8 NPU op-set table's guess, labelled."""
     plan = {}
+    fallback = functools.cache(lambda: delegate_plan(model_bytes, ["edgetpu"])["edgetpu"])
     for target in targets:
         compiler, soc = _compiler(target)
         try:
             part = compiler.partition(model_bytes, soc)
             plan[target] = {"from": f"{compiler.name}'s compiler plugin (LiteRT {_litert_version()})", **part.record()}
         except (InputError, CompileRejected) as exc:
-            table = delegate_plan(model_bytes, ["edgetpu"])["edgetpu"]
+            table = fallback()
             reason = exc.message if isinstance(exc, InputError) else str(exc)
             plan[target] = {
                 "from": f"fallback: the int8 NPU op-set table (edgetpu rules), not the vendor's compiler ({reason})",
@@ -219,40 +221,49 @@ class Delegates(Step):
         return model_bytes
 
 
-def _coverage_metric(target: str) -> type[Metric]:
-    class Coverage(Metric):
-        __doc__ = f"Share of the model's nodes the {target} delegate would take (op-set rules), 0..1."
-        name = f"delegate_coverage.{target}"
+def _share_metric(metric_name: str, doc: str, class_name: str, share: Callable[[bytes], float]) -> type[Metric]:
+    """A metric of the .tflite itself: `share(model_bytes)`, a share 0..1, higher is better."""
+
+    class Share(Metric):
+        __doc__ = doc
+        name = metric_name
         higher_is_better = True
         uses = "flatbuffer"
         runs_model = False
 
         def compute(self, evaluation) -> float:
-            return float(delegate_plan(evaluation.model_bytes, [target])[target]["coverage"])
+            return float(share(evaluation.model_bytes))
 
-    Coverage.__name__ = Coverage.__qualname__ = f"DelegateCoverage_{target}"
-    return Coverage
+    Share.__name__ = Share.__qualname__ = class_name
+    return Share
+
+
+def _coverage_metric(target: str) -> type[Metric]:
+    return _share_metric(
+        f"delegate_coverage.{target}",
+        f"Share of the model's nodes the {target} delegate would take (op-set rules), 0..1.",
+        f"DelegateCoverage_{target}",
+        lambda model_bytes: delegate_plan(model_bytes, [target])[target]["coverage"],
+    )
 
 
 def _npu_metric(compiler, soc: str) -> type[Metric]:
-    class Offloaded(Metric):
-        __doc__ = f"Share of the model's ops {compiler.name}'s compiler plugin offloads to the {soc} NPU, 0..1 (the vendor's own partition)."
-        name = f"npu_ops_offloaded.{compiler.name}_{soc}"
-        higher_is_better = True
-        uses = "flatbuffer"
-        runs_model = False
+    name = f"npu_ops_offloaded.{compiler.name}_{soc}"
 
-        def compute(self, evaluation) -> float:
-            try:
-                return compiler().partition(evaluation.model_bytes, soc).share
-            except CompileRejected as exc:
-                raise InputError(
-                    f"metric `{self.name}`: {exc}",
-                    hint="gate on `delegate_coverage.edgetpu` where no NPU compiler takes the model",
-                ) from None
+    def offloaded(model_bytes: bytes) -> float:
+        try:
+            return compiler().partition(model_bytes, soc).share
+        except CompileRejected as exc:
+            raise InputError(
+                f"metric `{name}`: {exc}", hint="gate on `delegate_coverage.edgetpu` where no NPU compiler takes the model"
+            ) from None
 
-    Offloaded.__name__ = Offloaded.__qualname__ = f"NpuOpsOffloaded_{compiler.name}_{soc}"
-    return Offloaded
+    return _share_metric(
+        name,
+        f"Share of the model's ops {compiler.name}'s compiler plugin offloads to the {soc} NPU, 0..1 (the vendor's own partition).",
+        f"NpuOpsOffloaded_{compiler.name}_{soc}",
+        offloaded,
+    )
 
 
 @hookimpl
