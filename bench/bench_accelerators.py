@@ -31,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CORPUS = REPO / "tests" / "tflite_corpus"
+from tests.helpers import sqnr_db  # noqa: E402
 from tests.tflite_corpus.make_corpus import images as corpus_images  # noqa: E402
 
 
@@ -82,13 +83,7 @@ def part1() -> list[list[str]]:
             rows.append([*head, f"does not run here: {str(exc).splitlines()[-1].strip(' └')}", "-"])
             print(" | ".join(rows[-1]), flush=True)
             continue
-        sqnr = min(
-            10
-            * np.log10(
-                np.sum(expected[k].astype(np.float64) ** 2) / max(np.sum((expected[k] - got[k]).astype(np.float64) ** 2), 1e-30)
-            )
-            for k in expected
-        )
+        sqnr = min(sqnr_db(expected, got).values())
         worst = max(float(np.max(np.abs(expected[k] - got[k]))) for k in expected)
         rows.append([*head, f"{sqnr:.1f}", f"{worst:.1e}"])
         print(" | ".join(rows[-1]), flush=True)

@@ -23,6 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CORPUS = REPO / "tests" / "tflite_corpus"
+from tests.helpers import sqnr_db  # noqa: E402
 from tests.tflite_corpus.make_corpus import images as corpus_images  # noqa: E402
 
 GENAI = "ai_edge_litert.pywrap_genai_ops:GenAIOpsRegisterer"
@@ -78,9 +79,7 @@ def main() -> None:
         x = images[100:220]
         ref, got = outputs(shipped, x, custom), outputs(out, x, custom)
         # By output name: the registered file's SignatureDef may list the outputs in another order.
-        sqnr = min(
-            10 * np.log10(np.sum(ref[k].astype(np.float64) ** 2) / np.sum((ref[k] - got[k]).astype(np.float64) ** 2)) for k in ref
-        )
+        sqnr = min(sqnr_db(ref, got).values())
         search = data["search"]
         winner = next(t for t in search["trials"] if t["index"] == search["winner"])
         rows.append(

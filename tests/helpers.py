@@ -152,6 +152,45 @@ def tflite_of(registered: dict) -> bytes:
     return Path(local).read_bytes()
 
 
+def demo_tflite_case(folder: Path, name: str, build) -> dict:
+    """A float .tflite that `build()` (a pipeline_stage.demo builder: the flatbuffer and `inputs(n)`)
+    makes, written to `folder` with 200 calibration and 300 evaluation samples: the file's path
+    (`model`), its bytes (`float`), the evaluation inputs (`eval`) and the manifest's `data`."""
+    import numpy as np
+
+    flatbuffer, inputs = build()
+    (folder / f"{name}.tflite").write_bytes(flatbuffer)
+    np.savez(folder / "calib.npz", x=inputs(200))
+    evaluation = inputs(300)
+    np.savez(folder / "eval.npz", x=evaluation)
+    data = {"calibration": str(folder / "calib.npz"), "evaluation": str(folder / "eval.npz")}
+    return {"model": folder / f"{name}.tflite", "float": flatbuffer, "eval": evaluation, "data": data}
+
+
+def signature_outputs(model_bytes: bytes, inputs: dict) -> dict:
+    """Every output of a .tflite by signature name on `inputs` (by input name), run by the LiteRT
+    interpreter itself one sample a call: the tests' own check, independent of the stage's runtime."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=model_bytes).get_signature_runner()
+    rows = [runner(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(len(next(iter(inputs.values()))))]
+    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+
+
+def sqnr(reference, candidate) -> float:
+    """SQNR in dB of `candidate` against `reference` (float64; an exact match gives 300 dB, not infinity)."""
+    import numpy as np
+
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    return float(10 * np.log10(np.sum(reference**2) / max(np.sum((reference - candidate) ** 2), 1e-30)))
+
+
+def sqnr_db(reference: dict, candidate: dict) -> dict[str, float]:
+    """:func:`sqnr` of each output of `reference` (by name) against the same output of `candidate`."""
+    return {name: sqnr(value, candidate[name]) for name, value in reference.items()}
+
+
 def dist_info(root: Path, dist: str, version: str, entry_points: str, modules: dict[str, str]) -> Path:
     """A distribution as pip leaves it in site-packages: modules plus a .dist-info folder."""
     root.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline_stage.engine.flatbuffer import read as read_flatbuffer
+from tests.helpers import demo_tflite_case, signature_outputs, sqnr_db
 
 FIDELITY_GATE = "  - {metric: fidelity_sqnr_db, min: 20}\n"
 
@@ -26,28 +27,9 @@ def trunk(tmp_path_factory) -> dict:
     from pipeline_stage.demo import build_wide_range_trunk
 
     folder = tmp_path_factory.mktemp("trunk")
-    flatbuffer, inputs = build_wide_range_trunk()
-    (folder / "trunk.tflite").write_bytes(flatbuffer)
-    np.savez(folder / "calib.npz", x=inputs(200))
-    evaluation = inputs(300)
-    np.savez(folder / "eval.npz", x=evaluation)
-    sections = {
-        "model": str(folder / "trunk.tflite"),
-        "data": {"calibration": str(folder / "calib.npz"), "evaluation": str(folder / "eval.npz")},
-    }
-    return {"folder": folder, "model": folder / "trunk.tflite", "float": flatbuffer, "eval": evaluation, "sections": sections}
-
-
-def _sqnr(model: bytes, reference: bytes, x: np.ndarray) -> dict[str, float]:
-    """Each output's SQNR (dB) of `model` against `reference` on `x`, run by the LiteRT interpreter."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    def outputs(flatbuffer: bytes) -> dict[str, np.ndarray]:
-        runner = Interpreter(model_content=flatbuffer).get_signature_runner()
-        return runner(x=x)
-
-    want, got = outputs(reference), outputs(model)
-    return {k: float(10 * np.log10(np.sum(want[k] ** 2) / np.sum((want[k] - got[k]) ** 2))) for k in want}
+    case = demo_tflite_case(folder, "trunk", build_wide_range_trunk)
+    sections = {"model": str(case["model"]), "data": case["data"]}
+    return {**case, "folder": folder, "sections": sections}
 
 
 def test_every_recipe_reachable_before_fails_the_fidelity_gate(trunk, mlflow_server, tmp_path, run_stage, manifest):
@@ -112,7 +94,8 @@ def test_auto_search_registers_the_smallest_faithful_model(trunk, mlflow_server,
     assert any(n["move"] == "engine" and "nothing for this source" in n["reason"] for n in search["not_tried"])
     tflite = result.model_bytes
     assert len(tflite) < 0.5 * trunk["model"].stat().st_size
-    assert all(v >= 20 for v in _sqnr(tflite, trunk["float"], trunk["eval"]).values())
+    x = {"x": trunk["eval"]}
+    assert all(v >= 20 for v in sqnr_db(signature_outputs(trunk["float"], x), signature_outputs(tflite, x)).values())
     assert read_flatbuffer(tflite).constant_dtypes()["INT8"] >= 5  # five weight matrices, int8
     assert report["conversion"]["settings"]["engine"] == "litert"
     assert report["registered"]["alias"] == "edge" and len(versions_of("trunk-auto")) == 1

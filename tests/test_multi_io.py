@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers import signature_outputs, sqnr_db
+
 OUTPUTS = ("label", "level")
 
 
@@ -26,21 +28,9 @@ def two_heads(tmp_path_factory) -> dict:
     return {"model": model, "folder": folder, "eval": evaluation, "model_path": str(folder / "two_heads.keras")}
 
 
-def _sqnr(tflite: bytes, inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
-    """Each output's SQNR against `reference`, computed here with the LiteRT interpreter, one sample
-    at a time (inputs and outputs by signature name)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_content=tflite).get_signature_runner()
-    rows = len(next(iter(inputs.values())))
-    outs = [runner(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(rows)]
-    got = {o: np.concatenate([out[o] for out in outs]) for o in reference}
-    return {o: float(10 * np.log10(np.sum(r**2) / np.sum((r - got[o]) ** 2))) for o, r in reference.items()}
-
-
 def _sqnr_per_output(tflite: bytes, src: dict) -> dict[str, float]:
     """Each output's SQNR against the Keras model."""
-    return _sqnr(tflite, src["eval"], src["model"].predict(src["eval"], verbose=0))
+    return sqnr_db(src["model"].predict(src["eval"], verbose=0), signature_outputs(tflite, src["eval"]))
 
 
 def test_several_inputs_and_outputs_end_to_end_with_metrics_per_output(two_heads, mlflow_server, tmp_path, run_stage, manifest):
@@ -292,7 +282,7 @@ def three_heads(tmp_path_factory) -> dict:
 
 def _sqnr_three_heads(tflite: bytes, src: dict) -> dict[str, float]:
     """Each output's SQNR against the SavedModel's own outputs."""
-    return _sqnr(tflite, {"image_features": src["eval"]}, src["reference"])
+    return sqnr_db(src["reference"], signature_outputs(tflite, {"image_features": src["eval"]}))
 
 
 def test_three_outputs_without_labels_plain_int8_exits_3_naming_the_damaged_output(

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline_stage import read_flatbuffer
 from tests import torch_models
-from tests.helpers import REPO, tflite_of, versions_of
+from tests.helpers import REPO, signature_outputs, sqnr, tflite_of, versions_of
 
 DATA = {"calibration": "runs:/${source.run_id}/data/calib.npz", "evaluation": "runs:/${source.run_id}/data/eval.npz"}
 # the manifest a user writes for a Keras digits model, as it is
@@ -61,16 +61,7 @@ def logged(mlflow_server, tmp_path_factory) -> dict:
 def _run(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Every output of a .tflite by its signature, one sample a call (as converted: batch 1), by
     the LiteRT interpreter, in the signature's output order."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_content=model_bytes).get_signature_runner()
-    rows: list[dict] = [runner(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(len(next(iter(inputs.values()))))]
-    names = list(rows[0])
-    return [np.concatenate([r[n] for r in rows]).astype(np.float64) for n in names]
-
-
-def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference**2) / max(np.sum((reference - candidate) ** 2), 1e-30)))
+    return list(signature_outputs(model_bytes, inputs).values())
 
 
 def _integer_tensors(model_bytes: bytes) -> int:
@@ -87,7 +78,7 @@ def test_a_pt2_model_goes_through_the_keras_manifest_and_is_registered_faithful(
     # faithful to PyTorch's own outputs, computed here
     reference = torch_models.outputs(logged["cnn"], (logged["x"],))[0]
     (candidate,) = _run(registered, {"x": logged["x"]})
-    assert _sqnr(reference, candidate) >= 20
+    assert sqnr(reference, candidate) >= 20
     assert (candidate.argmax(1) == logged["y"]).mean() >= (reference.argmax(1) == logged["y"]).mean() - 0.02
     # the baseline is PyTorch: the float conversion's own fidelity to it is reported beside the candidate's
     assert report["baseline"]["accuracy"] == pytest.approx((reference.argmax(1) == logged["y"]).mean())
@@ -112,7 +103,7 @@ def test_the_pt2e_engine_quantizes_statically_and_dynamically_with_float_edges(l
         assert {d["dtype"] for d in interpreter.get_input_details() + interpreter.get_output_details()} == {np.float32}
         assert result.report["conversion"]["settings"]["engine"] == "pt2e"
         reference = torch_models.outputs(logged["cnn"], (logged["x"],))[0]
-        assert _sqnr(reference, _run(result.model_bytes, {"x": logged["x"]})[0]) >= 20
+        assert sqnr(reference, _run(result.model_bytes, {"x": logged["x"]})[0]) >= 20
 
 
 def test_a_pickled_model_is_refused_unless_the_manifest_allows_it(logged, manifest, run_stage):
@@ -124,7 +115,7 @@ def test_a_pickled_model_is_refused_unless_the_manifest_allows_it(logged, manife
     allowed = run_stage(manifest(allow_unsafe_deserialization="true", **sections))
     assert allowed.exit_code == 0, allowed.output
     reference = torch_models.outputs(logged["cnn"], (logged["x"],))[0]
-    assert _sqnr(reference, _run(tflite_of(allowed.report["registered"]), {"x": logged["x"]})[0]) >= 20
+    assert sqnr(reference, _run(tflite_of(allowed.report["registered"]), {"x": logged["x"]})[0]) >= 20
 
 
 def test_two_inputs_and_two_outputs_by_their_signature_names(logged, manifest, run_stage):
@@ -140,7 +131,7 @@ def test_two_inputs_and_two_outputs_by_their_signature_names(logged, manifest, r
     signature = Interpreter(model_content=registered).get_signature_list()["serving_default"]
     assert signature["inputs"] == ["image", "side"] and sorted(signature["outputs"]) == ["box", "logits"]
     by_name = dict(zip(sorted(signature["outputs"]), runner_outputs))  # the runner returns them by name, sorted
-    assert _sqnr(reference[0], by_name["logits"]) >= 20 and _sqnr(reference[1], by_name["box"]) >= 20
+    assert sqnr(reference[0], by_name["logits"]) >= 20 and sqnr(reference[1], by_name["box"]) >= 20
 
 
 def test_channels_last_registers_an_nhwc_model_from_nchw_data(logged, manifest, run_stage):
@@ -159,7 +150,7 @@ def test_channels_last_registers_an_nhwc_model_from_nchw_data(logged, manifest, 
     assert list(Interpreter(model_content=registered).get_input_details()[0]["shape"]) == [1, 8, 8, 1]
     nhwc = np.transpose(logged["x"], (0, 2, 3, 1))
     reference = torch_models.outputs(logged["cnn"], (logged["x"],))[0]
-    assert _sqnr(reference, _run(registered, {"x": nhwc})[0]) >= 20
+    assert sqnr(reference, _run(registered, {"x": nhwc})[0]) >= 20
     # the registered model's MLflow signature says the layout
     signature = mlflow.models.get_model_info(result.report["registered"]["uri"]).signature
     assert tuple(signature.inputs.inputs[0].shape)[1:] == (8, 8, 1)

@@ -6,40 +6,18 @@ with the default budget."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import mlflow
-import numpy as np
 import pytest
 
 from pipeline_stage import read_flatbuffer
+from tests.helpers import demo_tflite_case, signature_outputs, sqnr_db, tflite_of
 
 
 @pytest.fixture(scope="module")
 def spectrum(tmp_path_factory) -> dict:
     from pipeline_stage.demo import build_log_spectrum_trunk
 
-    folder = tmp_path_factory.mktemp("spectrum")
-    flatbuffer, inputs = build_log_spectrum_trunk()
-    (folder / "spectrum.tflite").write_bytes(flatbuffer)
-    np.savez(folder / "calib.npz", x=inputs(200))
-    evaluation = inputs(300)
-    np.savez(folder / "eval.npz", x=evaluation)
-    data = {"calibration": str(folder / "calib.npz"), "evaluation": str(folder / "eval.npz")}
-    return {"model": str(folder / "spectrum.tflite"), "data": data, "float": flatbuffer, "eval": evaluation}
-
-
-def _sqnr(model: bytes, reference: bytes, x: np.ndarray) -> dict[str, float]:
-    """Each output's SQNR (dB) of `model` against `reference` on `x`, by the LiteRT interpreter."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    def outputs(flatbuffer: bytes) -> dict[str, np.ndarray]:
-        runner = Interpreter(model_content=flatbuffer).get_signature_runner()
-        rows = [runner(spectrum=x[i : i + 1]) for i in range(len(x))]
-        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-
-    want, got = outputs(reference), outputs(model)
-    return {k: float(10 * np.log10(np.sum(want[k] ** 2) / np.sum((want[k] - got[k]) ** 2))) for k in want}
+    case = demo_tflite_case(tmp_path_factory.mktemp("spectrum"), "spectrum", build_log_spectrum_trunk)
+    return {**case, "model": str(case["model"])}
 
 
 def test_a_latency_first_search_keeps_the_dominant_op_float_then_leaves_int8_for_a_passing_recipe(
@@ -69,8 +47,9 @@ def test_a_latency_first_search_keeps_the_dominant_op_float_then_leaves_int8_for
     assert any("cannot close" in p["stopped_because"] for p in search["paths"]), search["paths"]
     winner = next(t for t in trials if t["index"] == search["winner"])
     assert winner["origin"].startswith("recipe "), winner
-    registered = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.report["registered"]["tflite_uri"])).read_bytes()
-    assert min(_sqnr(registered, spectrum["float"], spectrum["eval"][:120]).values()) >= 20
+    registered = tflite_of(result.report["registered"])
+    x = {"spectrum": spectrum["eval"][:120]}
+    assert min(sqnr_db(signature_outputs(spectrum["float"], x), signature_outputs(registered, x)).values()) >= 20
     assert len(registered) < len(spectrum["float"]) and "INT8" in read_flatbuffer(registered).constant_dtypes()
 
 

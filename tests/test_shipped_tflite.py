@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pipeline_stage import hookimpl, read_flatbuffer, use_plugins
+from tests.helpers import sqnr_db, tflite_of
 from tests.tflite_corpus.make_corpus import images as corpus_images
 
 CORPUS = Path(__file__).parent / "tflite_corpus"
@@ -77,17 +78,6 @@ def _outputs(model_bytes: bytes, x: np.ndarray, registerers: list[str] = ()) -> 
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
-def _sqnr(reference: dict, candidate: dict) -> dict:
-    return {
-        k: float(10 * np.log10(np.sum(reference[k] ** 2) / max(np.sum((reference[k] - candidate[k]) ** 2), 1e-30)))
-        for k in reference
-    }
-
-
-def _registered_file(report: dict) -> bytes:
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=report["registered"]["tflite_uri"])).read_bytes()
-
-
 @pytest.mark.parametrize("name", SHIPPED)
 def test_a_shipped_float_tflite_is_registered_smaller_and_faithful(name, images, mlflow_server, manifest, run_stage):
     shipped = (CORPUS / name).read_bytes()
@@ -95,10 +85,10 @@ def test_a_shipped_float_tflite_is_registered_smaller_and_faithful(name, images,
     result = run_stage(manifest(model=str(CORPUS / name), data=images["data"], **GOAL, register=register))
     assert result.exit_code == 0, result.output
     report = result.report
-    registered = _registered_file(report)
+    registered = tflite_of(report["registered"])
     assert len(registered) < 0.95 * len(shipped), (len(registered), len(shipped))
     assert report["baseline"]["size_bytes"] == len(shipped)  # the baseline is the file as shipped
-    sqnr = _sqnr(_outputs(shipped, images["eval"]), _outputs(registered, images["eval"]))
+    sqnr = sqnr_db(_outputs(shipped, images["eval"]), _outputs(registered, images["eval"]))
     assert min(sqnr.values()) >= 20, sqnr
     trials = report["search"]["trials"]
     assert not any("is not an op" in (t.get("error") or "") for t in trials)
@@ -132,9 +122,9 @@ def test_hook_register_op_resolvers_a_custom_op_without_its_kernel_is_refused_an
     with use_plugins((GenAIKernels(), "genai-kernels")):
         result = run_stage(path)
     assert result.exit_code == 0, result.output
-    shipped, registered = (CORPUS / "vision_custom_op.tflite").read_bytes(), _registered_file(result.report)
+    shipped, registered = (CORPUS / "vision_custom_op.tflite").read_bytes(), tflite_of(result.report["registered"])
     assert "CUSTOM:odml.update_kv_cache" in read_flatbuffer(registered).ops  # the custom op stays, in float
-    sqnr = _sqnr(_outputs(shipped, images["eval"], [GENAI]), _outputs(registered, images["eval"], [GENAI]))
+    sqnr = sqnr_db(_outputs(shipped, images["eval"], [GENAI]), _outputs(registered, images["eval"], [GENAI]))
     assert min(sqnr.values()) >= 20, sqnr
     # the registered pyfunc loads the same kernels (recorded in its model config)
     model = mlflow.pyfunc.load_model(result.report["registered"]["uri"])
